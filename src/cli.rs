@@ -1,0 +1,217 @@
+//! Command-line interface: clap definitions, the config-file layering, and the process entry.
+//!
+//! Precedence is flag > environment variable > `--config` file > built-in default. The file's
+//! values are injected as clap defaults, so one parser applies all four layers and `--help`
+//! shows the built-in defaults.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::config::{self, ForwardedPolicy, Upstream};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sidecar",
+    version,
+    about = "A small, fast sidecar for legacy HTTP apps: HTTPS termination in front of a plain-HTTP app on loopback.",
+    long_about = None,
+    after_help = "Quick start (self-signed dev certificate for localhost):\n  sidecar proxy --upstream http://127.0.0.1:8080\n  curl -k https://127.0.0.1:8443/"
+)]
+pub struct Cli {
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list
+    /// (RUST_LOG, when set, wins)
+    #[arg(long, global = true, env = "SIDECAR_LOG_LEVEL", default_value = "info", value_name = "FILTER")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Terminate TLS (HTTP/1.1 and HTTP/2) and forward to a plain-HTTP app over pooled HTTP/1.1
+    #[command(after_help = PROXY_AFTER_HELP)]
+    Proxy(ProxyArgs),
+}
+
+const PROXY_AFTER_HELP: &str = "\
+Every option can also come from its environment variable, or from the [proxy] table of the TOML
+file given with --config, whose keys are the long option names:
+
+  [proxy]
+  upstream = \"http://127.0.0.1:8080\"
+  listen = \"0.0.0.0:8443\"
+  cert = \"/etc/tls/tls.crt\"
+  key = \"/etc/tls/tls.key\"
+  upstream-timeout = \"30s\"
+
+A flag wins over its environment variable, which wins over the file.
+Without --cert/--key, a self-signed certificate for localhost, 127.0.0.1 and ::1 is created
+under --state-dir and reused on later starts.";
+
+/// Options of the `proxy` role. Durations take units: `500ms`, `10s`, `5m`.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// TOML file supplying defaults for any option below (keys under [proxy])
+    #[arg(long, env = "SIDECAR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The plain-HTTP app to forward to, as http://HOST:PORT (normally on loopback)
+    #[arg(long, env = "SIDECAR_UPSTREAM", value_name = "URL", value_parser = config::parse_upstream)]
+    pub upstream: Upstream,
+
+    /// Address to serve HTTPS on (port 0 picks a free port, printed at start)
+    #[arg(long, env = "SIDECAR_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+
+    /// PEM certificate chain, leaf first. Without it, a self-signed dev certificate is used
+    #[arg(long, env = "SIDECAR_CERT", value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key for --cert (PKCS#8, PKCS#1 or SEC1)
+    #[arg(long, env = "SIDECAR_KEY", value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// Where the dev certificate is kept [default: $XDG_STATE_HOME/sidecar or
+    /// ~/.local/state/sidecar]
+    #[arg(long, env = "SIDECAR_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// What to do with X-Forwarded-* headers sent by the client: `overwrite` replaces them
+    /// (clients cannot spoof them), `trust` keeps them and appends to X-Forwarded-For (only
+    /// behind a trusted load balancer)
+    #[arg(long, env = "SIDECAR_FORWARDED_HEADERS", value_enum, default_value = "overwrite", value_name = "POLICY")]
+    pub forwarded_headers: ForwardedPolicy,
+
+    /// Time allowed for a response to start from the upstream before answering 504
+    #[arg(long, env = "SIDECAR_UPSTREAM_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Time allowed to open a TCP connection to the upstream before answering 502
+    #[arg(long, env = "SIDECAR_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Time allowed for a client to finish the TLS handshake
+    #[arg(long, env = "SIDECAR_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// Time allowed for a client to send a complete request head, also between keep-alive
+    /// requests (cuts off slowloris clients)
+    #[arg(long, env = "SIDECAR_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A client connection with no traffic for this long is closed gracefully
+    #[arg(long, env = "SIDECAR_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before exiting
+    #[arg(long, env = "SIDECAR_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Largest request head (request line + headers) accepted, in bytes; larger gets 431
+    #[arg(long, env = "SIDECAR_MAX_HEADER_SIZE", value_name = "BYTES", default_value = "65536", value_parser = clap::value_parser!(u32).range(8192..=16_777_216))]
+    pub max_header_size: u32,
+
+    /// Most client connections open at once; further clients wait in the listen backlog
+    #[arg(long, env = "SIDECAR_MAX_CONNECTIONS", value_name = "N", default_value = "10000", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Also listen for plain HTTP on ADDR and answer every request with a 308 redirect to https
+    #[arg(long, env = "SIDECAR_REDIRECT_HTTP", value_name = "ADDR")]
+    pub redirect_http: Option<SocketAddr>,
+
+    /// HTTPS port written into redirects [default: the --listen port]; set it when a Service
+    /// or load balancer maps another port (e.g. 443) to --listen
+    #[arg(long, env = "SIDECAR_PUBLIC_HTTPS_PORT", value_name = "PORT")]
+    pub public_https_port: Option<u16>,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 5m)"))
+}
+
+/// Parses arguments with all four layers applied. `--help`, `--version` and usage errors come
+/// back as `clap::Error`, whose `exit()` prints them the conventional way.
+pub fn parse_from<I, T>(args: I) -> Result<Cli, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let first = Cli::command().try_get_matches_from(&args)?;
+    let cli = Cli::from_arg_matches(&first)?;
+    let Command::Proxy(proxy) = &cli.command;
+    let Some(path) = &proxy.config else { return Ok(cli) };
+
+    let defaults = config::file::load_proxy_defaults(path)?;
+    let mut command = Cli::command();
+    command = command.mut_subcommand("proxy", |mut sub| {
+        for (id, values) in defaults {
+            sub = sub.mut_arg(id, |arg| arg.default_values(values));
+        }
+        sub
+    });
+    let matches = command
+        .try_get_matches_from(&args)
+        .map_err(|e| CliError::FileValue { path: path.clone(), message: e.kind().to_string(), rendered: e.to_string() })?;
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Usage(#[from] clap::Error),
+    #[error(transparent)]
+    File(#[from] config::file::FileError),
+    #[error("config file {}: {}", path.display(), rendered.trim_start_matches("error: ").trim())]
+    FileValue { path: PathBuf, message: String, rendered: String },
+}
+
+/// The process entry point: parse, set up logging, run the role, map failure to exit code 2.
+pub fn main() -> ExitCode {
+    let cli = match parse_from(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(CliError::Usage(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("sidecar: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::logging::init(&cli.log_level);
+    match cli.command {
+        Command::Proxy(args) => run_proxy(args),
+    }
+}
+
+fn run_proxy(args: ProxyArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = match crate::shutdown::on_signals() {
+            Ok(token) => token,
+            Err(e) => {
+                tracing::error!("cannot install signal handlers: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let server = match crate::server::ProxyServer::start(args).await {
+            Ok(server) => server,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        server.run(shutdown).await;
+        ExitCode::SUCCESS
+    })
+}

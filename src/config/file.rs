@@ -1,0 +1,61 @@
+//! The `--config` TOML file: its `[proxy]` table supplies defaults for the proxy's options.
+
+use std::path::{Path, PathBuf};
+
+use clap::CommandFactory;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {} is not valid TOML: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {}: unknown table [{table}] (known: [proxy])", path.display())]
+    UnknownTable { path: PathBuf, table: String },
+    #[error("config file {}: [proxy] has no option `{key}` (see `sidecar proxy --help`)", path.display())]
+    UnknownKey { path: PathBuf, key: String },
+    #[error("config file {}: `{key}` must be a string, number or boolean", path.display())]
+    BadValue { path: PathBuf, key: String },
+}
+
+/// Reads the file and returns `(argument id, values)` for each key of `[proxy]`.
+/// Keys are long option names; `snake_case` is accepted as well as `kebab-case`.
+pub fn load_proxy_defaults(path: &Path) -> Result<Vec<(String, Vec<String>)>, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: e.to_string().trim().to_owned() })?;
+
+    let command = crate::cli::Cli::command();
+    let proxy = command.find_subcommand("proxy").expect("the proxy subcommand is defined in cli.rs");
+    let mut defaults = Vec::new();
+    for (name, value) in table {
+        if name != "proxy" {
+            return Err(FileError::UnknownTable { path: path.to_owned(), table: name });
+        }
+        let toml::Value::Table(options) = value else {
+            return Err(FileError::UnknownTable { path: path.to_owned(), table: name });
+        };
+        for (key, value) in options {
+            let long = key.replace('_', "-");
+            let arg = proxy
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
+                .ok_or_else(|| FileError::UnknownKey { path: path.to_owned(), key: key.clone() })?;
+            let values = scalar_strings(&value).ok_or_else(|| FileError::BadValue { path: path.to_owned(), key: key.clone() })?;
+            defaults.push((arg.get_id().to_string(), values));
+        }
+    }
+    Ok(defaults)
+}
+
+fn scalar_strings(value: &toml::Value) -> Option<Vec<String>> {
+    match value {
+        toml::Value::String(s) => Some(vec![s.clone()]),
+        toml::Value::Integer(i) => Some(vec![i.to_string()]),
+        toml::Value::Float(f) => Some(vec![f.to_string()]),
+        toml::Value::Boolean(b) => Some(vec![b.to_string()]),
+        toml::Value::Array(items) => items.iter().map(|v| scalar_strings(v)?.into_iter().next()).collect(),
+        _ => None,
+    }
+}

@@ -1,0 +1,185 @@
+//! Validated runtime configuration of the proxy.
+//!
+//! Raw input (flags, environment, the TOML file) is parsed by [`crate::cli`]; this module turns it
+//! into a [`ProxyConfig`] snapshot that the server reads and never mutates.
+
+pub mod file;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Uri};
+
+use crate::cli::ProxyArgs;
+
+/// The plain-HTTP app behind the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    authority: Authority,
+}
+
+impl Upstream {
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The absolute URI the pooled client needs to pick a connection; it sends origin-form.
+    /// Reuses the original path bytes (a reference-count bump, no copy).
+    pub fn request_uri(&self, original: &Uri) -> Result<Uri, http::uri::InvalidUriParts> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+        Uri::from_parts(parts)
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}", self.authority)
+    }
+}
+
+/// Accepts `http://host:port` (a bare `host:port` too). Paths are refused rather than silently
+/// rewritten, so that what the app sees is exactly what the client asked for.
+pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    let with_scheme = if s.contains("://") { s.to_owned() } else { format!("http://{s}") };
+    let uri: Uri = with_scheme.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(format!(
+                "`{s}`: scheme {other} is not supported; the upstream is spoken to in plain HTTP (http://HOST:PORT)"
+            ))
+        }
+        None => return Err(format!("`{s}` has no scheme; use http://HOST:PORT")),
+    }
+    let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}` has no host; use http://HOST:PORT"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("`{s}`: credentials in the upstream URL are not supported"));
+    }
+    if authority.host().is_empty() {
+        return Err(format!("`{s}` has no host; use http://HOST:PORT"));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+        return Err(format!("`{s}`: a path or query in the upstream URL is not supported; give only http://HOST:PORT"));
+    }
+    // Without an explicit port http means 80; keep it explicit so logs and Host are unambiguous.
+    let authority = if authority.port_u16().is_some() {
+        authority
+    } else {
+        format!("{authority}:80").parse().map_err(|e| format!("`{s}`: {e}"))?
+    };
+    Ok(Upstream { authority })
+}
+
+/// Treatment of X-Forwarded-* headers that arrive from the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ForwardedPolicy {
+    /// Remove what the client sent and set our own values.
+    Overwrite,
+    /// Keep what the client sent; append the peer address to X-Forwarded-For.
+    Trust,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub tls_handshake: Duration,
+    pub header_read: Duration,
+    pub idle: Duration,
+    pub upstream: Duration,
+    pub upstream_connect: Duration,
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_size: u32,
+    pub max_connections: u32,
+}
+
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSource {
+    Files { cert: PathBuf, key: PathBuf },
+    /// A self-signed certificate for local development, kept in this directory.
+    DevSelfSigned { state_dir: PathBuf },
+}
+
+/// One immutable snapshot of the proxy's configuration.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    /// `upstream` as a header value, for X-Forwarded-Host fallbacks and logs.
+    pub upstream_host: HeaderValue,
+    pub forwarded: ForwardedPolicy,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub cert: CertSource,
+    pub redirect_http: Option<SocketAddr>,
+    pub public_https_port: Option<u16>,
+}
+
+impl ProxyConfig {
+    pub fn from_args(args: &ProxyArgs) -> ProxyConfig {
+        let cert = match (&args.cert, &args.key) {
+            (Some(cert), Some(key)) => CertSource::Files { cert: cert.clone(), key: key.clone() },
+            // clap's `requires` makes a lone --cert or --key a usage error before we get here.
+            _ => CertSource::DevSelfSigned {
+                state_dir: args.state_dir.clone().unwrap_or_else(crate::devcert::default_state_dir),
+            },
+        };
+        ProxyConfig {
+            listen: args.listen,
+            upstream_host: HeaderValue::from_str(args.upstream.authority().as_str())
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            upstream: args.upstream.clone(),
+            forwarded: args.forwarded_headers,
+            timeouts: Timeouts {
+                tls_handshake: args.tls_handshake_timeout,
+                header_read: args.header_read_timeout,
+                idle: args.idle_timeout,
+                upstream: args.upstream_timeout,
+                upstream_connect: args.upstream_connect_timeout,
+                drain: args.drain_timeout,
+            },
+            limits: Limits { max_header_size: args.max_header_size, max_connections: args.max_connections },
+            cert,
+            redirect_http: args.redirect_http,
+            public_https_port: args.public_https_port,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_accepts_host_port_and_defaults_port_80() {
+        assert_eq!(parse_upstream("http://127.0.0.1:8080").unwrap().to_string(), "http://127.0.0.1:8080");
+        assert_eq!(parse_upstream("127.0.0.1:9000").unwrap().to_string(), "http://127.0.0.1:9000");
+        assert_eq!(parse_upstream("http://localhost").unwrap().to_string(), "http://localhost:80");
+        assert_eq!(parse_upstream("http://[::1]:81/").unwrap().to_string(), "http://[::1]:81");
+    }
+
+    #[test]
+    fn upstream_refuses_what_it_cannot_honour() {
+        for bad in ["https://x:1", "ftp://x", "http://x:1/app", "http://x:1/?q", "http://u:p@x:1", "::::", ""] {
+            assert!(parse_upstream(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn request_uri_keeps_path_and_query() {
+        let up = parse_upstream("http://127.0.0.1:8080").unwrap();
+        let uri = up.request_uri(&"/a/b?c=d".parse().unwrap()).unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:8080/a/b?c=d");
+        let uri = up.request_uri(&"https://example.com".parse().unwrap()).unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:8080/");
+    }
+}

@@ -1,0 +1,14 @@
+//! `sidecar`: a TLS-terminating reverse proxy that runs beside a legacy plain-HTTP app.
+//!
+//! The binary is a thin shell around this library; tests and benches drive the same code.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod devcert;
+pub mod logging;
+pub mod proxy;
+pub mod redirect;
+pub mod server;
+pub mod shutdown;
+pub mod tls;

@@ -1,0 +1,20 @@
+//! Log set-up: `tracing` to stderr, filtered by `--log-level` or `RUST_LOG`.
+
+use std::io::IsTerminal;
+use tracing_subscriber::EnvFilter;
+
+/// `RUST_LOG`, when set, wins over `level` so a developer can raise one module's verbosity.
+pub fn init(level: &str) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    // A second init (tests that call into the library twice) is harmless: keep the first.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}

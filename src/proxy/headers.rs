@@ -1,0 +1,207 @@
+//! Header rules for forwarding: hop-by-hop stripping (RFC 9110 §7.6.1) and X-Forwarded-*.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
+use http::request::Parts;
+
+use crate::config::ForwardedPolicy;
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const HTTPS: HeaderValue = HeaderValue::from_static("https");
+const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
+
+/// Fields that describe one connection, never the message, so a proxy must not pass them on.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(name, "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade")
+        || name.starts_with("proxy-")
+}
+
+/// Fields a client could forge to lie about where it connects from.
+fn is_client_forwarding_claim(name: &str) -> bool {
+    name.starts_with("x-forwarded-") || name == "forwarded"
+}
+
+/// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers.get_all(CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        })
+}
+
+/// Removes hop-by-hop fields, and with `strip_forwarding` the client's forwarding claims too.
+/// With `keep_upgrade` the `Upgrade` field survives and `Connection: upgrade` is set again, so
+/// that a protocol switch reaches the other side. Allocates only when something is removed.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, strip_forwarding: bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        let Ok(list) = value.to_str() else { continue };
+        for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                doomed.push(name);
+            }
+        }
+    }
+    for name in headers.keys() {
+        let s = name.as_str();
+        if is_hop_by_hop(s) || (strip_forwarding && is_client_forwarding_claim(s)) {
+            doomed.push(name.clone());
+        }
+    }
+    for name in &doomed {
+        if !(keep_upgrade && name == UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    if keep_upgrade {
+        headers.insert(CONNECTION, UPGRADE_TOKEN);
+    }
+}
+
+/// Rewrites a client request's head for the upstream: keeps Host (from :authority for HTTP/2),
+/// strips hop-by-hop fields and sets X-Forwarded-For/-Proto/-Host according to `policy`.
+pub fn prepare_request(parts: &mut Parts, peer_ip: &HeaderValue, policy: ForwardedPolicy, upgrade: bool) {
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers, upgrade, policy == ForwardedPolicy::Overwrite);
+
+    // HTTP/2 carries the host in :authority; an HTTP/1.1 upstream needs it as Host.
+    if !headers.contains_key(HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                headers.insert(HOST, value);
+            }
+        }
+    }
+    let host = headers.get(HOST).cloned();
+
+    match policy {
+        ForwardedPolicy::Overwrite => {
+            headers.insert(X_FORWARDED_FOR, peer_ip.clone());
+            headers.insert(X_FORWARDED_PROTO, HTTPS);
+            if let Some(host) = host {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+        }
+        ForwardedPolicy::Trust => {
+            let chain = append_forwarded_for(headers, peer_ip);
+            headers.insert(X_FORWARDED_FOR, chain);
+            if !headers.contains_key(X_FORWARDED_PROTO) {
+                headers.insert(X_FORWARDED_PROTO, HTTPS);
+            }
+            if let (false, Some(host)) = (headers.contains_key(X_FORWARDED_HOST), host) {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+        }
+    }
+}
+
+/// `existing, ..., peer` with every X-Forwarded-For line the client sent folded into one.
+fn append_forwarded_for(headers: &HeaderMap, peer_ip: &HeaderValue) -> HeaderValue {
+    let mut chain: Vec<u8> = Vec::new();
+    for value in headers.get_all(X_FORWARDED_FOR) {
+        let trimmed = value.as_bytes().trim_ascii();
+        if !trimmed.is_empty() {
+            chain.extend_from_slice(trimmed);
+            chain.extend_from_slice(b", ");
+        }
+    }
+    if chain.is_empty() {
+        return peer_ip.clone();
+    }
+    chain.extend_from_slice(peer_ip.as_bytes());
+    HeaderValue::from_bytes(&chain).unwrap_or_else(|_| peer_ip.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(build: impl FnOnce(http::request::Builder) -> http::request::Builder) -> Parts {
+        build(Request::builder()).body(()).unwrap().into_parts().0
+    }
+
+    const PEER: HeaderValue = HeaderValue::from_static("192.0.2.7");
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed_fields() {
+        let mut p = parts(|b| {
+            b.header("connection", "keep-alive, x-secret")
+                .header("keep-alive", "timeout=5")
+                .header("te", "trailers")
+                .header("trailer", "x")
+                .header("transfer-encoding", "chunked")
+                .header("upgrade", "h2c")
+                .header("proxy-authorization", "Basic x")
+                .header("proxy-connection", "keep-alive")
+                .header("x-secret", "1")
+                .header("x-kept", "1")
+                .header("host", "example.com")
+        });
+        prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, false);
+        for gone in ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization", "proxy-connection", "x-secret"] {
+            assert!(!p.headers.contains_key(gone), "{gone} should be stripped");
+        }
+        assert_eq!(p.headers["x-kept"], "1");
+        assert_eq!(p.headers["host"], "example.com");
+    }
+
+    #[test]
+    fn overwrite_replaces_spoofed_forwarding_headers() {
+        let mut p = parts(|b| {
+            b.header("x-forwarded-for", "6.6.6.6")
+                .header("x-forwarded-proto", "http")
+                .header("x-forwarded-host", "evil")
+                .header("x-forwarded-port", "1")
+                .header("forwarded", "for=6.6.6.6")
+                .header("host", "app.local:8443")
+        });
+        prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, false);
+        assert_eq!(p.headers["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(p.headers["x-forwarded-proto"], "https");
+        assert_eq!(p.headers["x-forwarded-host"], "app.local:8443");
+        assert!(!p.headers.contains_key("x-forwarded-port"));
+        assert!(!p.headers.contains_key("forwarded"));
+        assert_eq!(p.headers.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn trust_appends_peer_and_keeps_claims() {
+        let mut p = parts(|b| {
+            b.header("x-forwarded-for", "203.0.113.1")
+                .header("x-forwarded-for", "198.51.100.2")
+                .header("x-forwarded-proto", "http")
+                .header("host", "h")
+        });
+        prepare_request(&mut p, &PEER, ForwardedPolicy::Trust, false);
+        assert_eq!(p.headers["x-forwarded-for"], "203.0.113.1, 198.51.100.2, 192.0.2.7");
+        assert_eq!(p.headers["x-forwarded-proto"], "http");
+        assert_eq!(p.headers["x-forwarded-host"], "h");
+    }
+
+    #[test]
+    fn http2_authority_becomes_host() {
+        let mut p = parts(|b| b.uri("https://example.com:8443/x").version(http::Version::HTTP_2));
+        prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, false);
+        assert_eq!(p.headers["host"], "example.com:8443");
+        assert_eq!(p.headers["x-forwarded-host"], "example.com:8443");
+    }
+
+    #[test]
+    fn upgrade_survives_when_switching_protocols() {
+        let mut p = parts(|b| b.header("connection", "Upgrade").header("upgrade", "websocket").header("host", "h"));
+        assert!(wants_upgrade(&p.headers));
+        prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, true);
+        assert_eq!(p.headers["upgrade"], "websocket");
+        assert_eq!(p.headers["connection"], "upgrade");
+    }
+
+    #[test]
+    fn upgrade_needs_both_fields() {
+        let p = parts(|b| b.header("upgrade", "websocket"));
+        assert!(!wants_upgrade(&p.headers));
+        let p = parts(|b| b.header("connection", "keep-alive"));
+        assert!(!wants_upgrade(&p.headers));
+    }
+}

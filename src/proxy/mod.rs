@@ -1,0 +1,107 @@
+//! Forwarding one request: rewrite its head, send it over the pool, map failures to 502/504,
+//! and splice upgraded (WebSocket) connections.
+
+pub mod headers;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::config::ProxyConfig;
+use upstream::UpstreamClient;
+
+/// Upstream bodies stream through untouched; the proxy's own answers are small and whole.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Everything one client connection needs to forward its requests, fixed when it was accepted.
+pub struct ConnectionContext {
+    pub config: Arc<ProxyConfig>,
+    pub client: UpstreamClient,
+    pub peer: SocketAddr,
+    /// The peer's IP, formatted once per connection rather than once per request.
+    peer_ip: HeaderValue,
+}
+
+impl ConnectionContext {
+    pub fn new(config: Arc<ProxyConfig>, client: UpstreamClient, peer: SocketAddr) -> ConnectionContext {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnectionContext { config, client, peer, peer_ip }
+    }
+
+    /// Forwards `request` to the upstream and returns its response, or the proxy's own error
+    /// response. Never fails: every failure becomes a status code the client can act on.
+    pub async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        if request.method() == Method::CONNECT {
+            return plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed: CONNECT is not proxied\n".to_owned());
+        }
+        let client_upgrade =
+            (request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers())).then(|| hyper::upgrade::on(&mut request));
+
+        let (mut parts, body) = request.into_parts();
+        headers::prepare_request(&mut parts, &self.peer_ip, self.config.forwarded, client_upgrade.is_some());
+        parts.uri = match self.config.upstream.request_uri(&parts.uri) {
+            Ok(uri) => uri,
+            Err(_) => return plain_response(StatusCode::BAD_REQUEST, "400 Bad Request: unusable request target\n".to_owned()),
+        };
+        parts.version = Version::HTTP_11;
+        let method = parts.method.clone();
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+
+        let upstream = &self.config.upstream;
+        let timeout = self.config.timeouts.upstream;
+        let mut response = match tokio::time::timeout(timeout, self.client.request(Request::from_parts(parts, body))).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                let reason = upstream::describe_failure(&error);
+                tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream request failed: {reason}");
+                return plain_response(StatusCode::BAD_GATEWAY, format!("502 Bad Gateway: upstream {upstream}: {reason}\n"));
+            }
+            Err(_) => {
+                tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream gave no response within {timeout:?}");
+                return plain_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("504 Gateway Timeout: upstream {upstream} gave no response within {}\n", humantime::format_duration(timeout)),
+                );
+            }
+        };
+
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some();
+        if let (true, Some(client_side)) = (switching, client_upgrade) {
+            let upstream_side = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice(client_side, upstream_side, self.peer));
+        }
+        headers::strip_hop_by_hop(response.headers_mut(), switching, false);
+        response.map(Either::Left)
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream's.
+async fn splice(client: OnUpgrade, upstream: OnUpgrade, peer: SocketAddr) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(%peer, "protocol upgrade did not complete: {e}");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%peer, "upgraded connection ended: {e}");
+    }
+}
+
+pub fn plain_response(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}

@@ -1,0 +1,347 @@
+//! The HTTPS listener: accept, handshake, serve HTTP/1.1 or HTTP/2, and drain on shutdown.
+//!
+//! A connection takes a permit from a semaphore sized `--max-connections` before it is
+//! accepted, so the limit holds without a counter, and the drain is "wait until every permit
+//! is back".
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::ProxyArgs;
+use crate::config::{CertSource, ProxyConfig};
+use crate::proxy::upstream::{self, UpstreamClient};
+use crate::proxy::ConnectionContext;
+use crate::tls::{self, TlsContext, TlsError, TlsState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    DevCert(#[from] crate::devcert::DevCertError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// One immutable view of how connections are served; swapped whole on reload.
+pub struct ServingSnapshot {
+    pub config: Arc<ProxyConfig>,
+    http: auto::Builder<TokioExecutor>,
+}
+
+impl ServingSnapshot {
+    pub fn new(config: ProxyConfig) -> ServingSnapshot {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.timeouts.header_read)
+            .max_buf_size(config.limits.max_header_size as usize)
+            .keep_alive(true);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(config.limits.max_header_size)
+            .keep_alive_interval(None);
+        ServingSnapshot { config: Arc::new(config), http }
+    }
+}
+
+/// A bound, ready proxy. `start` does everything that can fail; `run` serves until shutdown.
+pub struct ProxyServer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    redirect: Option<crate::redirect::RedirectServer>,
+    snapshot: Arc<ArcSwap<ServingSnapshot>>,
+    tls: Arc<TlsState>,
+    tls_context: Arc<TlsContext>,
+    client: UpstreamClient,
+}
+
+impl ProxyServer {
+    pub async fn start(args: ProxyArgs) -> Result<ProxyServer, StartError> {
+        let config = ProxyConfig::from_args(&args);
+        let tls_context = TlsContext::new()?;
+        let cert = match &config.cert {
+            CertSource::Files { cert, key } => tls::load_cert_pair(tls_context.provider(), cert, key)?,
+            CertSource::DevSelfSigned { state_dir } => {
+                let dev = crate::devcert::ensure(tls_context.provider(), state_dir)?;
+                tracing::warn!(
+                    "no --cert given: {} a self-signed development certificate for localhost, 127.0.0.1 and ::1 at {} (key {}); \
+                     clients must trust it or skip verification (curl -k)",
+                    if dev.created { "created" } else { "reusing" },
+                    dev.cert_path.display(),
+                    dev.key_path.display(),
+                );
+                dev.cert
+            }
+        };
+        let tls = TlsState::new(&tls_context, cert)?;
+
+        let listener = bind(config.listen, config.limits.max_connections)?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let redirect = match config.redirect_http {
+            Some(addr) => {
+                let port = config.public_https_port.unwrap_or(local_addr.port());
+                Some(crate::redirect::RedirectServer::bind(addr, port, config.timeouts.header_read)?)
+            }
+            None => None,
+        };
+        let client = upstream::client(&config);
+        Ok(ProxyServer {
+            listener,
+            local_addr,
+            redirect,
+            snapshot: Arc::new(ArcSwap::from_pointee(ServingSnapshot::new(config))),
+            tls: Arc::new(tls),
+            tls_context: Arc::new(tls_context),
+            client,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn tls(&self) -> &Arc<TlsState> {
+        &self.tls
+    }
+
+    pub fn tls_context(&self) -> &Arc<TlsContext> {
+        &self.tls_context
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting and drains.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let snapshot = self.snapshot.load_full();
+        let config = &snapshot.config;
+        let cert = self.tls.cert();
+        let redirect_note = self.redirect.as_ref().map(|r| format!("; redirecting http://{} to https", r.local_addr())).unwrap_or_default();
+        tracing::info!(
+            "listening on https://{} (TLS 1.2/1.3, ALPN h2, http/1.1), forwarding to {}; certificate {} ({}){redirect_note}",
+            self.local_addr,
+            config.upstream,
+            cert.cert_path.display(),
+            cert.info,
+        );
+        let max_connections = config.limits.max_connections;
+        let drain_timeout = config.timeouts.drain;
+        drop(snapshot);
+
+        if let Some(redirect) = self.redirect {
+            tokio::spawn(redirect.run(shutdown.clone()));
+        }
+        let permits = Arc::new(Semaphore::new(max_connections as usize));
+        accept_loop(&self.listener, &permits, &self.snapshot, &self.tls, &self.client, &shutdown).await;
+        drop(self.listener);
+
+        let open = max_connections as usize - permits.available_permits();
+        if open > 0 {
+            tracing::info!("waiting up to {} for {open} open connection(s) to finish", humantime::format_duration(drain_timeout));
+        }
+        let drained = tokio::time::timeout(drain_timeout, permits.acquire_many(max_connections)).await.is_ok();
+        match drained {
+            true => tracing::info!("all connections drained; exiting"),
+            false => tracing::warn!(
+                "drain timeout reached with {} connection(s) still open; exiting anyway",
+                max_connections as usize - permits.available_permits()
+            ),
+        }
+    }
+}
+
+fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(backlog.clamp(128, 4096)).map_err(err)
+}
+
+async fn accept_loop(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    snapshot: &ArcSwap<ServingSnapshot>,
+    tls: &TlsState,
+    client: &UpstreamClient,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tracing::warn!("--max-connections ({}) reached; new clients wait in the backlog", snapshot.load().config.limits.max_connections);
+                tokio::select! {
+                    permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = TlsAcceptor::from(tls.server_config());
+        tokio::spawn(serve_connection(tcp, peer, acceptor, snapshot.load_full(), client.clone(), shutdown.clone(), permit));
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    snapshot: Arc<ServingSnapshot>,
+    client: UpstreamClient,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let timeouts = &snapshot.config.timeouts;
+    let stream = match tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake not completed within {:?}", timeouts.tls_handshake);
+            return;
+        }
+    };
+    let activity = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
+    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), client, peer));
+    let service = service_fn(move |request| {
+        let context = context.clone();
+        async move { Ok::<_, std::convert::Infallible>(context.forward(request).await) }
+    });
+
+    let connection = snapshot.http.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    let mut idle = IdleWatch::new(timeouts.idle, activity);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, "connection ended with an error: {e}");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = idle.expired(), if !closing => {
+                tracing::debug!(%peer, "closing idle connection");
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Counts I/O operations so an idle connection can be noticed without a clock read per byte.
+struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<AtomicU64>,
+}
+
+impl<T> ActivityIo<T> {
+    fn touch(&self) {
+        // Single writer: a relaxed load and store, not a locked read-modify-write.
+        self.activity.store(self.activity.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if poll.is_ready() {
+            self.touch();
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if poll.is_ready() {
+            self.touch();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if poll.is_ready() {
+            self.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Resolves once the activity counter has not moved for `timeout` (checked at quarter steps,
+/// so a connection closes between 1x and 1.25x the timeout after its last byte).
+struct IdleWatch {
+    timeout: Duration,
+    activity: Arc<AtomicU64>,
+    tick: tokio::time::Interval,
+}
+
+impl IdleWatch {
+    fn new(timeout: Duration, activity: Arc<AtomicU64>) -> IdleWatch {
+        let step = (timeout / 4).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + step, step);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        IdleWatch { timeout, activity, tick }
+    }
+
+    async fn expired(&mut self) {
+        let mut seen = self.activity.load(Ordering::Relaxed);
+        let mut quiet_since = tokio::time::Instant::now();
+        loop {
+            let now = self.tick.tick().await;
+            let current = self.activity.load(Ordering::Relaxed);
+            if current != seen {
+                seen = current;
+                quiet_since = now;
+            } else if now.duration_since(quiet_since) >= self.timeout {
+                return;
+            }
+        }
+    }
+}
