@@ -1,0 +1,549 @@
+//! Shared test harness: a real upstream app, the real `sidecar` binary, a test PKI made at test
+//! time, and real TLS clients. Every process a test starts is killed when its handle drops.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt as _};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn full(body: impl Into<Bytes>) -> TestBody {
+    Full::new(body.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn empty() -> TestBody {
+    full(Bytes::new())
+}
+
+/// A body of `len` bytes of a repeating pattern, produced chunk by chunk, never held whole.
+pub fn pattern_stream(len: u64) -> TestBody {
+    const CHUNK: usize = 64 * 1024;
+    let chunk = Bytes::from((0..CHUNK).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let stream = futures_util::stream::unfold(0u64, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            if sent >= len {
+                return None;
+            }
+            let n = (len - sent).min(CHUNK as u64) as usize;
+            Some((Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk.slice(..n))), sent + n as u64))
+        }
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// Byte count and a position-sensitive checksum of a body, read as a stream.
+pub async fn drain_body<B>(mut body: B) -> (u64, u64)
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let (mut count, mut sum) = (0u64, 0u64);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("body frame");
+        if let Some(data) = frame.data_ref() {
+            for b in data.iter() {
+                sum = sum.wrapping_mul(31).wrapping_add(*b as u64);
+            }
+            count += data.len() as u64;
+        }
+    }
+    (count, sum)
+}
+
+pub fn pattern_checksum(len: u64) -> u64 {
+    let mut sum = 0u64;
+    for i in 0..len {
+        sum = sum.wrapping_mul(31).wrapping_add(((i % (64 * 1024)) % 251) as u64);
+    }
+    sum
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream: a stand-in for the legacy app, plain HTTP/1.1 on an ephemeral loopback port.
+// ---------------------------------------------------------------------------------------------
+
+/// What the upstream saw, for assertions.
+#[derive(Default)]
+pub struct UpstreamLog {
+    pub connections: AtomicUsize,
+    pub requests: Mutex<Vec<SeenRequest>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    pub method: String,
+    pub uri: String,
+    pub version: http::Version,
+    pub headers: http::HeaderMap,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub log: Arc<UpstreamLog>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn last_request(&self) -> SeenRequest {
+        self.log.requests.lock().unwrap().last().cloned().expect("the upstream saw a request")
+    }
+
+    /// Routes:
+    /// - `/slow/{ms}`: answers after `ms` milliseconds
+    /// - `/bytes/{n}`: streams n bytes of the test pattern
+    /// - `/count` (any method): reads the body as a stream, answers "count sum"
+    /// - `/hop`: answers with hop-by-hop headers that a proxy must strip
+    /// - `/ws`: WebSocket echo
+    /// - anything else: 200 "hello from upstream"
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(UpstreamLog::default());
+        let task_log = log.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                task_log.connections.fetch_add(1, Ordering::SeqCst);
+                let log = task_log.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(req, log.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, log, task }
+    }
+}
+
+async fn handle(mut req: Request<Incoming>, log: Arc<UpstreamLog>) -> Result<Response<TestBody>, Infallible> {
+    log.requests.lock().unwrap().push(SeenRequest {
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        version: req.version(),
+        headers: req.headers().clone(),
+    });
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let response = match segments.as_slice() {
+        ["slow", ms] => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            Response::new(full("slow response\n"))
+        }
+        ["bytes", n] => Response::new(pattern_stream(n.parse().unwrap_or(0))),
+        ["count"] => {
+            let (count, sum) = drain_body(req.into_body()).await;
+            Response::new(full(format!("{count} {sum}")))
+        }
+        ["hop"] => Response::builder()
+            .header("connection", "keep-alive, x-upstream-private")
+            .header("keep-alive", "timeout=5")
+            .header("x-upstream-private", "secret")
+            .header("proxy-authenticate", "Basic")
+            .header("x-upstream-public", "visible")
+            .body(full("hop\n"))
+            .unwrap(),
+        ["ws"] => websocket_echo(&mut req),
+        _ => Response::new(full("hello from upstream\n")),
+    };
+    Ok(response)
+}
+
+fn websocket_echo(req: &mut Request<Incoming>) -> Response<TestBody> {
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return Response::builder().status(StatusCode::BAD_REQUEST).body(full("not a websocket request")).unwrap();
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close() {
+                break;
+            }
+            if ws.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+        .body(empty())
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test PKI, made with rcgen at test time.
+// ---------------------------------------------------------------------------------------------
+
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub ca_pem: String,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+pub struct IssuedCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub serial: String,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "sidecar test CA");
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let ca_pem = ca.pem();
+        std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
+        TestPki { dir, ca_pem, ca }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Issues a leaf for `names`, valid from `not_before_days` to `not_after_days` relative to
+    /// now, writes it as `{stem}.crt` / `{stem}.key` (PKCS#8) and returns the paths.
+    pub fn issue_with(&self, stem: &str, names: &[&str], not_before_days: i64, not_after_days: i64) -> IssuedCert {
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, names.first().copied().unwrap_or("leaf"));
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(not_before_days);
+        params.not_after = now + time::Duration::days(not_after_days);
+        let serial: [u8; 8] = rand_serial();
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let cert_path = self.dir.path().join(format!("{stem}.crt"));
+        let key_path = self.dir.path().join(format!("{stem}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let serial = serial.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        IssuedCert { cert: cert_path, key: key_path, serial }
+    }
+
+    pub fn issue(&self, stem: &str) -> IssuedCert {
+        self.issue_with(stem, &["localhost", "127.0.0.1"], -1, 30)
+    }
+}
+
+fn rand_serial() -> [u8; 8] {
+    static COUNTER: AtomicUsize = AtomicUsize::new(1);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mixed = nanos ^ ((COUNTER.fetch_add(1, Ordering::SeqCst) as u64) << 48) ^ (std::process::id() as u64) << 20;
+    let mut bytes = mixed.to_be_bytes();
+    bytes[0] = (bytes[0] & 0x7f) | 0x10; // positive, and no leading zero byte to trim
+    bytes
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sidecar binary.
+// ---------------------------------------------------------------------------------------------
+
+pub struct Sidecar {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<LogLines>,
+    /// Keeps the dev-cert state directory alive for the run.
+    pub state_dir: Option<tempfile::TempDir>,
+}
+
+#[derive(Default)]
+pub struct LogLines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+    closed: Mutex<bool>,
+}
+
+impl LogLines {
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a line containing `needle` appears; panics with the log after `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline || (*self.closed.lock().unwrap() && !lines.iter().any(|l| l.contains(needle))) {
+                panic!("no log line containing {needle:?} within {timeout:?}; log so far:\n{}", lines.join("\n"));
+            }
+            lines = self.changed.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+pub fn sidecar_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sidecar")
+}
+
+/// A `sidecar` command with an isolated environment: no SIDECAR_* or RUST_LOG leaks in.
+pub fn sidecar_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(sidecar_bin());
+    cmd.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SIDECAR_") || key == "RUST_LOG" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+impl Sidecar {
+    /// Starts `sidecar proxy ARGS --listen 127.0.0.1:0` and waits until it listens.
+    pub fn start(args: &[&str]) -> Sidecar {
+        Sidecar::start_with(args, |_| {})
+    }
+
+    pub fn start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Sidecar {
+        let state_dir = tempfile::tempdir().unwrap();
+        let mut full_args = vec!["proxy", "--listen", "127.0.0.1:0"];
+        full_args.extend_from_slice(args);
+        let mut cmd = sidecar_command(&full_args);
+        cmd.env("XDG_STATE_HOME", state_dir.path()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        configure(&mut cmd);
+        let mut sidecar = Sidecar::spawn(cmd);
+        sidecar.state_dir = Some(state_dir);
+        let line = sidecar.logs.wait_for("listening on https://", Duration::from_secs(20));
+        let addr = line.split("listening on https://").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("address in log line");
+        sidecar.addr = addr.parse().expect("socket address in the listening line");
+        sidecar
+    }
+
+    /// Spawns any sidecar command and collects its stderr and stdout lines.
+    pub fn spawn(mut cmd: Command) -> Sidecar {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start the sidecar binary");
+        let logs = Arc::new(LogLines::default());
+        let streams: Vec<Box<dyn std::io::Read + Send>> =
+            vec![Box::new(child.stderr.take().unwrap()), Box::new(child.stdout.take().unwrap())];
+        let open = Arc::new(AtomicUsize::new(streams.len()));
+        for stream in streams {
+            let logs = logs.clone();
+            let open = open.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    logs.lines.lock().unwrap().push(line);
+                    logs.changed.notify_all();
+                }
+                if open.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    *logs.closed.lock().unwrap() = true;
+                    let _guard = logs.lines.lock().unwrap();
+                    logs.changed.notify_all();
+                }
+            });
+        }
+        Sidecar { child, addr: "0.0.0.0:0".parse().unwrap(), logs, state_dir: None }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "sidecar did not exit within {timeout:?}; log:\n{}", self.logs.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident memory (VmHWM) of the process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+}
+
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `sidecar ARGS` to completion (for start-up failures) and returns (exit code, stderr).
+pub fn run_to_exit(args: &[&str]) -> (i32, String) {
+    let state_dir = tempfile::tempdir().unwrap();
+    let output = sidecar_command(args).env("XDG_STATE_HOME", state_dir.path()).stdin(Stdio::null()).output().unwrap();
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real TLS clients.
+// ---------------------------------------------------------------------------------------------
+
+pub fn client_config(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+pub async fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(server_name.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// An HTTP/1.1 or HTTP/2 connection to the sidecar, over a verified TLS session.
+pub enum HttpsConnection {
+    H1(hyper::client::conn::http1::SendRequest<TestBody>),
+    H2(hyper::client::conn::http2::SendRequest<TestBody>),
+}
+
+impl HttpsConnection {
+    pub async fn open(addr: SocketAddr, ca_pem: &[u8], http2: bool) -> HttpsConnection {
+        let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = tls_connect(addr, client_config(ca_pem, alpn), "localhost").await.expect("TLS handshake with the sidecar");
+        let negotiated = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+        let io = TokioIo::new(tls);
+        if http2 {
+            assert_eq!(negotiated.as_deref(), Some(&b"h2"[..]), "ALPN must select h2");
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+            tokio::spawn(conn);
+            HttpsConnection::H2(send)
+        } else {
+            assert_eq!(negotiated.as_deref(), Some(&b"http/1.1"[..]), "ALPN must select http/1.1");
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn.with_upgrades());
+            HttpsConnection::H1(send)
+        }
+    }
+
+    pub async fn send(&mut self, mut request: Request<TestBody>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            HttpsConnection::H1(send) => {
+                send.ready().await?;
+                if !request.headers().contains_key("host") {
+                    request.headers_mut().insert("host", "localhost".parse().unwrap());
+                }
+                send.send_request(request).await
+            }
+            HttpsConnection::H2(send) => {
+                send.ready().await?;
+                if request.uri().authority().is_none() {
+                    let pq = request.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+                    *request.uri_mut() = format!("https://localhost{pq}").parse().unwrap();
+                }
+                send.send_request(request).await
+            }
+        }
+    }
+
+    /// GET `path`, returning status, headers and the body as text.
+    pub async fn get(&mut self, path: &str) -> (StatusCode, http::HeaderMap, String) {
+        let response = self.send(Request::get(path).body(empty()).unwrap()).await.expect("response");
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.expect("body").to_bytes();
+        (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// The upstream's view of headers as a simple map (last value wins), for readable asserts.
+pub fn header_map(headers: &http::HeaderMap) -> HashMap<String, String> {
+    headers.iter().map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("<binary>").to_owned())).collect()
+}
+
+pub fn which(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// A tool the tests need; in CI its absence is a failure (the CI script installs it).
+pub fn require_tool(tool: &str) -> bool {
+    if which(tool) {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{tool} is required in CI (scripts/install-test-deps.sh installs it)");
+    eprintln!("skipping: {tool} is not installed (run scripts/install-test-deps.sh)");
+    false
+}
+
+pub fn write(path: &Path, contents: &str) {
+    std::fs::write(path, contents).unwrap();
+}

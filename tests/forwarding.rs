@@ -1,0 +1,218 @@
+//! What the upstream sees and what the client gets back: headers, pooling, errors, bodies,
+//! WebSocket. Every test runs the real binary between a real client and a real upstream.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+
+async fn setup(extra: &[&str]) -> (Upstream, TestPki, Sidecar) {
+    let upstream = Upstream::start().await;
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let url = upstream.url();
+    let mut args = vec!["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let sidecar = Sidecar::start(&args);
+    (upstream, pki, sidecar)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarding_headers_overwrite_client_claims_over_http1() {
+    let (upstream, pki, sidecar) = setup(&[]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let request = Request::get("/path?q=1")
+        .header("host", "app.example:8443")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "http")
+        .header("x-forwarded-host", "evil.example")
+        .header("forwarded", "for=6.6.6.6")
+        .header("connection", "keep-alive, x-drop-me")
+        .header("x-drop-me", "1")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-app-header", "kept")
+        .body(empty())
+        .unwrap();
+    let response = conn.send(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let seen = upstream.last_request();
+    let h = header_map(&seen.headers);
+    assert_eq!(seen.uri, "/path?q=1", "origin-form target with the query");
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(h["host"], "app.example:8443", "Host is kept");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "the client's XFF is replaced by the peer address");
+    assert_eq!(seen.headers.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], "app.example:8443");
+    assert_eq!(h["x-app-header"], "kept");
+    for gone in ["forwarded", "x-drop-me", "keep-alive", "te", "proxy-authorization"] {
+        assert!(!h.contains_key(gone), "{gone} must not reach the upstream: {h:?}");
+    }
+    // hyper's client adds its own `connection` only when closing; it must not carry ours.
+    assert!(h.get("connection").is_none_or(|v| !v.contains("x-drop-me")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trust_mode_appends_to_client_forwarded_for() {
+    let (upstream, pki, sidecar) = setup(&["--forwarded-headers", "trust"]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let request = Request::get("/").header("x-forwarded-for", "203.0.113.9").header("x-forwarded-proto", "http").body(empty()).unwrap();
+    conn.send(request).await.unwrap();
+    let h = header_map(&upstream.last_request().headers);
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_requests_reach_the_upstream_as_http1_with_host() {
+    let (upstream, pki, sidecar) = setup(&[]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    let (status, _, body) = conn.get("/h2?x=y").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "hello from upstream\n");
+    let seen = upstream.last_request();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(seen.uri, "/h2?x=y");
+    let h = header_map(&seen.headers);
+    assert_eq!(h["host"], "localhost", "the :authority becomes Host");
+    assert_eq!(h["x-forwarded-host"], "localhost");
+    assert_eq!(h["x-forwarded-proto"], "https");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn response_hop_by_hop_headers_are_stripped() {
+    let (_upstream, pki, sidecar) = setup(&[]).await;
+    for http2 in [false, true] {
+        let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
+        let (status, headers, _) = conn.get("/hop").await;
+        assert_eq!(status, StatusCode::OK);
+        let h = header_map(&headers);
+        assert_eq!(h["x-upstream-public"], "visible");
+        for gone in ["keep-alive", "x-upstream-private", "proxy-authenticate"] {
+            assert!(!h.contains_key(gone), "{gone} must not reach the client (http2={http2}): {h:?}");
+        }
+        assert!(h.get("connection").is_none_or(|v| !v.contains("x-upstream-private")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_pooled_and_kept_alive() {
+    let (upstream, pki, sidecar) = setup(&[]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    for _ in 0..50 {
+        let (status, _, _) = conn.get("/").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // A second client connection reuses the same idle upstream connection.
+    let mut other = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    for _ in 0..50 {
+        assert_eq!(other.get("/").await.0, StatusCode::OK);
+    }
+    assert_eq!(upstream.log.connections.load(Ordering::SeqCst), 1, "100 sequential requests should share one upstream connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_upstream_gives_502_naming_the_cause_and_the_proxy_keeps_serving() {
+    // A port that was just free: bind, note, release.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let url = format!("http://{dead}");
+    let sidecar = Sidecar::start(&["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()]);
+    for http2 in [false, true] {
+        let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
+        for _ in 0..3 {
+            let (status, headers, body) = conn.get("/").await;
+            assert_eq!(status, StatusCode::BAD_GATEWAY);
+            assert!(body.contains("connection refused"), "body names the cause: {body}");
+            assert!(body.contains(&dead.to_string()), "body names the upstream: {body}");
+            assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+        }
+    }
+    sidecar.logs.wait_for("connection refused", Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_upstream_gives_504_after_the_upstream_timeout() {
+    let (_upstream, pki, sidecar) = setup(&["--upstream-timeout", "300ms"]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let (status, _, body) = conn.get("/slow/3000").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(body.contains("300ms"), "{body}");
+    // Within the timeout the same route answers.
+    let (status, _, _) = conn.get("/slow/10").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_response_streams_through_intact() {
+    let (_upstream, pki, sidecar) = setup(&[]).await;
+    const LEN: u64 = 64 * 1024 * 1024;
+    for http2 in [false, true] {
+        let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
+        let response = conn.send(Request::get(format!("/bytes/{LEN}")).body(empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let (count, sum) = drain_body(response.into_body()).await;
+        assert_eq!(count, LEN);
+        assert_eq!(sum, pattern_checksum(LEN), "body bytes arrive unchanged (http2={http2})");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_gib_upload_streams_without_growing_memory() {
+    let (_upstream, pki, sidecar) = setup(&[]).await;
+    const LEN: u64 = 1024 * 1024 * 1024;
+    let before = sidecar.rss_kib();
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let response = conn
+        .send(Request::post("/count").header("content-length", LEN.to_string()).body(pattern_stream(LEN)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&body), format!("{LEN} {}", pattern_checksum(LEN)));
+    let peak = sidecar.peak_rss_kib();
+    // Buffering the body would need a GiB; streaming needs a few buffers per connection.
+    assert!(peak < before + 48 * 1024, "peak RSS {peak} KiB after a 1 GiB upload (started at {before} KiB)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_upload_without_content_length_is_streamed() {
+    let (_upstream, pki, sidecar) = setup(&[]).await;
+    const LEN: u64 = 32 * 1024 * 1024 + 17;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    let response = conn.send(Request::post("/count").body(pattern_stream(LEN)).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&body), format!("{LEN} {}", pattern_checksum(LEN)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrade_is_passed_through_both_ways() {
+    let (upstream, pki, sidecar) = setup(&[]).await;
+    let tls = tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    let url = format!("wss://localhost:{}/ws", sidecar.addr.port());
+    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.expect("WebSocket handshake through the proxy");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..20 {
+        let text = format!("message {i}");
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone())).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    let big = vec![7u8; 1 << 20];
+    ws.send(tokio_tungstenite::tungstenite::Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_data().as_ref(), &big[..]);
+    ws.close(None).await.unwrap();
+    let h = header_map(&upstream.last_request().headers);
+    assert_eq!(h["upgrade"], "websocket");
+    assert_eq!(h["x-forwarded-proto"], "https");
+}
