@@ -51,6 +51,10 @@ file given with --config, whose keys are the long option names:
   upstream-timeout = \"30s\"
 
 A flag wins over its environment variable, which wins over the file.
+
+Certificates, keys, the client CA and the --config file are watched and reloaded live (also on
+SIGHUP): a new file is validated first, and a bad one is refused while the old one keeps
+serving. listen, max-connections and redirect-http need a restart.
 Without --cert/--key, a self-signed certificate for localhost, 127.0.0.1 and ::1 is created
 under --state-dir and reused on later starts.";
 
@@ -76,6 +80,25 @@ pub struct ProxyArgs {
     /// PEM private key for --cert (PKCS#8, PKCS#1 or SEC1)
     #[arg(long, env = "SIDECAR_KEY", value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+
+    /// An extra certificate, served to clients whose SNI matches one of the DNS names in its
+    /// subjectAltName (exact or *.wildcard); repeat for more. Others get --cert
+    #[arg(long, env = "SIDECAR_SNI_CERTS", value_name = "CERT:KEY", value_delimiter = ',', value_parser = config::parse_cert_pair)]
+    pub sni_cert: Vec<crate::tls::CertPair>,
+
+    /// PEM CA bundle for client certificates (mutual TLS); the verified subject is passed
+    /// upstream in X-Client-Cert-Subject, and clients cannot set that header themselves
+    #[arg(long, env = "SIDECAR_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+
+    /// With --client-ca: `require` a client certificate, or only `request` one
+    #[arg(long, env = "SIDECAR_CLIENT_AUTH", value_enum, default_value = "require", value_name = "MODE")]
+    pub client_auth: crate::tls::ClientAuth,
+
+    /// Quiet time after a change to a watched file (certificates, keys, client CA, --config)
+    /// before it is reloaded, so that a burst of writes becomes one reload
+    #[arg(long, env = "SIDECAR_RELOAD_DEBOUNCE", value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
+    pub reload_debounce: Duration,
 
     /// Where the dev certificate is kept [default: $XDG_STATE_HOME/sidecar or
     /// ~/.local/state/sidecar]
@@ -162,6 +185,13 @@ where
     Ok(Cli::from_arg_matches(&matches)?)
 }
 
+/// The proxy's options parsed again from the original command line (so flags and environment
+/// still win over the file), for a reload after the `--config` file changed.
+pub fn reparse_proxy_args(argv: &[OsString]) -> Result<ProxyArgs, CliError> {
+    let Command::Proxy(args) = parse_from(argv.iter().cloned())?.command;
+    Ok(args)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]
@@ -174,7 +204,8 @@ pub enum CliError {
 
 /// The process entry point: parse, set up logging, run the role, map failure to exit code 2.
 pub fn main() -> ExitCode {
-    let cli = match parse_from(std::env::args_os()) {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let cli = match parse_from(argv.clone()) {
         Ok(cli) => cli,
         Err(CliError::Usage(e)) => e.exit(),
         Err(e) => {
@@ -184,11 +215,11 @@ pub fn main() -> ExitCode {
     };
     crate::logging::init(&cli.log_level);
     match cli.command {
-        Command::Proxy(args) => run_proxy(args),
+        Command::Proxy(args) => run_proxy(args, argv),
     }
 }
 
-fn run_proxy(args: ProxyArgs) -> ExitCode {
+fn run_proxy(args: ProxyArgs, argv: Vec<OsString>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -204,7 +235,7 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let server = match crate::server::ProxyServer::start(args).await {
+        let server = match crate::server::ProxyServer::start(args, Some(argv)).await {
             Ok(server) => server,
             Err(e) => {
                 tracing::error!("{e}");

@@ -9,6 +9,7 @@ pub mod devcert;
 pub mod logging;
 pub mod proxy;
 pub mod redirect;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod tls;

@@ -4,6 +4,7 @@
 //! accepted, so the limit holds without a counter, and the drain is "wait until every permit
 //! is back".
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use crate::cli::ProxyArgs;
 use crate::config::{CertSource, ProxyConfig};
 use crate::proxy::upstream::{self, UpstreamClient};
 use crate::proxy::ConnectionContext;
+use crate::reload::{LiveState, Reloader};
 use crate::tls::{self, TlsContext, TlsError, TlsState};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +43,17 @@ pub enum StartError {
 pub struct ServingSnapshot {
     pub config: Arc<ProxyConfig>,
     http: auto::Builder<TokioExecutor>,
+    client: UpstreamClient,
 }
 
 impl ServingSnapshot {
-    pub fn new(config: ProxyConfig) -> ServingSnapshot {
+    /// `previous` lends its upstream pool when the new config connects the same way, so a
+    /// reload does not throw away warm keep-alive connections.
+    pub fn new(config: ProxyConfig, previous: Option<&ServingSnapshot>) -> ServingSnapshot {
+        let client = match previous {
+            Some(p) if p.config.timeouts.upstream_connect == config.timeouts.upstream_connect => p.client.clone(),
+            _ => upstream::client(&config),
+        };
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
@@ -55,7 +64,7 @@ impl ServingSnapshot {
             .timer(TokioTimer::new())
             .max_header_list_size(config.limits.max_header_size)
             .keep_alive_interval(None);
-        ServingSnapshot { config: Arc::new(config), http }
+        ServingSnapshot { config: Arc::new(config), http, client }
     }
 }
 
@@ -64,31 +73,27 @@ pub struct ProxyServer {
     listener: TcpListener,
     local_addr: SocketAddr,
     redirect: Option<crate::redirect::RedirectServer>,
-    snapshot: Arc<ArcSwap<ServingSnapshot>>,
-    tls: Arc<TlsState>,
-    tls_context: Arc<TlsContext>,
-    client: UpstreamClient,
+    live: Arc<LiveState>,
+    reloader: Reloader,
 }
 
 impl ProxyServer {
-    pub async fn start(args: ProxyArgs) -> Result<ProxyServer, StartError> {
+    /// `argv`, the original command line, lets a change to the `--config` file be re-read with
+    /// flags and environment still taking precedence; without it only certificates reload.
+    pub async fn start(args: ProxyArgs, argv: Option<Vec<OsString>>) -> Result<ProxyServer, StartError> {
         let config = ProxyConfig::from_args(&args);
         let tls_context = TlsContext::new()?;
-        let cert = match &config.cert {
-            CertSource::Files { cert, key } => tls::load_cert_pair(tls_context.provider(), cert, key)?,
-            CertSource::DevSelfSigned { state_dir } => {
-                let dev = crate::devcert::ensure(tls_context.provider(), state_dir)?;
-                tracing::warn!(
-                    "no --cert given: {} a self-signed development certificate for localhost, 127.0.0.1 and ::1 at {} (key {}); \
-                     clients must trust it or skip verification (curl -k)",
-                    if dev.created { "created" } else { "reusing" },
-                    dev.cert_path.display(),
-                    dev.key_path.display(),
-                );
-                dev.cert
-            }
-        };
-        let tls = TlsState::new(&tls_context, cert)?;
+        if let CertSource::DevSelfSigned { state_dir } = &config.cert {
+            let dev = crate::devcert::ensure(tls_context.provider(), state_dir)?;
+            tracing::warn!(
+                "no --cert given: {} a self-signed development certificate for localhost, 127.0.0.1 and ::1 at {} (key {}); \
+                 clients must trust it or skip verification (curl -k)",
+                if dev.created { "created" } else { "reusing" },
+                dev.cert_path.display(),
+                dev.key_path.display(),
+            );
+        }
+        let tls = tls_context.build(&config.tls_inputs())?;
 
         let listener = bind(config.listen, config.limits.max_connections)?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -99,52 +104,51 @@ impl ProxyServer {
             }
             None => None,
         };
-        let client = upstream::client(&config);
-        Ok(ProxyServer {
-            listener,
-            local_addr,
-            redirect,
-            snapshot: Arc::new(ArcSwap::from_pointee(ServingSnapshot::new(config))),
-            tls: Arc::new(tls),
-            tls_context: Arc::new(tls_context),
-            client,
-        })
+        let live = Arc::new(LiveState {
+            serving: ArcSwap::from_pointee(ServingSnapshot::new(config, None)),
+            tls: TlsState::new(tls),
+            tls_context,
+            stats: Default::default(),
+        });
+        let reloader = Reloader::new(live.clone(), argv);
+        Ok(ProxyServer { listener, local_addr, redirect, live, reloader })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    pub fn tls(&self) -> &Arc<TlsState> {
-        &self.tls
-    }
-
-    pub fn tls_context(&self) -> &Arc<TlsContext> {
-        &self.tls_context
+    pub fn live(&self) -> &Arc<LiveState> {
+        &self.live
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting and drains.
     pub async fn run(self, shutdown: CancellationToken) {
-        let snapshot = self.snapshot.load_full();
+        let snapshot = self.live.serving.load_full();
         let config = &snapshot.config;
-        let cert = self.tls.cert();
+        let tls = self.live.tls.current();
         let redirect_note = self.redirect.as_ref().map(|r| format!("; redirecting http://{} to https", r.local_addr())).unwrap_or_default();
+        let mtls_note = tls.client_ca.as_ref().map(|ca| format!("; client certificates checked against {} ({:?})", ca.display(), config.client_auth)).unwrap_or_default();
         tracing::info!(
-            "listening on https://{} (TLS 1.2/1.3, ALPN h2, http/1.1), forwarding to {}; certificate {} ({}){redirect_note}",
+            "listening on https://{} (TLS 1.2/1.3, ALPN h2, http/1.1), forwarding to {}; certificate {} ({}){mtls_note}{redirect_note}",
             self.local_addr,
             config.upstream,
-            cert.cert_path.display(),
-            cert.info,
+            tls.default.cert_path.display(),
+            tls.default.info,
         );
+        for extra in &tls.sni {
+            tracing::info!("SNI certificate {} ({}) for {}", extra.cert_path.display(), extra.info, extra.info.dns_names.join(", "));
+        }
         let max_connections = config.limits.max_connections;
         let drain_timeout = config.timeouts.drain;
-        drop(snapshot);
+        drop((snapshot, tls));
 
         if let Some(redirect) = self.redirect {
             tokio::spawn(redirect.run(shutdown.clone()));
         }
+        tokio::spawn(self.reloader.run(shutdown.clone()));
         let permits = Arc::new(Semaphore::new(max_connections as usize));
-        accept_loop(&self.listener, &permits, &self.snapshot, &self.tls, &self.client, &shutdown).await;
+        accept_loop(&self.listener, &permits, &self.live, &shutdown).await;
         drop(self.listener);
 
         let open = max_connections as usize - permits.available_permits();
@@ -170,19 +174,12 @@ fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
     socket.listen(backlog.clamp(128, 4096)).map_err(err)
 }
 
-async fn accept_loop(
-    listener: &TcpListener,
-    permits: &Arc<Semaphore>,
-    snapshot: &ArcSwap<ServingSnapshot>,
-    tls: &TlsState,
-    client: &UpstreamClient,
-    shutdown: &CancellationToken,
-) {
+async fn accept_loop(listener: &TcpListener, permits: &Arc<Semaphore>, live: &LiveState, shutdown: &CancellationToken) {
     loop {
         let permit = match permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                tracing::warn!("--max-connections ({}) reached; new clients wait in the backlog", snapshot.load().config.limits.max_connections);
+                tracing::warn!("--max-connections ({}) reached; new clients wait in the backlog", live.serving.load().config.limits.max_connections);
                 tokio::select! {
                     permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
                     _ = shutdown.cancelled() => return,
@@ -202,8 +199,9 @@ async fn accept_loop(
             _ = shutdown.cancelled() => return,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(tls.server_config());
-        tokio::spawn(serve_connection(tcp, peer, acceptor, snapshot.load_full(), client.clone(), shutdown.clone(), permit));
+        // Both snapshots are read once here: this connection keeps them for its whole life.
+        let acceptor = TlsAcceptor::from(live.tls.server_config());
+        tokio::spawn(serve_connection(tcp, peer, acceptor, live.serving.load_full(), shutdown.clone(), permit));
     }
 }
 
@@ -212,7 +210,6 @@ async fn serve_connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     snapshot: Arc<ServingSnapshot>,
-    client: UpstreamClient,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -228,9 +225,10 @@ async fn serve_connection(
             return;
         }
     };
+    let client_subject = tls::client_subject(stream.get_ref().1.peer_certificates());
     let activity = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
-    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), client, peer));
+    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), snapshot.client.clone(), peer, client_subject));
     let service = service_fn(move |request| {
         let context = context.clone();
         async move { Ok::<_, std::convert::Infallible>(context.forward(request).await) }

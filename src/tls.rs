@@ -1,9 +1,12 @@
 //! TLS: loading and validating certificate files, and the rustls server configuration.
 //!
-//! The live `ServerConfig` sits behind an `ArcSwap`: each handshake loads the current one once,
-//! and a reload swaps a fully validated replacement in a single store.
+//! The live state ([`TlsSnapshot`]: the `ServerConfig` with its SNI map and client verifier)
+//! sits behind an `ArcSwap`: each handshake loads the current one once, and a reload swaps a
+//! fully validated replacement in a single store.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,9 +14,12 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{
+    ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier,
+};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
+use rustls::{RootCertStore, ServerConfig};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -40,6 +46,8 @@ pub enum TlsError {
     Expired { path: PathBuf, not_after: String },
     #[error("certificate {} is not valid before {not_before}", path.display())]
     NotYetValid { path: PathBuf, not_before: String },
+    #[error("client CA file {} is unusable: {reason}", path.display())]
+    BadClientCa { path: PathBuf, reason: String },
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -75,11 +83,23 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })
 }
 
-/// Loads and validates a PEM chain and key. Refuses mismatched keys and expired certificates,
-/// so a bad file can never replace a good one.
+/// Loads and validates a PEM chain and key from disk.
 pub fn load_cert_pair(provider: &CryptoProvider, cert_path: &Path, key_path: &Path) -> Result<LoadedCert, TlsError> {
     let cert_pem = read("certificate file", cert_path)?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+    let key_pem = read("key file", key_path)?;
+    parse_cert_pair(provider, cert_path, &cert_pem, key_path, &key_pem)
+}
+
+/// Validates a PEM chain and key already read. Refuses mismatched keys and certificates
+/// outside their validity, so a bad file can never replace a good one.
+pub fn parse_cert_pair(
+    provider: &CryptoProvider,
+    cert_path: &Path,
+    cert_pem: &[u8],
+    key_path: &Path,
+    key_pem: &[u8],
+) -> Result<LoadedCert, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadCertificatePem { path: cert_path.to_owned(), reason: e.to_string() })?;
     let Some(leaf) = chain.first() else {
@@ -88,8 +108,7 @@ pub fn load_cert_pair(provider: &CryptoProvider, cert_path: &Path, key_path: &Pa
     let info = cert_info(leaf).map_err(|reason| TlsError::BadCertificate { path: cert_path.to_owned(), reason })?;
     check_validity(leaf, cert_path)?;
 
-    let key_pem = read("key file", key_path)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| TlsError::BadKey { path: key_path.to_owned(), reason: e.to_string() })?;
     let signing_key = provider
         .key_provider
@@ -145,13 +164,104 @@ pub fn cert_info(leaf: &CertificateDer<'_>) -> Result<CertInfo, String> {
     })
 }
 
-/// Serves one certificate to every client, whatever name it asks for.
+/// Picks the certificate for a handshake: exact server name, then `*.parent` wildcard, then
+/// the default (also for clients that send no SNI).
 #[derive(Debug)]
-struct SingleCert(Arc<CertifiedKey>);
+struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
 
-impl ResolvesServerCert for SingleCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
+impl SniResolver {
+    fn new(default: &LoadedCert, named: &[LoadedCert]) -> SniResolver {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for cert in named {
+            for name in &cert.info.dns_names {
+                let name = name.to_ascii_lowercase();
+                match name.strip_prefix("*.") {
+                    Some(parent) => wildcard.entry(parent.to_owned()).or_insert_with(|| cert.key.clone()),
+                    None => exact.entry(name).or_insert_with(|| cert.key.clone()),
+                };
+            }
+        }
+        SniResolver { exact, wildcard, default: default.key.clone() }
+    }
+
+    fn pick(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = server_name else { return self.default.clone() };
+        // rustls hands over SNI already lower-cased and validated as a DNS name.
+        if let Some(cert) = self.exact.get(name) {
+            return cert.clone();
+        }
+        if let Some((_, parent)) = name.split_once('.') {
+            if let Some(cert) = self.wildcard.get(parent) {
+                return cert.clone();
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()))
+    }
+}
+
+/// Whether clients must present a certificate signed by `--client-ca`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum ClientAuth {
+    /// Handshakes without a valid client certificate fail.
+    Require,
+    /// A client certificate is asked for and verified if sent, but not required.
+    Request,
+}
+
+/// A certificate file and its key file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Every file the TLS state is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInputs {
+    pub default: CertPair,
+    /// Extra certificates, each served for the DNS names in its own subjectAltName.
+    pub sni: Vec<CertPair>,
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+}
+
+impl TlsInputs {
+    /// The files a watcher should follow.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.default.cert.clone(), self.default.key.clone()];
+        for pair in &self.sni {
+            files.push(pair.cert.clone());
+            files.push(pair.key.clone());
+        }
+        files.extend(self.client_ca.clone());
+        files
+    }
+}
+
+/// A complete, validated TLS state, ready to be swapped in.
+pub struct TlsSnapshot {
+    pub server_config: Arc<ServerConfig>,
+    pub default: LoadedCert,
+    pub sni: Vec<LoadedCert>,
+    pub client_ca: Option<PathBuf>,
+    /// Hash of every input file's path and bytes: equal fingerprints mean nothing changed.
+    pub fingerprint: u64,
+}
+
+impl TlsSnapshot {
+    pub fn certs(&self) -> impl Iterator<Item = &LoadedCert> {
+        std::iter::once(&self.default).chain(self.sni.iter())
     }
 }
 
@@ -181,44 +291,88 @@ impl TlsContext {
         &self.provider
     }
 
+    /// Reads every input file once, validates everything, and builds the `ServerConfig`:
     /// TLS 1.2 and 1.3 only, ALPN h2 and http/1.1, resumption by ticket and by session id.
-    pub fn server_config(&self, cert: &LoadedCert) -> Result<Arc<ServerConfig>, TlsError> {
-        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(SingleCert(cert.key.clone())));
+    pub fn build(&self, inputs: &TlsInputs) -> Result<TlsSnapshot, TlsError> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let mut load = |pair: &CertPair| -> Result<LoadedCert, TlsError> {
+            let cert_pem = read("certificate file", &pair.cert)?;
+            let key_pem = read("key file", &pair.key)?;
+            (&pair.cert, &cert_pem, &pair.key, &key_pem).hash(&mut hasher);
+            parse_cert_pair(&self.provider, &pair.cert, &cert_pem, &pair.key, &key_pem)
+        };
+        let default = load(&inputs.default)?;
+        let sni = inputs.sni.iter().map(&mut load).collect::<Result<Vec<_>, _>>()?;
+
+        let builder = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        let builder = match &inputs.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let pem = read("client CA file", path)?;
+                (path, &pem, inputs.client_auth).hash(&mut hasher);
+                builder.with_client_cert_verifier(self.client_verifier(path, &pem, inputs.client_auth)?)
+            }
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(&default, &sni)));
         config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
         config.session_storage = self.sessions.clone();
         config.ticketer = self.ticketer.clone();
-        Ok(Arc::new(config))
+        Ok(TlsSnapshot {
+            server_config: Arc::new(config),
+            default,
+            sni,
+            client_ca: inputs.client_ca.clone(),
+            fingerprint: hasher.finish(),
+        })
+    }
+
+    fn client_verifier(&self, path: &Path, pem: &[u8], mode: ClientAuth) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        let bad = |reason: String| TlsError::BadClientCa { path: path.to_owned(), reason };
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(bad("no PEM certificate in it".to_owned()));
+        }
+        let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone());
+        let builder = match mode {
+            ClientAuth::Require => builder,
+            ClientAuth::Request => builder.allow_unauthenticated(),
+        };
+        builder.build().map_err(|e| bad(e.to_string()))
     }
 }
 
 /// The live TLS state read by every handshake.
 pub struct TlsState {
-    config: ArcSwap<ServerConfig>,
-    cert: ArcSwap<LoadedCert>,
+    current: ArcSwap<TlsSnapshot>,
 }
 
 impl TlsState {
-    pub fn new(context: &TlsContext, cert: LoadedCert) -> Result<TlsState, TlsError> {
-        let config = context.server_config(&cert)?;
-        Ok(TlsState { config: ArcSwap::new(config), cert: ArcSwap::from_pointee(cert) })
+    pub fn new(snapshot: TlsSnapshot) -> TlsState {
+        TlsState { current: ArcSwap::from_pointee(snapshot) }
     }
 
+    /// What a new handshake uses; connections keep the config they were accepted with.
     pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.config.load_full()
+        self.current.load().server_config.clone()
     }
 
-    pub fn cert(&self) -> Arc<LoadedCert> {
-        self.cert.load_full()
+    pub fn current(&self) -> Arc<TlsSnapshot> {
+        self.current.load_full()
     }
 
-    /// Installs an already validated certificate; handshakes from now on use it.
-    pub fn replace(&self, context: &TlsContext, cert: LoadedCert) -> Result<(), TlsError> {
-        let config = context.server_config(&cert)?;
-        self.config.store(config);
-        self.cert.store(Arc::new(cert));
-        Ok(())
+    /// Installs an already validated snapshot in one store.
+    pub fn replace(&self, snapshot: TlsSnapshot) {
+        self.current.store(Arc::new(snapshot));
     }
+}
+
+/// The subject of a verified client certificate, for the upstream to see.
+pub fn client_subject(peer_certificates: Option<&[CertificateDer<'static>]>) -> Option<String> {
+    let leaf = peer_certificates?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    Some(cert.subject().to_string())
 }

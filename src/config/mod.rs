@@ -14,6 +14,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 
 use crate::cli::ProxyArgs;
+use crate::tls::{CertPair, ClientAuth, TlsInputs};
 
 /// The plain-HTTP app behind the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +86,7 @@ pub enum ForwardedPolicy {
     Trust,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
     pub tls_handshake: Duration,
     pub header_read: Duration,
@@ -95,7 +96,7 @@ pub struct Timeouts {
     pub drain: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_header_size: u32,
     pub max_connections: u32,
@@ -110,7 +111,7 @@ pub enum CertSource {
 }
 
 /// One immutable snapshot of the proxy's configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub upstream: Upstream,
@@ -120,8 +121,13 @@ pub struct ProxyConfig {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub cert: CertSource,
+    pub sni: Vec<CertPair>,
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: ClientAuth,
     pub redirect_http: Option<SocketAddr>,
     pub public_https_port: Option<u16>,
+    pub config_file: Option<PathBuf>,
+    pub reload_debounce: Duration,
 }
 
 impl ProxyConfig {
@@ -149,9 +155,60 @@ impl ProxyConfig {
             },
             limits: Limits { max_header_size: args.max_header_size, max_connections: args.max_connections },
             cert,
+            sni: args.sni_cert.clone(),
+            client_ca: args.client_ca.clone(),
+            client_auth: args.client_auth,
             redirect_http: args.redirect_http,
             public_https_port: args.public_https_port,
+            config_file: args.config.clone(),
+            reload_debounce: args.reload_debounce,
         }
+    }
+
+    /// The files the TLS state is built from.
+    pub fn tls_inputs(&self) -> TlsInputs {
+        let default = match &self.cert {
+            CertSource::Files { cert, key } => CertPair { cert: cert.clone(), key: key.clone() },
+            CertSource::DevSelfSigned { state_dir } => CertPair {
+                cert: state_dir.join(crate::devcert::CERT_FILE),
+                key: state_dir.join(crate::devcert::KEY_FILE),
+            },
+        };
+        TlsInputs { default, sni: self.sni.clone(), client_ca: self.client_ca.clone(), client_auth: self.client_auth }
+    }
+
+    /// Settings bound to sockets or files opened at start. A reload keeps the running values of
+    /// these (copied from `running`) and returns the names of those the new config changed.
+    pub fn keep_restart_only(&mut self, running: &ProxyConfig) -> Vec<&'static str> {
+        let mut kept = Vec::new();
+        if self.listen != running.listen {
+            kept.push("listen");
+            self.listen = running.listen;
+        }
+        if self.limits.max_connections != running.limits.max_connections {
+            kept.push("max-connections");
+            self.limits.max_connections = running.limits.max_connections;
+        }
+        if self.redirect_http != running.redirect_http || self.public_https_port != running.public_https_port {
+            kept.push("redirect-http/public-https-port");
+            self.redirect_http = running.redirect_http;
+            self.public_https_port = running.public_https_port;
+        }
+        if matches!(self.cert, CertSource::DevSelfSigned { .. }) != matches!(running.cert, CertSource::DevSelfSigned { .. })
+            || matches!((&self.cert, &running.cert), (CertSource::DevSelfSigned { state_dir: a }, CertSource::DevSelfSigned { state_dir: b }) if a != b)
+        {
+            kept.push("cert/key (switching to or from the development certificate)");
+            self.cert = running.cert.clone();
+        }
+        kept
+    }
+}
+
+/// `CERT_FILE:KEY_FILE`, as given to `--sni-cert`.
+pub fn parse_cert_pair(s: &str) -> Result<CertPair, String> {
+    match s.split_once(':') {
+        Some((cert, key)) if !cert.is_empty() && !key.is_empty() => Ok(CertPair { cert: cert.into(), key: key.into() }),
+        _ => Err(format!("`{s}`: expected CERT_FILE:KEY_FILE")),
     }
 }
 

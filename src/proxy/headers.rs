@@ -8,6 +8,8 @@ use crate::config::ForwardedPolicy;
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Set from a verified client certificate under mutual TLS; never accepted from a client.
+pub const X_CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-cert-subject");
 const HTTPS: HeaderValue = HeaderValue::from_static("https");
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
 
@@ -17,9 +19,27 @@ fn is_hop_by_hop(name: &str) -> bool {
         || name.starts_with("proxy-")
 }
 
-/// Fields a client could forge to lie about where it connects from.
-fn is_client_forwarding_claim(name: &str) -> bool {
-    name.starts_with("x-forwarded-") || name == "forwarded"
+/// Which fields that only the proxy may assert are removed from a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientClaims {
+    /// Responses: the upstream's fields are its own business.
+    Keep,
+    /// Requests under `--forwarded-headers trust`: forwarding claims stay, identity goes.
+    StripIdentity,
+    /// Requests under `--forwarded-headers overwrite`: both go.
+    StripAll,
+}
+
+impl ClientClaims {
+    fn strips(self, name: &str) -> bool {
+        let identity = name == X_CLIENT_CERT_SUBJECT.as_str();
+        let forwarding = name.starts_with("x-forwarded-") || name == "forwarded";
+        match self {
+            ClientClaims::Keep => false,
+            ClientClaims::StripIdentity => identity,
+            ClientClaims::StripAll => identity || forwarding,
+        }
+    }
 }
 
 /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
@@ -30,10 +50,10 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Removes hop-by-hop fields, and with `strip_forwarding` the client's forwarding claims too.
+/// Removes hop-by-hop fields, and the client claims that `claims` names.
 /// With `keep_upgrade` the `Upgrade` field survives and `Connection: upgrade` is set again, so
 /// that a protocol switch reaches the other side. Allocates only when something is removed.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, strip_forwarding: bool) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, claims: ClientClaims) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(CONNECTION) {
         let Ok(list) = value.to_str() else { continue };
@@ -45,7 +65,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, strip_forwa
     }
     for name in headers.keys() {
         let s = name.as_str();
-        if is_hop_by_hop(s) || (strip_forwarding && is_client_forwarding_claim(s)) {
+        if is_hop_by_hop(s) || claims.strips(s) {
             doomed.push(name.clone());
         }
     }
@@ -63,7 +83,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, strip_forwa
 /// strips hop-by-hop fields and sets X-Forwarded-For/-Proto/-Host according to `policy`.
 pub fn prepare_request(parts: &mut Parts, peer_ip: &HeaderValue, policy: ForwardedPolicy, upgrade: bool) {
     let headers = &mut parts.headers;
-    strip_hop_by_hop(headers, upgrade, policy == ForwardedPolicy::Overwrite);
+    let claims = match policy {
+        ForwardedPolicy::Overwrite => ClientClaims::StripAll,
+        ForwardedPolicy::Trust => ClientClaims::StripIdentity,
+    };
+    strip_hop_by_hop(headers, upgrade, claims);
 
     // HTTP/2 carries the host in :authority; an HTTP/1.1 upstream needs it as Host.
     if !headers.contains_key(HOST) {
@@ -164,6 +188,19 @@ mod tests {
         assert!(!p.headers.contains_key("x-forwarded-port"));
         assert!(!p.headers.contains_key("forwarded"));
         assert_eq!(p.headers.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn client_identity_claims_are_stripped_under_every_policy() {
+        for policy in [ForwardedPolicy::Overwrite, ForwardedPolicy::Trust] {
+            let mut p = parts(|b| b.header("x-client-cert-subject", "CN=admin"));
+            prepare_request(&mut p, &PEER, policy, false);
+            assert!(!p.headers.contains_key("x-client-cert-subject"), "{policy:?}");
+        }
+        let mut response = HeaderMap::new();
+        response.insert(X_CLIENT_CERT_SUBJECT, HeaderValue::from_static("CN=app"));
+        strip_hop_by_hop(&mut response, false, ClientClaims::Keep);
+        assert!(response.contains_key(X_CLIENT_CERT_SUBJECT));
     }
 
     #[test]

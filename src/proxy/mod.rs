@@ -28,12 +28,15 @@ pub struct ConnectionContext {
     pub peer: SocketAddr,
     /// The peer's IP, formatted once per connection rather than once per request.
     peer_ip: HeaderValue,
+    /// The verified client certificate's subject, under mutual TLS.
+    client_subject: Option<HeaderValue>,
 }
 
 impl ConnectionContext {
-    pub fn new(config: Arc<ProxyConfig>, client: UpstreamClient, peer: SocketAddr) -> ConnectionContext {
+    pub fn new(config: Arc<ProxyConfig>, client: UpstreamClient, peer: SocketAddr, client_subject: Option<String>) -> ConnectionContext {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ConnectionContext { config, client, peer, peer_ip }
+        let client_subject = client_subject.and_then(|s| HeaderValue::from_str(&s).ok());
+        ConnectionContext { config, client, peer, peer_ip, client_subject }
     }
 
     /// Forwards `request` to the upstream and returns its response, or the proxy's own error
@@ -47,6 +50,9 @@ impl ConnectionContext {
 
         let (mut parts, body) = request.into_parts();
         headers::prepare_request(&mut parts, &self.peer_ip, self.config.forwarded, client_upgrade.is_some());
+        if let Some(subject) = &self.client_subject {
+            parts.headers.insert(headers::X_CLIENT_CERT_SUBJECT, subject.clone());
+        }
         parts.uri = match self.config.upstream.request_uri(&parts.uri) {
             Ok(uri) => uri,
             Err(_) => return plain_response(StatusCode::BAD_REQUEST, "400 Bad Request: unusable request target\n".to_owned()),
@@ -78,7 +84,7 @@ impl ConnectionContext {
             let upstream_side = hyper::upgrade::on(&mut response);
             tokio::spawn(splice(client_side, upstream_side, self.peer));
         }
-        headers::strip_hop_by_hop(response.headers_mut(), switching, false);
+        headers::strip_hop_by_hop(response.headers_mut(), switching, headers::ClientClaims::Keep);
         response.map(Either::Left)
     }
 }

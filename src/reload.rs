@@ -1,0 +1,236 @@
+//! Live reload of certificates and the proxy's own config, with no dropped connection.
+//!
+//! Triggers (a change in a watched directory, SIGHUP) are debounced into one reload. A reload
+//! builds complete new snapshots, validates them, and swaps each in with one store; a bad file
+//! is refused with an error naming it, and the running snapshot keeps serving.
+
+use std::collections::BTreeSet;
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ProxyConfig;
+use crate::server::ServingSnapshot;
+use crate::tls::{TlsContext, TlsSnapshot, TlsState};
+
+/// Why a reload runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    FileChange,
+    Signal,
+    Admin,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::FileChange => "file change",
+            Trigger::Signal => "SIGHUP",
+            Trigger::Admin => "admin request",
+        }
+    }
+}
+
+/// Counters of reload outcomes, per kind.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub config_ok: AtomicU64,
+    pub config_failed: AtomicU64,
+    pub tls_ok: AtomicU64,
+    pub tls_failed: AtomicU64,
+}
+
+/// Everything that can change while the proxy runs. Readers load; only the reloader stores.
+pub struct LiveState {
+    pub serving: ArcSwap<ServingSnapshot>,
+    pub tls: TlsState,
+    pub tls_context: TlsContext,
+    pub stats: ReloadStats,
+}
+
+/// What one reload did, for logs and callers that asked for it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    pub config_changed: bool,
+    pub tls_changed: bool,
+    pub errors: Vec<String>,
+}
+
+pub struct Reloader {
+    live: Arc<LiveState>,
+    /// The original command line, re-parsed when the `--config` file changes.
+    argv: Option<Vec<OsString>>,
+    triggers: mpsc::UnboundedSender<Trigger>,
+    receiver: mpsc::UnboundedReceiver<Trigger>,
+    watcher: Option<notify::RecommendedWatcher>,
+    watched_dirs: BTreeSet<PathBuf>,
+}
+
+impl Reloader {
+    pub fn new(live: Arc<LiveState>, argv: Option<Vec<OsString>>) -> Reloader {
+        let (triggers, receiver) = mpsc::unbounded_channel();
+        Reloader { live, argv, triggers, receiver, watcher: None, watched_dirs: BTreeSet::new() }
+    }
+
+    /// A handle that asks for a reload (for an admin endpoint, say).
+    pub fn trigger_handle(&self) -> mpsc::UnboundedSender<Trigger> {
+        self.triggers.clone()
+    }
+
+    /// Rebuilds both snapshots now. Public so tests and the admin API can drive it directly.
+    pub fn reload(&mut self, trigger: Trigger) -> ReloadOutcome {
+        let mut outcome = ReloadOutcome::default();
+        let running = self.live.serving.load_full();
+        let config = match self.reload_config(&running.config, trigger) {
+            Ok(Some(new)) => {
+                outcome.config_changed = true;
+                self.live.serving.store(Arc::new(ServingSnapshot::new(new.clone(), Some(&running))));
+                self.live.stats.config_ok.fetch_add(1, Ordering::Relaxed);
+                new
+            }
+            Ok(None) => (*running.config).clone(),
+            Err(e) => {
+                let failed = self.live.stats.config_failed.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!("config reload ({}) refused, the running config stays: {e} ({failed} failed config reloads so far)", trigger.as_str());
+                outcome.errors.push(e);
+                (*running.config).clone()
+            }
+        };
+
+        let current_tls = self.live.tls.current();
+        match self.live.tls_context.build(&config.tls_inputs()) {
+            Ok(new) if new.fingerprint == current_tls.fingerprint => {
+                tracing::debug!("certificate files unchanged ({})", trigger.as_str());
+            }
+            Ok(new) => {
+                log_certificates("certificates reloaded", trigger, &new);
+                self.live.tls.replace(new);
+                self.live.stats.tls_ok.fetch_add(1, Ordering::Relaxed);
+                outcome.tls_changed = true;
+            }
+            Err(e) => {
+                let failed = self.live.stats.tls_failed.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(
+                    "certificate reload ({}) refused, still serving serial {}: {e} ({failed} failed certificate reloads so far)",
+                    trigger.as_str(),
+                    current_tls.default.info.serial,
+                );
+                outcome.errors.push(e.to_string());
+            }
+        }
+        if !outcome.config_changed && !outcome.tls_changed && outcome.errors.is_empty() {
+            tracing::debug!("reload ({}): nothing changed", trigger.as_str());
+        }
+        outcome
+    }
+
+    /// `Ok(None)` when there is no config file or it says what is running already.
+    fn reload_config(&self, running: &ProxyConfig, trigger: Trigger) -> Result<Option<ProxyConfig>, String> {
+        let (Some(argv), Some(file)) = (&self.argv, &running.config_file) else { return Ok(None) };
+        let args = crate::cli::reparse_proxy_args(argv).map_err(|e| e.to_string())?;
+        let mut new = ProxyConfig::from_args(&args);
+        for setting in new.keep_restart_only(running) {
+            tracing::warn!("{} changed `{setting}`: that needs a restart; the running value stays, the rest applies", file.display());
+        }
+        if new == *running {
+            return Ok(None);
+        }
+        tracing::info!("config reloaded from {} ({}): upstream {}", file.display(), trigger.as_str(), new.upstream);
+        Ok(Some(new))
+    }
+
+    /// Watches the directories holding every input file (a watch on the directory sees
+    /// rename-over by editors and Kubernetes' `..data` symlink swap; a watch on the file would
+    /// follow the old inode).
+    fn rewatch(&mut self) {
+        let running = self.live.serving.load();
+        let mut files = running.config.tls_inputs().files();
+        files.extend(running.config.config_file.clone());
+        let dirs: BTreeSet<PathBuf> = files.iter().map(|f| parent_dir(f)).collect();
+        if dirs == self.watched_dirs && self.watcher.is_some() {
+            return;
+        }
+        let names: BTreeSet<OsString> = files.iter().filter_map(|f| f.file_name().map(OsStr::to_owned)).collect();
+        let triggers = self.triggers.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, EventKind::Access(_)) {
+                return;
+            }
+            let relevant = event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
+            });
+            if relevant {
+                let _ = triggers.send(Trigger::FileChange);
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("cannot watch files for changes ({e}); reload with SIGHUP instead");
+                return;
+            }
+        };
+        for dir in &dirs {
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::error!("cannot watch {} for changes ({e}); reload with SIGHUP instead", dir.display());
+            }
+        }
+        self.watcher = Some(watcher);
+        self.watched_dirs = dirs;
+    }
+
+    /// Runs until `shutdown`: watches files and listens for SIGHUP. File changes are
+    /// debounced (a burst becomes one reload once quiet); SIGHUP and admin requests, being
+    /// explicit, reload at once.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        self.rewatch();
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP: {e}");
+                None
+            }
+        };
+        let mut due: Option<tokio::time::Instant> = None;
+        loop {
+            let trigger = tokio::select! {
+                Some(trigger) = self.receiver.recv() => trigger,
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Signal,
+                _ = async { match due { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                    due = None;
+                    self.reload(Trigger::FileChange);
+                    self.rewatch();
+                    continue;
+                }
+                _ = shutdown.cancelled() => return,
+            };
+            if trigger == Trigger::FileChange {
+                due = Some(tokio::time::Instant::now() + self.live.serving.load().config.reload_debounce);
+                continue;
+            }
+            due = None;
+            self.reload(trigger);
+            self.rewatch();
+        }
+    }
+}
+
+fn parent_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+pub fn log_certificates(what: &str, trigger: Trigger, snapshot: &TlsSnapshot) {
+    for cert in snapshot.certs() {
+        tracing::info!("{what} ({}): {} from {}", trigger.as_str(), cert.info, cert.cert_path.display());
+    }
+}
