@@ -166,22 +166,30 @@ where
     T: Into<OsString> + Clone,
 {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let first = Cli::command().try_get_matches_from(&args)?;
-    let cli = Cli::from_arg_matches(&first)?;
-    let Command::Proxy(proxy) = &cli.command;
-    let Some(path) = &proxy.config else { return Ok(cli) };
+    // First pass: only to find --config. Nothing is required yet, since the file may be what
+    // supplies a required option.
+    let relaxed = Cli::command().mut_subcommand("proxy", |sub| sub.mut_arg("upstream", |a| a.required(false)));
+    let first = relaxed.try_get_matches_from(&args)?;
+    let config_path = first.subcommand_matches("proxy").and_then(|m| m.get_one::<PathBuf>("config")).cloned();
 
-    let defaults = config::file::load_proxy_defaults(path)?;
     let mut command = Cli::command();
-    command = command.mut_subcommand("proxy", |mut sub| {
-        for (id, values) in defaults {
-            sub = sub.mut_arg(id, |arg| arg.default_values(values));
+    if let Some(path) = &config_path {
+        let defaults = config::file::load_proxy_defaults(path)?;
+        command = command.mut_subcommand("proxy", |mut sub| {
+            for (id, values) in defaults {
+                // A value from the file satisfies a required option.
+                sub = sub.mut_arg(id, |arg| arg.default_values(values).required(false));
+            }
+            sub
+        });
+    }
+    let matches = command.try_get_matches_from(&args).map_err(|e| match &config_path {
+        // The command line parsed alone, so a failure now comes from a value in the file.
+        Some(path) if e.kind() != clap::error::ErrorKind::MissingRequiredArgument => {
+            CliError::FileValue { path: path.clone(), message: e.kind().to_string(), rendered: e.to_string() }
         }
-        sub
-    });
-    let matches = command
-        .try_get_matches_from(&args)
-        .map_err(|e| CliError::FileValue { path: path.clone(), message: e.kind().to_string(), rendered: e.to_string() })?;
+        _ => CliError::Usage(e),
+    })?;
     Ok(Cli::from_arg_matches(&matches)?)
 }
 
@@ -198,8 +206,13 @@ pub enum CliError {
     Usage(#[from] clap::Error),
     #[error(transparent)]
     File(#[from] config::file::FileError),
-    #[error("config file {}: {}", path.display(), rendered.trim_start_matches("error: ").trim())]
+    #[error("config file {}: {}", path.display(), first_line(rendered))]
     FileValue { path: PathBuf, message: String, rendered: String },
+}
+
+/// clap renders errors over several lines with usage hints; a log line wants the first.
+fn first_line(rendered: &str) -> &str {
+    rendered.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").trim_start_matches("error: ")
 }
 
 /// The process entry point: parse, set up logging, run the role, map failure to exit code 2.

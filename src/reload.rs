@@ -19,6 +19,10 @@ use crate::config::ProxyConfig;
 use crate::server::ServingSnapshot;
 use crate::tls::{TlsContext, TlsSnapshot, TlsState};
 
+/// How long a writer gets to finish a multi-file change (certificate, then key) before an
+/// invalid state is reported as an error.
+const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why a reload runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -70,12 +74,24 @@ pub struct Reloader {
     receiver: mpsc::UnboundedReceiver<Trigger>,
     watcher: Option<notify::RecommendedWatcher>,
     watched_dirs: BTreeSet<PathBuf>,
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Reloader {
+    /// Starts watching and takes over SIGHUP right away, so that once the proxy says it is
+    /// listening no change can slip by unseen. Must be called within the Tokio runtime.
     pub fn new(live: Arc<LiveState>, argv: Option<Vec<OsString>>) -> Reloader {
         let (triggers, receiver) = mpsc::unbounded_channel();
-        Reloader { live, argv, triggers, receiver, watcher: None, watched_dirs: BTreeSet::new() }
+        let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP: {e}");
+                None
+            }
+        };
+        let mut reloader = Reloader { live, argv, triggers, receiver, watcher: None, watched_dirs: BTreeSet::new(), hangup };
+        reloader.rewatch();
+        reloader
     }
 
     /// A handle that asks for a reload (for an admin endpoint, say).
@@ -85,6 +101,12 @@ impl Reloader {
 
     /// Rebuilds both snapshots now. Public so tests and the admin API can drive it directly.
     pub fn reload(&mut self, trigger: Trigger) -> ReloadOutcome {
+        self.reload_attempt(trigger, true)
+    }
+
+    /// With `final_attempt` false, a failure is only noted at debug level and not counted:
+    /// the caller will try again (a certificate and its key written one after the other).
+    fn reload_attempt(&mut self, trigger: Trigger, final_attempt: bool) -> ReloadOutcome {
         let mut outcome = ReloadOutcome::default();
         let running = self.live.serving.load_full();
         let config = match self.reload_config(&running.config, trigger) {
@@ -95,6 +117,11 @@ impl Reloader {
                 new
             }
             Ok(None) => (*running.config).clone(),
+            Err(e) if !final_attempt => {
+                tracing::debug!("config reload ({}) not valid yet, will look again: {e}", trigger.as_str());
+                outcome.errors.push(e);
+                (*running.config).clone()
+            }
             Err(e) => {
                 let failed = self.live.stats.config_failed.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::error!("config reload ({}) refused, the running config stays: {e} ({failed} failed config reloads so far)", trigger.as_str());
@@ -113,6 +140,10 @@ impl Reloader {
                 self.live.tls.replace(new);
                 self.live.stats.tls_ok.fetch_add(1, Ordering::Relaxed);
                 outcome.tls_changed = true;
+            }
+            Err(e) if !final_attempt => {
+                tracing::debug!("certificate reload ({}) not valid yet, will look again: {e}", trigger.as_str());
+                outcome.errors.push(e.to_string());
             }
             Err(e) => {
                 let failed = self.live.stats.tls_failed.fetch_add(1, Ordering::Relaxed) + 1;
@@ -190,35 +221,37 @@ impl Reloader {
     /// debounced (a burst becomes one reload once quiet); SIGHUP and admin requests, being
     /// explicit, reload at once.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        self.rewatch();
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(signal) => Some(signal),
-            Err(e) => {
-                tracing::error!("cannot listen for SIGHUP: {e}");
-                None
-            }
-        };
-        let mut due: Option<tokio::time::Instant> = None;
+        let mut hangup = self.hangup.take();
+        // A file-triggered reload that fails is tried once more after another quiet period
+        // before it is reported: writers often replace a certificate and its key one by one.
+        let mut due: Option<(tokio::time::Instant, bool)> = None;
         loop {
             let trigger = tokio::select! {
                 Some(trigger) = self.receiver.recv() => trigger,
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Signal,
-                _ = async { match due { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
-                    due = None;
-                    self.reload(Trigger::FileChange);
+                _ = async { match due { Some((at, _)) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                    let final_attempt = due.take().is_some_and(|(_, retry)| retry);
+                    let outcome = self.reload_attempt(Trigger::FileChange, final_attempt);
+                    if !outcome.errors.is_empty() && !final_attempt {
+                        due = Some((tokio::time::Instant::now() + self.debounce().max(WRITER_GRACE), true));
+                    }
                     self.rewatch();
                     continue;
                 }
                 _ = shutdown.cancelled() => return,
             };
             if trigger == Trigger::FileChange {
-                due = Some(tokio::time::Instant::now() + self.live.serving.load().config.reload_debounce);
+                due = Some((tokio::time::Instant::now() + self.debounce(), false));
                 continue;
             }
             due = None;
             self.reload(trigger);
             self.rewatch();
         }
+    }
+
+    fn debounce(&self) -> std::time::Duration {
+        self.live.serving.load().config.reload_debounce
     }
 }
 

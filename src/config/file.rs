@@ -22,9 +22,8 @@ pub enum FileError {
 /// Keys are long option names; `snake_case` is accepted as well as `kebab-case`.
 pub fn load_proxy_defaults(path: &Path) -> Result<Vec<(String, Vec<String>)>, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: e.to_string().trim().to_owned() })?;
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: one_line(&text, &e) })?;
 
     let command = crate::cli::Cli::command();
     let proxy = command.find_subcommand("proxy").expect("the proxy subcommand is defined in cli.rs");
@@ -47,6 +46,16 @@ pub fn load_proxy_defaults(path: &Path) -> Result<Vec<(String, Vec<String>)>, Fi
         }
     }
     Ok(defaults)
+}
+
+/// `line L, column C: message`: toml's own rendering spans several lines, a log line must not.
+fn one_line(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', "; ");
+    let Some(span) = error.span() else { return message };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 fn scalar_strings(value: &toml::Value) -> Option<Vec<String>> {

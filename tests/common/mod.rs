@@ -306,16 +306,19 @@ impl LogLines {
     /// Waits until a line containing `needle` appears; panics with the log after `timeout`.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
-        let mut lines = self.lines.lock().unwrap();
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
                 return line.clone();
             }
             let now = Instant::now();
-            if now >= deadline || (*self.closed.lock().unwrap() && !lines.iter().any(|l| l.contains(needle))) {
-                panic!("no log line containing {needle:?} within {timeout:?}; log so far:\n{}", lines.join("\n"));
+            if now >= deadline || *self.closed.lock().unwrap_or_else(|e| e.into_inner()) {
+                // Release the lock before panicking, so the reader threads are not poisoned.
+                let text = lines.join("\n");
+                drop(lines);
+                panic!("no log line containing {needle:?} within {timeout:?}; log so far:\n{text}");
             }
-            lines = self.changed.wait_timeout(lines, deadline - now).unwrap().0;
+            lines = self.changed.wait_timeout(lines, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -375,12 +378,12 @@ impl Sidecar {
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
-                    logs.lines.lock().unwrap().push(line);
+                    logs.lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                     logs.changed.notify_all();
                 }
                 if open.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    *logs.closed.lock().unwrap() = true;
-                    let _guard = logs.lines.lock().unwrap();
+                    *logs.closed.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    let _guard = logs.lines.lock().unwrap_or_else(|e| e.into_inner());
                     logs.changed.notify_all();
                 }
             });
@@ -546,4 +549,82 @@ pub fn require_tool(tool: &str) -> bool {
 
 pub fn write(path: &Path, contents: &str) {
     std::fs::write(path, contents).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Added for tests/sni_mtls.rs: a client that accepts any server certificate, and counted log waits.
+// ---------------------------------------------------------------------------------------------
+
+/// Accepts any server certificate, but still checks the handshake signatures (so the server
+/// must hold the key of the certificate it presents).
+#[derive(Debug)]
+struct AcceptAnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client that skips server certificate verification (for names no certificate covers).
+pub fn insecure_client_config(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+impl LogLines {
+    /// Waits until at least `n` (1-based) lines contain `needle` and returns the `n`-th such
+    /// line; panics with the log after `timeout`. For waiting on the next reload: take
+    /// `count(needle)` before the change and wait for `count + 1`.
+    pub fn wait_for_nth(&self, needle: &str, n: usize, timeout: Duration) -> String {
+        assert!(n >= 1, "wait_for_nth counts from 1");
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().filter(|l| l.contains(needle)).nth(n - 1) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline || *self.closed.lock().unwrap() {
+                panic!("fewer than {n} log lines containing {needle:?} within {timeout:?}; log so far:\n{}", lines.join("\n"));
+            }
+            lines = self.changed.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
 }
