@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{self, ForwardedPolicy, Upstream};
@@ -168,8 +169,7 @@ where
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
     // First pass: only to find --config. Nothing is required yet, since the file may be what
     // supplies a required option.
-    let relaxed = Cli::command().mut_subcommand("proxy", |sub| sub.mut_arg("upstream", |a| a.required(false)));
-    let first = relaxed.try_get_matches_from(&args)?;
+    let first = Cli::command().ignore_errors(true).try_get_matches_from(&args)?;
     let config_path = first.subcommand_matches("proxy").and_then(|m| m.get_one::<PathBuf>("config")).cloned();
 
     let mut command = Cli::command();
@@ -183,12 +183,15 @@ where
             sub
         });
     }
-    let matches = command.try_get_matches_from(&args).map_err(|e| match &config_path {
-        // The command line parsed alone, so a failure now comes from a value in the file.
-        Some(path) if e.kind() != clap::error::ErrorKind::MissingRequiredArgument => {
-            CliError::FileValue { path: path.clone(), message: e.kind().to_string(), rendered: e.to_string() }
+    let matches = command.try_get_matches_from(&args).map_err(|e| {
+        let Some(path) = &config_path else { return CliError::Usage(e) };
+        // Blame the file only when the command line parses on its own (the file may be what
+        // supplies a required option, so a missing one does not count against the command line).
+        match Cli::command().try_get_matches_from(&args) {
+            Err(own) if own.kind() != ErrorKind::MissingRequiredArgument => CliError::Usage(own),
+            _ if e.kind() == ErrorKind::MissingRequiredArgument => CliError::Usage(e),
+            _ => CliError::FileValue { path: path.clone(), message: e.kind().to_string(), rendered: e.to_string() },
         }
-        _ => CliError::Usage(e),
     })?;
     Ok(Cli::from_arg_matches(&matches)?)
 }
