@@ -174,14 +174,14 @@ where
 
     let mut command = Cli::command();
     if let Some(path) = &config_path {
-        let defaults = config::file::load_proxy_defaults(path)?;
-        command = command.mut_subcommand("proxy", |mut sub| {
-            for (id, values) in defaults {
-                // A value from the file satisfies a required option.
-                sub = sub.mut_arg(id, |arg| arg.default_values(values).required(false));
-            }
-            sub
-        });
+        for default in config::file::load_proxy_defaults(path)? {
+            // A value from the file satisfies a required option.
+            let apply = |arg: clap::Arg| arg.default_values(default.values.clone()).required(false);
+            command = match default.global {
+                true => command.mut_arg(&default.id, apply),
+                false => command.mut_subcommand("proxy", |sub| sub.mut_arg(&default.id, apply)),
+            };
+        }
     }
     let matches = command.try_get_matches_from(&args).map_err(|e| {
         let Some(path) = &config_path else { return CliError::Usage(e) };

@@ -15,7 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::{http1, http2};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -42,7 +42,8 @@ pub enum StartError {
 /// One immutable view of how connections are served; swapped whole on reload.
 pub struct ServingSnapshot {
     pub config: Arc<ProxyConfig>,
-    http: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     client: UpstreamClient,
 }
 
@@ -54,17 +55,15 @@ impl ServingSnapshot {
             Some(p) if p.config.timeouts.upstream_connect == config.timeouts.upstream_connect => p.client.clone(),
             _ => upstream::client(&config),
         };
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             .header_read_timeout(config.timeouts.header_read)
             .max_buf_size(config.limits.max_header_size as usize)
             .keep_alive(true);
-        http.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(config.limits.max_header_size)
-            .keep_alive_interval(None);
-        ServingSnapshot { config: Arc::new(config), http, client }
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new()).max_header_list_size(config.limits.max_header_size).keep_alive_interval(None);
+        ServingSnapshot { config: Arc::new(config), http1, http2, client }
     }
 }
 
@@ -214,7 +213,12 @@ async fn serve_connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let timeouts = &snapshot.config.timeouts;
-    let stream = match tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(tcp)).await {
+    // A handshake in progress holds no request: shutdown abandons it rather than waiting.
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(tcp)) => handshake,
+        _ = shutdown.cancelled() => return,
+    };
+    let stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "TLS handshake failed: {e}");
@@ -225,7 +229,9 @@ async fn serve_connection(
             return;
         }
     };
-    let client_subject = tls::client_subject(stream.get_ref().1.peer_certificates());
+    let (_, session) = stream.get_ref();
+    let client_subject = tls::client_subject(session.peer_certificates());
+    let http2 = session.alpn_protocol() == Some(b"h2");
     let activity = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
     let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), snapshot.client.clone(), peer, client_subject));
@@ -233,10 +239,25 @@ async fn serve_connection(
         let context = context.clone();
         async move { Ok::<_, std::convert::Infallible>(context.forward(request).await) }
     });
+    let idle = IdleWatch::new(timeouts.idle, activity);
 
-    let connection = snapshot.http.serve_connection_with_upgrades(io, service);
+    // ALPN decides the protocol (RFC 9113 §3.2: HTTP/2 over TLS is negotiated, never sniffed),
+    // so hyper's header-read timer runs from the first byte; without ALPN it is HTTP/1.1.
+    if http2 {
+        let connection = snapshot.http2.serve_connection(io, service);
+        drive(connection, |c| c.graceful_shutdown(), idle, &shutdown, peer).await;
+    } else {
+        let connection = snapshot.http1.serve_connection(io, service).with_upgrades();
+        drive(connection, |c| c.graceful_shutdown(), idle, &shutdown, peer).await;
+    }
+}
+
+/// Polls a connection to its end, asking it to finish gracefully on shutdown or when idle.
+async fn drive<C>(connection: C, graceful_shutdown: impl Fn(Pin<&mut C>), mut idle: IdleWatch, shutdown: &CancellationToken, peer: SocketAddr)
+where
+    C: std::future::Future<Output = hyper::Result<()>>,
+{
     tokio::pin!(connection);
-    let mut idle = IdleWatch::new(timeouts.idle, activity);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -248,12 +269,12 @@ async fn serve_connection(
             }
             _ = shutdown.cancelled(), if !closing => {
                 closing = true;
-                connection.as_mut().graceful_shutdown();
+                graceful_shutdown(connection.as_mut());
             }
             _ = idle.expired(), if !closing => {
                 tracing::debug!(%peer, "closing idle connection");
                 closing = true;
-                connection.as_mut().graceful_shutdown();
+                graceful_shutdown(connection.as_mut());
             }
         }
     }

@@ -18,9 +18,18 @@ pub enum FileError {
     BadValue { path: PathBuf, key: String },
 }
 
-/// Reads the file and returns `(argument id, values)` for each key of `[proxy]`.
+/// A value from the file for one option.
+#[derive(Debug)]
+pub struct FileDefault {
+    pub id: String,
+    pub values: Vec<String>,
+    /// A top-level option (such as `--log-level`) rather than one of `proxy`'s own.
+    pub global: bool,
+}
+
+/// Reads the file and returns a default for each key of `[proxy]`.
 /// Keys are long option names; `snake_case` is accepted as well as `kebab-case`.
-pub fn load_proxy_defaults(path: &Path) -> Result<Vec<(String, Vec<String>)>, FileError> {
+pub fn load_proxy_defaults(path: &Path) -> Result<Vec<FileDefault>, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
     let table: toml::Table =
         text.parse().map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: one_line(&text, &e) })?;
@@ -37,12 +46,17 @@ pub fn load_proxy_defaults(path: &Path) -> Result<Vec<(String, Vec<String>)>, Fi
         };
         for (key, value) in options {
             let long = key.replace('_', "-");
-            let arg = proxy
-                .get_arguments()
-                .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
-                .ok_or_else(|| FileError::UnknownKey { path: path.to_owned(), key: key.clone() })?;
+            let named = |a: &&clap::Arg| a.get_long() == Some(long.as_str()) && long != "config";
+            let (arg, global) = match proxy.get_arguments().find(named) {
+                Some(arg) => (arg, false),
+                None => command
+                    .get_arguments()
+                    .find(|a| a.is_global_set() && named(a))
+                    .map(|arg| (arg, true))
+                    .ok_or_else(|| FileError::UnknownKey { path: path.to_owned(), key: key.clone() })?,
+            };
             let values = scalar_strings(&value).ok_or_else(|| FileError::BadValue { path: path.to_owned(), key: key.clone() })?;
-            defaults.push((arg.get_id().to_string(), values));
+            defaults.push(FileDefault { id: arg.get_id().to_string(), values, global });
         }
     }
     Ok(defaults)
