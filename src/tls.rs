@@ -265,11 +265,30 @@ impl TlsSnapshot {
     }
 }
 
-/// State that outlives any one `ServerConfig`, so sessions resume across certificate reloads.
-pub struct TlsContext {
-    provider: Arc<CryptoProvider>,
+/// Resumption state shared by successive `ServerConfig`s, so that sessions survive a
+/// certificate reload.
+#[derive(Clone)]
+struct Resumption {
+    /// Hash of the client-auth settings the sessions were made under.
+    client_auth: u64,
     sessions: Arc<dyn StoresServerSessions>,
     ticketer: Arc<dyn ProducesTickets>,
+}
+
+impl Resumption {
+    fn new(client_auth: u64) -> Result<Resumption, TlsError> {
+        Ok(Resumption {
+            client_auth,
+            sessions: ServerSessionMemoryCache::new(16 * 1024),
+            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+        })
+    }
+}
+
+/// State that outlives any one `ServerConfig`.
+pub struct TlsContext {
+    provider: Arc<CryptoProvider>,
+    resumption: std::sync::Mutex<Resumption>,
 }
 
 impl fmt::Debug for TlsContext {
@@ -282,8 +301,7 @@ impl TlsContext {
     pub fn new() -> Result<TlsContext, TlsError> {
         Ok(TlsContext {
             provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
-            sessions: ServerSessionMemoryCache::new(16 * 1024),
-            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+            resumption: std::sync::Mutex::new(Resumption::new(0)?),
         })
     }
 
@@ -306,18 +324,21 @@ impl TlsContext {
 
         let builder = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        let mut client_auth_hasher = std::collections::hash_map::DefaultHasher::new();
         let builder = match &inputs.client_ca {
             None => builder.with_no_client_auth(),
             Some(path) => {
                 let pem = read("client CA file", path)?;
                 (path, &pem, inputs.client_auth).hash(&mut hasher);
+                (&pem, inputs.client_auth).hash(&mut client_auth_hasher);
                 builder.with_client_cert_verifier(self.client_verifier(path, &pem, inputs.client_auth)?)
             }
         };
         let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(&default, &sni)));
         config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
-        config.session_storage = self.sessions.clone();
-        config.ticketer = self.ticketer.clone();
+        let resumption = self.resumption_for(client_auth_hasher.finish())?;
+        config.session_storage = resumption.sessions;
+        config.ticketer = resumption.ticketer;
         Ok(TlsSnapshot {
             server_config: Arc::new(config),
             default,
@@ -325,6 +346,18 @@ impl TlsContext {
             client_ca: inputs.client_ca.clone(),
             fingerprint: hasher.finish(),
         })
+    }
+
+    /// A resumed session carries the client certificate verified when it was made, and rustls
+    /// does not verify it again. Sessions therefore must not outlive the client-auth settings
+    /// they were made under: when those change, start afresh (a client of a removed CA must
+    /// not get back in by resuming). Server-certificate reloads keep sessions resumable.
+    fn resumption_for(&self, client_auth: u64) -> Result<Resumption, TlsError> {
+        let mut current = self.resumption.lock().unwrap_or_else(|e| e.into_inner());
+        if current.client_auth != client_auth {
+            *current = Resumption::new(client_auth)?;
+        }
+        Ok(current.clone())
     }
 
     fn client_verifier(&self, path: &Path, pem: &[u8], mode: ClientAuth) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {

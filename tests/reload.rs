@@ -378,3 +378,27 @@ async fn swaps_under_load_fail_no_request() {
     assert!(ok > 1000, "the load ran ({ok} requests)");
     assert_eq!(sidecar.logs.count("refused"), 0, "no reload was refused:\n{}", sidecar.logs.text());
 }
+
+/// Sessions outlive a server-certificate reload (only a client-auth change starts afresh,
+/// see tests/sni_mtls.rs), so a rotation does not force every client into a full handshake.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_resume_across_a_certificate_reload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::HandshakeKind;
+    let f = start(&[]).await;
+    let config = client_config(f.pki.ca_pem.as_bytes(), &[b"http/1.1"]);
+    // TLS 1.3 tickets arrive after the handshake: read a whole response to collect them.
+    let mut before = tls_connect(f.sidecar.addr, config.clone(), "localhost").await.unwrap();
+    assert_eq!(before.get_ref().1.handshake_kind(), Some(HandshakeKind::Full));
+    before.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    before.read_to_end(&mut response).await.unwrap();
+    assert!(response.starts_with(b"HTTP/1.1 200"));
+
+    let second = f.pki.issue("second");
+    install_pair(&second, f.dir.path());
+    // Probe with a separate client, so the session cache under test is not touched.
+    wait_until_served(f.sidecar.addr, &f.pki.ca_pem, &leaf_der(&second.cert), Instant::now()).await;
+    let after = tls_connect(f.sidecar.addr, config, "localhost").await.unwrap();
+    assert_eq!(after.get_ref().1.handshake_kind(), Some(HandshakeKind::Resumed), "a session made before the reload resumes after it");
+}
