@@ -45,6 +45,7 @@ impl ConnectionContext {
         if request.method() == Method::CONNECT {
             return plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed: CONNECT is not proxied\n".to_owned());
         }
+        let client_version = request.version();
         let client_upgrade =
             (request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers())).then(|| hyper::upgrade::on(&mut request));
 
@@ -85,6 +86,9 @@ impl ConnectionContext {
             tokio::spawn(splice(client_side, upstream_side, self.peer));
         }
         headers::strip_hop_by_hop(response.headers_mut(), switching, headers::ClientClaims::Keep);
+        // An intermediary speaks its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 app must
+        // not downgrade, and so close, the client's keep-alive connection.
+        *response.version_mut() = client_version;
         response.map(Either::Left)
     }
 }
