@@ -55,7 +55,7 @@ A flag wins over its environment variable, which wins over the file.
 
 Certificates, keys, the client CA and the --config file are watched and reloaded live (also on
 SIGHUP): a new file is validated first, and a bad one is refused while the old one keeps
-serving. listen, max-connections and redirect-http need a restart.
+serving. listen, max-connections, redirect-http and admin need a restart.
 Without --cert/--key, a self-signed certificate for localhost, 127.0.0.1 and ::1 is created
 under --state-dir and reused on later starts.";
 
@@ -148,6 +148,15 @@ pub struct ProxyArgs {
     /// Also listen for plain HTTP on ADDR and answer every request with a 308 redirect to https
     #[arg(long, env = "SIDECAR_REDIRECT_HTTP", value_name = "ADDR")]
     pub redirect_http: Option<SocketAddr>,
+
+    /// Serve the admin API (/healthz, /readyz, /status, POST /reload) on ADDR; loopback only
+    /// unless --admin-token-file is given
+    #[arg(long, env = "SIDECAR_ADMIN", value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+
+    /// File holding a bearer token required by admin endpoints that change state
+    #[arg(long, env = "SIDECAR_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// HTTPS port written into redirects [default: the --listen port]; set it when a Service
     /// or load balancer maps another port (e.g. 443) to --listen
@@ -251,14 +260,14 @@ fn run_proxy(args: ProxyArgs, argv: Vec<OsString>) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let server = match crate::server::ProxyServer::start(args, Some(argv)).await {
+        let server = match crate::server::ProxyServer::start(args, Some(argv), shutdown).await {
             Ok(server) => server,
             Err(e) => {
                 tracing::error!("{e}");
                 return ExitCode::from(2);
             }
         };
-        server.run(shutdown).await;
+        server.run().await;
         ExitCode::SUCCESS
     })
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use notify::{EventKind, RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ProxyConfig;
@@ -59,7 +59,7 @@ pub struct LiveState {
 }
 
 /// What one reload did, for logs and callers that asked for it.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ReloadOutcome {
     pub config_changed: bool,
     pub tls_changed: bool,
@@ -72,6 +72,8 @@ pub struct Reloader {
     argv: Option<Vec<OsString>>,
     triggers: mpsc::UnboundedSender<Trigger>,
     receiver: mpsc::UnboundedReceiver<Trigger>,
+    requests: mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>,
+    request_receiver: mpsc::UnboundedReceiver<oneshot::Sender<ReloadOutcome>>,
     watcher: Option<notify::RecommendedWatcher>,
     watched_dirs: BTreeSet<PathBuf>,
     hangup: Option<tokio::signal::unix::Signal>,
@@ -82,6 +84,7 @@ impl Reloader {
     /// listening no change can slip by unseen. Must be called within the Tokio runtime.
     pub fn new(live: Arc<LiveState>, argv: Option<Vec<OsString>>) -> Reloader {
         let (triggers, receiver) = mpsc::unbounded_channel();
+        let (requests, request_receiver) = mpsc::unbounded_channel();
         let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(signal) => Some(signal),
             Err(e) => {
@@ -89,14 +92,24 @@ impl Reloader {
                 None
             }
         };
-        let mut reloader = Reloader { live, argv, triggers, receiver, watcher: None, watched_dirs: BTreeSet::new(), hangup };
+        let mut reloader = Reloader {
+            live,
+            argv,
+            triggers,
+            receiver,
+            requests,
+            request_receiver,
+            watcher: None,
+            watched_dirs: BTreeSet::new(),
+            hangup,
+        };
         reloader.rewatch();
         reloader
     }
 
-    /// A handle that asks for a reload (for an admin endpoint, say).
-    pub fn trigger_handle(&self) -> mpsc::UnboundedSender<Trigger> {
-        self.triggers.clone()
+    /// A handle that asks for a reload and waits for its outcome (the admin API's).
+    pub fn handle(&self) -> ReloadHandle {
+        ReloadHandle(self.requests.clone())
     }
 
     /// Rebuilds both snapshots now. Public so tests and the admin API can drive it directly.
@@ -228,6 +241,12 @@ impl Reloader {
         loop {
             let trigger = tokio::select! {
                 Some(trigger) = self.receiver.recv() => trigger,
+                Some(reply) = self.request_receiver.recv() => {
+                    due = None;
+                    let _ = reply.send(self.reload(Trigger::Admin));
+                    self.rewatch();
+                    continue;
+                }
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Signal,
                 _ = async { match due { Some((at, _)) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
                     let final_attempt = due.take().is_some_and(|(_, retry)| retry);
@@ -252,6 +271,19 @@ impl Reloader {
 
     fn debounce(&self) -> std::time::Duration {
         self.live.serving.load().config.reload_debounce
+    }
+}
+
+/// Asks the running reloader for a reload now.
+#[derive(Clone)]
+pub struct ReloadHandle(mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>);
+
+impl ReloadHandle {
+    /// `None` when the reloader has stopped (the process is shutting down).
+    pub async fn reload(&self) -> Option<ReloadOutcome> {
+        let (reply, outcome) = oneshot::channel();
+        self.0.send(reply).ok()?;
+        outcome.await.ok()
     }
 }
 

@@ -26,6 +26,7 @@ use crate::cli::ProxyArgs;
 use crate::config::{CertSource, ProxyConfig};
 use crate::proxy::upstream::{self, UpstreamClient};
 use crate::proxy::ConnectionContext;
+use crate::admin::{AdminServer, ProxyAdmin};
 use crate::reload::{LiveState, Reloader};
 use crate::tls::{self, TlsContext, TlsError, TlsState};
 
@@ -37,6 +38,8 @@ pub enum StartError {
     DevCert(#[from] crate::devcert::DevCertError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// One immutable view of how connections are served; swapped whole on reload.
@@ -72,14 +75,17 @@ pub struct ProxyServer {
     listener: TcpListener,
     local_addr: SocketAddr,
     redirect: Option<crate::redirect::RedirectServer>,
+    admin: Option<AdminServer>,
     live: Arc<LiveState>,
     reloader: Reloader,
+    shutdown: CancellationToken,
 }
 
 impl ProxyServer {
     /// `argv`, the original command line, lets a change to the `--config` file be re-read with
     /// flags and environment still taking precedence; without it only certificates reload.
-    pub async fn start(args: ProxyArgs, argv: Option<Vec<OsString>>) -> Result<ProxyServer, StartError> {
+    /// Cancelling `shutdown` makes `run` stop accepting and drain.
+    pub async fn start(args: ProxyArgs, argv: Option<Vec<OsString>>, shutdown: CancellationToken) -> Result<ProxyServer, StartError> {
         let config = ProxyConfig::from_args(&args);
         let tls_context = TlsContext::new()?;
         if let CertSource::DevSelfSigned { state_dir } = &config.cert {
@@ -103,6 +109,10 @@ impl ProxyServer {
             }
             None => None,
         };
+        let admin = match config.admin {
+            Some(addr) => Some(AdminServer::bind(addr, config.admin_token_file.as_deref(), shutdown.clone())?),
+            None => None,
+        };
         let live = Arc::new(LiveState {
             serving: ArcSwap::from_pointee(ServingSnapshot::new(config, None)),
             tls: TlsState::new(tls),
@@ -110,7 +120,7 @@ impl ProxyServer {
             stats: Default::default(),
         });
         let reloader = Reloader::new(live.clone(), argv);
-        Ok(ProxyServer { listener, local_addr, redirect, live, reloader })
+        Ok(ProxyServer { listener, local_addr, redirect, admin, live, reloader, shutdown })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -121,15 +131,17 @@ impl ProxyServer {
         &self.live
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting and drains.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Serves until the shutdown token is cancelled, then stops accepting and drains.
+    pub async fn run(mut self) {
+        let shutdown = self.shutdown.clone();
         let snapshot = self.live.serving.load_full();
         let config = &snapshot.config;
         let tls = self.live.tls.current();
         let redirect_note = self.redirect.as_ref().map(|r| format!("; redirecting http://{} to https", r.local_addr())).unwrap_or_default();
+        let admin_note = self.admin.as_ref().map(|a| format!("; admin API on http://{}", a.local_addr())).unwrap_or_default();
         let mtls_note = tls.client_ca.as_ref().map(|ca| format!("; client certificates checked against {} ({:?})", ca.display(), config.client_auth)).unwrap_or_default();
         tracing::info!(
-            "listening on https://{} (TLS 1.2/1.3, ALPN h2, http/1.1), forwarding to {}; certificate {} ({}){mtls_note}{redirect_note}",
+            "listening on https://{} (TLS 1.2/1.3, ALPN h2, http/1.1), forwarding to {}; certificate {} ({}){mtls_note}{redirect_note}{admin_note}",
             self.local_addr,
             config.upstream,
             tls.default.cert_path.display(),
@@ -142,7 +154,18 @@ impl ProxyServer {
         let drain_timeout = config.timeouts.drain;
         drop((snapshot, tls));
 
-        if let Some(redirect) = self.redirect {
+        // The admin API outlives the drain, so that probes see "not ready" rather than nothing.
+        let admin_stop = CancellationToken::new();
+        if let Some(mut admin) = self.admin.take() {
+            admin.set_proxy(ProxyAdmin {
+                live: self.live.clone(),
+                reload: self.reloader.handle(),
+                https_addr: self.local_addr,
+                redirect_addr: self.redirect.as_ref().map(|r| r.local_addr()),
+            });
+            tokio::spawn(admin.run(admin_stop.clone()));
+        }
+        if let Some(redirect) = self.redirect.take() {
             tokio::spawn(redirect.run(shutdown.clone()));
         }
         tokio::spawn(self.reloader.run(shutdown.clone()));
@@ -162,6 +185,7 @@ impl ProxyServer {
                 max_connections as usize - permits.available_permits()
             ),
         }
+        admin_stop.cancel();
     }
 }
 

@@ -128,6 +128,8 @@ pub struct ProxyConfig {
     pub public_https_port: Option<u16>,
     pub config_file: Option<PathBuf>,
     pub reload_debounce: Duration,
+    pub admin: Option<SocketAddr>,
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl ProxyConfig {
@@ -162,6 +164,8 @@ impl ProxyConfig {
             public_https_port: args.public_https_port,
             config_file: args.config.clone(),
             reload_debounce: args.reload_debounce,
+            admin: args.admin,
+            admin_token_file: args.admin_token_file.clone(),
         }
     }
 
@@ -193,6 +197,11 @@ impl ProxyConfig {
             kept.push("redirect-http/public-https-port");
             self.redirect_http = running.redirect_http;
             self.public_https_port = running.public_https_port;
+        }
+        if self.admin != running.admin || self.admin_token_file != running.admin_token_file {
+            kept.push("admin/admin-token-file");
+            self.admin = running.admin;
+            self.admin_token_file = running.admin_token_file.clone();
         }
         if matches!(self.cert, CertSource::DevSelfSigned { .. }) != matches!(running.cert, CertSource::DevSelfSigned { .. })
             || matches!((&self.cert, &running.cert), (CertSource::DevSelfSigned { state_dir: a }, CertSource::DevSelfSigned { state_dir: b }) if a != b)

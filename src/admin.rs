@@ -1,0 +1,242 @@
+//! The admin listener: probes, status and control, on loopback by default.
+//!
+//! Read-only routes are open; routes that change state are POST only and, when a token file
+//! is given, need `Authorization: Bearer <token>`. A non-loopback bind needs a token.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::reload::{LiveState, ReloadHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot listen on {addr} for the admin API: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot read admin token file {}: {source}", path.display())]
+    TokenFile { path: PathBuf, source: std::io::Error },
+    #[error("admin token file {} is empty", path.display())]
+    EmptyToken { path: PathBuf },
+    #[error("the admin API on {addr} would be reachable from other hosts: give --admin-token-file, or bind it to loopback")]
+    ExposedWithoutToken { addr: SocketAddr },
+}
+
+/// What the admin API reports on and acts upon for the proxy role.
+pub struct ProxyAdmin {
+    pub live: Arc<LiveState>,
+    pub reload: ReloadHandle,
+    pub https_addr: SocketAddr,
+    pub redirect_addr: Option<SocketAddr>,
+}
+
+pub struct AdminState {
+    started: Instant,
+    token: Option<String>,
+    /// Cancelled when shutdown starts: from then on the process reports not ready.
+    shutdown: CancellationToken,
+    pub proxy: Option<ProxyAdmin>,
+}
+
+pub struct AdminServer {
+    listener: TcpListener,
+    state: Arc<AdminState>,
+}
+
+/// Reads the bearer token: the file's content with surrounding white space trimmed.
+pub fn read_token(path: &Path) -> Result<String, AdminError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AdminError::TokenFile { path: path.to_owned(), source })?;
+    let token = text.trim().to_owned();
+    if token.is_empty() {
+        return Err(AdminError::EmptyToken { path: path.to_owned() });
+    }
+    Ok(token)
+}
+
+impl AdminServer {
+    pub fn bind(addr: SocketAddr, token_file: Option<&Path>, shutdown: CancellationToken) -> Result<AdminServer, AdminError> {
+        let token = token_file.map(read_token).transpose()?;
+        if token.is_none() && !addr.ip().is_loopback() {
+            return Err(AdminError::ExposedWithoutToken { addr });
+        }
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(TcpListener::from_std)
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        let state = AdminState { started: Instant::now(), token, shutdown, proxy: None };
+        Ok(AdminServer { listener, state: Arc::new(state) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn set_proxy(&mut self, proxy: ProxyAdmin) {
+        Arc::get_mut(&mut self.state).expect("set before the server runs").proxy = Some(proxy);
+    }
+
+    /// Serves until `stop` is cancelled. This is later than the shutdown token the state
+    /// watches, so probes keep answering (not ready) while the proxy drains.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+        loop {
+            let (tcp, _) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!("admin listener: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let state = self.state.clone();
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, request).await) }
+            });
+            let connection = http.serve_connection(TokioIo::new(tcp), service);
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+        }
+    }
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+async fn route(state: &AdminState, request: Request<Incoming>) -> AdminResponse {
+    let method = request.method().clone();
+    match (request.uri().path(), &method) {
+        ("/healthz", &Method::GET | &Method::HEAD) => text(StatusCode::OK, "ok\n"),
+        ("/readyz", &Method::GET | &Method::HEAD) => readiness(state),
+        ("/status", &Method::GET | &Method::HEAD) => json_response(StatusCode::OK, status(state)),
+        ("/reload", &Method::POST) => {
+            if let Some(denied) = check_token(state, &request) {
+                return denied;
+            }
+            match &state.proxy {
+                Some(proxy) => match proxy.reload.reload().await {
+                    Some(outcome) => {
+                        let code = if outcome.errors.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+                        json_response(code, json!(outcome))
+                    }
+                    None => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+                },
+                None => text(StatusCode::NOT_FOUND, "no proxy runs in this process\n"),
+            }
+        }
+        ("/reload", _) => method_not_allowed("POST"),
+        ("/healthz" | "/readyz" | "/status", _) => method_not_allowed("GET, HEAD"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn readiness(state: &AdminState) -> AdminResponse {
+    let mut reasons = Vec::new();
+    if state.shutdown.is_cancelled() {
+        reasons.push("shutting down".to_owned());
+    }
+    if reasons.is_empty() {
+        json_response(StatusCode::OK, json!({ "ready": true }))
+    } else {
+        json_response(StatusCode::SERVICE_UNAVAILABLE, json!({ "ready": false, "reasons": reasons }))
+    }
+}
+
+fn status(state: &AdminState) -> Value {
+    let mut status = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "shutting_down": state.shutdown.is_cancelled(),
+    });
+    if let Some(proxy) = &state.proxy {
+        let serving = proxy.live.serving.load();
+        let tls = proxy.live.tls.current();
+        let stats = &proxy.live.stats;
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let certificates: Vec<Value> = tls
+            .certs()
+            .map(|c| {
+                json!({
+                    "file": c.cert_path,
+                    "subject": c.info.subject,
+                    "names": c.info.dns_names,
+                    "serial": c.info.serial,
+                    "not_after": c.info.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                    "seconds_to_expiry": (c.info.not_after - time::OffsetDateTime::now_utc()).whole_seconds(),
+                })
+            })
+            .collect();
+        status["proxy"] = json!({
+            "listen": proxy.https_addr,
+            "redirect_http": proxy.redirect_addr,
+            "upstream": serving.config.upstream.to_string(),
+            "config_file": serving.config.config_file,
+            "certificates": certificates,
+            "client_ca": tls.client_ca,
+            "reloads": {
+                "config_ok": stats.config_ok.load(relaxed),
+                "config_failed": stats.config_failed.load(relaxed),
+                "tls_ok": stats.tls_ok.load(relaxed),
+                "tls_failed": stats.tls_failed.load(relaxed),
+            },
+        });
+    }
+    status
+}
+
+/// `Some(response)` when the request must be refused.
+fn check_token(state: &AdminState, request: &Request<Incoming>) -> Option<AdminResponse> {
+    let expected = state.token.as_deref()?;
+    let presented = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => None,
+        _ => {
+            let mut response = text(StatusCode::UNAUTHORIZED, "a valid bearer token is required\n");
+            response.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            Some(response)
+        }
+    }
+}
+
+/// Compares without an early exit, so response time says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+fn json_response(status: StatusCode, body: Value) -> AdminResponse {
+    let mut bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn method_not_allowed(allow: &'static str) -> AdminResponse {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
