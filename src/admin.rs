@@ -48,6 +48,7 @@ pub struct AdminState {
     /// Cancelled when shutdown starts: from then on the process reports not ready.
     shutdown: CancellationToken,
     pub proxy: Option<ProxyAdmin>,
+    pub sync: Option<Arc<crate::sync::SyncManager>>,
 }
 
 pub struct AdminServer {
@@ -75,7 +76,7 @@ impl AdminServer {
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(TcpListener::from_std)
             .map_err(|source| AdminError::Bind { addr, source })?;
-        let state = AdminState { started: Instant::now(), token, shutdown, proxy: None };
+        let state = AdminState { started: Instant::now(), token, shutdown, proxy: None, sync: None };
         Ok(AdminServer { listener, state: Arc::new(state) })
     }
 
@@ -85,6 +86,10 @@ impl AdminServer {
 
     pub fn set_proxy(&mut self, proxy: ProxyAdmin) {
         Arc::get_mut(&mut self.state).expect("set before the server runs").proxy = Some(proxy);
+    }
+
+    pub fn set_sync(&mut self, sync: Arc<crate::sync::SyncManager>) {
+        Arc::get_mut(&mut self.state).expect("set before the server runs").sync = Some(sync);
     }
 
     /// Serves until `stop` is cancelled. This is later than the shutdown token the state
@@ -142,6 +147,7 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> AdminResponse 
         }
         ("/reload", _) => method_not_allowed("POST"),
         ("/healthz" | "/readyz" | "/status", _) => method_not_allowed("GET, HEAD"),
+        (path, _) if path == "/sync" || path.starts_with("/sync/") => sync_route(state, request).await,
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -150,6 +156,9 @@ fn readiness(state: &AdminState) -> AdminResponse {
     let mut reasons = Vec::new();
     if state.shutdown.is_cancelled() {
         reasons.push("shutting down".to_owned());
+    }
+    if let Some(sync) = &state.sync {
+        reasons.extend(sync.not_ready());
     }
     if reasons.is_empty() {
         json_response(StatusCode::OK, json!({ "ready": true }))
@@ -197,7 +206,73 @@ fn status(state: &AdminState) -> Value {
             },
         });
     }
+    if let Some(sync) = &state.sync {
+        status["sync"] = json!(sync.statuses());
+    }
     status
+}
+
+/// `GET /sync`, `GET /sync/{name}`, `GET /sync/{name}/history`, `POST /sync/{name}/rollback`
+/// (the version from `?version=` or a JSON body `{"version": "ID or hash prefix"}`; without
+/// one, the previous good version).
+async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResponse {
+    let Some(sync) = state.sync.clone() else { return text(StatusCode::NOT_FOUND, "no sync destination runs in this process\n") };
+    let path = request.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = request.method().clone();
+    match (segments.as_slice(), &method) {
+        (["sync"], &Method::GET | &Method::HEAD) => json_response(StatusCode::OK, json!({ "destinations": sync.statuses() })),
+        (["sync", name], &Method::GET | &Method::HEAD) => match sync.status(name) {
+            Some(status) => json_response(StatusCode::OK, json!(status)),
+            None => unknown_destination(name),
+        },
+        (["sync", name, "history"], &Method::GET | &Method::HEAD) => match sync.history(name) {
+            Some(versions) => json_response(StatusCode::OK, json!({ "name": name, "versions": versions })),
+            None => unknown_destination(name),
+        },
+        (["sync", name, "rollback"], &Method::POST) => {
+            if let Some(denied) = check_token(state, &request) {
+                return denied;
+            }
+            let name = name.to_string();
+            let from_query = request.uri().query().and_then(|q| {
+                q.split('&').find_map(|pair| pair.strip_prefix("version=")).filter(|v| !v.is_empty()).map(str::to_owned)
+            });
+            let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(request.into_body(), 64 * 1024)).await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+            };
+            let from_body = if body.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                match serde_json::from_slice::<Value>(&body) {
+                    Ok(value) => match value.get("version") {
+                        Some(Value::String(v)) => Some(v.clone()),
+                        Some(Value::Number(n)) => Some(n.to_string()),
+                        None | Some(Value::Null) => None,
+                        Some(_) => return json_response(StatusCode::BAD_REQUEST, json!({ "error": "`version` must be a string or a number" })),
+                    },
+                    Err(e) => return json_response(StatusCode::BAD_REQUEST, json!({ "error": format!("body is not JSON: {e}") })),
+                }
+            };
+            match sync.rollback(&name, from_query.or(from_body)).await {
+                Ok(report) => {
+                    let code = if report.ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+                    json_response(code, json!(report))
+                }
+                Err(crate::sync::RollbackError::UnknownName(name)) => unknown_destination(&name),
+                Err(crate::sync::RollbackError::Refused(e)) => json_response(StatusCode::CONFLICT, json!({ "error": e })),
+                Err(e @ crate::sync::RollbackError::Stopped) => json_response(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e.to_string() })),
+            }
+        }
+        (["sync", _, "rollback"], _) => method_not_allowed("POST"),
+        (["sync"] | ["sync", _] | ["sync", _, "history"], _) => method_not_allowed("GET, HEAD"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn unknown_destination(name: &str) -> AdminResponse {
+    json_response(StatusCode::NOT_FOUND, json!({ "error": format!("no sync destination named `{name}`") }))
 }
 
 /// `Some(response)` when the request must be refused.

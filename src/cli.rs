@@ -38,6 +38,10 @@ pub enum Command {
     /// Terminate TLS (HTTP/1.1 and HTTP/2) and forward to a plain-HTTP app over pooled HTTP/1.1
     #[command(after_help = PROXY_AFTER_HELP)]
     Proxy(ProxyArgs),
+    /// Keep a config file in step with a config API (etcd, Consul, HTTP, a file): write it
+    /// atomically, signal the app, verify its health, roll back a bad version
+    #[command(after_help = SYNC_AFTER_HELP)]
+    Sync(SyncArgs),
 }
 
 const PROXY_AFTER_HELP: &str = "\
@@ -58,6 +62,148 @@ SIGHUP): a new file is validated first, and a bad one is refused while the old o
 serving. listen, max-connections, redirect-http and admin need a restart.
 Without --cert/--key, a self-signed certificate for localhost, 127.0.0.1 and ::1 is created
 under --state-dir and reused on later starts.";
+
+const SYNC_AFTER_HELP: &str = "\
+Sources: etcd://HOST:PORT/KEY (etcd v3, read then watched), consul://HOST:PORT/KEY[?wait=5m]
+(Consul KV blocking queries), http(s)://URL (polled with If-None-Match), file:///PATH or a path
+(watched; a mounted ConfigMap's ..data swap is seen). etcd+https:// and consul+https:// use TLS.
+
+On each change: compare by SHA-256 with the file on disk (equal: nothing happens), validate,
+write atomically (temp file, fsync, rename, fsync the directory; mode and owner kept), keep a
+copy in the history directory, notify the app, and with --health-url verify it, rolling back
+to the last good version (and escalating SIGTERM, then SIGKILL) when it stays unhealthy.
+
+Every option also reads its SIDECAR_SYNC_* environment variable. `sidecar proxy --config FILE`
+runs each [[sync]] table of FILE (keys are these option names) beside the proxy.";
+
+/// Options of the `sync` role: one destination file kept in step with one source.
+#[derive(Debug, Clone, Args)]
+pub struct SyncArgs {
+    /// Where the config comes from: etcd://HOST:PORT/KEY, consul://HOST:PORT/KEY, http(s)://URL,
+    /// or a file path
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE", value_name = "URL", value_parser = crate::sync::spec::parse_source)]
+    pub source: crate::sync::spec::SourceSpec,
+
+    /// The app's config file to keep in step (written atomically)
+    #[arg(long, env = "SIDECAR_SYNC_DEST", value_name = "FILE")]
+    pub dest: PathBuf,
+
+    /// Name of this destination in logs and the admin API [default: the --dest file name]
+    #[arg(long, env = "SIDECAR_SYNC_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// File holding the app's pid; re-read before every signal
+    #[arg(long, env = "SIDECAR_SYNC_PID_FILE", value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Signal every process with this name (its comm, or its argv[0] or argv[1] file name), for
+    /// a shared process namespace
+    #[arg(long, env = "SIDECAR_SYNC_PROCESS_NAME", value_name = "NAME")]
+    pub process_name: Option<String>,
+
+    /// Signal that tells the app to reload, with --pid-file or --process-name
+    #[arg(long, env = "SIDECAR_SYNC_SIGNAL", value_name = "SIGNAL", default_value = "HUP", value_parser = crate::sync::spec::parse_signal)]
+    pub signal: crate::sync::spec::SignalName,
+
+    /// Send signals to the app's whole process group (its pid as group id)
+    #[arg(long, env = "SIDECAR_SYNC_PROCESS_GROUP")]
+    pub process_group: bool,
+
+    /// POST to this URL to make the app reload (any 2xx answer is success)
+    #[arg(long, env = "SIDECAR_SYNC_RELOAD_URL", value_name = "URL", value_parser = crate::sync::spec::parse_http_url)]
+    pub reload_url: Option<http::Uri>,
+
+    /// Run this shell command to make the app reload (exit 0 is success); it gets
+    /// SIDECAR_SYNC_DEST and SIDECAR_SYNC_HASH in its environment
+    #[arg(long, env = "SIDECAR_SYNC_EXEC", value_name = "CMD")]
+    pub exec: Option<String>,
+
+    /// After notifying the app, poll this URL: it must answer 2xx, without a break, for a fifth
+    /// of --health-timeout (at most 3s) within --health-timeout, else the change is rolled back
+    #[arg(long, env = "SIDECAR_SYNC_HEALTH_URL", value_name = "URL", value_parser = crate::sync::spec::parse_http_url)]
+    pub health_url: Option<http::Uri>,
+
+    /// How long the app has to become healthy after a change
+    #[arg(long, env = "SIDECAR_SYNC_HEALTH_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub health_timeout: Duration,
+
+    /// After a rollback that leaves the app unhealthy it gets SIGTERM, and SIGKILL this much
+    /// later if it is still there
+    #[arg(long, env = "SIDECAR_SYNC_KILL_AFTER", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub kill_after: Duration,
+
+    /// Refuse a new version that does not parse as this format
+    #[arg(long, env = "SIDECAR_SYNC_VALIDATE", value_enum, value_name = "FORMAT")]
+    pub validate: Option<crate::sync::spec::ValidateFormat>,
+
+    /// Refuse a new version when this shell command fails on it; `{}` is replaced by the path
+    /// of the candidate file (in the destination's directory, same extension)
+    #[arg(long, env = "SIDECAR_SYNC_CHECK_CMD", value_name = "CMD")]
+    pub check_cmd: Option<String>,
+
+    /// Where earlier versions and the last-applied state are kept [default:
+    /// .sidecar-history/NAME beside --dest]
+    #[arg(long, env = "SIDECAR_SYNC_HISTORY_DIR", value_name = "DIR")]
+    pub history_dir: Option<PathBuf>,
+
+    /// How many versions the history keeps
+    #[arg(long, env = "SIDECAR_SYNC_HISTORY_KEEP", value_name = "N", default_value = "10", value_parser = clap::value_parser!(usize))]
+    pub history_keep: usize,
+
+    /// How often an http(s) source is polled, and a file source re-read besides being watched
+    #[arg(long, env = "SIDECAR_SYNC_POLL_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Changes are applied once the source has been quiet this long (a burst becomes one write
+    /// and one signal)...
+    #[arg(long, env = "SIDECAR_SYNC_MIN_QUIET", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub min_quiet: Duration,
+
+    /// ...or at the latest this long after the first change of a burst
+    #[arg(long, env = "SIDECAR_SYNC_MAX_QUIET", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub max_quiet: Duration,
+
+    /// Largest config accepted from the source, in bytes; larger is refused
+    #[arg(long, env = "SIDECAR_SYNC_MAX_SIZE", value_name = "BYTES", default_value = "1048576", value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
+    pub max_size: u64,
+
+    /// Time allowed for one request to the source (a blocking query's wait is added); an etcd
+    /// watch silent this long is checked, and reconnected when the server does not answer
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub source_timeout: Duration,
+
+    /// PEM CA bundle for https sources [default: the system bundle]
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_CA", value_name = "FILE")]
+    pub source_ca: Option<PathBuf>,
+
+    /// Longest wait between retries of a failing source or write (exponential from 200ms,
+    /// with jitter)
+    #[arg(long, env = "SIDECAR_SYNC_RETRY_MAX", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub retry_max: Duration,
+
+    /// Exit with an error when the source cannot be read at start, instead of starting with
+    /// the file on disk and retrying
+    #[arg(long, env = "SIDECAR_SYNC_REQUIRE_SOURCE")]
+    pub require_source: bool,
+
+    /// Sync one time and exit: 0 when the file is in step with the source, 1 otherwise
+    /// (for an init container)
+    #[arg(long, env = "SIDECAR_SYNC_ONCE")]
+    pub once: bool,
+
+    /// Read the source once, print the difference with the file on disk, change nothing
+    #[arg(long, env = "SIDECAR_SYNC_DRY_RUN")]
+    pub dry_run: bool,
+
+    /// Serve the admin API (/healthz, /readyz, /status, /sync) on ADDR; loopback only unless
+    /// --admin-token-file is given
+    #[arg(long, env = "SIDECAR_SYNC_ADMIN", value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+
+    /// File holding a bearer token required by admin endpoints that change state (rollback)
+    #[arg(long, env = "SIDECAR_SYNC_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
 
 /// Options of the `proxy` role. Durations take units: `500ms`, `10s`, `5m`.
 #[derive(Debug, Clone, Args)]
@@ -208,8 +354,10 @@ where
 /// The proxy's options parsed again from the original command line (so flags and environment
 /// still win over the file), for a reload after the `--config` file changed.
 pub fn reparse_proxy_args(argv: &[OsString]) -> Result<ProxyArgs, CliError> {
-    let Command::Proxy(args) = parse_from(argv.iter().cloned())?.command;
-    Ok(args)
+    match parse_from(argv.iter().cloned())?.command {
+        Command::Proxy(args) => Ok(args),
+        Command::Sync(_) => Err(CliError::Usage(clap::Error::raw(ErrorKind::InvalidSubcommand, "not a proxy command line"))),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +389,7 @@ pub fn main() -> ExitCode {
     crate::logging::init(&cli.log_level);
     match cli.command {
         Command::Proxy(args) => run_proxy(args, argv),
+        Command::Sync(args) => crate::sync::run_sync(args),
     }
 }
 

@@ -13,4 +13,5 @@ pub mod redirect;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
+pub mod sync;
 pub mod tls;

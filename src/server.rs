@@ -40,6 +40,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("{0}")]
+    Sync(#[from] crate::sync::SyncError),
 }
 
 /// One immutable view of how connections are served; swapped whole on reload.
@@ -79,6 +81,8 @@ pub struct ProxyServer {
     live: Arc<LiveState>,
     reloader: Reloader,
     shutdown: CancellationToken,
+    /// The `[[sync]]` tables of the config file, running beside the proxy.
+    sync: Option<Arc<crate::sync::SyncManager>>,
 }
 
 impl ProxyServer {
@@ -120,7 +124,8 @@ impl ProxyServer {
             stats: Default::default(),
         });
         let reloader = Reloader::new(live.clone(), argv);
-        Ok(ProxyServer { listener, local_addr, redirect, admin, live, reloader, shutdown })
+        let sync = crate::sync::SyncManager::start_from_config_file(args.config.as_deref(), shutdown.clone()).await?;
+        Ok(ProxyServer { listener, local_addr, redirect, admin, live, reloader, shutdown, sync })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -163,6 +168,9 @@ impl ProxyServer {
                 https_addr: self.local_addr,
                 redirect_addr: self.redirect.as_ref().map(|r| r.local_addr()),
             });
+            if let Some(sync) = &self.sync {
+                admin.set_sync(sync.clone());
+            }
             tokio::spawn(admin.run(admin_stop.clone()));
         }
         if let Some(redirect) = self.redirect.take() {

@@ -1,8 +1,9 @@
-//! The `--config` TOML file: its `[proxy]` table supplies defaults for the proxy's options.
+//! The `--config` TOML file: its `[proxy]` table supplies defaults for the proxy's options;
+//! each `[[sync]]` table describes one sync destination run beside the proxy.
 
 use std::path::{Path, PathBuf};
 
-use clap::CommandFactory;
+use clap::{Args, CommandFactory, FromArgMatches};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -10,12 +11,16 @@ pub enum FileError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {} is not valid TOML: {message}", path.display())]
     Parse { path: PathBuf, message: String },
-    #[error("config file {}: unknown table [{table}] (known: [proxy])", path.display())]
+    #[error("config file {}: unknown table [{table}] (known: [proxy], [[sync]])", path.display())]
     UnknownTable { path: PathBuf, table: String },
     #[error("config file {}: [proxy] has no option `{key}` (see `sidecar proxy --help`)", path.display())]
     UnknownKey { path: PathBuf, key: String },
     #[error("config file {}: `{key}` must be a string, number or boolean", path.display())]
     BadValue { path: PathBuf, key: String },
+    #[error("config file {}: `sync` must be an array of tables, written [[sync]]", path.display())]
+    SyncNotArray { path: PathBuf },
+    #[error("config file {}: [[sync]] number {index}: {message}", path.display())]
+    Sync { path: PathBuf, index: usize, message: String },
 }
 
 /// A value from the file for one option.
@@ -37,7 +42,12 @@ pub fn load_proxy_defaults(path: &Path) -> Result<Vec<FileDefault>, FileError> {
     let command = crate::cli::Cli::command();
     let proxy = command.find_subcommand("proxy").expect("the proxy subcommand is defined in cli.rs");
     let mut defaults = Vec::new();
+    // Checked here too, so that a bad [[sync]] table stops the start with exit code 2.
+    load_sync_sections_from(path, &table)?;
     for (name, value) in table {
+        if name == "sync" {
+            continue;
+        }
         if name != "proxy" {
             return Err(FileError::UnknownTable { path: path.to_owned(), table: name });
         }
@@ -60,6 +70,60 @@ pub fn load_proxy_defaults(path: &Path) -> Result<Vec<FileDefault>, FileError> {
         }
     }
     Ok(defaults)
+}
+
+/// Reads the file and returns the options of each `[[sync]]` table, in file order.
+pub fn load_sync_sections(path: &Path) -> Result<Vec<crate::cli::SyncArgs>, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: one_line(&text, &e) })?;
+    load_sync_sections_from(path, &table)
+}
+
+/// Options that belong to the process, not to one destination: refused in a [[sync]] table.
+const PROCESS_ONLY: [&str; 4] = ["admin", "admin-token-file", "once", "dry-run"];
+
+fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<crate::cli::SyncArgs>, FileError> {
+    let Some(value) = table.get("sync") else { return Ok(Vec::new()) };
+    let toml::Value::Array(items) = value else { return Err(FileError::SyncNotArray { path: path.to_owned() }) };
+    // The same option definitions as `sidecar sync`, without environment variables: one
+    // SIDECAR_SYNC_SOURCE cannot mean the same thing for every table.
+    let mut command = crate::cli::SyncArgs::augment_args(clap::Command::new("sync").no_binary_name(true).disable_help_flag(true));
+    let ids: Vec<clap::Id> = command.get_arguments().map(|a| a.get_id().clone()).collect();
+    for id in ids {
+        command = command.mut_arg(id, |a| a.env(None));
+    }
+    let mut sections = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let index = i + 1;
+        let fail = |message: String| FileError::Sync { path: path.to_owned(), index, message };
+        let toml::Value::Table(options) = item else { return Err(fail("not a table".into())) };
+        let mut argv: Vec<String> = Vec::new();
+        for (key, value) in options {
+            let long = key.replace('_', "-");
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long.as_str()) && !PROCESS_ONLY.contains(&long.as_str()))
+                .ok_or_else(|| fail(format!("no option `{key}` (see `sidecar sync --help`; admin, once and dry-run are not per destination)")))?;
+            if arg.get_action().takes_values() {
+                let values = scalar_strings(value).ok_or_else(|| fail(format!("`{key}` must be a string, number or boolean")))?;
+                argv.extend(values.into_iter().map(|v| format!("--{long}={v}")));
+            } else {
+                match value {
+                    toml::Value::Boolean(true) => argv.push(format!("--{long}")),
+                    toml::Value::Boolean(false) => {}
+                    _ => return Err(fail(format!("`{key}` must be true or false"))),
+                }
+            }
+        }
+        let matches = command.clone().try_get_matches_from(&argv).map_err(|e| fail(first_error_line(&e.to_string())))?;
+        sections.push(crate::cli::SyncArgs::from_arg_matches(&matches).map_err(|e| fail(first_error_line(&e.to_string())))?);
+    }
+    Ok(sections)
+}
+
+fn first_error_line(rendered: &str) -> String {
+    rendered.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").trim_start_matches("error: ").to_owned()
 }
 
 /// `line L, column C: message`: toml's own rendering spans several lines, a log line must not.

@@ -1,0 +1,234 @@
+//! A small HTTP/1.1 client over hyper's connection API, for sources, reload URLs and health
+//! checks: one kept-alive connection, TLS for `https`, a deadline on every exchange, and a
+//! size cap on every body it buffers. Streaming responses (the etcd watch) get a connection of
+//! their own.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::HOST;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad URL {url}: {message}")]
+    Url { url: String, message: String },
+    #[error("cannot connect to {peer}: {source}")]
+    Connect { peer: String, source: std::io::Error },
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Tls { peer: String, source: std::io::Error },
+    #[error("{peer} did not answer within {}", humantime::format_duration(*timeout))]
+    Timeout { peer: String, timeout: Duration },
+    #[error("HTTP exchange with {peer} failed: {source}")]
+    Http { peer: String, source: hyper::Error },
+    #[error("response from {peer} is larger than {limit} bytes")]
+    TooLarge { peer: String, limit: u64 },
+    #[error("cannot read CA bundle {}: {message}", path.display())]
+    Ca { path: PathBuf, message: String },
+}
+
+impl ClientError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Timeout { .. })
+    }
+}
+
+/// A buffered response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub struct HttpClient {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    ca_file: Option<PathBuf>,
+    idle: Option<(String, SendRequest<Full<Bytes>>)>,
+}
+
+/// The system CA bundles tried, in order, for https when no CA file is given.
+const SYSTEM_BUNDLES: [&str; 3] =
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+
+impl HttpClient {
+    /// `ca_file` is read the first time an https URL is used.
+    pub fn new(ca_file: Option<&Path>) -> HttpClient {
+        HttpClient { tls: None, ca_file: ca_file.map(Path::to_owned), idle: None }
+    }
+
+    fn tls_config(&mut self) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+        if let Some(config) = &self.tls {
+            return Ok(config.clone());
+        }
+        let path = match &self.ca_file {
+            Some(path) => path.clone(),
+            None => SYSTEM_BUNDLES.iter().map(PathBuf::from).find(|p| p.exists()).ok_or_else(|| ClientError::Ca {
+                path: PathBuf::from(SYSTEM_BUNDLES[0]),
+                message: "no system CA bundle found; give --source-ca".into(),
+            })?,
+        };
+        let ca_error = |message: String| ClientError::Ca { path: path.clone(), message };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&path).map_err(|e| ca_error(e.to_string()))? {
+            let cert = cert.map_err(|e| ca_error(e.to_string()))?;
+            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(ca_error("holds no certificate".into()));
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ca_error(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        self.tls = Some(config.clone());
+        Ok(config)
+    }
+
+    async fn connect(&mut self, uri: &Uri) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+        let peer = peer_of(uri);
+        let authority = uri.authority().ok_or_else(|| ClientError::Url { url: uri.to_string(), message: "no host".into() })?;
+        let https = uri.scheme_str() == Some("https");
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+        let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|source| ClientError::Connect { peer: peer.clone(), source })?;
+        let _ = tcp.set_nodelay(true);
+        let http = |source| ClientError::Http { peer: peer.clone(), source };
+        if https {
+            let config = self.tls_config()?;
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| ClientError::Url { url: uri.to_string(), message: e.to_string() })?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|source| ClientError::Tls { peer: peer.clone(), source })?;
+            let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(http)?;
+            tokio::spawn(connection);
+            Ok(send)
+        } else {
+            let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(http)?;
+            tokio::spawn(connection);
+            Ok(send)
+        }
+    }
+
+    /// Sends `request` (absolute URI) and returns the response head; the body is left to read.
+    /// The connection is not pooled: for streams.
+    pub async fn open_stream(&mut self, request: Request<Full<Bytes>>, timeout: Duration) -> Result<Response<Incoming>, ClientError> {
+        let uri = request.uri().clone();
+        let peer = peer_of(&uri);
+        let exchange = async {
+            let mut send = self.connect(&uri).await?;
+            send.send_request(origin_form(request)?).await.map_err(|source| ClientError::Http { peer: peer.clone(), source })
+        };
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::Timeout { peer: peer.clone(), timeout })?
+    }
+
+    /// Sends `request` and reads the whole response, all within `timeout`; a body over
+    /// `max_body` bytes is an error (and is not read further).
+    pub async fn fetch(&mut self, request: Request<Full<Bytes>>, timeout: Duration, max_body: u64) -> Result<Reply, ClientError> {
+        let uri = request.uri().clone();
+        let peer = peer_of(&uri);
+        let key = format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
+        let (parts, body) = request.into_parts();
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(never) => match never {},
+        };
+        let build = || {
+            let mut request = Request::new(Full::new(body.clone()));
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = parts.uri.clone();
+            *request.headers_mut() = parts.headers.clone();
+            origin_form(request)
+        };
+        let exchange = async {
+            // A kept-alive connection may have been closed by the server meanwhile: a failure
+            // on it is retried once on a fresh one (these requests are idempotent reads, or a
+            // reload POST the server never received).
+            let mut reused = false;
+            let idle = match self.idle.take() {
+                Some((k, mut send)) if k == key => send.ready().await.is_ok().then_some(send),
+                _ => None,
+            };
+            let mut send = match idle {
+                Some(send) => {
+                    reused = true;
+                    send
+                }
+                None => self.connect(&uri).await?,
+            };
+            let response = match send.send_request(build()?).await {
+                Ok(response) => response,
+                Err(e) if reused && (e.is_closed() || e.is_incomplete_message() || e.is_canceled()) => {
+                    send = self.connect(&uri).await?;
+                    send.send_request(build()?).await.map_err(|source| ClientError::Http { peer: peer.clone(), source })?
+                }
+                Err(source) => return Err(ClientError::Http { peer: peer.clone(), source }),
+            };
+            let (head, body) = response.into_parts();
+            let body = read_limited(body, max_body, &peer).await?;
+            self.idle = Some((key.clone(), send));
+            Ok(Reply { status: head.status, headers: head.headers, body })
+        };
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+            self.idle = None;
+            ClientError::Timeout { peer: peer.clone(), timeout }
+        })?
+    }
+}
+
+/// Reads a body up to `limit` bytes.
+pub async fn read_limited(mut body: Incoming, limit: u64, peer: &str) -> Result<Bytes, ClientError> {
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|source| ClientError::Http { peer: peer.to_owned(), source })?;
+        if let Some(data) = frame.data_ref() {
+            if buffer.len() as u64 + data.len() as u64 > limit {
+                return Err(ClientError::TooLarge { peer: peer.to_owned(), limit });
+            }
+            buffer.extend_from_slice(data);
+        }
+    }
+    Ok(buffer.freeze())
+}
+
+/// Moves the authority into `Host` and leaves the path: HTTP/1.1 origin-form.
+fn origin_form(mut request: Request<Full<Bytes>>) -> Result<Request<Full<Bytes>>, ClientError> {
+    let uri = request.uri().clone();
+    let authority = uri.authority().ok_or_else(|| ClientError::Url { url: uri.to_string(), message: "no host".into() })?;
+    let host = HeaderValue::from_str(authority.as_str().rsplit('@').next().unwrap_or(authority.as_str()))
+        .map_err(|e| ClientError::Url { url: uri.to_string(), message: e.to_string() })?;
+    request.headers_mut().insert(HOST, host);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    *request.uri_mut() = path.parse().map_err(|e: http::uri::InvalidUri| ClientError::Url { url: uri.to_string(), message: e.to_string() })?;
+    Ok(request)
+}
+
+/// host:port for messages, never credentials.
+pub fn peer_of(uri: &Uri) -> String {
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("?");
+    authority.rsplit('@').next().unwrap_or(authority).to_owned()
+}
+
+/// A request with a body, ready for [`HttpClient::fetch`].
+pub fn request(method: http::Method, uri: &Uri, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(body.into()));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri.clone();
+    request
+}

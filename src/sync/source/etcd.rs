@@ -1,0 +1,285 @@
+//! etcd v3 through its HTTP/JSON gateway: `POST /v3/kv/range` reads the key, then a streaming
+//! `POST /v3/watch` follows it from the next revision, with progress notifications asked for.
+//! After a disconnect the watch resumes from the last revision seen (events in between are
+//! replayed by etcd); after a compaction it reads the key again. A watch silent for
+//! `--source-timeout` is checked with a read of the key: a server that does not answer, or a
+//! key that changed without an event, means the watch stalled, and it is reconnected.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use http::{Method, Uri};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
+use crate::sync::client::{self, ClientError, HttpClient};
+use crate::sync::spec::SyncSpec;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+pub struct EtcdSource {
+    client: HttpClient,
+    /// A second client for checks made while the watch holds its own connection.
+    watch_client: HttpClient,
+    base: Uri,
+    key: String,
+    key_b64: String,
+    timeout: Duration,
+    max_size: u64,
+    retry_max: Duration,
+}
+
+/// The key as a range read saw it.
+struct Range {
+    value: Option<(Bytes, i64)>,
+    revision: i64,
+}
+
+/// Why a watch stream ended.
+enum WatchEnd {
+    Shutdown,
+    Compacted,
+    Failed { message: String, stalled: bool },
+}
+
+/// etcd's gateway writes 64-bit integers as JSON strings.
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+impl EtcdSource {
+    pub fn new(spec: &SyncSpec, base: &Uri, key: &str) -> EtcdSource {
+        EtcdSource {
+            client: HttpClient::new(spec.source_ca.as_deref()),
+            watch_client: HttpClient::new(spec.source_ca.as_deref()),
+            base: base.clone(),
+            key: key.to_owned(),
+            key_b64: B64.encode(key.as_bytes()),
+            timeout: spec.source_timeout,
+            max_size: spec.max_size,
+            retry_max: spec.retry_max,
+        }
+    }
+
+    fn peer(&self) -> String {
+        client::peer_of(&self.base)
+    }
+
+    fn what(&self) -> String {
+        format!("key {}", self.key)
+    }
+
+    fn endpoint(&self, path: &str) -> Result<Uri, SourceError> {
+        let url = format!("{}{path}", self.base);
+        url.parse().map_err(|e: http::uri::InvalidUri| SourceError::Client(ClientError::Url { url, message: e.to_string() }))
+    }
+
+    fn protocol(&self, message: impl Into<String>) -> SourceError {
+        SourceError::Protocol { peer: self.peer(), what: self.what(), message: message.into() }
+    }
+
+    /// Base64 bytes for `--max-size` bytes of value, plus room for the JSON around them.
+    fn max_json(&self) -> u64 {
+        self.max_size / 3 * 4 + 64 * 1024
+    }
+
+    fn decode_value(&self, kv: &Value) -> Result<(Bytes, i64), SourceError> {
+        let encoded = kv.get("value").and_then(Value::as_str).unwrap_or("");
+        let value = B64.decode(encoded).map_err(|e| self.protocol(format!("value is not base64: {e}")))?;
+        if value.len() as u64 > self.max_size {
+            return Err(SourceError::TooLarge { peer: self.peer(), what: self.what(), limit: self.max_size });
+        }
+        let modified = kv.get("mod_revision").and_then(int).unwrap_or(0);
+        Ok((Bytes::from(value), modified))
+    }
+
+    async fn range(&mut self, use_watch_client: bool) -> Result<Range, SourceError> {
+        let uri = self.endpoint("v3/kv/range")?;
+        let body = json!({ "key": self.key_b64 }).to_string();
+        let (timeout, max) = (self.timeout, self.max_json());
+        let client = if use_watch_client { &mut self.watch_client } else { &mut self.client };
+        let reply = client.fetch(client::request(Method::POST, &uri, body), timeout, max).await.map_err(|e| match e {
+            ClientError::TooLarge { .. } => SourceError::TooLarge { peer: client::peer_of(&uri), what: format!("key {}", self.key), limit: self.max_size },
+            other => SourceError::Client(other),
+        })?;
+        if !reply.status.is_success() {
+            return Err(SourceError::Status { peer: self.peer(), what: self.what(), status: reply.status });
+        }
+        let answer: Value = serde_json::from_slice(&reply.body).map_err(|e| self.protocol(format!("not JSON: {e}")))?;
+        let revision = answer.pointer("/header/revision").and_then(int).ok_or_else(|| self.protocol("no header.revision"))?;
+        let value = match answer.get("kvs").and_then(Value::as_array).and_then(|kvs| kvs.first()) {
+            Some(kv) => Some(self.decode_value(kv)?),
+            None => None,
+        };
+        Ok(Range { value, revision })
+    }
+
+    pub async fn fetch(&mut self) -> Result<Fetched, SourceError> {
+        let range = self.range(false).await?;
+        match range.value {
+            Some((content, modified)) => Ok(Fetched { content, revision: format!("revision {modified}") }),
+            None => Err(SourceError::Missing { peer: self.peer(), what: self.what() }),
+        }
+    }
+
+    pub async fn run(mut self, out: Outbox) {
+        let mut backoff = Backoff::new(self.retry_max);
+        // The last revision up to which every change of the key has been seen.
+        let mut revision: Option<i64> = None;
+        loop {
+            let seen = match revision {
+                Some(seen) => seen,
+                None => match self.range(false).await {
+                    Ok(range) => {
+                        let msg = match range.value {
+                            Some((content, modified)) => SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") }),
+                            None => SourceMsg::Error { message: SourceError::Missing { peer: self.peer(), what: self.what() }.to_string(), stalled: false },
+                        };
+                        if !out.send(msg).await {
+                            return;
+                        }
+                        revision = Some(range.revision);
+                        range.revision
+                    }
+                    Err(e) => {
+                        if !out.error(&e, e.is_timeout()).await || !out.sleep(backoff.next_delay()).await {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            match self.watch(seen, &mut revision, &out, &mut backoff).await {
+                WatchEnd::Shutdown => return,
+                WatchEnd::Compacted => {
+                    tracing::info!("etcd {} {}: watch position was compacted; reading the key again", self.peer(), self.what());
+                    revision = None;
+                }
+                WatchEnd::Failed { message, stalled } => {
+                    if !out.send(SourceMsg::Error { message, stalled }).await || !out.sleep(backoff.next_delay()).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Watches from `seen + 1`, keeping `revision` up to date, until the stream ends.
+    async fn watch(&mut self, seen: i64, revision: &mut Option<i64>, out: &Outbox, backoff: &mut Backoff) -> WatchEnd {
+        let failed = |message: String, stalled: bool| WatchEnd::Failed { message, stalled };
+        let uri = match self.endpoint("v3/watch") {
+            Ok(uri) => uri,
+            Err(e) => return failed(e.to_string(), false),
+        };
+        let body = json!({ "create_request": { "key": self.key_b64, "start_revision": (seen + 1).to_string(), "progress_notify": true } });
+        let request = client::request(Method::POST, &uri, body.to_string());
+        let response = match self.client.open_stream(request, self.timeout).await {
+            Ok(r) => r,
+            Err(e) => {
+                let stalled = e.is_timeout();
+                return failed(format!("cannot open a watch on {}: {e}", self.peer()), stalled);
+            }
+        };
+        if !response.status().is_success() {
+            return failed(format!("{} answered {} to a watch of {}", self.peer(), response.status(), self.what()), false);
+        }
+        let mut body = response.into_body();
+        let mut buffer = BytesMut::new();
+        loop {
+            let frame = tokio::select! {
+                frame = tokio::time::timeout(self.timeout, body.frame()) => frame,
+                _ = out.shutdown.cancelled() => return WatchEnd::Shutdown,
+            };
+            let frame = match frame {
+                Err(_silent) => {
+                    // No event and no progress notification for a whole timeout: ask the
+                    // server directly, on another connection.
+                    let since = humantime::format_duration(self.timeout);
+                    match self.range(true).await {
+                        Err(e) => return failed(format!("watch on {} silent for {since}, and a read of the key failed: {e}; reconnecting", self.peer()), true),
+                        Ok(range) => {
+                            let known = revision.unwrap_or(seen);
+                            if let Some((content, modified)) = range.value.filter(|(_, m)| *m > known) {
+                                let _ = out.send(SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") })).await;
+                                *revision = Some(range.revision);
+                                return failed(format!("watch on {} stalled: revision {modified} of {} came by no event; reconnecting", self.peer(), self.what()), true);
+                            }
+                            if !out.send(SourceMsg::Unchanged).await {
+                                return WatchEnd::Shutdown;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                Ok(None) => return failed(format!("watch stream from {} ended", self.peer()), false),
+                Ok(Some(Err(e))) => return failed(format!("watch stream from {} broke: {e}", self.peer()), false),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Some(data) = frame.data_ref() else { continue };
+            buffer.extend_from_slice(data);
+            if buffer.len() as u64 > self.max_json() && !buffer.contains(&b'\n') {
+                return failed(SourceError::TooLarge { peer: self.peer(), what: self.what(), limit: self.max_size }.to_string(), false);
+            }
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line = buffer.split_to(end + 1);
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                match self.on_message(line, revision, out, backoff).await {
+                    Ok(true) => {}
+                    Ok(false) => return WatchEnd::Shutdown,
+                    Err(end) => return end,
+                }
+            }
+        }
+    }
+
+    /// Handles one watch response; `Ok(false)` to stop (shutdown), `Err` to end the stream.
+    async fn on_message(&self, line: &[u8], revision: &mut Option<i64>, out: &Outbox, backoff: &mut Backoff) -> Result<bool, WatchEnd> {
+        let failed = |message: String| WatchEnd::Failed { message, stalled: false };
+        let message: Value = serde_json::from_slice(line).map_err(|e| failed(self.protocol(format!("watch message is not JSON: {e}")).to_string()))?;
+        if let Some(error) = message.get("error") {
+            return Err(failed(format!("watch on {} failed: {}", self.peer(), error.get("message").and_then(Value::as_str).unwrap_or("unknown error"))));
+        }
+        let Some(result) = message.get("result") else { return Ok(true) };
+        if result.get("canceled").and_then(Value::as_bool) == Some(true) {
+            if result.get("compact_revision").and_then(int).unwrap_or(0) > 0 {
+                return Err(WatchEnd::Compacted);
+            }
+            let reason = result.get("cancel_reason").and_then(Value::as_str).unwrap_or("no reason given");
+            return Err(failed(format!("etcd {} cancelled the watch of {}: {reason}", self.peer(), self.what())));
+        }
+        let header_revision = result.pointer("/header/revision").and_then(int);
+        let events = result.get("events").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+        let mut msg = None;
+        for event in events {
+            let Some(kv) = event.get("kv") else { continue };
+            if kv.get("key").and_then(Value::as_str) != Some(self.key_b64.as_str()) {
+                continue;
+            }
+            msg = Some(match event.get("type").and_then(Value::as_str) {
+                Some("DELETE") => SourceMsg::Error { message: format!("{} was deleted at {}", self.what(), self.peer()), stalled: false },
+                _ => match self.decode_value(kv) {
+                    Ok((content, modified)) => SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") }),
+                    Err(e) => SourceMsg::Error { message: e.to_string(), stalled: false },
+                },
+            });
+        }
+        if result.get("created").and_then(Value::as_bool) == Some(true) {
+            backoff.reset();
+            tracing::debug!("etcd {}: watching {} from revision {}", self.peer(), self.what(), revision.unwrap_or(0) + 1);
+        }
+        if let Some(r) = header_revision {
+            *revision = Some(revision.map_or(r, |old| old.max(r)));
+        }
+        // Only the last event matters: a burst in one message becomes one change.
+        Ok(out.send(msg.unwrap_or(SourceMsg::Unchanged)).await)
+    }
+}

@@ -1,0 +1,113 @@
+//! An http(s) URL polled at `--poll-interval` with `If-None-Match`: a 304 costs the server
+//! nothing and tells us nothing changed.
+
+use std::time::Duration;
+
+use http::header::{ETAG, IF_NONE_MATCH};
+use http::{HeaderValue, Method, StatusCode, Uri};
+
+use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
+use crate::sync::client::{self, HttpClient};
+use crate::sync::spec::SyncSpec;
+use crate::sync::write::short_hash;
+
+pub struct HttpSource {
+    client: HttpClient,
+    url: Uri,
+    etag: Option<HeaderValue>,
+    interval: Duration,
+    timeout: Duration,
+    max_size: u64,
+    retry_max: Duration,
+}
+
+/// What one poll saw.
+enum Poll {
+    Changed(Fetched),
+    NotModified,
+}
+
+impl HttpSource {
+    pub fn new(spec: &SyncSpec, url: &Uri) -> HttpSource {
+        HttpSource {
+            client: HttpClient::new(spec.source_ca.as_deref()),
+            url: url.clone(),
+            etag: None,
+            interval: spec.poll_interval,
+            timeout: spec.source_timeout,
+            max_size: spec.max_size,
+            retry_max: spec.retry_max,
+        }
+    }
+
+    pub async fn fetch(&mut self) -> Result<Fetched, SourceError> {
+        self.etag = None;
+        match self.poll().await? {
+            Poll::Changed(fetched) => Ok(fetched),
+            Poll::NotModified => Err(SourceError::Protocol {
+                peer: client::peer_of(&self.url),
+                what: self.url.path().to_owned(),
+                message: "304 Not Modified without If-None-Match".into(),
+            }),
+        }
+    }
+
+    async fn poll(&mut self) -> Result<Poll, SourceError> {
+        let mut request = client::request(Method::GET, &self.url, "");
+        if let Some(etag) = &self.etag {
+            request.headers_mut().insert(IF_NONE_MATCH, etag.clone());
+        }
+        let peer = client::peer_of(&self.url);
+        let what = self.url.path().to_owned();
+        let reply = self.client.fetch(request, self.timeout, self.max_size).await.map_err(|e| match e {
+            crate::sync::client::ClientError::TooLarge { limit, .. } => SourceError::TooLarge { peer: peer.clone(), what: what.clone(), limit },
+            other => SourceError::Client(other),
+        })?;
+        match reply.status {
+            StatusCode::NOT_MODIFIED if self.etag.is_some() => Ok(Poll::NotModified),
+            StatusCode::NOT_FOUND => Err(SourceError::Missing { peer, what }),
+            status if status.is_success() => {
+                self.etag = reply.headers.get(ETAG).cloned();
+                let revision = match &self.etag {
+                    Some(etag) => format!("etag {}", etag.to_str().unwrap_or("?")),
+                    None => format!("sha256 {}", short_hash(&reply.body)),
+                };
+                Ok(Poll::Changed(Fetched { content: reply.body, revision }))
+            }
+            status => Err(SourceError::Status { peer, what, status }),
+        }
+    }
+
+    pub async fn run(mut self, out: Outbox) {
+        let mut backoff = Backoff::new(self.retry_max);
+        loop {
+            let wait = match self.poll().await {
+                Ok(Poll::Changed(fetched)) => {
+                    backoff.reset();
+                    if !out.send(SourceMsg::Value(fetched)).await {
+                        return;
+                    }
+                    self.interval
+                }
+                Ok(Poll::NotModified) => {
+                    backoff.reset();
+                    if !out.send(SourceMsg::Unchanged).await {
+                        return;
+                    }
+                    self.interval
+                }
+                Err(e) => {
+                    // A refused body (too large) will be refused again: keep the normal pace.
+                    let delay = if matches!(e, SourceError::TooLarge { .. }) { self.interval } else { backoff.next_delay() };
+                    if !out.error(&e, e.is_timeout()).await {
+                        return;
+                    }
+                    delay
+                }
+            };
+            if !out.sleep(wait).await {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Where a destination's content comes from. Each source can be read once (`fetch`, for
+//! `--once`, `--dry-run` and the first read at start) and followed (`run`): a task that sends
+//! what it sees to the destination's worker, and retries on its own with capped exponential
+//! backoff and jitter.
+
+pub mod consul;
+pub mod etcd;
+pub mod file;
+pub mod http;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::client::ClientError;
+use super::spec::{SourceSpec, SyncSpec};
+
+/// One read of the source.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub content: Bytes,
+    /// The source's own version: etcd mod_revision, X-Consul-Index, ETag, file mtime.
+    pub revision: String,
+}
+
+/// What a running source tells the worker.
+#[derive(Debug)]
+pub enum SourceMsg {
+    /// A value read from the source (possibly the same as before).
+    Value(Fetched),
+    /// The source answered and nothing changed (a heartbeat: the destination is in sync).
+    Unchanged,
+    /// The source could not be read. `stalled`: a watch or long poll that went silent.
+    Error { message: String, stalled: bool },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{peer} answered {status} for {what}")]
+    Status { peer: String, what: String, status: ::http::StatusCode },
+    #[error("{what} does not exist at {peer}")]
+    Missing { peer: String, what: String },
+    #[error("{what} from {peer} is larger than --max-size ({limit} bytes)")]
+    TooLarge { peer: String, what: String, limit: u64 },
+    #[error("{peer} sent a malformed answer for {what}: {message}")]
+    Protocol { peer: String, what: String, message: String },
+    #[error("cannot read {}: {source}", path.display())]
+    File { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{} is larger than --max-size ({limit} bytes)", path.display())]
+    FileTooLarge { path: std::path::PathBuf, limit: u64 },
+}
+
+impl SourceError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, SourceError::Client(e) if e.is_timeout())
+    }
+}
+
+/// A configured source.
+pub enum Source {
+    Etcd(etcd::EtcdSource),
+    Http(http::HttpSource),
+    Consul(consul::ConsulSource),
+    File(file::FileSource),
+}
+
+impl Source {
+    pub fn new(spec: &SyncSpec) -> Source {
+        match &spec.source {
+            SourceSpec::Etcd { base, key } => Source::Etcd(etcd::EtcdSource::new(spec, base, key)),
+            SourceSpec::Http { url } => Source::Http(http::HttpSource::new(spec, url)),
+            SourceSpec::Consul { base, key, wait, extra_query } => {
+                Source::Consul(consul::ConsulSource::new(spec, base, key, *wait, extra_query))
+            }
+            SourceSpec::File { path } => Source::File(file::FileSource::new(spec, path)),
+        }
+    }
+
+    pub async fn fetch(&mut self) -> Result<Fetched, SourceError> {
+        match self {
+            Source::Etcd(s) => s.fetch().await,
+            Source::Http(s) => s.fetch().await,
+            Source::Consul(s) => s.fetch().await,
+            Source::File(s) => s.fetch().await,
+        }
+    }
+
+    /// Follows the source until `shutdown`, or until the worker is gone.
+    pub async fn run(self, tx: mpsc::Sender<SourceMsg>, shutdown: CancellationToken) {
+        let out = Outbox { tx, shutdown };
+        match self {
+            Source::Etcd(s) => s.run(out).await,
+            Source::Http(s) => s.run(out).await,
+            Source::Consul(s) => s.run(out).await,
+            Source::File(s) => s.run(out).await,
+        }
+    }
+}
+
+/// The sending side of a running source, with the shutdown it must obey.
+pub struct Outbox {
+    tx: mpsc::Sender<SourceMsg>,
+    pub shutdown: CancellationToken,
+}
+
+impl Outbox {
+    /// `false` when the source should stop (shutdown, or the worker is gone).
+    pub async fn send(&self, msg: SourceMsg) -> bool {
+        tokio::select! {
+            sent = self.tx.send(msg) => sent.is_ok(),
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    pub async fn error(&self, error: &SourceError, stalled: bool) -> bool {
+        self.send(SourceMsg::Error { message: error.to_string(), stalled }).await
+    }
+
+    /// Sleeps `d`; `false` when shutdown came first.
+    pub async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter: 200ms, 400ms, … up to `cap`, each drawn uniformly
+/// from its upper half so that many sidecars do not retry in step.
+pub struct Backoff {
+    next: Duration,
+    cap: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+
+    pub fn new(cap: Duration) -> Backoff {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        Backoff { next: Self::FIRST.min(cap), cap, seed: u64::from(nanos) ^ (u64::from(std::process::id()) << 32) | 1 }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST.min(self.cap);
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        // xorshift64: enough randomness for jitter, no dependency.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let full = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        let half = full / 2;
+        half + Duration::from_nanos(self.seed % (half.as_nanos() as u64).max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(100) && delays[0] <= Duration::from_millis(200), "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)), "{delays:?}");
+        assert!(delays[7] >= Duration::from_secs(1), "{delays:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,344 @@
+//! The settings of one sync destination, validated: where the config comes from, where it goes,
+//! how the app is told, and how the result is checked. Built from `sidecar sync` flags or from a
+//! `[[sync]]` table of the config file (same names, same parsers).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+
+use crate::cli::SyncArgs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("sync {name}: --dest {} has no file name", dest.display())]
+    NoFileName { name: String, dest: PathBuf },
+    #[error("sync name `{0}` may only hold letters, digits, `.`, `_` and `-` (it is used in admin URLs)")]
+    BadName(String),
+    #[error("two sync destinations are named `{0}`; give each a distinct --name")]
+    DuplicateName(String),
+    #[error("two sync destinations write {}", .0.display())]
+    DuplicateDest(PathBuf),
+    #[error("sync {name}: --max-quiet ({max}) is shorter than --min-quiet ({min})")]
+    QuietOrder { name: String, min: String, max: String },
+    #[error("sync {name}: --history-keep must be at least 1")]
+    HistoryKeep { name: String },
+}
+
+/// Where a destination's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// etcd v3 through its HTTP/JSON gateway: one key, read then watched.
+    Etcd { base: Uri, key: String },
+    /// A URL polled with `If-None-Match`.
+    Http { url: Uri },
+    /// Consul KV blocking queries: `GET {base}/v1/kv/{key}?raw&index=N&wait=W`.
+    Consul { base: Uri, key: String, wait: Duration, extra_query: String },
+    /// A local file, e.g. a key of a mounted ConfigMap (`..data` symlink swap).
+    File { path: PathBuf },
+}
+
+impl fmt::Display for SourceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceSpec::Etcd { base, key } => write!(f, "etcd {}{key}", authority_of(base)),
+            SourceSpec::Http { url } => write!(f, "{}://{}{}", url.scheme_str().unwrap_or("http"), authority_of(url), url.path()),
+            SourceSpec::Consul { base, key, .. } => write!(f, "consul {}/{key}", authority_of(base)),
+            SourceSpec::File { path } => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
+/// host:port without any credentials, for logs and status.
+fn authority_of(uri: &Uri) -> String {
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    authority.rsplit('@').next().unwrap_or(authority).to_owned()
+}
+
+/// `etcd://HOST:PORT/KEY`, `consul://HOST:PORT/KEY[?wait=5m]`, `http(s)://URL`,
+/// `file:///PATH` or a plain path. `etcd+https://` and `consul+https://` speak TLS.
+pub fn parse_source(s: &str) -> Result<SourceSpec, String> {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        if s.is_empty() {
+            return Err("empty source".into());
+        }
+        return Ok(SourceSpec::File { path: PathBuf::from(s) });
+    };
+    let gateway = |tls: bool| -> Result<(Uri, String, Option<String>), String> {
+        let (authority, path_query) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() {
+            return Err(format!("`{s}` has no HOST:PORT"));
+        }
+        let (path, query) = match path_query.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_owned())),
+            None => (path_query, None),
+        };
+        if path.len() <= 1 {
+            return Err(format!("`{s}` names no key (expected {scheme}://HOST:PORT/KEY)"));
+        }
+        let base: Uri = format!("{}://{authority}/", if tls { "https" } else { "http" })
+            .parse()
+            .map_err(|e| format!("`{s}`: {e}"))?;
+        Ok((base, path.to_owned(), query))
+    };
+    match scheme {
+        "etcd" | "etcd+http" | "etcd+https" => {
+            let (base, key, query) = gateway(scheme.ends_with("https"))?;
+            if query.is_some() {
+                return Err(format!("`{s}`: an etcd source takes no query"));
+            }
+            Ok(SourceSpec::Etcd { base, key })
+        }
+        "consul" | "consul+http" | "consul+https" => {
+            let (base, key, query) = gateway(scheme.ends_with("https"))?;
+            let mut wait = Duration::from_secs(300);
+            let mut extra = Vec::new();
+            for pair in query.iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+                match pair.split_once('=') {
+                    Some(("wait", value)) => {
+                        wait = humantime::parse_duration(value).map_err(|e| format!("`{s}`: wait={value}: {e}"))?
+                    }
+                    // The loop sets these itself.
+                    _ if pair == "raw" || pair.starts_with("raw=") || pair.starts_with("index=") => {}
+                    _ => extra.push(pair.to_owned()),
+                }
+            }
+            if wait.is_zero() {
+                return Err(format!("`{s}`: wait must be more than 0"));
+            }
+            Ok(SourceSpec::Consul { base, key: key.trim_start_matches('/').to_owned(), wait, extra_query: extra.join("&") })
+        }
+        "http" | "https" => {
+            let url: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+            if url.authority().is_none() {
+                return Err(format!("`{s}` has no host"));
+            }
+            Ok(SourceSpec::Http { url })
+        }
+        "file" => {
+            if !rest.starts_with('/') {
+                return Err(format!("`{s}`: a file URL takes an absolute path (file:///etc/app/config.json)"));
+            }
+            Ok(SourceSpec::File { path: PathBuf::from(rest) })
+        }
+        other => Err(format!("`{s}`: unknown source scheme `{other}` (etcd://, consul://, http://, https://, file://)")),
+    }
+}
+
+/// An `http://` or `https://` URL (for --reload-url and --health-url).
+pub fn parse_http_url(s: &str) -> Result<Uri, String> {
+    let url: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    match url.scheme_str() {
+        Some("http" | "https") if url.authority().is_some() => Ok(url),
+        _ => Err(format!("`{s}`: expected http://HOST:PORT/PATH or https://…")),
+    }
+}
+
+/// The content checks `--validate` offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValidateFormat {
+    Json,
+    Yaml,
+    Toml,
+}
+
+/// A signal by name (`HUP`, `SIGUSR1`, …), as given to `--signal`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SignalName {
+    pub name: &'static str,
+    pub signal: rustix::process::Signal,
+}
+
+impl fmt::Debug for SignalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SIG{}", self.name)
+    }
+}
+
+impl fmt::Display for SignalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SIG{}", self.name)
+    }
+}
+
+pub fn parse_signal(s: &str) -> Result<SignalName, String> {
+    use rustix::process::Signal;
+    let upper = s.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let (name, signal) = match bare {
+        "HUP" => ("HUP", Signal::HUP),
+        "USR1" => ("USR1", Signal::USR1),
+        "USR2" => ("USR2", Signal::USR2),
+        "INT" => ("INT", Signal::INT),
+        "QUIT" => ("QUIT", Signal::QUIT),
+        "TERM" => ("TERM", Signal::TERM),
+        "WINCH" => ("WINCH", Signal::WINCH),
+        "ALRM" => ("ALRM", Signal::ALARM),
+        "CONT" => ("CONT", Signal::CONT),
+        _ => return Err(format!("`{s}`: expected one of HUP, USR1, USR2, INT, QUIT, TERM, WINCH, ALRM, CONT")),
+    };
+    Ok(SignalName { name, signal })
+}
+
+/// How the app is told about a new file. Several may be given; all are used, in this order.
+#[derive(Debug, Clone, Default)]
+pub struct NotifySpec {
+    pub pid_file: Option<PathBuf>,
+    pub process_name: Option<String>,
+    pub signal: Option<SignalName>,
+    pub process_group: bool,
+    pub reload_url: Option<Uri>,
+    pub exec: Option<String>,
+}
+
+impl NotifySpec {
+    /// Whether any process is named to be signalled (and so could be escalated against).
+    pub fn targets_process(&self) -> bool {
+        self.pid_file.is_some() || self.process_name.is_some()
+    }
+}
+
+/// One destination's settings.
+#[derive(Debug, Clone)]
+pub struct SyncSpec {
+    pub name: String,
+    pub source: SourceSpec,
+    pub dest: PathBuf,
+    pub notify: NotifySpec,
+    pub health_url: Option<Uri>,
+    pub health_timeout: Duration,
+    pub kill_after: Duration,
+    pub validate: Option<ValidateFormat>,
+    pub check_cmd: Option<String>,
+    pub history_dir: PathBuf,
+    pub history_keep: usize,
+    pub poll_interval: Duration,
+    pub min_quiet: Duration,
+    pub max_quiet: Duration,
+    pub max_size: u64,
+    pub source_timeout: Duration,
+    pub source_ca: Option<PathBuf>,
+    pub retry_max: Duration,
+    pub require_source: bool,
+}
+
+impl SyncSpec {
+    pub fn from_args(args: &SyncArgs) -> Result<SyncSpec, SpecError> {
+        let file_name = args.dest.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = match (&args.name, file_name) {
+            (Some(name), _) => name.clone(),
+            (None, Some(file)) => file,
+            (None, None) => return Err(SpecError::NoFileName { name: String::new(), dest: args.dest.clone() }),
+        };
+        if args.dest.file_name().is_none() {
+            return Err(SpecError::NoFileName { name, dest: args.dest.clone() });
+        }
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) || name == "." || name == ".." {
+            return Err(SpecError::BadName(name));
+        }
+        if args.max_quiet < args.min_quiet {
+            return Err(SpecError::QuietOrder {
+                name,
+                min: humantime::format_duration(args.min_quiet).to_string(),
+                max: humantime::format_duration(args.max_quiet).to_string(),
+            });
+        }
+        if args.history_keep == 0 {
+            return Err(SpecError::HistoryKeep { name });
+        }
+        let history_dir = args.history_dir.clone().unwrap_or_else(|| default_history_dir(&args.dest, &name));
+        let signal = if args.pid_file.is_some() || args.process_name.is_some() { Some(args.signal) } else { None };
+        Ok(SyncSpec {
+            source: args.source.clone(),
+            dest: args.dest.clone(),
+            notify: NotifySpec {
+                pid_file: args.pid_file.clone(),
+                process_name: args.process_name.clone(),
+                signal,
+                process_group: args.process_group,
+                reload_url: args.reload_url.clone(),
+                exec: args.exec.clone(),
+            },
+            health_url: args.health_url.clone(),
+            health_timeout: args.health_timeout,
+            kill_after: args.kill_after,
+            validate: args.validate,
+            check_cmd: args.check_cmd.clone(),
+            history_dir,
+            history_keep: args.history_keep,
+            poll_interval: args.poll_interval,
+            min_quiet: args.min_quiet,
+            max_quiet: args.max_quiet,
+            max_size: args.max_size,
+            source_timeout: args.source_timeout,
+            source_ca: args.source_ca.clone(),
+            retry_max: args.retry_max,
+            require_source: args.require_source,
+            name,
+        })
+    }
+}
+
+/// `.sidecar-history/<name>` beside the destination: same file system (history copies and the
+/// state file survive with the destination), and no extra setting to get right.
+pub fn default_history_dir(dest: &Path, name: &str) -> PathBuf {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    parent.join(".sidecar-history").join(name)
+}
+
+/// Refuses two destinations with one name or one file (they would fight over it).
+pub fn check_unique(specs: &[SyncSpec]) -> Result<(), SpecError> {
+    for (i, a) in specs.iter().enumerate() {
+        for b in &specs[..i] {
+            if a.name == b.name {
+                return Err(SpecError::DuplicateName(a.name.clone()));
+            }
+            if a.dest == b.dest {
+                return Err(SpecError::DuplicateDest(a.dest.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_parse() {
+        assert_eq!(
+            parse_source("etcd://127.0.0.1:2379/apps/legacy/config.json").unwrap(),
+            SourceSpec::Etcd { base: "http://127.0.0.1:2379/".parse().unwrap(), key: "/apps/legacy/config.json".into() }
+        );
+        match parse_source("consul://127.0.0.1:8500/apps/x?wait=30s&dc=eu").unwrap() {
+            SourceSpec::Consul { key, wait, extra_query, .. } => {
+                assert_eq!(key, "apps/x");
+                assert_eq!(wait, Duration::from_secs(30));
+                assert_eq!(extra_query, "dc=eu");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse_source("http://h:1/c.json").unwrap(), SourceSpec::Http { .. }));
+        assert_eq!(parse_source("/etc/x.json").unwrap(), SourceSpec::File { path: "/etc/x.json".into() });
+        assert_eq!(parse_source("file:///etc/x.json").unwrap(), SourceSpec::File { path: "/etc/x.json".into() });
+        for bad in ["etcd://h:1", "etcd:///k", "gopher://h/k", "file://rel", "", "consul://h:1/k?wait=0s"] {
+            assert!(parse_source(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn signals_parse() {
+        assert_eq!(parse_signal("hup").unwrap().name, "HUP");
+        assert_eq!(parse_signal("SIGUSR2").unwrap().name, "USR2");
+        assert!(parse_signal("KILLALL").is_err());
+    }
+}

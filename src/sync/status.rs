@@ -1,0 +1,94 @@
+//! What the admin API reports per destination. The worker writes it; readers take a copy.
+
+use serde::Serialize;
+
+use super::history::{now_rfc3339, Version};
+
+/// Where a destination stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncState {
+    /// Not read from the source yet.
+    Starting,
+    /// The file on disk is what the source holds (or what the app last accepted of it).
+    Synced,
+    /// The source cannot be read; the file on disk is kept.
+    NotSynced,
+    /// A watch or long poll went silent and was reconnected.
+    Stalled,
+    /// The source's value was refused (empty, too large, invalid, check failed): not written.
+    Refused,
+    /// The value could not be written (disk full, read-only); retried.
+    WriteFailed,
+    /// The source's value made the app unhealthy and was rolled back.
+    RolledBack,
+    /// Even the last good version left the app unhealthy: it was terminated.
+    Failed,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    pub writes: u64,
+    pub notifications: u64,
+    pub refused: u64,
+    pub rollbacks: u64,
+    pub source_errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DestStatus {
+    pub name: String,
+    pub dest: String,
+    pub source: String,
+    pub state: SyncState,
+    /// SHA-256 of the file on disk.
+    pub current_hash: Option<String>,
+    /// The source's revision of the version on disk.
+    pub source_revision: Option<String>,
+    /// Last time the source was read and the file found or made in step with it.
+    pub last_sync: Option<String>,
+    /// Last time the file was written.
+    pub last_change: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_time: Option<String>,
+    /// Whether the destination has been in step with its source at least once (readiness).
+    pub synced_once: bool,
+    /// Hashes not applied again until the source offers something else.
+    pub rejected: Vec<String>,
+    pub counters: Counters,
+    #[serde(skip)]
+    pub history: Vec<Version>,
+}
+
+impl DestStatus {
+    pub fn new(name: &str, dest: &std::path::Path, source: String) -> DestStatus {
+        DestStatus {
+            name: name.to_owned(),
+            dest: dest.display().to_string(),
+            source,
+            state: SyncState::Starting,
+            current_hash: None,
+            source_revision: None,
+            last_sync: None,
+            last_change: None,
+            last_error: None,
+            last_error_time: None,
+            synced_once: false,
+            rejected: Vec::new(),
+            counters: Counters::default(),
+            history: Vec::new(),
+        }
+    }
+
+    pub fn error(&mut self, state: SyncState, message: String) {
+        self.state = state;
+        self.last_error = Some(message);
+        self.last_error_time = Some(now_rfc3339());
+    }
+
+    pub fn synced(&mut self) {
+        self.state = SyncState::Synced;
+        self.synced_once = true;
+        self.last_sync = Some(now_rfc3339());
+    }
+}

@@ -1,0 +1,109 @@
+//! Checks a candidate before it is written: empty content, `--validate FORMAT`, and
+//! `--check-cmd` (run against the candidate file itself).
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::spec::ValidateFormat;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error("the source gave an empty value")]
+    Empty,
+    #[error("not valid {format}: {message}")]
+    Format { format: &'static str, message: String },
+    #[error("check command `{cmd}` failed ({status}): {output}")]
+    CheckFailed { cmd: String, status: String, output: String },
+    #[error("check command `{cmd}` could not run: {source}")]
+    CheckSpawn { cmd: String, source: std::io::Error },
+    #[error("check command `{cmd}` did not finish within {}", humantime::format_duration(*timeout))]
+    CheckTimeout { cmd: String, timeout: Duration },
+}
+
+/// How long a check command may run.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn check_content(content: &[u8], format: Option<ValidateFormat>) -> Result<(), ValidateError> {
+    if content.iter().all(u8::is_ascii_whitespace) {
+        return Err(ValidateError::Empty);
+    }
+    let Some(format) = format else { return Ok(()) };
+    let text = |name: &'static str| {
+        std::str::from_utf8(content).map_err(|e| ValidateError::Format { format: name, message: format!("not UTF-8: {e}") })
+    };
+    match format {
+        ValidateFormat::Json => serde_json::from_slice::<serde::de::IgnoredAny>(content)
+            .map(|_| ())
+            .map_err(|e| ValidateError::Format { format: "JSON", message: e.to_string() }),
+        ValidateFormat::Toml => text("TOML")?
+            .parse::<toml::Table>()
+            .map(|_| ())
+            .map_err(|e| ValidateError::Format { format: "TOML", message: e.message().trim().replace('\n', "; ") }),
+        ValidateFormat::Yaml => yaml_rust2::YamlLoader::load_from_str(text("YAML")?)
+            .map(|_| ())
+            .map_err(|e| ValidateError::Format { format: "YAML", message: e.to_string() }),
+    }
+}
+
+/// Runs `sh -c CMD` with `{}` replaced by the (quoted) candidate path.
+pub async fn run_check(cmd: &str, candidate: &Path) -> Result<(), ValidateError> {
+    let quoted = shell_quote(&candidate.to_string_lossy());
+    let script = if cmd.contains("{}") { cmd.replace("{}", &quoted) } else { format!("{cmd} {quoted}") };
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(CHECK_TIMEOUT, child).await {
+        Err(_) => return Err(ValidateError::CheckTimeout { cmd: cmd.to_owned(), timeout: CHECK_TIMEOUT }),
+        Ok(Err(source)) => return Err(ValidateError::CheckSpawn { cmd: cmd.to_owned(), source }),
+        Ok(Ok(output)) => output,
+    };
+    if output.status.success() {
+        return Ok(());
+    }
+    let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stdout));
+    Err(ValidateError::CheckFailed { cmd: cmd.to_owned(), status: output.status.to_string(), output: one_line_excerpt(&text) })
+}
+
+/// At most 300 bytes, on one line: command output goes into a log line and the status.
+pub fn one_line_excerpt(text: &str) -> String {
+    let text = text.trim().replace('\n', "; ");
+    if text.len() <= 300 {
+        return text;
+    }
+    let mut end = 300;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// Single-quotes for sh.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_checked() {
+        assert!(check_content(b"{\"a\": 1}", Some(ValidateFormat::Json)).is_ok());
+        assert!(check_content(b"{\"a\": ", Some(ValidateFormat::Json)).is_err());
+        assert!(check_content(b"a: [1, 2]\n", Some(ValidateFormat::Yaml)).is_ok());
+        assert!(check_content(b"a: [1, 2\n", Some(ValidateFormat::Yaml)).is_err());
+        assert!(check_content(b"a = 1\n", Some(ValidateFormat::Toml)).is_ok());
+        assert!(check_content(b"a = \n", Some(ValidateFormat::Toml)).is_err());
+        assert!(matches!(check_content(b" \n", None), Err(ValidateError::Empty)));
+        assert!(check_content(b"anything", None).is_ok());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("/a b/it's"), "'/a b/it'\\''s'");
+    }
+}

@@ -1,0 +1,94 @@
+//! After the app was told: is it healthy? `--health-url` must answer 2xx without a break for a
+//! settle period within `--health-timeout` (a single 2xx could come from the app before it
+//! even saw the signal). When even the last good version leaves it unhealthy, escalate:
+//! SIGTERM, then SIGKILL after `--kill-after`, so that the orchestrator restarts it (with the
+//! last good file on disk).
+
+use std::time::Duration;
+
+use http::{Method, Uri};
+use rustix::process::Signal;
+use tokio::time::Instant;
+
+use super::client::{self, HttpClient};
+use super::notify::{is_alive, Notifier};
+
+pub struct Verifier {
+    url: Option<Uri>,
+    timeout: Duration,
+    client: HttpClient,
+}
+
+impl Verifier {
+    pub fn new(url: Option<Uri>, timeout: Duration, ca_file: Option<&std::path::Path>) -> Verifier {
+        Verifier { url, timeout, client: HttpClient::new(ca_file) }
+    }
+
+    pub fn is_configured(&self) -> bool {
+        self.url.is_some()
+    }
+
+    /// How long the app must stay healthy: a fifth of the timeout, at most 3 s.
+    fn settle(&self) -> Duration {
+        (self.timeout / 5).min(Duration::from_secs(3))
+    }
+
+    /// `Ok` once healthy for the settle period; `Err(last reason)` at the timeout.
+    pub async fn wait_healthy(&mut self) -> Result<(), String> {
+        let Some(url) = self.url.clone() else { return Ok(()) };
+        let settle = self.settle();
+        let step = (settle / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
+        let deadline = Instant::now() + self.timeout;
+        let mut healthy_since: Option<Instant> = None;
+        let mut last = format!("{url} was not checked");
+        loop {
+            let now = Instant::now();
+            let budget = deadline.saturating_duration_since(now).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            match self.client.fetch(client::request(Method::GET, &url, ""), budget, 64 * 1024).await {
+                Ok(reply) if reply.status.is_success() => {
+                    let since = *healthy_since.get_or_insert(now);
+                    if Instant::now().duration_since(since) >= settle {
+                        return Ok(());
+                    }
+                }
+                Ok(reply) => {
+                    healthy_since = None;
+                    last = format!("{url} answered {}", reply.status);
+                }
+                Err(e) => {
+                    healthy_since = None;
+                    last = e.to_string();
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(step.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+}
+
+/// SIGTERM to the app, then SIGKILL after `kill_after` if it is still there. Returns what was
+/// done, for the log and the status.
+pub async fn escalate(notifier: &Notifier, kill_after: Duration) -> String {
+    let pids = match notifier.pids() {
+        Ok(pids) if !pids.is_empty() => pids,
+        Ok(_) => return "no process is named to terminate (--pid-file or --process-name)".into(),
+        Err(e) => return format!("nothing to terminate: {e}"),
+    };
+    if let Err(e) = notifier.signal(Signal::TERM, "TERM") {
+        return format!("SIGTERM failed: {e}");
+    }
+    let deadline = Instant::now() + kill_after;
+    let alive = || pids.iter().any(|p| is_alive(p.as_raw_nonzero().get() as u32));
+    while alive() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !alive() {
+        return "sent SIGTERM; the app exited".into();
+    }
+    match notifier.signal(Signal::KILL, "KILL") {
+        Ok(targets) => format!("sent SIGTERM, and SIGKILL to {targets} after {}", humantime::format_duration(kill_after)),
+        Err(e) => format!("sent SIGTERM; SIGKILL after {} failed: {e}", humantime::format_duration(kill_after)),
+    }
+}

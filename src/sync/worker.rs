@@ -1,0 +1,537 @@
+//! One destination's loop: takes what its source sends, coalesces bursts, and applies a change:
+//! compare by hash, validate, write atomically, keep in history, notify, verify, roll back.
+//! It owns the history and the notifier, so changes to one destination never interleave.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::history::{now_rfc3339, History, HistoryError, Version, VersionStatus};
+use super::notify::{NotifyError, Notifier};
+use super::source::{Backoff, Fetched, SourceMsg};
+use super::spec::SyncSpec;
+use super::status::{DestStatus, SyncState};
+use super::verify::{self, Verifier};
+use super::write::{self, content_hash, file_hash};
+use super::validate;
+
+/// Requests from the admin API.
+pub enum WorkerCommand {
+    Rollback { selector: Option<String>, reply: oneshot::Sender<Result<RollbackReport, String>> },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RollbackReport {
+    pub name: String,
+    pub version: Version,
+    pub ok: bool,
+    pub outcome: String,
+    pub state: SyncState,
+}
+
+/// What one attempt to apply a value did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Already in step: nothing written, nobody signalled.
+    Unchanged,
+    /// Written (or confirmed), the app notified and, if checked, healthy.
+    Applied,
+    /// A version rejected earlier, offered again by the source: left alone.
+    Skipped,
+    Refused(String),
+    WriteFailed(String),
+    RolledBack(String),
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Unchanged | Outcome::Applied)
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Unchanged => "already in step; nothing written".into(),
+            Outcome::Applied => "applied".into(),
+            Outcome::Skipped => "a rejected version; not applied again".into(),
+            Outcome::Refused(m) => format!("refused: {m}"),
+            Outcome::WriteFailed(m) => format!("write failed: {m}"),
+            Outcome::RolledBack(m) => format!("rolled back: {m}"),
+            Outcome::Failed(m) => format!("failed: {m}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Source,
+    Rollback,
+}
+
+pub struct Worker {
+    spec: Arc<SyncSpec>,
+    status: Arc<Mutex<DestStatus>>,
+    history: History,
+    notifier: Notifier,
+    verifier: Verifier,
+    /// Hash of the last value refused by the checks: not checked again until it changes.
+    refused: Option<(String, String)>,
+    /// The newest value from the source.
+    latest: Option<Fetched>,
+    /// The state to show while the source answers: the result of the last apply.
+    settled: SyncState,
+    /// Whether a value was applied in this run yet (the first is applied without waiting).
+    started: bool,
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+impl Worker {
+    pub fn new(spec: Arc<SyncSpec>, status: Arc<Mutex<DestStatus>>) -> Result<Worker, HistoryError> {
+        let history = History::open(&spec.history_dir, spec.history_keep)?;
+        let notifier = Notifier::new(&spec.notify, spec.source_ca.as_deref());
+        let verifier = Verifier::new(spec.health_url.clone(), spec.health_timeout, spec.source_ca.as_deref());
+        let worker = Worker { spec, status, history, notifier, verifier, refused: None, latest: None, settled: SyncState::Synced, started: false };
+        let current = file_hash(&worker.spec.dest);
+        let applied_revision = worker.history.state.applied_revision.clone();
+        let rejected = worker.history.state.rejected.clone();
+        let versions = worker.history.versions.clone();
+        worker.update(|s| {
+            s.current_hash = current;
+            s.source_revision = applied_revision;
+            s.rejected = rejected;
+            s.history = versions;
+        });
+        Ok(worker)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut DestStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut status);
+    }
+
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn save_state(&mut self) {
+        if let Err(e) = self.history.save_state() {
+            tracing::error!("sync {}: {e}", self.spec.name);
+        }
+        let rejected = self.history.state.rejected.clone();
+        self.update(|s| s.rejected = rejected);
+    }
+
+    fn publish_history(&self) {
+        let versions = self.history.versions.clone();
+        self.update(|s| s.history = versions);
+    }
+
+    pub async fn run(
+        mut self,
+        mut source: mpsc::Receiver<SourceMsg>,
+        mut commands: mpsc::Receiver<WorkerCommand>,
+        shutdown: CancellationToken,
+    ) {
+        let (min_quiet, max_quiet) = (self.spec.min_quiet, self.spec.max_quiet);
+        // A burst: the newest value, when the burst began, when it last changed.
+        let mut pending: Option<(Fetched, Instant, Instant)> = None;
+        let mut retry: Option<(Fetched, Instant)> = None;
+        let mut retry_backoff = Backoff::new(self.spec.retry_max);
+        let mut source_failing: Option<String> = None;
+        loop {
+            let due = pending.as_ref().map(|(_, first, last)| (*last + min_quiet).min(*first + max_quiet));
+            let retry_due = retry.as_ref().map(|(_, at)| *at);
+            let to_apply = tokio::select! {
+                msg = source.recv() => {
+                    let Some(msg) = msg else { return };
+                    if !matches!(msg, SourceMsg::Error { .. }) {
+                        if let Some(error) = source_failing.take() {
+                            tracing::info!("sync {}: source {} answers again (after: {error})", self.name(), self.spec.source);
+                        }
+                    }
+                    match msg {
+                        SourceMsg::Value(fetched) => {
+                            self.latest = Some(fetched.clone());
+                            retry = None;
+                            if !self.started {
+                                Some(fetched)
+                            } else {
+                                let now = Instant::now();
+                                match &mut pending {
+                                    Some((value, _, last)) => {
+                                        *value = fetched;
+                                        *last = now;
+                                    }
+                                    None => pending = Some((fetched, now, now)),
+                                }
+                                None
+                            }
+                        }
+                        SourceMsg::Unchanged => {
+                            if pending.is_none() && retry.is_none() && self.started {
+                                let settled = self.settled;
+                                self.update(|s| match settled {
+                                    SyncState::Synced => s.synced(),
+                                    other => s.state = other,
+                                });
+                            }
+                            None
+                        }
+                        SourceMsg::Error { message, stalled } => {
+                            if source_failing.as_deref() != Some(message.as_str()) {
+                                tracing::warn!("sync {}: {message}; keeping {} as it is and retrying", self.name(), self.spec.dest.display());
+                            } else {
+                                tracing::debug!("sync {}: still failing: {message}", self.name());
+                            }
+                            source_failing = Some(message.clone());
+                            self.update(|s| {
+                                s.counters.source_errors += 1;
+                                s.error(if stalled { SyncState::Stalled } else { SyncState::NotSynced }, message);
+                            });
+                            None
+                        }
+                    }
+                }
+                _ = sleep_until(due) => pending.take().map(|(value, _, _)| value),
+                _ = sleep_until(retry_due) => retry.take().map(|(value, _)| value),
+                Some(command) = commands.recv() => {
+                    match command {
+                        WorkerCommand::Rollback { selector, reply } => {
+                            let report = self.rollback(selector).await;
+                            let _ = reply.send(report);
+                        }
+                    }
+                    None
+                }
+                _ = shutdown.cancelled() => return,
+            };
+            if let Some(value) = to_apply {
+                self.started = true;
+                match self.apply(value.clone(), Origin::Source).await {
+                    Outcome::WriteFailed(_) => retry = Some((value, Instant::now() + retry_backoff.next_delay())),
+                    _ => retry_backoff.reset(),
+                }
+            }
+        }
+    }
+
+    /// Applies `value` if it differs from what the app has: the numbered steps of a change.
+    pub async fn apply_once(&mut self, value: Fetched) -> Outcome {
+        self.started = true;
+        self.latest = Some(value.clone());
+        self.apply(value, Origin::Source).await
+    }
+
+    async fn apply(&mut self, value: Fetched, origin: Origin) -> Outcome {
+        let hash = content_hash(&value.content);
+        if origin == Origin::Source {
+            if self.history.state.rejected.contains(&hash) {
+                tracing::debug!("sync {}: {} was rejected before; not applied again until the source changes", self.name(), short(&hash));
+                return Outcome::Skipped;
+            }
+            if !self.history.state.rejected.is_empty() {
+                tracing::info!("sync {}: the source offers a new version; earlier rejections are cleared", self.name());
+                self.history.state.rejected.clear();
+                self.save_state();
+            }
+            if let Some((refused_hash, reason)) = &self.refused {
+                if *refused_hash == hash {
+                    return Outcome::Refused(reason.clone());
+                }
+            }
+        }
+        if value.content.len() as u64 > self.spec.max_size {
+            return self.refuse(&hash, format!("{} bytes is more than --max-size ({} bytes)", value.content.len(), self.spec.max_size));
+        }
+        if let Err(e) = validate::check_content(&value.content, self.spec.validate) {
+            return self.refuse(&hash, e.to_string());
+        }
+
+        let dest = self.spec.dest.clone();
+        let disk = file_hash(&dest);
+        let version_id;
+        if disk.as_deref() == Some(hash.as_str()) {
+            let applied = self.history.state.applied_hash.clone();
+            if applied.is_none() || applied.as_deref() == Some(hash.as_str()) {
+                // In step already: a restart with nothing changed ends here, without a signal.
+                if self.history.good_with_hash(&hash).is_none() {
+                    self.keep_in_history(&value.content, &value.revision, &hash, VersionStatus::Initial);
+                }
+                if applied.is_none() || self.history.state.applied_revision.as_deref() != Some(value.revision.as_str()) {
+                    self.history.state.applied_hash = Some(hash.clone());
+                    self.history.state.applied_revision = Some(value.revision.clone());
+                    self.save_state();
+                }
+                tracing::debug!("sync {}: {} already holds {}; nothing to do", self.name(), dest.display(), short(&hash));
+                self.settled = SyncState::Synced;
+                self.refused = None;
+                self.update(|s| {
+                    s.current_hash = Some(hash.clone());
+                    s.source_revision = Some(value.revision.clone());
+                    s.synced();
+                });
+                return Outcome::Unchanged;
+            }
+            // Written but never confirmed: the sidecar stopped between write and verify.
+            tracing::info!("sync {}: {} holds {} but the app was not confirmed to run it; notifying it", self.name(), dest.display(), short(&hash));
+            version_id = self.history.versions.iter().rev().find(|v| v.hash == hash).map(|v| v.id);
+        } else {
+            // What is on disk now is kept as a rollback target before it is replaced.
+            if let Some(disk_hash) = &disk {
+                if self.history.good_with_hash(disk_hash).is_none() {
+                    if let Ok(old) = std::fs::read(&dest) {
+                        let revision = self.history.state.applied_revision.clone().unwrap_or_else(|| "found on disk".into());
+                        self.keep_in_history(&old, &revision, disk_hash, VersionStatus::Initial);
+                    }
+                }
+            }
+            if let Err(outcome) = self.write(&value.content, &hash).await {
+                return outcome;
+            }
+            tracing::info!(
+                "sync {}: wrote {} ({} bytes, sha256 {}, {})",
+                self.name(),
+                dest.display(),
+                value.content.len(),
+                short(&hash),
+                value.revision
+            );
+            let revision = value.revision.clone();
+            self.update(|s| {
+                s.counters.writes += 1;
+                s.last_change = Some(now_rfc3339());
+                s.current_hash = Some(hash.clone());
+                s.source_revision = Some(revision);
+            });
+            version_id = self.keep_in_history(&value.content, &value.revision, &hash, VersionStatus::Applied);
+        }
+
+        let notified = self.notify(&hash).await;
+        if self.verifier.is_configured() {
+            if let Err(reason) = self.verifier.wait_healthy().await {
+                return self.roll_back_bad(&hash, version_id, reason).await;
+            }
+            tracing::info!("sync {}: the app is healthy with {}", self.name(), short(&hash));
+        }
+        self.history.state.applied_hash = Some(hash.clone());
+        self.history.state.applied_revision = Some(value.revision.clone());
+        self.save_state();
+        self.settled = SyncState::Synced;
+        self.refused = None;
+        self.update(|s| {
+            s.synced();
+            s.source_revision = Some(value.revision.clone());
+            if let Err(e) = &notified {
+                s.last_error = Some(format!("the app was not notified: {e}"));
+                s.last_error_time = Some(now_rfc3339());
+            }
+        });
+        Outcome::Applied
+    }
+
+    /// Steps 2–3: candidate file, `--check-cmd` on it, rename into place.
+    async fn write(&mut self, content: &bytes::Bytes, hash: &str) -> Result<(), Outcome> {
+        let dest = self.spec.dest.clone();
+        let bytes = content.clone();
+        let prepared = tokio::task::spawn_blocking(move || write::prepare(&dest, &bytes)).await;
+        let candidate = match prepared {
+            Ok(Ok(candidate)) => candidate,
+            Ok(Err(e)) => return Err(self.write_failed(e.to_string())),
+            Err(e) => return Err(self.write_failed(format!("write task failed: {e}"))),
+        };
+        if let Some(cmd) = self.spec.check_cmd.clone() {
+            if let Err(e) = validate::run_check(&cmd, candidate.path()).await {
+                drop(candidate);
+                return Err(self.refuse(hash, e.to_string()));
+            }
+        }
+        match tokio::task::spawn_blocking(move || candidate.commit()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.write_failed(e.to_string())),
+            Err(e) => Err(self.write_failed(format!("write task failed: {e}"))),
+        }
+    }
+
+    fn keep_in_history(&mut self, content: &[u8], revision: &str, hash: &str, status: VersionStatus) -> Option<u64> {
+        match self.history.record(content, revision, hash, status) {
+            Ok(version) => {
+                self.publish_history();
+                Some(version.id)
+            }
+            Err(e) => {
+                tracing::warn!("sync {}: {e} (the sync goes on without this history entry)", self.name());
+                None
+            }
+        }
+    }
+
+    fn refuse(&mut self, hash: &str, reason: String) -> Outcome {
+        let message = format!("refused version {} from {}: {reason}; {} left as it is", short(hash), self.spec.source, self.spec.dest.display());
+        tracing::error!("sync {}: {message}", self.name());
+        self.refused = Some((hash.to_owned(), message.clone()));
+        self.settled = SyncState::Refused;
+        self.update(|s| {
+            s.counters.refused += 1;
+            s.error(SyncState::Refused, message.clone());
+        });
+        Outcome::Refused(message)
+    }
+
+    fn write_failed(&mut self, reason: String) -> Outcome {
+        let message = format!("{reason}; the old file is intact, retrying");
+        tracing::error!("sync {}: {message}", self.name());
+        self.update(|s| s.error(SyncState::WriteFailed, message.clone()));
+        Outcome::WriteFailed(message)
+    }
+
+    async fn notify(&mut self, hash: &str) -> Result<(), NotifyError> {
+        if !self.notifier.is_configured() {
+            return Ok(());
+        }
+        match self.notifier.notify(&self.spec.dest, hash).await {
+            Ok(done) => {
+                tracing::info!("sync {}: notified the app: {done}", self.name());
+                self.update(|s| s.counters.notifications += 1);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("sync {}: could not notify the app: {e}", self.name());
+                Err(e)
+            }
+        }
+    }
+
+    /// Step 6's failure path: back to the last good version, notify, verify; escalate if the
+    /// app is still unhealthy.
+    async fn roll_back_bad(&mut self, bad: &str, bad_id: Option<u64>, reason: String) -> Outcome {
+        tracing::error!("sync {}: the app is not healthy with {} ({reason}); rolling back", self.name(), short(bad));
+        if let Some(id) = bad_id {
+            if let Err(e) = self.history.set_status(id, VersionStatus::Rejected) {
+                tracing::warn!("sync {}: {e}", self.name());
+            }
+            self.publish_history();
+        }
+        if !self.history.state.rejected.iter().any(|h| h == bad) {
+            self.history.state.rejected.push(bad.to_owned());
+        }
+        self.save_state();
+        self.update(|s| s.counters.rollbacks += 1);
+
+        let applied = self.history.state.applied_hash.clone().filter(|h| h != bad);
+        let good = applied.as_deref().and_then(|h| self.history.good_with_hash(h)).or_else(|| self.history.previous_good(Some(bad))).cloned();
+        let Some(good) = good else {
+            let message = format!("the app is not healthy with {} ({reason}), and the history holds no earlier version to roll back to", short(bad));
+            tracing::error!("sync {}: {message}", self.name());
+            self.settled = SyncState::Failed;
+            self.update(|s| s.error(SyncState::Failed, message.clone()));
+            return Outcome::Failed(message);
+        };
+        let content = match self.history.content(&good) {
+            Ok(content) => content,
+            Err(e) => {
+                let message = format!("cannot roll back: {e}");
+                tracing::error!("sync {}: {message}", self.name());
+                self.update(|s| s.error(SyncState::Failed, message.clone()));
+                return Outcome::Failed(message);
+            }
+        };
+        let dest: PathBuf = self.spec.dest.clone();
+        let written = tokio::task::spawn_blocking(move || write::write_atomic(&dest, &content)).await;
+        if let Some(e) = match written {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        } {
+            let message = format!("cannot write back version {}: {e}", good.id);
+            tracing::error!("sync {}: {message}", self.name());
+            self.update(|s| s.error(SyncState::Failed, message.clone()));
+            return Outcome::Failed(message);
+        }
+        tracing::warn!("sync {}: rolled {} back to version {} (sha256 {}, {})", self.name(), self.spec.dest.display(), good.id, short(&good.hash), good.revision);
+        self.update(|s| {
+            s.counters.writes += 1;
+            s.last_change = Some(now_rfc3339());
+            s.current_hash = Some(good.hash.clone());
+            s.source_revision = Some(good.revision.clone());
+        });
+        self.history.state.applied_hash = Some(good.hash.clone());
+        self.history.state.applied_revision = Some(good.revision.clone());
+        self.save_state();
+        let notified = self.notify(&good.hash).await;
+        match self.verifier.wait_healthy().await {
+            Ok(()) => {
+                let message = format!(
+                    "version {} made the app unhealthy ({reason}); rolled back to version {} (sha256 {}); it is not applied again until the source changes",
+                    short(bad),
+                    good.id,
+                    short(&good.hash)
+                );
+                tracing::warn!("sync {}: {message}", self.name());
+                self.settled = SyncState::RolledBack;
+                self.update(|s| {
+                    s.error(SyncState::RolledBack, message.clone());
+                    s.synced_once = true;
+                });
+                Outcome::RolledBack(message)
+            }
+            Err(still) => {
+                let why = match &notified {
+                    Err(e) if e.is_no_process() => format!("the app's process is gone ({e})"),
+                    _ => format!("still unhealthy after the rollback ({still})"),
+                };
+                let done = if self.notifier.targets_process() {
+                    verify::escalate(&self.notifier, self.spec.kill_after).await
+                } else {
+                    "no process to terminate (give --pid-file or --process-name)".into()
+                };
+                let message = format!("version {} made the app unhealthy ({reason}); {why}; {done}; the last good version {} is on disk for its restart", short(bad), good.id);
+                tracing::error!("sync {}: {message}", self.name());
+                self.settled = SyncState::Failed;
+                self.update(|s| s.error(SyncState::Failed, message.clone()));
+                Outcome::Failed(message)
+            }
+        }
+    }
+
+    /// The admin API's rollback: to `selector` (id or hash prefix) or the previous good
+    /// version; written, notified and verified like any change. The source's current value is
+    /// set aside so that it does not undo the rollback until the source changes.
+    async fn rollback(&mut self, selector: Option<String>) -> Result<RollbackReport, String> {
+        let current = file_hash(&self.spec.dest);
+        let version = match &selector {
+            Some(s) => self.history.find(s).cloned().ok_or_else(|| format!("sync {}: no version `{s}` in the history", self.name()))?,
+            None => self
+                .history
+                .previous_good(current.as_deref())
+                .cloned()
+                .ok_or_else(|| format!("sync {}: the history holds no earlier good version", self.name()))?,
+        };
+        let content = self.history.content(&version).map_err(|e| e.to_string())?;
+        for hash in [self.latest.as_ref().map(|l| content_hash(&l.content)), current].into_iter().flatten() {
+            if hash != version.hash && !self.history.state.rejected.contains(&hash) {
+                self.history.state.rejected.push(hash);
+            }
+        }
+        self.history.state.rejected.retain(|h| *h != version.hash);
+        self.save_state();
+        tracing::info!("sync {}: rollback to version {} (sha256 {}) asked for by the admin API", self.name(), version.id, short(&version.hash));
+        let revision = format!("rollback to version {} ({})", version.id, version.revision);
+        let outcome = self.apply(Fetched { content: content.into(), revision }, Origin::Rollback).await;
+        let state = self.status.lock().unwrap_or_else(|e| e.into_inner()).state;
+        Ok(RollbackReport { name: self.spec.name.clone(), version, ok: outcome.is_success(), outcome: outcome.describe(), state })
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,159 @@
+//! Atomic replacement of a file: a temp file in the same directory is written, fsynced and
+//! given the old file's mode and owner, then renamed over the destination, and the directory is
+//! fsynced. A crash at any point leaves either the old or the new file whole (rename is atomic
+//! within one file system; the directory fsync makes the rename itself durable).
+//!
+//! The temp file exists as a [`Candidate`] before it is committed, so that `--check-cmd` can
+//! be run against exactly the bytes that will be renamed into place.
+
+use std::fs::{File, OpenOptions, Permissions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("cannot create a temp file beside {}: {source}", dest.display())]
+    Create { dest: PathBuf, source: std::io::Error },
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot rename {} over {}: {source}", temp.display(), dest.display())]
+    Rename { temp: PathBuf, dest: PathBuf, source: std::io::Error },
+    #[error("cannot fsync directory {}: {source}", dir.display())]
+    SyncDir { dir: PathBuf, source: std::io::Error },
+}
+
+/// SHA-256 of `data`, lower-case hex.
+pub fn content_hash(data: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first 12 hex digits of the hash, for names and logs.
+pub fn short_hash(data: &[u8]) -> String {
+    content_hash(data)[..12].to_owned()
+}
+
+/// The hash of the file at `path`; `None` when it does not exist or cannot be read.
+pub fn file_hash(path: &Path) -> Option<String> {
+    std::fs::read(path).ok().map(|bytes| content_hash(&bytes))
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A fully written, fsynced temp file waiting to be renamed over `dest`. Removed on drop
+/// unless committed.
+#[derive(Debug)]
+pub struct Candidate {
+    temp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl Candidate {
+    /// The temp file: same directory and extension as the destination.
+    pub fn path(&self) -> &Path {
+        &self.temp
+    }
+
+    /// Renames the temp file over the destination and makes the rename durable.
+    pub fn commit(mut self) -> Result<(), WriteError> {
+        std::fs::rename(&self.temp, &self.dest).map_err(|source| WriteError::Rename {
+            temp: self.temp.clone(),
+            dest: self.dest.clone(),
+            source,
+        })?;
+        self.committed = true;
+        let dir = parent_of(&self.dest);
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(|source| WriteError::SyncDir { dir, source })
+    }
+}
+
+impl Drop for Candidate {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Writes `content` to a new temp file beside `dest`, with `dest`'s mode and owner when it
+/// exists (0644 otherwise), and fsyncs it.
+pub fn prepare(dest: &Path, content: &[u8]) -> Result<Candidate, WriteError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = parent_of(dest);
+    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+    // A leading dot keeps it out of globs; the destination's name last keeps its extension
+    // for --check-cmd tools that look at it.
+    let temp = dir.join(format!(".sidecar-tmp-{}-{}-{file_name}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let existing = std::fs::metadata(dest).ok();
+    let mode = existing.as_ref().map(|m| m.mode() & 0o7777).unwrap_or(0o644);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)
+        .map_err(|source| WriteError::Create { dest: dest.to_owned(), source })?;
+    let candidate = Candidate { temp: temp.clone(), dest: dest.to_owned(), committed: false };
+    let write_error = |source| WriteError::Write { path: temp.clone(), source };
+    file.write_all(content).map_err(write_error)?;
+    // The umask may have narrowed the mode given at creation.
+    file.set_permissions(Permissions::from_mode(mode)).map_err(write_error)?;
+    if let Some(meta) = &existing {
+        let mine = file.metadata().map_err(write_error)?;
+        if (mine.uid(), mine.gid()) != (meta.uid(), meta.gid()) {
+            if let Err(e) = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid())) {
+                // Only root may give a file away; an unprivileged sidecar writes as itself.
+                tracing::warn!("cannot give {} to uid {} gid {} like {} ({e}); it will belong to uid {}", temp.display(), meta.uid(), meta.gid(), dest.display(), mine.uid());
+            }
+        }
+    }
+    file.sync_all().map_err(write_error)?;
+    Ok(candidate)
+}
+
+/// `prepare` then `commit`: for files with no check to run in between.
+pub fn write_atomic(dest: &Path, content: &[u8]) -> Result<(), WriteError> {
+    prepare(dest, content)?.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_keeping_mode_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("app.conf");
+        std::fs::write(&dest, "old").unwrap();
+        std::fs::set_permissions(&dest, Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&dest, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "new");
+        assert_eq!(std::fs::metadata(&dest).unwrap().mode() & 0o777, 0o640);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn an_uncommitted_candidate_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.json");
+        let candidate = prepare(&dest, b"{}").unwrap();
+        assert!(candidate.path().to_string_lossy().ends_with("-x.json"));
+        assert!(candidate.path().exists());
+        let temp = candidate.path().to_owned();
+        drop(candidate);
+        assert!(!temp.exists() && !dest.exists());
+    }
+
+    #[test]
+    fn hashes_are_sha256() {
+        assert_eq!(content_hash(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(short_hash(b"abc"), "ba7816bf8f01");
+    }
+}
