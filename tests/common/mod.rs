@@ -628,3 +628,482 @@ impl LogLines {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Added for tests/sync_*.rs: the stand-in legacy app, real etcd and nginx, a Consul-like
+// long-poll server, a cuttable TCP relay, `sidecar sync` with its admin API, and small helpers.
+// ---------------------------------------------------------------------------------------------
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port that was free a moment ago (for servers that cannot report the port they picked).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One plain HTTP/1.1 exchange with `Connection: close`; returns (status, body). Blocking, so
+/// it can be used from any test. `None` when the connection fails.
+pub fn http_exchange(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    tcp.write_all(request.as_bytes()).ok()?;
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    Some((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub fn http_get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) = http_exchange(addr, "GET", path, &[], "").unwrap_or_else(|| panic!("GET {path} on {addr}"));
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {status} {e}: {body}"))
+}
+
+/// The path of the stand-in legacy app, under tests/apps.
+pub fn legacy_app_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/apps/legacy_app.py")
+}
+
+/// The stand-in legacy app (tests/apps/legacy_app.py), killed (with its process group, when
+/// it has one) on drop.
+pub struct LegacyApp {
+    pub proc: Sidecar,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    own_group: bool,
+}
+
+impl LegacyApp {
+    /// `script` lets a test run a renamed copy (for --process-name); `own_group` puts it in a
+    /// new process group.
+    pub fn start_with(script: &Path, config: &Path, pid_file: Option<&Path>, child: bool, own_group: bool) -> LegacyApp {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("python3");
+        cmd.arg("-u").arg(script).arg("--config").arg(config).stdin(Stdio::null());
+        if let Some(pid_file) = pid_file {
+            cmd.arg("--pid-file").arg(pid_file);
+        }
+        if child {
+            cmd.arg("--child");
+        }
+        if own_group {
+            cmd.process_group(0);
+        }
+        let proc = Sidecar::spawn(cmd);
+        let line = proc.logs.wait_for("listening on ", Duration::from_secs(20));
+        let mut words = line.split_whitespace().skip(2);
+        let addr = words.next().and_then(|a| a.parse().ok()).expect("address in the app's first line");
+        let pid = proc.pid();
+        LegacyApp { proc, addr, pid, own_group }
+    }
+
+    pub fn start(config: &Path, pid_file: Option<&Path>) -> LegacyApp {
+        LegacyApp::start_with(&legacy_app_script(), config, pid_file, false, false)
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        http_get_json(self.addr, "/state")
+    }
+
+    pub fn hups(&self) -> u64 {
+        self.state()["hups"].as_u64().unwrap_or(0)
+    }
+
+    pub fn health_url(&self) -> String {
+        format!("http://{}/healthz", self.addr)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.proc.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for LegacyApp {
+    fn drop(&mut self) {
+        if self.own_group {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.pid)]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+/// `sidecar sync ARGS --admin 127.0.0.1:0`, started and waited for.
+pub struct SyncProcess {
+    pub proc: Sidecar,
+    pub admin: SocketAddr,
+}
+
+impl SyncProcess {
+    pub fn start(args: &[&str]) -> SyncProcess {
+        let mut full = vec!["sync", "--admin", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        let mut cmd = sidecar_command(&full);
+        cmd.stdin(Stdio::null());
+        let proc = Sidecar::spawn(cmd);
+        let line = proc.logs.wait_for("admin API on http://", Duration::from_secs(20));
+        let admin = line.split("admin API on http://").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|a| a.parse().ok()).expect("admin address");
+        SyncProcess { proc, admin }
+    }
+
+    /// The status of destination `name` from GET /sync/{name}.
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        http_get_json(self.admin, &format!("/sync/{name}"))
+    }
+
+    pub fn state(&self, name: &str) -> String {
+        self.status(name)["state"].as_str().unwrap_or("").to_owned()
+    }
+
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.status(name);
+            if last["state"] == state {
+                return last;
+            }
+            assert!(Instant::now() < deadline, "sync {name} not {state} within {timeout:?}: {last:#}\nlog:\n{}", self.proc.logs.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Reads a file as text, "" when it does not exist.
+pub fn read_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Writes by rename, as config writers do (so readers never see half a file).
+pub fn replace_file(path: &Path, contents: &str) {
+    let temp = path.with_extension("writing");
+    std::fs::write(&temp, contents).unwrap();
+    std::fs::rename(&temp, path).unwrap();
+}
+
+/// Waits until `path` holds exactly `contents`.
+pub fn wait_for_content(path: &Path, contents: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = read_text(path);
+        if now == contents {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} holds {now:?}, not {contents:?}, after {timeout:?}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real etcd on loopback ports, with its data in a temp dir; killed on drop.
+pub struct Etcd {
+    pub proc: Option<Sidecar>,
+    pub client_port: u16,
+    peer_port: u16,
+    pub data: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let data = tempfile::tempdir().unwrap();
+        let mut etcd = Etcd { proc: None, client_port: free_port(), peer_port: free_port(), data };
+        etcd.launch();
+        etcd
+    }
+
+    /// Starts (again) on the same ports and data.
+    pub fn launch(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "test", "--data-dir"])
+            .arg(self.data.path().join("etcd"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null());
+        self.proc = Some(Sidecar::spawn(cmd));
+        let addr = self.addr();
+        wait_until("etcd /health", Duration::from_secs(30), || {
+            matches!(http_exchange(addr, "GET", "/health", &[], ""), Some((200, body)) if body.contains("true"))
+        });
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    pub fn url(&self, key: &str) -> String {
+        format!("etcd://127.0.0.1:{}{key}", self.client_port)
+    }
+
+    fn call(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let (status, text) = http_exchange(self.addr(), "POST", path, &[("content-type", "application/json")], &body.to_string())
+            .unwrap_or_else(|| panic!("etcd {path}"));
+        assert_eq!(status, 200, "etcd {path}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn put(&self, key: &str, value: &str) -> i64 {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let answer = self.call("/v3/kv/put", serde_json::json!({ "key": b64.encode(key), "value": b64.encode(value) }));
+        answer["header"]["revision"].as_str().and_then(|r| r.parse().ok()).unwrap_or(0)
+    }
+
+    pub fn delete(&self, key: &str) {
+        use base64::Engine;
+        self.call("/v3/kv/deleterange", serde_json::json!({ "key": base64::engine::general_purpose::STANDARD.encode(key) }));
+    }
+
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    pub fn signal(&self, name: &str) {
+        if let Some(proc) = &self.proc {
+            proc.signal(name);
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // A stopped etcd must be continued to die cleanly; SIGKILL works either way.
+        self.proc = None;
+    }
+}
+
+/// nginx serving `root` on a loopback port, not daemonized, everything in a temp dir. Its
+/// access log (just the status codes) is at `access_log`.
+pub struct Nginx {
+    pub proc: Option<Sidecar>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl Nginx {
+    pub fn start(root: &Path) -> Nginx {
+        Nginx::start_on(root, free_port())
+    }
+
+    pub fn start_on(root: &Path, port: u16) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nginx = Nginx { proc: None, port, dir, root: root.to_owned() };
+        nginx.launch();
+        nginx
+    }
+
+    pub fn launch(&mut self) {
+        let d = self.dir.path().display();
+        let config = format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 64; }}\n\
+             http {{\n  log_format status '$status';\n  access_log {d}/access.log status;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{\n    listen 127.0.0.1:{};\n    root {};\n    location = /broken {{ return 500 \"<html>oops</html>\"; }}\n  }}\n}}\n",
+            self.port,
+            self.root.display()
+        );
+        let conf = self.dir.path().join("nginx.conf");
+        std::fs::write(&conf, config).unwrap();
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-c").arg(&conf).arg("-p").arg(self.dir.path()).stdin(Stdio::null());
+        self.proc = Some(Sidecar::spawn(cmd));
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let error_log = self.dir.path().join("error.log");
+        wait_until("nginx to listen", Duration::from_secs(20), || {
+            assert!(!read_text(&error_log).contains("[emerg]"), "nginx failed: {}", read_text(&error_log));
+            std::net::TcpStream::connect(addr).is_ok()
+        });
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Status codes of the requests served so far.
+    pub fn statuses(&self) -> Vec<String> {
+        read_text(&self.dir.path().join("access.log")).lines().map(str::to_owned).collect()
+    }
+}
+
+/// A Consul-KV-like long-poll server written for the tests: `GET /v1/kv/KEY?raw&index=N&wait=W`
+/// blocks while N equals the current index (up to W), answers with `X-Consul-Index`.
+pub struct LongPollServer {
+    pub addr: SocketAddr,
+    pub shared: Arc<LongPollShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct LongPollShared {
+    pub value: Mutex<(Option<String>, u64)>,
+    pub changed: tokio::sync::Notify,
+    /// Every request's `index` parameter (None when absent), in order.
+    pub requested: Mutex<Vec<Option<u64>>>,
+    /// Hold every request forever (a silently stalled server).
+    pub stall: std::sync::atomic::AtomicBool,
+    /// Answer at once even when the index did not move (a misbehaving server).
+    pub no_block: std::sync::atomic::AtomicBool,
+}
+
+impl LongPollServer {
+    pub async fn start() -> LongPollServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(LongPollShared::default());
+        let task_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let shared = task_shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| long_poll(req, shared.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                });
+            }
+        });
+        LongPollServer { addr, shared, task }
+    }
+
+    /// Sets the value (None: the key is absent) and the index.
+    pub fn set(&self, value: Option<&str>, index: u64) {
+        *self.shared.value.lock().unwrap() = (value.map(str::to_owned), index);
+        self.shared.changed.notify_waiters();
+    }
+
+    pub fn requests(&self) -> Vec<Option<u64>> {
+        self.shared.requested.lock().unwrap().clone()
+    }
+}
+
+impl Drop for LongPollServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn long_poll(req: Request<Incoming>, shared: Arc<LongPollShared>) -> Result<Response<TestBody>, Infallible> {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let param = |name: &str| query.split('&').find_map(|p| p.strip_prefix(&format!("{name}="))).map(str::to_owned);
+    let index: Option<u64> = param("index").and_then(|i| i.parse().ok());
+    let wait = param("wait").and_then(|w| humantime_like(&w)).unwrap_or(Duration::from_secs(300));
+    shared.requested.lock().unwrap().push(index);
+    if shared.stall.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let changed = shared.changed.notified();
+        let (value, current) = shared.value.lock().unwrap().clone();
+        let blocking = index.is_some_and(|i| i == current) && !shared.no_block.load(Ordering::SeqCst);
+        if !blocking || tokio::time::Instant::now() >= deadline {
+            let response = match value {
+                Some(v) => Response::builder().header("x-consul-index", current.to_string()).body(full(v)).unwrap(),
+                None => Response::builder().status(StatusCode::NOT_FOUND).header("x-consul-index", current.to_string()).body(empty()).unwrap(),
+            };
+            return Ok(response);
+        }
+        let _ = tokio::time::timeout_at(deadline, changed).await;
+    }
+}
+
+fn humantime_like(s: &str) -> Option<Duration> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    if let Some(secs) = s.strip_suffix('s') {
+        return secs.parse().ok().map(Duration::from_secs);
+    }
+    if let Some(mins) = s.strip_suffix('m') {
+        return mins.parse::<u64>().ok().map(|m| Duration::from_secs(m * 60));
+    }
+    None
+}
+
+/// A TCP relay to `target` that can cut every connection and refuse new ones, then resume.
+pub struct Relay {
+    pub addr: SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let (task_open, task_generation) = (open.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if !task_open.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let mut cut = task_generation.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, open, generation, task }
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn resume(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whether this test runs as root (mounts and chown need it).
+pub fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
