@@ -96,8 +96,8 @@ pub struct SyncArgs {
     #[arg(long, env = "SIDECAR_SYNC_PID_FILE", value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
 
-    /// Signal every process with this name (its comm, or its argv[0] or argv[1] file name), for
-    /// a shared process namespace
+    /// Signal every process with this name (its comm, or the file name of its argv[0] or of
+    /// its script), for a shared process namespace
     #[arg(long, env = "SIDECAR_SYNC_PROCESS_NAME", value_name = "NAME")]
     pub process_name: Option<String>,
 
