@@ -39,7 +39,7 @@ async fn reads_then_watches_and_resumes_from_the_last_revision_after_a_disconnec
         let started = Instant::now();
         etcd.put(KEY, "{\"v\": 2}");
         wait_for_content(&dest, "{\"v\": 2}", T);
-        assert!(started.elapsed() < Duration::from_secs(3), "the watch delivered the change in {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(5), "the watch delivered the change in {:?}", started.elapsed());
 
         // Disconnected: two changes happen meanwhile; after the reconnect the watch resumes
         // from the last revision and the newest value is applied.

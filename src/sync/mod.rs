@@ -192,6 +192,14 @@ pub fn run_sync(args: SyncArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // Without a handler SIGHUP would end the process; a sync follows its sources anyway.
+        if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: nothing to reload (sync follows its sources)");
+                }
+            });
+        }
         let admin = match args.admin {
             Some(addr) => match crate::admin::AdminServer::bind(addr, args.admin_token_file.as_deref(), shutdown.clone()) {
                 Ok(admin) => Some(admin),
