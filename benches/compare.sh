@@ -1,0 +1,552 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: sidecar against nginx as a TLS-terminating proxy, in one run, on loopback.
+#
+# usage: benches/compare.sh            (as root on Debian it installs what is missing)
+#
+# Both proxies sit in front of the same upstream (nginx, 1 worker, plain HTTP: a short body on
+# `/`, a 1 MiB file on `/big`); the upstream reached directly is the plaintext floor. Scenarios:
+#   keepalive  HTTP/1.1 keep-alive, small body      wrk -t2 -c64 --latency
+#   h2         HTTP/2, small body                   h2load -t2 -c64 -m10
+#   handshake  a new TLS handshake per request      wrk -t2 -c16 -H "Connection: close"
+#   big        1 MiB responses                      wrk -t2 -c16 on /big
+#   memory     RSS idle, after load, and per idle keep-alive TLS connection (benches/idle_conns.py)
+# For each: requests/s, p50/p99 latency, proxy CPU microseconds per request (utime+stime+cutime+
+# cstime from /proc/PID/stat of every process of the proxy, before and after, over requests
+# completed), peak RSS (VmHWM summed over the proxy's processes, reset before each run where the
+# kernel allows) and errors. The table goes to stdout and to bench-results/compare-<date>.md.
+#
+# Environment (all optional):
+#   DUR=8            seconds per measured run (a WARM-second unmeasured run precedes each)
+#   WARM=1
+#   IDLE_CONNS=10000 idle TLS connections held for the per-connection memory figure
+#   BENCH_UPSTREAM_PORT=18080 BENCH_UPSTREAM_H2C_PORT=18081 BENCH_NGINX_PORT=18443
+#   BENCH_SIDECAR_PORT=18444   fixed loopback ports; without them, the next free port from these
+#   SIDECAR_BIN=path           use this binary instead of `cargo build --release`
+#   SIDECAR_ARGS='...'         extra flags for `sidecar proxy`
+#   BENCH_OUT=dir              where the Markdown goes (default: bench-results/ in the repo)
+#   KEEP_WORK=1                keep the temporary folder (configs, logs, tool outputs)
+set -euo pipefail
+
+DUR=${DUR:-8}
+WARM=${WARM:-1}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT_DIR=${BENCH_OUT:-$ROOT/bench-results}
+RUN_LIMIT=$((DUR + 15))   # a wrk/h2load run that takes longer than this is killed
+
+say() { printf '%s\n' "$*" >&2; }
+die() { say "compare.sh: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+install_tools() {
+    local missing=() tool
+    export PATH="$PATH:/usr/sbin:/sbin"
+    for tool in nginx wrk h2load bc openssl python3 timeout; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    say "missing: ${missing[*]}; installing"
+    [ "$(id -u)" -eq 0 ] || die "run as root to install ${missing[*]}, or install them yourself"
+    command -v apt-get >/dev/null || die "no apt-get: install nginx, wrk, h2load (nghttp2), bc, openssl, python3"
+    # Keep the package's postinst from starting a system nginx on port 80 (Debian's policy-rc.d).
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && POLICY_PLACED=1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk nghttp2-client bc openssl python3 coreutils >/dev/null
+    if [ -n "$POLICY_PLACED" ]; then rm -f /usr/sbin/policy-rc.d; POLICY_PLACED=""; fi
+    for tool in "${missing[@]}"; do command -v "$tool" >/dev/null || die "$tool still missing after install"; done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Processes: everything started is recorded here and ended on exit.
+
+STARTED=()
+WORK=""
+POLICY_PLACED=""
+cleanup() {
+    local pid
+    if [ -n "$POLICY_PLACED" ]; then rm -f /usr/sbin/policy-rc.d; fi
+    for pid in "${STARTED[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+        local alive=0
+        for pid in "${STARTED[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ $alive -eq 0 ] && break
+        sleep 0.2
+    done
+    for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    if [ -n "$WORK" ]; then
+        if [ -n "${KEEP_WORK:-}" ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Stops the processes given (a proxy's main process) and forgets them.
+stop() {
+    local pid keep=()
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do
+        timeout 10 tail --pid="$pid" -f /dev/null 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    done
+    for pid in "${STARTED[@]}"; do [[ " $* " == *" $pid "* ]] || keep+=("$pid"); done
+    STARTED=("${keep[@]}")
+}
+
+# A port is taken when something accepts a connection on it.
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+CHOSEN=" "
+# pick_port VAR DEFAULT: VAR from the environment must be free; otherwise the first free port
+# from DEFAULT on that this run has not taken yet.
+pick_port() {
+    local var=$1 port=${!1:-}
+    if [ -n "$port" ]; then
+        port_busy "$port" && die "$var=$port is in use"
+    else
+        port=$2
+        while port_busy "$port" || [[ "$CHOSEN" == *" $port "* ]]; do
+            port=$((port + 1))
+            [ "$port" -lt $(($2 + 200)) ] || die "no free port near $2"
+        done
+    fi
+    CHOSEN+="$port "
+    printf -v "$var" '%s' "$port"
+}
+
+# wait_http URL [BYTES]: the URL answers 200 (with a body of BYTES) within 15 s. TLS is not
+# verified: the benchmark certificate is self-signed.
+wait_http() {
+    timeout 20 python3 - "$1" "${2:-}" <<'PY' || die "$1 did not answer 200${2:+ with $2 bytes} in time"
+import ssl, sys, time, urllib.request
+ctx = ssl._create_unverified_context()
+deadline = time.monotonic() + 15
+while True:
+    try:
+        with urllib.request.urlopen(sys.argv[1], context=ctx, timeout=2) as r:
+            body = r.read()
+            if r.status == 200 and sys.argv[2] in ("", str(len(body))):
+                print(f"  ok {sys.argv[1]} ({len(body)} bytes)", file=sys.stderr)
+                break
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.1)
+PY
+}
+
+# The processes of a proxy: nginx's master and its children, or the sidecar's one process.
+pids_of() {
+    local main=$1
+    printf '%s\n' "$main"
+    awk -v p="$main" '{ sub(/^.*\) /, ""); if ($2 == p) { split(FILENAME, f, "/"); print f[3] } }' \
+        /proc/[0-9]*/stat 2>/dev/null || true
+}
+
+# CPU ticks (utime + stime + cutime + cstime) summed over the PIDs; the command name may hold
+# spaces, so fields are counted from its closing parenthesis (state = 1, utime = 12).
+cpu_ticks() {
+    local p
+    for p in "$@"; do sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null || true; done |
+        awk '{ t += $12 + $13 + $14 + $15 } END { print t + 0 }'
+}
+
+status_kb() {  # status_kb FIELD PID...: FIELD (VmRSS, VmHWM) summed, in kB
+    local field=$1 p; shift
+    for p in "$@"; do cat "/proc/$p/status" 2>/dev/null || true; done |
+        awk -v f="$field:" '$1 == f { t += $2 } END { print t + 0 }'
+}
+
+reset_hwm() { local p; for p in "$@"; do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true; done; }
+
+calc() { echo "scale=6; $*" | bc -l; }
+fmt() { printf "%.${2:-1}f" "$1"; }
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+install_tools
+TICK=$(getconf CLK_TCK)
+# The proxies and the idle-connection client each hold IDLE_CONNS sockets (plus a few).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $((IDLE_CONNS + 512)) ] ||
+    die "open-file limit $(ulimit -n) is too low for IDLE_CONNS=$IDLE_CONNS (needs $((IDLE_CONNS + 512)))"
+
+if [ -n "${SIDECAR_BIN:-}" ]; then
+    [ -x "$SIDECAR_BIN" ] || die "SIDECAR_BIN=$SIDECAR_BIN is not executable"
+else
+    command -v cargo >/dev/null || die "cargo not found"
+    say "building: cargo build --release"
+    (cd "$ROOT" && cargo build --release --quiet --bin sidecar) || die "cargo build --release failed"
+    SIDECAR_BIN=$ROOT/target/release/sidecar
+fi
+
+pick_port BENCH_UPSTREAM_PORT 18080
+pick_port BENCH_UPSTREAM_H2C_PORT 18081
+pick_port BENCH_NGINX_PORT 18443
+pick_port BENCH_SIDECAR_PORT 18444
+UP=$BENCH_UPSTREAM_PORT UP_H2C=$BENCH_UPSTREAM_H2C_PORT NGX=$BENCH_NGINX_PORT SC=$BENCH_SIDECAR_PORT
+
+WORK=$(mktemp -d /tmp/sidecar-bench.XXXXXX)
+chmod 755 "$WORK"  # nginx workers run as an unprivileged user when started as root
+mkdir -p "$WORK/tmp"
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$WORK/ec.key" -out "$WORK/ec.crt" 2>/dev/null || die "openssl could not make the certificate"
+head -c 1048576 /dev/urandom >"$WORK/big.bin"
+chmod 644 "$WORK/big.bin"
+
+# nginx >= 1.25.1 wants `http2 on;`; older ones take `http2` on the listen line.
+NGINX_VERSION=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
+if printf '1.25.1\n%s\n' "$NGINX_VERSION" | sort -V -C; then H2_LISTEN="" H2_ON="http2 on;"; else H2_LISTEN=" http2" H2_ON=""; fi
+
+# The "legacy app". One worker, as a small app would have; the same for every proxy.
+cat >"$WORK/upstream.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/upstream.pid;
+error_log $WORK/upstream.err warn;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/tmp/up-body;
+  proxy_temp_path $WORK/tmp/up-proxy;
+  server {
+    listen 127.0.0.1:$UP reuseport backlog=4096;
+    location / { return 200 "hello from the legacy app\n"; }
+    location /big { alias $WORK/big.bin; }
+  }
+  # Prior-knowledge cleartext HTTP/2, only for the HTTP/2 floor.
+  server {
+    listen 127.0.0.1:$UP_H2C$H2_LISTEN reuseport backlog=4096;
+    $H2_ON
+    location / { return 200 "hello from the legacy app\n"; }
+  }
+}
+EOF
+
+# nginx as the TLS sidecar, tuned as a careful operator would: a worker per core, a keep-alive
+# pool to the app larger than 64 clients x 10 streams, HTTP/2, a shared session cache, no access
+# log, unbuffered streaming of bodies. nginx preallocates (and touches) worker_connections slots,
+# so the load runs use the reference 4096 and only the idle-connection run, whose baseline is
+# taken with the same setting, gets enough for IDLE_CONNS clients.
+nginx_sidecar_conf() {  # nginx_sidecar_conf NAME WORKER_CONNECTIONS
+cat >"$WORK/$1.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err warn;
+events { worker_connections $2; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/tmp/sc-body;
+  proxy_temp_path $WORK/tmp/sc-proxy;
+  upstream app { server 127.0.0.1:$UP; keepalive 1024; }
+  ssl_session_cache shared:SSL:10m;
+  ssl_protocols TLSv1.2 TLSv1.3;
+  server {
+    listen 127.0.0.1:$NGX ssl$H2_LISTEN reuseport backlog=4096;
+    $H2_ON
+    ssl_certificate     $WORK/ec.crt;
+    ssl_certificate_key $WORK/ec.key;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto https;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_buffering off;
+      proxy_buffer_size 64k;
+      proxy_buffers 8 64k;
+      proxy_busy_buffers_size 128k;
+    }
+  }
+}
+EOF
+}
+nginx_sidecar_conf nginx-sidecar 4096
+nginx_sidecar_conf nginx-sidecar-conns $((IDLE_CONNS + 4096))
+
+start_nginx() {  # start_nginx NAME: runs $WORK/NAME.conf, sets NGINX_PID
+    nginx -t -q -p "$WORK" -e "$WORK/$1.err" -c "$WORK/$1.conf" || die "nginx rejects $1.conf"
+    nginx -p "$WORK" -e "$WORK/$1.err" -c "$WORK/$1.conf" &
+    NGINX_PID=$!
+    STARTED+=("$NGINX_PID")
+}
+
+start_sidecar() {  # sets SIDECAR_PID
+    # shellcheck disable=SC2086
+    "$SIDECAR_BIN" proxy --upstream "http://127.0.0.1:$UP" --listen "127.0.0.1:$SC" \
+        --cert "$WORK/ec.crt" --key "$WORK/ec.key" --log-level warn ${SIDECAR_ARGS:-} \
+        >>"$WORK/sidecar.log" 2>&1 &
+    SIDECAR_PID=$!
+    STARTED+=("$SIDECAR_PID")
+}
+
+start_proxies() {  # start_proxies NGINX_CONF_NAME
+    start_nginx "$1"; NGX_MAIN=$NGINX_PID
+    start_sidecar; SC_MAIN=$SIDECAR_PID
+    wait_http "https://127.0.0.1:$NGX/"
+    wait_http "https://127.0.0.1:$SC/"
+    sleep 1  # let nginx's workers settle before the idle reading
+}
+
+say "upstream :$UP (h2c :$UP_H2C), nginx :$NGX, sidecar :$SC ($SIDECAR_BIN); nginx $NGINX_VERSION; DUR=${DUR}s"
+start_nginx upstream; UP_MAIN=$NGINX_PID
+wait_http "http://127.0.0.1:$UP/"
+start_proxies nginx-sidecar
+
+# main_of WHO: the main PID of what is measured (the upstream itself for the floor).
+main_of() { case $1 in nginx) echo "$NGX_MAIN" ;; sidecar) echo "$SC_MAIN" ;; floor) echo "$UP_MAIN" ;; esac; }
+
+declare -A R  # R[scenario.who.metric]
+for who in nginx sidecar; do
+    mapfile -t pids < <(pids_of "$(main_of $who)")
+    R[idle.$who.rss]=$(status_kb VmRSS "${pids[@]}")
+done
+# Both proxies must stream the 1 MiB body whole before anything is measured.
+for url in "https://127.0.0.1:$NGX/big" "https://127.0.0.1:$SC/big"; do wait_http "$url" 1048576; done
+
+# ---------------------------------------------------------------------------------------------
+# Load runs
+
+# to_ms VALUE: wrk's "1.23ms" / "456.00us" / "1.02s" in milliseconds.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+        printf "%.3f", n }'
+}
+
+# measure SCENARIO WHO TOOL ARGS...: one warm-up, then the measured run with CPU and RSS taken.
+measure() {
+    local scenario=$1 who=$2 tool=$3; shift 3
+    local pids out log="$WORK/$scenario.$who.log"
+    mapfile -t pids < <(pids_of "$(main_of "$who")")
+    if [ "$tool" = wrk ]; then
+        timeout $((WARM + 10)) wrk -d"${WARM}s" "$@" >/dev/null 2>&1 || true
+    else
+        timeout $((WARM + 10)) h2load -D "$WARM" "$@" >/dev/null 2>&1 || true
+    fi
+    reset_hwm "${pids[@]}"
+    local before after
+    before=$(cpu_ticks "${pids[@]}")
+    if [ "$tool" = wrk ]; then
+        out=$(timeout "$RUN_LIMIT" wrk -d"${DUR}s" --latency "$@" 2>&1) || say "  wrk exited $? for $scenario/$who"
+    else
+        out=$(timeout "$RUN_LIMIT" h2load -D "$DUR" --log-file="$log" "$@" 2>&1) || say "  h2load exited $? for $scenario/$who"
+    fi
+    after=$(cpu_ticks "${pids[@]}")
+    R[$scenario.$who.hwm]=$(status_kb VmHWM "${pids[@]}")
+    printf '%s\n' "$out" >"$WORK/$scenario.$who.out"
+
+    local reqs rps p50 p99 errs
+    if [ "$tool" = wrk ]; then
+        reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
+        rps=$(awk '/Requests\/sec/ { print $2 }' <<<"$out")
+        p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
+        p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
+        errs=$(awk '/Socket errors/ { gsub(/,/, ""); e += $4 + $6 + $8 + $10 }
+                    /Non-2xx or 3xx/ { e += $NF } END { print e + 0 }' <<<"$out")
+    else
+        # requests: 1 total, 1 started, 1 done, 1 succeeded, 0 failed, 0 errored, 0 timeout
+        reqs=$(awk '/^requests:/ { print $8 }' <<<"$out")
+        rps=$(awk '/^finished in/ { print $4 }' <<<"$out")
+        errs=$(awk '/^requests:/ { e += $10 + $12 + $14 } /^status codes:/ { e += $7 + $9 } END { print e + 0 }' <<<"$out")
+        read -r p50 p99 < <(awk -F'\t' '$2 != -1 { print $3 }' "$log" 2>/dev/null | sort -n |
+            awk '{ v[NR] = $1 } END { if (NR == 0) { print "nan nan"; exit }
+                   i = int(NR * 0.50); if (i < 1) i = 1; j = int(NR * 0.99); if (j < 1) j = 1
+                   printf "%.3f %.3f\n", v[i] / 1000, v[j] / 1000 }')
+        rm -f "$log"
+    fi
+    [ -n "$reqs" ] && [ "$reqs" -gt 0 ] 2>/dev/null || { say "  no requests completed for $scenario/$who:"; say "$out"; reqs=0; }
+    R[$scenario.$who.rps]=${rps:-0}
+    R[$scenario.$who.p50]=${p50:-nan}
+    R[$scenario.$who.p99]=${p99:-nan}
+    R[$scenario.$who.err]=$errs
+    R[$scenario.$who.reqs]=$reqs
+    if [ "$reqs" -gt 0 ]; then
+        R[$scenario.$who.cpu]=$(fmt "$(calc "($after - $before) * 1000000 / $TICK / $reqs")" 1)
+    else
+        R[$scenario.$who.cpu]=nan
+    fi
+    say "  $scenario/$who: ${R[$scenario.$who.rps]} req/s, p50 ${R[$scenario.$who.p50]} ms, p99 ${R[$scenario.$who.p99]} ms, ${R[$scenario.$who.cpu]} us CPU/req, $errs errors"
+}
+
+url_of() { case $1 in nginx) echo "https://127.0.0.1:$NGX" ;; sidecar) echo "https://127.0.0.1:$SC" ;; floor) echo "http://127.0.0.1:$UP" ;; esac; }
+
+say "scenario keepalive: wrk -t2 -c64"
+for who in nginx sidecar floor; do measure keepalive $who wrk -t2 -c64 "$(url_of $who)/"; done
+
+say "scenario h2: h2load -t2 -c64 -m10"
+for who in nginx sidecar floor; do
+    url=$(url_of $who)/; [ $who = floor ] && url=http://127.0.0.1:$UP_H2C/
+    measure h2 $who h2load -t2 -c64 -m10 "$url"
+done
+
+say "scenario handshake: wrk -t2 -c16 -H 'Connection: close'"
+for who in nginx sidecar floor; do measure handshake $who wrk -t2 -c16 -H "Connection: close" "$(url_of $who)/"; done
+
+say "scenario big: wrk -t2 -c16 /big (1 MiB)"
+for who in nginx sidecar floor; do measure big $who wrk -t2 -c16 "$(url_of $who)/big"; done
+
+for who in nginx sidecar; do
+    mapfile -t pids < <(pids_of "$(main_of $who)")
+    R[load.$who.rss]=$(status_kb VmRSS "${pids[@]}")
+    peak=0
+    for s in keepalive h2 handshake big; do [ "${R[$s.$who.hwm]}" -gt "$peak" ] && peak=${R[$s.$who.hwm]}; done
+    R[load.$who.hwm]=$peak
+done
+
+# ---------------------------------------------------------------------------------------------
+# Memory per idle TLS connection, on freshly started proxies so that load leftovers do not blur it.
+
+say "scenario memory: $IDLE_CONNS idle keep-alive TLS connections per proxy (fresh processes)"
+stop "$NGX_MAIN" "$SC_MAIN"
+start_proxies nginx-sidecar-conns
+for who in nginx sidecar; do
+    port=$NGX; [ $who = sidecar ] && port=$SC
+    mapfile -t pids < <(pids_of "$(main_of $who)")
+    R[conns.$who.base]=$(status_kb VmRSS "${pids[@]}")
+    rm -f "$WORK/idle.in" "$WORK/idle.out"; mkfifo "$WORK/idle.in" "$WORK/idle.out"
+    timeout 150 python3 "$ROOT/benches/idle_conns.py" 127.0.0.1 "$port" "$IDLE_CONNS" --timeout 100 \
+        <"$WORK/idle.in" >"$WORK/idle.out" 2>"$WORK/idle.$who.err" &
+    idle_pid=$!
+    STARTED+=("$idle_pid")
+    exec {to_idle}>"$WORK/idle.in" {from_idle}<"$WORK/idle.out"
+    ready="" held=""
+    read -r -t 120 ready <&"$from_idle" || true
+    sleep 1
+    mapfile -t pids < <(pids_of "$(main_of $who)")
+    R[conns.$who.rss]=$(status_kb VmRSS "${pids[@]}")
+    trap '' PIPE  # the client may have died; its stderr tells below
+    echo done >&"$to_idle" 2>/dev/null || true
+    trap - PIPE
+    read -r -t 30 held <&"$from_idle" || true
+    exec {to_idle}>&- {from_idle}<&-
+    stop "$idle_pid"
+    open=$(sed -n 's/.*open=\([0-9]*\).*/\1/p' <<<"$held")
+    R[conns.$who.open]=${open:-0}
+    say "  $who: ${ready:-no READY line} / ${held:-no HELD line} ($(head -c 300 "$WORK/idle.$who.err"))"
+    if [ "${open:-0}" -gt 0 ]; then
+        R[conns.$who.kb]=$(fmt "$(calc "(${R[conns.$who.rss]} - ${R[conns.$who.base]}) / $open")" 1)
+    else
+        R[conns.$who.kb]=nan
+    fi
+done
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+ratio() {  # sidecar / nginx, or "-" when not computable
+    awk -v s="$1" -v n="$2" 'BEGIN { if (s == "nan" || n == "nan" || n + 0 == 0) print "-"; else printf "%.2f", s / n }'
+}
+# verdict VALUE OP LIMIT: PASS or MISS ("-" when VALUE is not a number)
+verdict() {
+    awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
+        if (v == "-" || v == "nan" || v == "") { print "MISS (no data)"; exit }
+        ok = (op == "<=") ? (v + 0 <= l + 0) : (v + 0 == l + 0); print ok ? "PASS" : "MISS" }'
+}
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+ROWS=()  # scenario|metric|nginx|sidecar|ratio|floor|target|verdict
+row() { ROWS+=("$1|$2|$3|$4|$5|$6|${7:-}|${8:-}"); }
+VERDICTS=()
+
+names=(keepalive "h1 keep-alive" h2 "h2" handshake "handshake" big "1 MiB")
+LEGEND="h1 keep-alive: wrk -t2 -c64 on /, HTTP/1.1 keep-alive. h2: h2load -t2 -c64 -m10 on / (floor: h2c).
+handshake: wrk -t2 -c16 -H 'Connection: close', a full TLS handshake per request. 1 MiB: wrk -t2 -c16 on /big.
+memory: RSS summed over the proxy's processes; per-connection KB = (RSS with N idle keep-alive TLS
+connections - RSS before) / N, on freshly started proxies."
+declare -A cpu_target=([keepalive]=0.75 [h2]=0.75 [handshake]=0.55 [big]=0.8)
+for ((i = 0; i < ${#names[@]}; i += 2)); do
+    s=${names[i]} title=${names[i+1]}
+    n_rps=${R[$s.nginx.rps]} s_rps=${R[$s.sidecar.rps]}
+    row "$title" "requests/s" "$(fmt "$n_rps" 0)" "$(fmt "$s_rps" 0)" "$(ratio "$s_rps" "$n_rps")" "$(fmt "${R[$s.floor.rps]}" 0)"
+    row "$title" "p50 latency (ms)" "${R[$s.nginx.p50]}" "${R[$s.sidecar.p50]}" "$(ratio "${R[$s.sidecar.p50]}" "${R[$s.nginx.p50]}")" "${R[$s.floor.p50]}"
+    r=$(ratio "${R[$s.sidecar.p99]}" "${R[$s.nginx.p99]}")
+    if [ "$s" = keepalive ]; then v=$(verdict "$r" "<=" 1); row "$title" "p99 latency (ms)" "${R[$s.nginx.p99]}" "${R[$s.sidecar.p99]}" "$r" "${R[$s.floor.p99]}" "ratio <= 1" "$v"; VERDICTS+=("h1 keep-alive p99 <= nginx|$r|$v")
+    else row "$title" "p99 latency (ms)" "${R[$s.nginx.p99]}" "${R[$s.sidecar.p99]}" "$r" "${R[$s.floor.p99]}"; fi
+    r=$(ratio "${R[$s.sidecar.cpu]}" "${R[$s.nginx.cpu]}"); t=${cpu_target[$s]}; v=$(verdict "$r" "<=" "$t")
+    row "$title" "CPU us/req" "${R[$s.nginx.cpu]}" "${R[$s.sidecar.cpu]}" "$r" "${R[$s.floor.cpu]}" "ratio <= $t" "$v"
+    VERDICTS+=("$title CPU/request <= $t x nginx|$r|$v")
+    row "$title" "peak RSS (MB)" "$(mb "${R[$s.nginx.hwm]}")" "$(mb "${R[$s.sidecar.hwm]}")" "$(ratio "${R[$s.sidecar.hwm]}" "${R[$s.nginx.hwm]}")" "-"
+    e_label="errors (socket, non-2xx)"; [ $s = h2 ] && e_label="errors (failed, errored, non-2xx)"
+    if [ "$s" = keepalive ] || [ "$s" = h2 ]; then
+        v=$(verdict "${R[$s.sidecar.err]}" "==" 0)
+        row "$title" "$e_label" "${R[$s.nginx.err]}" "${R[$s.sidecar.err]}" "-" "${R[$s.floor.err]}" "sidecar = 0" "$v"
+        VERDICTS+=("$title errors = 0|${R[$s.sidecar.err]}|$v")
+    else
+        row "$title" "$e_label" "${R[$s.nginx.err]}" "${R[$s.sidecar.err]}" "-" "${R[$s.floor.err]}"
+    fi
+done
+mem="memory"
+r=$(ratio "${R[idle.sidecar.rss]}" "${R[idle.nginx.rss]}"); v=$(verdict "$r" "<=" 0.5)
+row "$mem" "RSS idle (MB)" "$(mb "${R[idle.nginx.rss]}")" "$(mb "${R[idle.sidecar.rss]}")" "$r" "-" "ratio <= 0.5" "$v"
+VERDICTS+=("RSS idle <= 0.5 x nginx|$r|$v")
+r=$(ratio "${R[load.sidecar.rss]}" "${R[load.nginx.rss]}"); v=$(verdict "$r" "<=" 1)
+row "$mem" "RSS after load (MB)" "$(mb "${R[load.nginx.rss]}")" "$(mb "${R[load.sidecar.rss]}")" "$r" "-" "ratio <= 1" "$v"
+VERDICTS+=("RSS after load <= nginx|$r|$v")
+row "$mem" "peak RSS, all load (MB)" "$(mb "${R[load.nginx.hwm]}")" "$(mb "${R[load.sidecar.hwm]}")" "$(ratio "${R[load.sidecar.hwm]}" "${R[load.nginx.hwm]}")" "-"
+row "$mem" "idle TLS conns held (of $IDLE_CONNS)" "${R[conns.nginx.open]}" "${R[conns.sidecar.open]}" "-" "-"
+row "$mem" "RSS with them (MB)" "$(mb "${R[conns.nginx.rss]}")" "$(mb "${R[conns.sidecar.rss]}")" "$(ratio "${R[conns.sidecar.rss]}" "${R[conns.nginx.rss]}")" "-"
+v=$(verdict "${R[conns.sidecar.kb]}" "<=" 32); [ "${R[conns.sidecar.open]}" = "$IDLE_CONNS" ] || v="MISS (held ${R[conns.sidecar.open]})"
+row "$mem" "KB per idle TLS conn" "${R[conns.nginx.kb]}" "${R[conns.sidecar.kb]}" "$(ratio "${R[conns.sidecar.kb]}" "${R[conns.nginx.kb]}")" "-" "sidecar <= 32" "$v"
+VERDICTS+=("per idle TLS connection <= 32 KB|${R[conns.sidecar.kb]} KB|$v")
+
+# What the proxies logged (warn and up) during the whole run, most frequent message first.
+LOGS=""
+for f in sidecar.log nginx-sidecar.err nginx-sidecar-conns.err upstream.err; do
+    [ -s "$WORK/$f" ] || continue
+    top=$(sed -E 's/^[0-9TZ:./ -]+//; s/\*[0-9]+ //; s/, client: .*//' "$WORK/$f" | sort | uniq -c | sort -rn | head -3 |
+        awk '{ n = $1; $1 = ""; printf "    %d x%s\n", n, substr($0, 1, 160) }')
+    LOGS+="$f: $(wc -l <"$WORK/$f") lines"$'\n'"$top"$'\n'
+done
+
+DATE=$(date +%Y-%m-%d-%H%M%S)
+HEADER="scenario|metric|nginx|sidecar|sidecar/nginx|floor|target|verdict"
+print_table() {
+    local line
+    printf '\n'
+    { echo "$HEADER"; printf '%s\n' "${ROWS[@]}"; } |
+        awk -F'|' '{ for (i = 1; i <= NF; i++) { c[NR, i] = $i; if (length($i) > w[i]) w[i] = length($i) } n = NR; m = NF }
+            END { for (r = 1; r <= n; r++) { for (i = 1; i <= m; i++) printf "%-*s  ", w[i], c[r, i]; printf "\n" } }' |
+        sed 's/ *$//'
+    printf '%s\n' "$LEGEND" "floor: the upstream reached directly in plaintext; its CPU figure is the app's own."
+    printf '\nTargets (from the issue), sidecar against nginx:\n'
+    for line in "${VERDICTS[@]}"; do IFS='|' read -r t val v <<<"$line"; printf '  %-44s %-9s %s\n' "$t" "$val" "$v"; done
+}
+print_table
+[ -n "$LOGS" ] && printf '\nProxy logs (warn and up):\n%s' "$LOGS"
+
+mkdir -p "$OUT_DIR"
+MD="$OUT_DIR/compare-$DATE.md"
+{
+    echo "# sidecar vs nginx, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "Host: $(nproc) cores, $(uname -r); nginx $NGINX_VERSION; wrk and h2load on the same cores."
+    echo "DUR=${DUR}s per run (after a ${WARM}s warm-up); sidecar: \`$SIDECAR_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))."
+    echo "CPU = utime+stime(+children) of the proxy's processes per completed request; RSS summed over them."
+    echo "The floor is the upstream reached directly in plaintext (its CPU column is the app's own)."
+    echo
+    echo "$LEGEND"
+    echo
+    echo "| ${HEADER//|/ | } |"
+    echo "|---|---|---:|---:|---:|---:|---|---|"
+    for line in "${ROWS[@]}"; do echo "| ${line//|/ | } |"; done
+    echo
+    echo "| target | sidecar | verdict |"
+    echo "|---|---:|---|"
+    for line in "${VERDICTS[@]}"; do echo "| ${line//|/ | } |"; done
+    if [ -n "$LOGS" ]; then printf '\nProxy logs (warn and up):\n\n```\n%s```\n' "$LOGS"; fi
+} >"$MD"
+say ""
+say "written: $MD"

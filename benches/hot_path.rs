@@ -1,0 +1,147 @@
+//! Micro-benchmarks of the work the proxy does for every request, outside of I/O and TLS:
+//! rewriting the request head, building the upstream URI, and loading the config snapshot.
+//!
+//! Run: `cargo bench --bench hot_path` (quick: `-- --warm-up-time 1 --measurement-time 2`).
+//! Each iteration gets a freshly built browser-like request head from `iter_batched`, so only
+//! the rewrite itself is timed, not building its input.
+
+use std::hint::black_box;
+use arc_swap::ArcSwap;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::request::Parts;
+use http::{HeaderValue, Request, Uri, Version};
+use sidecar::config::{parse_upstream, ForwardedPolicy};
+use sidecar::proxy::headers::{prepare_request, strip_hop_by_hop, ClientClaims};
+
+const PEER: HeaderValue = HeaderValue::from_static("192.0.2.7");
+
+/// Fields a desktop browser sends on a navigation, in its order, minus :authority/Host.
+const BROWSER_FIELDS: &[(&str, &str)] = &[
+    ("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
+    ("accept", "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"),
+    ("accept-language", "en-US,en;q=0.5"),
+    ("accept-encoding", "gzip, deflate, br, zstd"),
+    ("referer", "https://app.example.com/orders?page=2"),
+    ("cookie", "session=4f9c2a7e1b3d4c5e8f90a1b2c3d4e5f6; theme=dark; _ga=GA1.1.123456789.1700000000"),
+    ("upgrade-insecure-requests", "1"),
+    ("sec-fetch-dest", "document"),
+    ("sec-fetch-mode", "navigate"),
+    ("sec-fetch-site", "same-origin"),
+    ("sec-fetch-user", "?1"),
+    ("priority", "u=0, i"),
+];
+
+/// An HTTP/1.1 keep-alive request as hyper hands it over: origin-form target, Host, Connection.
+fn http1_head() -> Parts {
+    let mut builder = Request::builder()
+        .method("GET")
+        .uri("/orders/1234?expand=items&currency=EUR")
+        .version(Version::HTTP_11)
+        .header("host", "app.example.com");
+    for (name, value) in BROWSER_FIELDS {
+        builder = builder.header(*name, *value);
+    }
+    builder.header("connection", "keep-alive").body(()).unwrap().into_parts().0
+}
+
+/// The same request over HTTP/2: absolute target carrying :authority, no Host, no Connection.
+fn http2_head() -> Parts {
+    let mut builder = Request::builder()
+        .method("GET")
+        .uri("https://app.example.com/orders/1234?expand=items&currency=EUR")
+        .version(Version::HTTP_2);
+    for (name, value) in BROWSER_FIELDS {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(()).unwrap().into_parts().0
+}
+
+/// The HTTP/1.1 request as it arrives behind a load balancer that already set X-Forwarded-*.
+fn forwarded_head() -> Parts {
+    let mut parts = http1_head();
+    let headers = &mut parts.headers;
+    headers.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+    headers.append("x-forwarded-for", HeaderValue::from_static("198.51.100.2"));
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    headers.insert("x-forwarded-host", HeaderValue::from_static("app.example.com"));
+    parts
+}
+
+/// Stand-in for the serving snapshot the server loads per connection/request.
+struct Snapshot {
+    upstream: sidecar::config::Upstream,
+    policy: ForwardedPolicy,
+}
+
+fn head_rewrite(c: &mut Criterion) {
+    let mut group = c.benchmark_group("prepare_request");
+    let mut case = |name: &str, build: fn() -> Parts, policy: ForwardedPolicy| {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                build,
+                |mut parts| {
+                    prepare_request(&mut parts, &PEER, black_box(policy), false);
+                    parts
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    };
+    case("http1_overwrite", http1_head, ForwardedPolicy::Overwrite);
+    case("http2_overwrite", http2_head, ForwardedPolicy::Overwrite);
+    case("http1_trust_existing_xff", forwarded_head, ForwardedPolicy::Trust);
+    group.finish();
+
+    c.bench_function("strip_hop_by_hop/http1", |b| {
+        b.iter_batched(
+            http1_head,
+            |mut parts| {
+                strip_hop_by_hop(&mut parts.headers, false, black_box(ClientClaims::StripAll));
+                parts
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn upstream_uri(c: &mut Criterion) {
+    c.bench_function("parse_upstream", |b| b.iter(|| parse_upstream(black_box("http://127.0.0.1:8080"))));
+
+    let upstream = parse_upstream("http://127.0.0.1:8080").unwrap();
+    c.bench_function("request_uri/origin_form", |b| {
+        b.iter_batched(
+            || http1_head().uri,
+            |uri: Uri| upstream.request_uri(&uri).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn snapshot_load(c: &mut Criterion) {
+    let snapshot = ArcSwap::from_pointee(Snapshot {
+        upstream: parse_upstream("http://127.0.0.1:8080").unwrap(),
+        policy: ForwardedPolicy::Overwrite,
+    });
+    c.bench_function("arc_swap/load", |b| b.iter(|| black_box(snapshot.load().policy)));
+    c.bench_function("arc_swap/load_full", |b| b.iter(|| black_box(snapshot.load_full())));
+
+
+    // Everything above in the order the proxy does it for one request (the server takes its
+    // snapshot once per connection today; a per-request `load` is the upper bound).
+    c.bench_function("per_request/http1_total", |b| {
+        b.iter_batched(
+            http1_head,
+            |mut parts| {
+                let config = snapshot.load();
+                prepare_request(&mut parts, &PEER, config.policy, false);
+                parts.uri = config.upstream.request_uri(&parts.uri).unwrap();
+                parts.version = Version::HTTP_11;
+                parts
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, head_rewrite, upstream_uri, snapshot_load);
+criterion_main!(benches);
