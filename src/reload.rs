@@ -125,7 +125,7 @@ impl Reloader {
         let config = match self.reload_config(&running.config, trigger) {
             Ok(Some(new)) => {
                 outcome.config_changed = true;
-                self.live.serving.store(Arc::new(ServingSnapshot::new(new.clone(), Some(&running))));
+                self.live.serving.store(Arc::new(ServingSnapshot::new(new.clone())));
                 self.live.stats.config_ok.fetch_add(1, Ordering::Relaxed);
                 new
             }
