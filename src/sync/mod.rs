@@ -164,7 +164,8 @@ impl SyncManager {
 
 /// `sidecar sync`: one destination, until SIGTERM; or `--once`, or `--dry-run`.
 pub fn run_sync(args: SyncArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // One destination needs no thread pool: file I/O goes through spawn_blocking.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
