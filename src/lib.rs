@@ -9,6 +9,7 @@ pub mod config;
 pub mod devcert;
 pub mod logging;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod redirect;
 pub mod reload;
 pub mod server;
