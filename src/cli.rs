@@ -59,7 +59,8 @@ A flag wins over its environment variable, which wins over the file.
 
 Certificates, keys, the client CA and the --config file are watched and reloaded live (also on
 SIGHUP): a new file is validated first, and a bad one is refused while the old one keeps
-serving. listen, max-connections, workers, redirect-http and admin need a restart.
+serving. listen, max-connections, workers, redirect-http, admin and proxy-protocol need a
+restart.
 Without --cert/--key, a self-signed certificate for localhost, 127.0.0.1 and ::1 is created
 under --state-dir and reused on later starts.";
 
@@ -308,6 +309,12 @@ pub struct ProxyArgs {
     /// File holding a bearer token required by admin endpoints that change state
     #[arg(long, env = "SIDECAR_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+
+    /// Expect a PROXY protocol header (v1 or v2) from a load balancer at the start of every
+    /// TLS connection and take the client address for X-Forwarded-For from it; a connection
+    /// without a valid header is closed. Only behind a balancer that sends one (restart-only)
+    #[arg(long, env = "SIDECAR_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
 
     /// HTTPS port written into redirects [default: the --listen port]; set it when a Service
     /// or load balancer maps another port (e.g. 443) to --listen

@@ -26,6 +26,7 @@ use crate::cli::ProxyArgs;
 use crate::config::{CertSource, ProxyConfig};
 use crate::proxy::upstream::{self, UpstreamClient};
 use crate::proxy::ConnectionContext;
+use crate::proxy_protocol;
 use crate::admin::{AdminServer, ProxyAdmin};
 use crate::reload::{LiveState, Reloader};
 use crate::tls::{self, TlsContext, TlsError, TlsState};
@@ -314,7 +315,7 @@ impl WorkerPool {
 }
 
 async fn serve_connection(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     snapshot: Arc<ServingSnapshot>,
@@ -323,9 +324,37 @@ async fn serve_connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let timeouts = &snapshot.config.timeouts;
+    // The PROXY header and the TLS handshake share one deadline: a balancer writes its header
+    // at once, so it needs no allowance of its own, and a silent client is cut off on time.
+    let deadline = tokio::time::Instant::now() + timeouts.tls_handshake;
+    let peer = match snapshot.config.proxy_protocol {
+        false => peer,
+        true => {
+            // Like a handshake, a header being read holds no request: shutdown abandons it.
+            let header = tokio::select! {
+                header = tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut tcp)) => header,
+                _ = shutdown.cancelled() => return,
+            };
+            match header {
+                Ok(Ok(header)) => {
+                    let client = header.client_addr(peer);
+                    tracing::trace!(%peer, %client, "PROXY protocol header: {header:?}");
+                    client
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "connection refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "connection refused: no complete PROXY protocol header within {:?}", timeouts.tls_handshake);
+                    return;
+                }
+            }
+        }
+    };
     // A handshake in progress holds no request: shutdown abandons it rather than waiting.
     let handshake = tokio::select! {
-        handshake = tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(tcp)) => handshake,
+        handshake = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => handshake,
         _ = shutdown.cancelled() => return,
     };
     let stream = match handshake {

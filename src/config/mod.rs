@@ -131,6 +131,8 @@ pub struct ProxyConfig {
     pub admin: Option<SocketAddr>,
     pub admin_token_file: Option<PathBuf>,
     pub workers: Option<usize>,
+    /// Every TLS connection starts with a PROXY protocol header naming the real client.
+    pub proxy_protocol: bool,
 }
 
 impl ProxyConfig {
@@ -168,6 +170,7 @@ impl ProxyConfig {
             admin: args.admin,
             admin_token_file: args.admin_token_file.clone(),
             workers: args.workers.map(usize::from),
+            proxy_protocol: args.proxy_protocol,
         }
     }
 
@@ -203,6 +206,12 @@ impl ProxyConfig {
         if self.workers != running.workers {
             kept.push("workers");
             self.workers = running.workers;
+        }
+        // It must change together with the balancer in front: flipped live, every connection
+        // from the side not yet switched would be refused (or misread) until the other follows.
+        if self.proxy_protocol != running.proxy_protocol {
+            kept.push("proxy-protocol");
+            self.proxy_protocol = running.proxy_protocol;
         }
         if self.admin != running.admin || self.admin_token_file != running.admin_token_file {
             kept.push("admin/admin-token-file");
@@ -253,5 +262,33 @@ mod tests {
         assert_eq!(uri.to_string(), "http://127.0.0.1:8080/a/b?c=d");
         let uri = up.request_uri(&"https://example.com".parse().unwrap()).unwrap();
         assert_eq!(uri.to_string(), "http://127.0.0.1:8080/");
+    }
+
+    fn config_from(argv: &[&str]) -> ProxyConfig {
+        let mut full = vec!["sidecar", "proxy", "--upstream", "http://127.0.0.1:1"];
+        full.extend_from_slice(argv);
+        match crate::cli::parse_from(full).unwrap().command {
+            crate::cli::Command::Proxy(args) => ProxyConfig::from_args(&args),
+            crate::cli::Command::Sync(_) => unreachable!("a proxy command line"),
+        }
+    }
+
+    #[test]
+    fn proxy_protocol_is_off_by_default_on_by_flag_or_file_and_needs_a_restart() {
+        assert!(!config_from(&[]).proxy_protocol);
+        assert!(config_from(&["--proxy-protocol"]).proxy_protocol);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sidecar.toml");
+        std::fs::write(&file, "[proxy]\nproxy-protocol = true\n").unwrap();
+        let on = config_from(&["--config", file.to_str().unwrap()]);
+        assert!(on.proxy_protocol);
+        std::fs::write(&file, "[proxy]\nproxy_protocol = false\n").unwrap();
+        let mut off = config_from(&["--config", file.to_str().unwrap()]);
+        assert!(!off.proxy_protocol);
+
+        // A reload that turns it off keeps it on, and says so.
+        assert_eq!(off.keep_restart_only(&on), vec!["proxy-protocol"]);
+        assert!(off.proxy_protocol);
+        assert_eq!(off, on);
     }
 }
