@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod devcert;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod redirect;
 pub mod reload;

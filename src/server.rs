@@ -27,6 +27,7 @@ use crate::config::{CertSource, ProxyConfig};
 use crate::proxy::upstream::{self, UpstreamClient};
 use crate::proxy::ConnectionContext;
 use crate::admin::{AdminServer, ProxyAdmin};
+use crate::metrics::{metrics, HandshakeFailure};
 use crate::reload::{LiveState, Reloader};
 use crate::tls::{self, TlsContext, TlsError, TlsState};
 
@@ -324,6 +325,7 @@ async fn serve_connection(
 ) {
     let timeouts = &snapshot.config.timeouts;
     // A handshake in progress holds no request: shutdown abandons it rather than waiting.
+    let _open = metrics().connection_opened();
     let handshake = tokio::select! {
         handshake = tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(tcp)) => handshake,
         _ = shutdown.cancelled() => return,
@@ -332,13 +334,16 @@ async fn serve_connection(
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "TLS handshake failed: {e}");
+            metrics().handshake_failed(HandshakeFailure::of(&e));
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake not completed within {:?}", timeouts.tls_handshake);
+            metrics().handshake_failed(HandshakeFailure::Timeout);
             return;
         }
     };
+    metrics().handshake_ok();
     let (_, session) = stream.get_ref();
     let client_subject = tls::client_subject(session.peer_certificates());
     let http2 = session.alpn_protocol() == Some(b"h2");
