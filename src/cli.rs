@@ -29,6 +29,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "SIDECAR_LOG_LEVEL", default_value = "info", value_name = "FILTER")]
     pub log_level: String,
 
+    /// Log lines as human-readable `text` or one JSON object per line (`json`)
+    #[arg(long, global = true, env = "SIDECAR_LOG_FORMAT", value_enum, default_value = "text", value_name = "FORMAT")]
+    pub log_format: crate::logging::LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -59,7 +63,8 @@ A flag wins over its environment variable, which wins over the file.
 
 Certificates, keys, the client CA and the --config file are watched and reloaded live (also on
 SIGHUP): a new file is validated first, and a bad one is refused while the old one keeps
-serving. listen, max-connections, workers, redirect-http and admin need a restart.
+serving. listen, max-connections, workers, redirect-http, admin, access-log and the
+log settings need a restart.
 Without --cert/--key, a self-signed certificate for localhost, 127.0.0.1 and ::1 is created
 under --state-dir and reused on later starts.";
 
@@ -295,6 +300,16 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_REDIRECT_HTTP", value_name = "ADDR")]
     pub redirect_http: Option<SocketAddr>,
 
+    /// Write an access log line per request to `stdout`, `stderr` or a file (appended);
+    /// lines are written by their own thread and dropped (counted) rather than slow requests
+    #[arg(long, env = "SIDECAR_ACCESS_LOG", value_name = "TARGET", default_value = "off", value_parser = crate::access_log::parse_target)]
+    pub access_log: crate::access_log::AccessLogTarget,
+
+    /// Access log lines as `combined` (nginx/Apache style plus timings, TLS version, ALPN) or
+    /// `json`
+    #[arg(long, env = "SIDECAR_ACCESS_LOG_FORMAT", value_enum, default_value = "combined", value_name = "FORMAT")]
+    pub access_log_format: crate::access_log::AccessLogFormat,
+
     /// Worker threads serving connections, each with its own event loop and upstream pool
     /// [default: one per CPU]
     #[arg(long, env = "SIDECAR_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -391,7 +406,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::logging::init(&cli.log_level);
+    crate::logging::init(&cli.log_level, cli.log_format);
     match cli.command {
         Command::Proxy(args) => run_proxy(args, argv),
         Command::Sync(args) => crate::sync::run_sync(args),

@@ -3,6 +3,7 @@
 //! The binary is a thin shell around this library; tests and benches drive the same code.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -100,6 +100,7 @@ pub struct Metrics {
     handshakes: Counter,
     handshake_failures: [Counter; 7],
     handshake_failures_family: Family<Labels1, Counter>,
+    access_log_dropped: Counter,
 }
 
 /// The process's metrics.
@@ -129,7 +130,13 @@ impl Metrics {
             handshakes: Counter::default(),
             handshake_failures,
             handshake_failures_family,
+            access_log_dropped: Counter::default(),
         }
+    }
+
+    /// An access-log line lost because the writer could not keep up.
+    pub fn access_log_dropped(&self) {
+        self.access_log_dropped.inc();
     }
 
     /// One request answered (by the upstream or by the proxy itself), with the time until its
@@ -189,6 +196,7 @@ pub fn registry(live: Option<Arc<LiveState>>, sync: Option<Arc<SyncManager>>) ->
     registry.register("connections", "Client connections accepted", m.connections_total.clone());
     registry.register("tls_handshakes", "TLS handshakes completed", m.handshakes.clone());
     registry.register("tls_handshake_failures", "TLS handshakes that failed, by reason", m.handshake_failures_family.clone());
+    registry.register("access_log_dropped", "Access-log lines dropped because the writer could not keep up", m.access_log_dropped.clone());
     registry.register_collector(Box::new(LiveCollector { live, sync }));
     registry
 }
