@@ -4,8 +4,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod devca;
 pub mod devcert;
 pub mod logging;
 pub mod proxy;
