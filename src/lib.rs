@@ -10,6 +10,7 @@ pub mod config;
 pub mod devca;
 pub mod devcert;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod redirect;
 pub mod reload;

@@ -130,6 +130,7 @@ pub struct ProxyConfig {
     pub reload_debounce: Duration,
     pub admin: Option<SocketAddr>,
     pub admin_token_file: Option<PathBuf>,
+    pub workers: Option<usize>,
 }
 
 impl ProxyConfig {
@@ -166,6 +167,7 @@ impl ProxyConfig {
             reload_debounce: args.reload_debounce,
             admin: args.admin,
             admin_token_file: args.admin_token_file.clone(),
+            workers: args.workers.map(usize::from),
         }
     }
 
@@ -197,6 +199,10 @@ impl ProxyConfig {
             kept.push("redirect-http/public-https-port");
             self.redirect_http = running.redirect_http;
             self.public_https_port = running.public_https_port;
+        }
+        if self.workers != running.workers {
+            kept.push("workers");
+            self.workers = running.workers;
         }
         if self.admin != running.admin || self.admin_token_file != running.admin_token_file {
             kept.push("admin/admin-token-file");

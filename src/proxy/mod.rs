@@ -16,6 +16,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::config::ProxyConfig;
+use crate::metrics::{metrics, UpstreamFailure};
 use upstream::UpstreamClient;
 
 /// Upstream bodies stream through untouched; the proxy's own answers are small and whole.
@@ -41,7 +42,15 @@ impl ConnectionContext {
 
     /// Forwards `request` to the upstream and returns its response, or the proxy's own error
     /// response. Never fails: every failure becomes a status code the client can act on.
-    pub async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn forward(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        let started = std::time::Instant::now();
+        let version = request.version();
+        let response = self.forward_inner(request).await;
+        metrics().request(version, response.status(), started.elapsed());
+        response
+    }
+
+    async fn forward_inner(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
         if request.method() == Method::CONNECT {
             return plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed: CONNECT is not proxied\n".to_owned());
         }
@@ -69,10 +78,12 @@ impl ConnectionContext {
             Ok(Err(error)) => {
                 let reason = upstream::describe_failure(&error);
                 tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream request failed: {reason}");
+                metrics().upstream_failure(if error.is_connect() { UpstreamFailure::Connect } else { UpstreamFailure::Other });
                 return plain_response(StatusCode::BAD_GATEWAY, format!("502 Bad Gateway: upstream {upstream}: {reason}\n"));
             }
             Err(_) => {
                 tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream gave no response within {timeout:?}");
+                metrics().upstream_failure(UpstreamFailure::Timeout);
                 return plain_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!("504 Gateway Timeout: upstream {upstream} gave no response within {}\n", humantime::format_duration(timeout)),

@@ -233,7 +233,13 @@ impl Worker {
         let hash = content_hash(&value.content);
         if origin == Origin::Source {
             if self.history.state.rejected.contains(&hash) {
-                tracing::debug!("sync {}: {} was rejected before; not applied again until the source changes", self.name(), short(&hash));
+                tracing::info!("sync {}: {} was rejected before; not applied again until the source changes", self.name(), short(&hash));
+                // The last good version stays: the destination is as settled as it can be.
+                self.settled = SyncState::RolledBack;
+                self.update(|s| {
+                    s.state = SyncState::RolledBack;
+                    s.synced_once = true;
+                });
                 return Outcome::Skipped;
             }
             if !self.history.state.rejected.is_empty() {
@@ -487,6 +493,7 @@ impl Worker {
                     _ => format!("still unhealthy after the rollback ({still})"),
                 };
                 let done = if self.notifier.targets_process() {
+                    self.update(|s| s.counters.kills += 1);
                     verify::escalate(&self.notifier, self.spec.kill_after).await
                 } else {
                     "no process to terminate (give --pid-file or --process-name)".into()
