@@ -68,12 +68,19 @@ pub fn read_token(path: &Path) -> Result<String, AdminError> {
     Ok(token)
 }
 
+/// The token (if a file is given), and the rule that a non-loopback admin API needs one.
+/// Separate from `bind` so that `sidecar check` applies the same rules without binding.
+pub fn settings(addr: SocketAddr, token_file: Option<&Path>) -> Result<Option<String>, AdminError> {
+    let token = token_file.map(read_token).transpose()?;
+    if token.is_none() && !addr.ip().is_loopback() {
+        return Err(AdminError::ExposedWithoutToken { addr });
+    }
+    Ok(token)
+}
+
 impl AdminServer {
     pub fn bind(addr: SocketAddr, token_file: Option<&Path>, shutdown: CancellationToken) -> Result<AdminServer, AdminError> {
-        let token = token_file.map(read_token).transpose()?;
-        if token.is_none() && !addr.ip().is_loopback() {
-            return Err(AdminError::ExposedWithoutToken { addr });
-        }
+        let token = settings(addr, token_file)?;
         let listener = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(TcpListener::from_std)

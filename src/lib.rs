@@ -5,8 +5,10 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod devca;
 pub mod devcert;
 pub mod logging;
 pub mod metrics;
