@@ -27,7 +27,9 @@ use crate::config::{CertSource, ProxyConfig};
 use crate::proxy::upstream::{self, UpstreamClient};
 use crate::proxy::ConnectionContext;
 use crate::proxy_protocol;
+use crate::access_log::{AccessLog, ConnectionFacts};
 use crate::admin::{AdminServer, ProxyAdmin};
+use crate::metrics::{metrics, HandshakeFailure};
 use crate::reload::{LiveState, Reloader};
 use crate::tls::{self, TlsContext, TlsError, TlsState};
 
@@ -41,6 +43,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("{0}")]
+    AccessLog(#[from] crate::access_log::AccessLogError),
     #[error("{0}")]
     Sync(#[from] crate::sync::SyncError),
 }
@@ -74,6 +78,7 @@ pub struct ProxyServer {
     listener: std::net::TcpListener,
     local_addr: SocketAddr,
     workers: usize,
+    access_log: Option<Arc<AccessLog>>,
     redirect: Option<crate::redirect::RedirectServer>,
     admin: Option<AdminServer>,
     live: Arc<LiveState>,
@@ -111,6 +116,7 @@ impl ProxyServer {
             }
             None => None,
         };
+        let access_log = AccessLog::open(&config.access_log, config.access_log_format)?.map(Arc::new);
         let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let admin = match config.admin {
             Some(addr) => Some(AdminServer::bind(addr, config.admin_token_file.as_deref(), shutdown.clone())?),
@@ -124,7 +130,7 @@ impl ProxyServer {
         });
         let reloader = Reloader::new(live.clone(), argv);
         let sync = crate::sync::SyncManager::start_from_config_file(args.config.as_deref(), shutdown.clone()).await?;
-        Ok(ProxyServer { listener, local_addr, workers, redirect, admin, live, reloader, shutdown, sync })
+        Ok(ProxyServer { listener, local_addr, workers, access_log, redirect, admin, live, reloader, shutdown, sync })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -186,7 +192,7 @@ impl ProxyServer {
                     break;
                 }
             };
-            let worker = Worker { permits: permits.clone(), live: self.live.clone(), shutdown: shutdown.clone() };
+            let worker = Worker { access_log: self.access_log.clone(), permits: permits.clone(), live: self.live.clone(), shutdown: shutdown.clone() };
             match worker.spawn(listener, index) {
                 Ok(stopped) => accepting.push(stopped),
                 Err(e) => tracing::error!("cannot start worker thread {index}: {e}"),
@@ -228,6 +234,7 @@ fn bind(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, StartEr
 /// upstream connection and their wake-ups stay on one core, as in nginx's worker model. All
 /// workers accept from duplicates of one listening socket; whichever is idle wins the race.
 struct Worker {
+    access_log: Option<Arc<AccessLog>>,
     permits: Arc<Semaphore>,
     live: Arc<LiveState>,
     shutdown: CancellationToken,
@@ -288,7 +295,8 @@ impl Worker {
             let snapshot = self.live.serving.load_full();
             let client = pool.client_for(&snapshot.config);
             let acceptor = TlsAcceptor::from(self.live.tls.server_config());
-            tokio::spawn(serve_connection(tcp, peer, acceptor, snapshot, client, self.shutdown.clone(), permit));
+            let access_log = self.access_log.clone();
+            tokio::spawn(serve_connection(tcp, peer, acceptor, snapshot, client, access_log, self.shutdown.clone(), permit));
         }
     }
 }
@@ -320,10 +328,12 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     snapshot: Arc<ServingSnapshot>,
     client: UpstreamClient,
+    access_log: Option<Arc<AccessLog>>,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
     let timeouts = &snapshot.config.timeouts;
+    let _open = metrics().connection_opened();
     // The PROXY header and the TLS handshake share one deadline: a balancer writes its header
     // at once, so it needs no allowance of its own, and a silent client is cut off on time.
     let deadline = tokio::time::Instant::now() + timeouts.tls_handshake;
@@ -361,19 +371,35 @@ async fn serve_connection(
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "TLS handshake failed: {e}");
+            metrics().handshake_failed(HandshakeFailure::of(&e));
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake not completed within {:?}", timeouts.tls_handshake);
+            metrics().handshake_failed(HandshakeFailure::Timeout);
             return;
         }
     };
+    metrics().handshake_ok();
     let (_, session) = stream.get_ref();
     let client_subject = tls::client_subject(session.peer_certificates());
     let http2 = session.alpn_protocol() == Some(b"h2");
+    let access_log = access_log.map(|log| {
+        let tls_version = match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "-",
+        };
+        let alpn = match session.alpn_protocol() {
+            Some(b"h2") => "h2",
+            Some(b"http/1.1") => "http/1.1",
+            _ => "-",
+        };
+        (log, ConnectionFacts { client: peer.ip(), tls_version, alpn })
+    });
     let activity = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
-    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), client, peer, client_subject));
+    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), client, peer, client_subject, access_log));
     let service = service_fn(move |request| {
         let context = context.clone();
         async move { Ok::<_, std::convert::Infallible>(context.forward(request).await) }

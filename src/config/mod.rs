@@ -131,6 +131,8 @@ pub struct ProxyConfig {
     pub admin: Option<SocketAddr>,
     pub admin_token_file: Option<PathBuf>,
     pub workers: Option<usize>,
+    pub access_log: crate::access_log::AccessLogTarget,
+    pub access_log_format: crate::access_log::AccessLogFormat,
     /// Every TLS connection starts with a PROXY protocol header naming the real client.
     pub proxy_protocol: bool,
 }
@@ -170,6 +172,8 @@ impl ProxyConfig {
             admin: args.admin,
             admin_token_file: args.admin_token_file.clone(),
             workers: args.workers.map(usize::from),
+            access_log: args.access_log.clone(),
+            access_log_format: args.access_log_format,
             proxy_protocol: args.proxy_protocol,
         }
     }
@@ -202,6 +206,11 @@ impl ProxyConfig {
             kept.push("redirect-http/public-https-port");
             self.redirect_http = running.redirect_http;
             self.public_https_port = running.public_https_port;
+        }
+        if self.access_log != running.access_log || self.access_log_format != running.access_log_format {
+            kept.push("access-log/access-log-format");
+            self.access_log = running.access_log.clone();
+            self.access_log_format = running.access_log_format;
         }
         if self.workers != running.workers {
             kept.push("workers");
@@ -269,7 +278,7 @@ mod tests {
         full.extend_from_slice(argv);
         match crate::cli::parse_from(full).unwrap().command {
             crate::cli::Command::Proxy(args) => ProxyConfig::from_args(&args),
-            crate::cli::Command::Sync(_) => unreachable!("a proxy command line"),
+            _ => unreachable!("a proxy command line"),
         }
     }
 
