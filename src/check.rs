@@ -229,7 +229,9 @@ pub fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
     if let Some(path) = &config.config_file {
         report.summary.push(format!("config file {}", path.display()));
     }
-    report.summary.push(format!("listen      https://{} (not bound by check)", config.listen));
+    // Said here because a proxy that wants a header its clients do not send refuses them all.
+    let proxy_note = if config.proxy_protocol { "; every connection must start with a PROXY protocol header" } else { "" };
+    report.summary.push(format!("listen      https://{} (not bound by check{proxy_note})", config.listen));
     if let Some(upstream) = &upstream {
         report.summary.push(format!("upstream    {upstream} (not contacted by check)"));
     }

@@ -385,7 +385,19 @@ pub struct ProxyArgs {
     /// Expect a PROXY protocol header (v1 or v2) from a load balancer at the start of every
     /// TLS connection and take the client address for X-Forwarded-For from it; a connection
     /// without a valid header is closed. Only behind a balancer that sends one (restart-only)
-    #[arg(long, env = "SIDECAR_PROXY_PROTOCOL")]
+    // A value, not a bare switch: a flag must be able to turn off what the file or the
+    // environment turned on, and `sidecar check` validates options that take values.
+    #[arg(
+        long,
+        env = "SIDECAR_PROXY_PROTOCOL",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "false",
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub proxy_protocol: bool,
 
     /// HTTPS port written into redirects [default: the --listen port]; set it when a Service

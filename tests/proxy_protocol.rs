@@ -265,3 +265,25 @@ async fn the_environment_variable_turns_it_on() {
     assert!(tls_connect(sidecar.addr, client_config(ca, &[b"http/1.1"]), "localhost").await.is_err());
     assert_eq!(forwarded_for(&upstream, sidecar.addr, &v2_tcp4(&[]), ca, true).await, "203.0.113.7");
 }
+
+#[test]
+fn check_reports_the_setting_and_refuses_a_bad_value() {
+    let output = |args: &[&str], env: &[(&str, &str)]| {
+        let state = tempfile::tempdir().unwrap();
+        let mut cmd = sidecar_command(args);
+        cmd.env("XDG_STATE_HOME", state.path()).envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let note = "every connection must start with a PROXY protocol header";
+    let (code, text) = output(&["check", "--upstream", "http://127.0.0.1:8080", "--proxy-protocol"], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(note), "{text}");
+    let (code, text) = output(&["check", "--upstream", "http://127.0.0.1:8080"], &[("SIDECAR_PROXY_PROTOCOL", "true")]);
+    assert!(code == Some(0) && text.contains(note), "{text}");
+    let (code, text) = output(&["check", "--upstream", "http://127.0.0.1:8080", "--proxy-protocol=false"], &[("SIDECAR_PROXY_PROTOCOL", "true")]);
+    assert!(code == Some(0) && !text.contains(note), "the flag wins over the environment: {text}");
+    let (code, text) = output(&["check", "--upstream", "http://127.0.0.1:8080", "--proxy-protocol=maybe"], &[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("maybe"), "{text}");
+}

@@ -291,6 +291,8 @@ mod tests {
         std::fs::write(&file, "[proxy]\nproxy-protocol = true\n").unwrap();
         let on = config_from(&["--config", file.to_str().unwrap()]);
         assert!(on.proxy_protocol);
+        // A flag turns off what the file turned on.
+        assert!(!config_from(&["--config", file.to_str().unwrap(), "--proxy-protocol=false"]).proxy_protocol);
         std::fs::write(&file, "[proxy]\nproxy_protocol = false\n").unwrap();
         let mut off = config_from(&["--config", file.to_str().unwrap()]);
         assert!(!off.proxy_protocol);
