@@ -40,10 +40,12 @@ pub enum HandshakeFailure {
     /// Not TLS, or TLS broken in transit.
     Protocol,
     Io,
+    /// With --proxy-protocol: no valid PROXY header came before the handshake.
+    ProxyHeader,
 }
 
 impl HandshakeFailure {
-    const ALL: [HandshakeFailure; 7] = [
+    const ALL: [HandshakeFailure; 8] = [
         HandshakeFailure::Timeout,
         HandshakeFailure::Eof,
         HandshakeFailure::Incompatible,
@@ -51,6 +53,7 @@ impl HandshakeFailure {
         HandshakeFailure::AlertReceived,
         HandshakeFailure::Protocol,
         HandshakeFailure::Io,
+        HandshakeFailure::ProxyHeader,
     ];
 
     fn label(self) -> &'static str {
@@ -62,6 +65,7 @@ impl HandshakeFailure {
             HandshakeFailure::AlertReceived => "alert_received",
             HandshakeFailure::Protocol => "protocol",
             HandshakeFailure::Io => "io",
+            HandshakeFailure::ProxyHeader => "proxy_protocol",
         }
     }
 
@@ -98,7 +102,7 @@ pub struct Metrics {
     connections_open: Gauge,
     connections_total: Counter,
     handshakes: Counter,
-    handshake_failures: [Counter; 7],
+    handshake_failures: [Counter; 8],
     handshake_failures_family: Family<Labels1, Counter>,
     access_log_dropped: Counter,
 }

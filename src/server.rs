@@ -26,7 +26,7 @@ use crate::cli::ProxyArgs;
 use crate::config::{CertSource, ProxyConfig};
 use crate::proxy::upstream::{self, UpstreamClient};
 use crate::proxy::ConnectionContext;
-use crate::proxy_protocol;
+use crate::proxy_protocol::{self, ProxyHeaderError};
 use crate::access_log::{AccessLog, ConnectionFacts};
 use crate::admin::{AdminServer, ProxyAdmin};
 use crate::metrics::{metrics, HandshakeFailure};
@@ -353,10 +353,16 @@ async fn serve_connection(
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, "connection refused: {e}");
+                    metrics().handshake_failed(match e {
+                        ProxyHeaderError::Truncated { .. } => HandshakeFailure::Eof,
+                        ProxyHeaderError::Io(_) => HandshakeFailure::Io,
+                        _ => HandshakeFailure::ProxyHeader,
+                    });
                     return;
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "connection refused: no complete PROXY protocol header within {:?}", timeouts.tls_handshake);
+                    metrics().handshake_failed(HandshakeFailure::Timeout);
                     return;
                 }
             }

@@ -149,7 +149,7 @@ async fn v2_headers_for_ipv4_and_ipv6_with_tlvs_and_local() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_over_a_v2_prefixed_connection() {
-    let (upstream, pki, sidecar) = setup(&["--proxy-protocol"]).await;
+    let (upstream, pki, sidecar) = setup(&["--proxy-protocol", "--access-log", "stderr"]).await;
     let ca = pki.ca_pem.as_bytes();
     let mut conn = open_after(sidecar.addr, &v2_tcp6(TLVS), ca, true).await;
     for _ in 0..3 {
@@ -157,6 +157,9 @@ async fn http2_over_a_v2_prefixed_connection() {
         assert_eq!((status, body.as_str()), (StatusCode::OK, "hello from upstream\n"));
         assert_eq!(header_map(&upstream.last_request().headers)["x-forwarded-for"], "2001:db8::1");
     }
+    // The access log names the client too, not the balancer.
+    let line = sidecar.logs.wait_for("GET /h2", Duration::from_secs(5));
+    assert!(line.starts_with("2001:db8::1 "), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -264,6 +267,44 @@ async fn the_environment_variable_turns_it_on() {
     let ca = pki.ca_pem.as_bytes();
     assert!(tls_connect(sidecar.addr, client_config(ca, &[b"http/1.1"]), "localhost").await.is_err());
     assert_eq!(forwarded_for(&upstream, sidecar.addr, &v2_tcp4(&[]), ca, true).await, "203.0.113.7");
+}
+
+/// One sample of the admin API's /metrics text, 0 when absent.
+async fn metric(admin: SocketAddr, key: &str) -> f64 {
+    use http_body_util::BodyExt;
+    let tcp = TcpStream::connect(admin).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get("/metrics").header("host", "admin").body(empty()).unwrap();
+    let body = send.send_request(request).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' '))).map_or(0.0, |v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_headers_are_counted_as_failed_handshakes() {
+    let (upstream, pki, sidecar) = setup(&["--proxy-protocol", "--admin", "127.0.0.1:0"]).await;
+    let line = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
+    let admin: SocketAddr =
+        line.split("admin API on http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().trim_end_matches(';').parse().unwrap();
+    let ca = pki.ca_pem.as_bytes();
+    assert!(tls_after(sidecar.addr, b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n", ca, &[b"http/1.1"]).await.is_err());
+    {
+        // Part of a header, then the client goes away.
+        let mut partial = TcpStream::connect(sidecar.addr).await.unwrap();
+        partial.write_all(&V1_TCP4[..20]).await.unwrap();
+    }
+    still_serves(&upstream, sidecar.addr, ca, "refused headers").await;
+
+    let failures = "sidecar_tls_handshake_failures_total";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(admin, &format!("{failures}{{reason=\"eof\"}}")).await < 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(admin, &format!("{failures}{{reason=\"proxy_protocol\"}}")).await, 1.0);
+    assert_eq!(metric(admin, &format!("{failures}{{reason=\"eof\"}}")).await, 1.0);
+    assert_eq!(metric(admin, "sidecar_tls_handshakes_total").await, 1.0);
+    assert_eq!(metric(admin, "sidecar_connections_total").await, 3.0);
 }
 
 #[test]
