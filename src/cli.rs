@@ -283,6 +283,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// On SIGTERM/SIGINT, how long to keep accepting and serving new connections (while
+    /// /readyz already answers 503) before draining: load balancers and Kubernetes endpoints
+    /// stop sending traffic only some time after shutdown starts
+    #[arg(long, env = "SIDECAR_SHUTDOWN_DELAY", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// Largest request head (request line + headers) accepted, in bytes; larger gets 431
     #[arg(long, env = "SIDECAR_MAX_HEADER_SIZE", value_name = "BYTES", default_value = "65536", value_parser = clap::value_parser!(u32).range(8192..=16_777_216))]
     pub max_header_size: u32,

@@ -130,6 +130,9 @@ pub struct ProxyConfig {
     pub reload_debounce: Duration,
     pub admin: Option<SocketAddr>,
     pub admin_token_file: Option<PathBuf>,
+    /// Time between the shutdown signal and closing the listener; read when shutdown starts,
+    /// so a reloaded value applies.
+    pub shutdown_delay: Duration,
 }
 
 impl ProxyConfig {
@@ -166,6 +169,7 @@ impl ProxyConfig {
             reload_debounce: args.reload_debounce,
             admin: args.admin,
             admin_token_file: args.admin_token_file.clone(),
+            shutdown_delay: args.shutdown_delay,
         }
     }
 
