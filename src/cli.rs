@@ -59,7 +59,7 @@ A flag wins over its environment variable, which wins over the file.
 
 Certificates, keys, the client CA and the --config file are watched and reloaded live (also on
 SIGHUP): a new file is validated first, and a bad one is refused while the old one keeps
-serving. listen, max-connections, redirect-http and admin need a restart.
+serving. listen, max-connections, workers, redirect-http and admin need a restart.
 Without --cert/--key, a self-signed certificate for localhost, 127.0.0.1 and ::1 is created
 under --state-dir and reused on later starts.";
 
@@ -96,8 +96,8 @@ pub struct SyncArgs {
     #[arg(long, env = "SIDECAR_SYNC_PID_FILE", value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
 
-    /// Signal every process with this name (its comm, or its argv[0] or argv[1] file name), for
-    /// a shared process namespace
+    /// Signal every process with this name (its comm, or the file name of its argv[0] or of
+    /// its script), for a shared process namespace
     #[arg(long, env = "SIDECAR_SYNC_PROCESS_NAME", value_name = "NAME")]
     pub process_name: Option<String>,
 
@@ -301,6 +301,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_REDIRECT_HTTP", value_name = "ADDR")]
     pub redirect_http: Option<SocketAddr>,
 
+    /// Worker threads serving connections, each with its own event loop and upstream pool
+    /// [default: one per CPU]
+    #[arg(long, env = "SIDECAR_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
     /// Serve the admin API (/healthz, /readyz, /status, POST /reload) on ADDR; loopback only
     /// unless --admin-token-file is given
     #[arg(long, env = "SIDECAR_ADMIN", value_name = "ADDR")]
@@ -400,7 +405,8 @@ pub fn main() -> ExitCode {
 }
 
 fn run_proxy(args: ProxyArgs, argv: Vec<OsString>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // This thread runs signals, reloads and the admin API; connections run on worker threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");

@@ -122,10 +122,14 @@ impl Reloader {
     fn reload_attempt(&mut self, trigger: Trigger, final_attempt: bool) -> ReloadOutcome {
         let mut outcome = ReloadOutcome::default();
         let running = self.live.serving.load_full();
-        let config = match self.reload_config(&running.config, trigger) {
+        let config = match self.reload_config(&running.config) {
             Ok(Some(new)) => {
                 outcome.config_changed = true;
-                self.live.serving.store(Arc::new(ServingSnapshot::new(new.clone(), Some(&running))));
+                self.live.serving.store(Arc::new(ServingSnapshot::new(new.clone())));
+                // Logged after the store: whoever waits for this line finds it in effect.
+                if let Some(file) = &new.config_file {
+                    tracing::info!("config reloaded from {} ({}): upstream {}", file.display(), trigger.as_str(), new.upstream);
+                }
                 self.live.stats.config_ok.fetch_add(1, Ordering::Relaxed);
                 new
             }
@@ -149,8 +153,9 @@ impl Reloader {
                 tracing::debug!("certificate files unchanged ({})", trigger.as_str());
             }
             Ok(new) => {
+                // Logged after the store: whoever waits for this line finds it in effect.
+                let new = self.live.tls.replace(new);
                 log_certificates("certificates reloaded", trigger, &new);
-                self.live.tls.replace(new);
                 self.live.stats.tls_ok.fetch_add(1, Ordering::Relaxed);
                 outcome.tls_changed = true;
             }
@@ -175,7 +180,7 @@ impl Reloader {
     }
 
     /// `Ok(None)` when there is no config file or it says what is running already.
-    fn reload_config(&self, running: &ProxyConfig, trigger: Trigger) -> Result<Option<ProxyConfig>, String> {
+    fn reload_config(&self, running: &ProxyConfig) -> Result<Option<ProxyConfig>, String> {
         let (Some(argv), Some(file)) = (&self.argv, &running.config_file) else { return Ok(None) };
         let args = crate::cli::reparse_proxy_args(argv).map_err(|e| e.to_string())?;
         let mut new = ProxyConfig::from_args(&args);
@@ -185,7 +190,6 @@ impl Reloader {
         if new == *running {
             return Ok(None);
         }
-        tracing::info!("config reloaded from {} ({}): upstream {}", file.display(), trigger.as_str(), new.upstream);
         Ok(Some(new))
     }
 

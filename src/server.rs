@@ -49,33 +49,30 @@ pub struct ServingSnapshot {
     pub config: Arc<ProxyConfig>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
-    client: UpstreamClient,
 }
 
 impl ServingSnapshot {
-    /// `previous` lends its upstream pool when the new config connects the same way, so a
-    /// reload does not throw away warm keep-alive connections.
-    pub fn new(config: ProxyConfig, previous: Option<&ServingSnapshot>) -> ServingSnapshot {
-        let client = match previous {
-            Some(p) if p.config.timeouts.upstream_connect == config.timeouts.upstream_connect => p.client.clone(),
-            _ => upstream::client(&config),
-        };
+    pub fn new(config: ProxyConfig) -> ServingSnapshot {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(config.timeouts.header_read)
             .max_buf_size(config.limits.max_header_size as usize)
+            // TLS seals each write into its own record: one flattened buffer per response
+            // beats a vectored write of head and body.
+            .writev(false)
             .keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new()).max_header_list_size(config.limits.max_header_size).keep_alive_interval(None);
-        ServingSnapshot { config: Arc::new(config), http1, http2, client }
+        ServingSnapshot { config: Arc::new(config), http1, http2 }
     }
 }
 
 /// A bound, ready proxy. `start` does everything that can fail; `run` serves until shutdown.
 pub struct ProxyServer {
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     local_addr: SocketAddr,
+    workers: usize,
     redirect: Option<crate::redirect::RedirectServer>,
     admin: Option<AdminServer>,
     live: Arc<LiveState>,
@@ -113,19 +110,20 @@ impl ProxyServer {
             }
             None => None,
         };
+        let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let admin = match config.admin {
             Some(addr) => Some(AdminServer::bind(addr, config.admin_token_file.as_deref(), shutdown.clone())?),
             None => None,
         };
         let live = Arc::new(LiveState {
-            serving: ArcSwap::from_pointee(ServingSnapshot::new(config, None)),
+            serving: ArcSwap::from_pointee(ServingSnapshot::new(config)),
             tls: TlsState::new(tls),
             tls_context,
             stats: Default::default(),
         });
         let reloader = Reloader::new(live.clone(), argv);
         let sync = crate::sync::SyncManager::start_from_config_file(args.config.as_deref(), shutdown.clone()).await?;
-        Ok(ProxyServer { listener, local_addr, redirect, admin, live, reloader, shutdown, sync })
+        Ok(ProxyServer { listener, local_addr, workers, redirect, admin, live, reloader, shutdown, sync })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -181,8 +179,27 @@ impl ProxyServer {
         }
         tokio::spawn(self.reloader.run(shutdown.clone()));
         let permits = Arc::new(Semaphore::new(max_connections as usize));
-        accept_loop(&self.listener, &permits, &self.live, &stop_accepting).await;
+        let mut accepting = Vec::with_capacity(self.workers);
+        for index in 0..self.workers {
+            let listener = match self.listener.try_clone() {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::error!("cannot share the listening socket with worker {index}: {e}");
+                    break;
+                }
+            };
+            // Workers stop accepting on `stop_accepting`, `--shutdown-delay` after the signal.
+            let worker = Worker { permits: permits.clone(), live: self.live.clone(), shutdown: stop_accepting.clone() };
+            match worker.spawn(listener, index) {
+                Ok(stopped) => accepting.push(stopped),
+                Err(e) => tracing::error!("cannot start worker thread {index}: {e}"),
+            }
+        }
         drop(self.listener);
+        // Wait until every worker has stopped accepting; only then is the port closed.
+        for stopped in accepting {
+            let _ = stopped.await;
+        }
 
         let open = max_connections as usize - permits.available_permits();
         if open > 0 {
@@ -223,42 +240,103 @@ fn delayed_stop(shutdown: &CancellationToken, live: &Arc<LiveState>) -> Cancella
     stop
 }
 
-fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+fn bind(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, StartError> {
     let err = |source| StartError::Bind { addr, source };
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
-    socket.listen(backlog.clamp(128, 4096)).map_err(err)
+    let listener = socket.listen(backlog.clamp(128, 4096)).map_err(err)?;
+    // Registered with each worker's own reactor later, through a duplicate of the socket.
+    listener.into_std().map_err(err)
 }
 
-async fn accept_loop(listener: &TcpListener, permits: &Arc<Semaphore>, live: &LiveState, shutdown: &CancellationToken) {
-    loop {
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                tracing::warn!("--max-connections ({}) reached; new clients wait in the backlog", live.serving.load().config.limits.max_connections);
-                tokio::select! {
-                    permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
-                    _ = shutdown.cancelled() => return,
+/// One thread with its own single-threaded runtime and its own upstream pool: a request, its
+/// upstream connection and their wake-ups stay on one core, as in nginx's worker model. All
+/// workers accept from duplicates of one listening socket; whichever is idle wins the race.
+struct Worker {
+    permits: Arc<Semaphore>,
+    live: Arc<LiveState>,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    /// Starts the thread; the receiver resolves when the worker has stopped accepting. The
+    /// thread then keeps serving its open connections until the process exits.
+    fn spawn(self, listener: std::net::TcpListener, index: usize) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+        let (stopped, on_stopped) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new().name(format!("sidecar-worker-{index}")).spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => self.accept_loop(&listener).await,
+                    Err(e) => tracing::error!("worker {index} cannot use the listening socket: {e}"),
                 }
+                let _ = stopped.send(());
+                std::future::pending::<()>().await;
+            });
+        })?;
+        Ok(on_stopped)
+    }
+
+    async fn accept_loop(&self, listener: &TcpListener) {
+        let mut pool = WorkerPool::default();
+        let mut last_full_warning: Option<tokio::time::Instant> = None;
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of file descriptors or similar: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = self.shutdown.cancelled() => return,
+            };
+            let permit = match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let now = tokio::time::Instant::now();
+                    if last_full_warning.is_none_or(|at| now.duration_since(at) > Duration::from_secs(10)) {
+                        last_full_warning = Some(now);
+                        let max = self.live.serving.load().config.limits.max_connections;
+                        tracing::warn!("--max-connections ({max}) reached: new clients wait until a connection closes");
+                    }
+                    tokio::select! {
+                        permit = self.permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+                        _ = self.shutdown.cancelled() => return,
+                    }
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            // Both snapshots are read once here: this connection keeps them for its whole life.
+            let snapshot = self.live.serving.load_full();
+            let client = pool.client_for(&snapshot.config);
+            let acceptor = TlsAcceptor::from(self.live.tls.server_config());
+            tokio::spawn(serve_connection(tcp, peer, acceptor, snapshot, client, self.shutdown.clone(), permit));
+        }
+    }
+}
+
+/// The worker's upstream client, kept across config reloads while it connects the same way,
+/// so that a reload does not throw away warm keep-alive connections.
+#[derive(Default)]
+struct WorkerPool {
+    current: Option<(Duration, UpstreamClient)>,
+}
+
+impl WorkerPool {
+    fn client_for(&mut self, config: &ProxyConfig) -> UpstreamClient {
+        let connect_timeout = config.timeouts.upstream_connect;
+        match &self.current {
+            Some((timeout, client)) if *timeout == connect_timeout => client.clone(),
+            _ => {
+                let client = upstream::client(config);
+                self.current = Some((connect_timeout, client.clone()));
+                client
             }
-        };
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors or similar: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
-        // Both snapshots are read once here: this connection keeps them for its whole life.
-        let acceptor = TlsAcceptor::from(live.tls.server_config());
-        tokio::spawn(serve_connection(tcp, peer, acceptor, live.serving.load_full(), shutdown.clone(), permit));
+        }
     }
 }
 
@@ -267,6 +345,7 @@ async fn serve_connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     snapshot: Arc<ServingSnapshot>,
+    client: UpstreamClient,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -292,7 +371,7 @@ async fn serve_connection(
     let http2 = session.alpn_protocol() == Some(b"h2");
     let activity = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
-    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), snapshot.client.clone(), peer, client_subject));
+    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), client, peer, client_subject));
     let service = service_fn(move |request| {
         let context = context.clone();
         async move { Ok::<_, std::convert::Infallible>(context.forward(request).await) }

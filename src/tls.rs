@@ -397,9 +397,11 @@ impl TlsState {
         self.current.load_full()
     }
 
-    /// Installs an already validated snapshot in one store.
-    pub fn replace(&self, snapshot: TlsSnapshot) {
-        self.current.store(Arc::new(snapshot));
+    /// Installs an already validated snapshot in one store, and returns it.
+    pub fn replace(&self, snapshot: TlsSnapshot) -> Arc<TlsSnapshot> {
+        let snapshot = Arc::new(snapshot);
+        self.current.store(snapshot.clone());
+        snapshot
     }
 }
 

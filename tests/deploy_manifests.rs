@@ -552,6 +552,10 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                 for (kind, key) in [("requests", "cpu"), ("requests", "memory"), ("limits", "memory")] {
                     assert!(!resources[kind][key].is_badvalue(), "{what}: resources.{kind}.{key}");
                 }
+                // Without a CPU limit, one worker per CPU means one per core of the node.
+                if resources["limits"]["cpu"].is_badvalue() {
+                    assert!(args.workers.is_some(), "{what}: no CPU limit and no --workers: one worker (and upstream pool) per node core");
+                }
                 let request = memory_bytes(s(&resources["requests"]["memory"]));
                 let limit = memory_bytes(s(&resources["limits"]["memory"]));
                 assert!(request <= limit, "{what}: memory request above the limit");

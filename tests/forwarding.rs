@@ -105,7 +105,8 @@ async fn response_hop_by_hop_headers_are_stripped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_connections_are_pooled_and_kept_alive() {
-    let (upstream, pki, sidecar) = setup(&[]).await;
+    // Each worker thread keeps its own pool; one worker makes the count exact.
+    let (upstream, pki, sidecar) = setup(&["--workers", "1"]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     for _ in 0..50 {
         let (status, _, _) = conn.get("/").await;

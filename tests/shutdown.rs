@@ -123,7 +123,7 @@ async fn during_the_shutdown_delay_readiness_fails_but_new_connections_are_serve
     let refused = first_refusal(s.sidecar.addr, Duration::from_secs(3)).await;
     let closed_after = refused.duration_since(signalled);
     assert!(closed_after >= DELAY, "the listener closed {closed_after:?} after SIGTERM, before the 1s delay");
-    assert!(closed_after < DELAY + Duration::from_millis(800), "the listener closed only {closed_after:?} after SIGTERM");
+    assert!(closed_after < DELAY + Duration::from_secs(2), "the listener closed only {closed_after:?} after SIGTERM");
     wait_log(&s.sidecar, "no longer accepting connections, draining in-flight requests", Duration::from_secs(1));
     assert_eq!(s.sidecar.child.try_wait().unwrap(), None, "exited before the in-flight request finished");
 

@@ -165,6 +165,42 @@ fn a_restart_with_nothing_changed_notifies_nobody_and_a_change_made_while_down_i
 }
 
 #[test]
+fn a_version_written_but_never_confirmed_is_notified_without_a_rewrite() {
+    // The sidecar stopped after the rename and before the app was told: the file holds v2,
+    // the state file still says v1 was the last applied.
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.conf"), dir.path().join("app.conf"));
+    write(&source, "v2\n");
+    write(&dest, "v2\n");
+    let history = dir.path().join(".sidecar-history/app.conf");
+    std::fs::create_dir_all(&history).unwrap();
+    write(&history.join("state.json"), &format!("{{\"applied_hash\": \"{}\", \"applied_revision\": \"x\"}}", content_hash(b"v1\n")));
+    let inode = std::fs::metadata(&dest).unwrap().ino();
+    let (notified, exec) = exec_counter(dir.path());
+    let sync = SyncProcess::start(&["--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--exec", &exec]);
+    wait_until("the app told about v2", T, || count_lines(&notified) == 1);
+    sync.wait_state("app.conf", "synced", T);
+    assert_eq!(std::fs::metadata(&dest).unwrap().ino(), inode, "not rewritten");
+    sync.proc.logs.wait_for("was not confirmed to run it", T);
+    wait_reads(&sync, "app.conf", 2);
+    assert_eq!(count_lines(&notified), 1, "told once");
+}
+
+#[test]
+fn sighup_does_not_stop_sidecar_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.conf"), dir.path().join("app.conf"));
+    write(&source, "x\n");
+    let mut sync = SyncProcess::start(&["--source", s(&source), "--dest", s(&dest)]);
+    sync.wait_state("app.conf", "synced", T);
+    sync.proc.signal("HUP");
+    sync.proc.logs.wait_for("SIGHUP: nothing to reload", T);
+    assert!(sync.proc.child.try_wait().unwrap().is_none(), "still running");
+    sync.proc.signal("TERM");
+    assert!(sync.proc.wait_exit(T).success(), "SIGTERM: exit 0");
+}
+
+#[test]
 fn a_configmap_data_symlink_swap_is_seen() {
     // The layout kubelet makes: config.json -> ..data/config.json, ..data -> ..2024_01, and an
     // update swaps ..data by renaming a new symlink over it.

@@ -122,8 +122,17 @@ fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<crate
     Ok(sections)
 }
 
+/// clap's message on one line, without its usage hints (which speak of a command line).
 fn first_error_line(rendered: &str) -> String {
-    rendered.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").trim_start_matches("error: ").to_owned()
+    rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_owned()
 }
 
 /// `line L, column C: message`: toml's own rendering spans several lines, a log line must not.

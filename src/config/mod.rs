@@ -133,6 +133,7 @@ pub struct ProxyConfig {
     /// Time between the shutdown signal and closing the listener; read when shutdown starts,
     /// so a reloaded value applies.
     pub shutdown_delay: Duration,
+    pub workers: Option<usize>,
 }
 
 impl ProxyConfig {
@@ -170,6 +171,7 @@ impl ProxyConfig {
             admin: args.admin,
             admin_token_file: args.admin_token_file.clone(),
             shutdown_delay: args.shutdown_delay,
+            workers: args.workers.map(usize::from),
         }
     }
 
@@ -201,6 +203,10 @@ impl ProxyConfig {
             kept.push("redirect-http/public-https-port");
             self.redirect_http = running.redirect_http;
             self.public_https_port = running.public_https_port;
+        }
+        if self.workers != running.workers {
+            kept.push("workers");
+            self.workers = running.workers;
         }
         if self.admin != running.admin || self.admin_token_file != running.admin_token_file {
             kept.push("admin/admin-token-file");

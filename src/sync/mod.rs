@@ -164,7 +164,8 @@ impl SyncManager {
 
 /// `sidecar sync`: one destination, until SIGTERM; or `--once`, or `--dry-run`.
 pub fn run_sync(args: SyncArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // One destination needs no thread pool: file I/O goes through spawn_blocking.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
@@ -192,6 +193,14 @@ pub fn run_sync(args: SyncArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // Without a handler SIGHUP would end the process; a sync follows its sources anyway.
+        if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: nothing to reload (sync follows its sources)");
+                }
+            });
+        }
         let admin = match args.admin {
             Some(addr) => match crate::admin::AdminServer::bind(addr, args.admin_token_file.as_deref(), shutdown.clone()) {
                 Ok(admin) => Some(admin),

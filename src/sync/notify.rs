@@ -154,8 +154,8 @@ fn read_pid_file(path: &Path) -> Result<Pid, NotifyError> {
         .ok_or_else(|| NotifyError::BadPid { path: path.to_owned(), content: text.trim().chars().take(40).collect() })
 }
 
-/// Processes whose comm, or argv[0] or argv[1] file name, is `name` (argv[1] for scripts run
-/// by an interpreter); never this process.
+/// Processes whose comm, or the file name of argv[0] or of the first non-option argument (the
+/// script, for an interpreter), is `name`; never this process.
 pub fn pids_named(name: &str) -> Vec<Pid> {
     let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -169,7 +169,10 @@ pub fn pids_named(name: &str) -> Vec<Pid> {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let base = |arg: &[u8]| Path::new(&*String::from_utf8_lossy(arg)).file_name().map(|n| n.to_string_lossy().into_owned());
         let mut args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty());
-        let matches = comm.trim() == name || args.by_ref().take(2).any(|a| base(a).as_deref() == Some(name));
+        let program = args.next();
+        // For `python3 -u app.py`, the script: the first argument that is not an option.
+        let script = args.find(|a| !a.starts_with(b"-"));
+        let matches = comm.trim() == name || [program, script].into_iter().flatten().any(|a| base(a).as_deref() == Some(name));
         if let Some(pid) = matches.then(|| i32::try_from(raw).ok().and_then(Pid::from_raw)).flatten() {
             pids.push(pid);
         }

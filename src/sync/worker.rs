@@ -233,7 +233,13 @@ impl Worker {
         let hash = content_hash(&value.content);
         if origin == Origin::Source {
             if self.history.state.rejected.contains(&hash) {
-                tracing::debug!("sync {}: {} was rejected before; not applied again until the source changes", self.name(), short(&hash));
+                tracing::info!("sync {}: {} was rejected before; not applied again until the source changes", self.name(), short(&hash));
+                // The last good version stays: the destination is as settled as it can be.
+                self.settled = SyncState::RolledBack;
+                self.update(|s| {
+                    s.state = SyncState::RolledBack;
+                    s.synced_once = true;
+                });
                 return Outcome::Skipped;
             }
             if !self.history.state.rejected.is_empty() {

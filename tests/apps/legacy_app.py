@@ -40,6 +40,8 @@ def load():
     except Exception as e:  # a broken file: keep running, report unhealthy
         with lock:
             state["error"] = str(e)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be changed from the main thread
     config = state["config"] or {}
     if config.get("ignore_signals"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
