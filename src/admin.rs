@@ -49,6 +49,8 @@ pub struct AdminState {
     shutdown: CancellationToken,
     pub proxy: Option<ProxyAdmin>,
     pub sync: Option<Arc<crate::sync::SyncManager>>,
+    /// Built at the first scrape, once proxy and sync are known.
+    metrics: std::sync::OnceLock<prometheus_client::registry::Registry>,
 }
 
 pub struct AdminServer {
@@ -66,17 +68,24 @@ pub fn read_token(path: &Path) -> Result<String, AdminError> {
     Ok(token)
 }
 
+/// The token (if a file is given), and the rule that a non-loopback admin API needs one.
+/// Separate from `bind` so that `sidecar check` applies the same rules without binding.
+pub fn settings(addr: SocketAddr, token_file: Option<&Path>) -> Result<Option<String>, AdminError> {
+    let token = token_file.map(read_token).transpose()?;
+    if token.is_none() && !addr.ip().is_loopback() {
+        return Err(AdminError::ExposedWithoutToken { addr });
+    }
+    Ok(token)
+}
+
 impl AdminServer {
     pub fn bind(addr: SocketAddr, token_file: Option<&Path>, shutdown: CancellationToken) -> Result<AdminServer, AdminError> {
-        let token = token_file.map(read_token).transpose()?;
-        if token.is_none() && !addr.ip().is_loopback() {
-            return Err(AdminError::ExposedWithoutToken { addr });
-        }
+        let token = settings(addr, token_file)?;
         let listener = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(TcpListener::from_std)
             .map_err(|source| AdminError::Bind { addr, source })?;
-        let state = AdminState { started: Instant::now(), token, shutdown, proxy: None, sync: None };
+        let state = AdminState { started: Instant::now(), token, shutdown, proxy: None, sync: None, metrics: Default::default() };
         Ok(AdminServer { listener, state: Arc::new(state) })
     }
 
@@ -130,6 +139,17 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> AdminResponse 
         ("/healthz", &Method::GET | &Method::HEAD) => text(StatusCode::OK, "ok\n"),
         ("/readyz", &Method::GET | &Method::HEAD) => readiness(state),
         ("/status", &Method::GET | &Method::HEAD) => json_response(StatusCode::OK, status(state)),
+        ("/metrics", &Method::GET | &Method::HEAD) => {
+            let registry = state.metrics.get_or_init(|| {
+                crate::metrics::registry(state.proxy.as_ref().map(|p| p.live.clone()), state.sync.clone())
+            });
+            let mut response = Response::new(Full::new(Bytes::from(crate::metrics::encode(registry))));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            response
+        }
         ("/reload", &Method::POST) => {
             if let Some(denied) = check_token(state, &request) {
                 return denied;
@@ -146,7 +166,7 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> AdminResponse 
             }
         }
         ("/reload", _) => method_not_allowed("POST"),
-        ("/healthz" | "/readyz" | "/status", _) => method_not_allowed("GET, HEAD"),
+        ("/healthz" | "/readyz" | "/status" | "/metrics", _) => method_not_allowed("GET, HEAD"),
         (path, _) if path == "/sync" || path.starts_with("/sync/") => sync_route(state, request).await,
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

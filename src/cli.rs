@@ -5,6 +5,7 @@
 //! shows the built-in defaults.
 
 use std::ffi::OsString;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "SIDECAR_LOG_LEVEL", default_value = "info", value_name = "FILTER")]
     pub log_level: String,
 
+    /// Log lines as human-readable `text` or one JSON object per line (`json`)
+    #[arg(long, global = true, env = "SIDECAR_LOG_FORMAT", value_enum, default_value = "text", value_name = "FORMAT")]
+    pub log_format: crate::logging::LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -42,7 +47,34 @@ pub enum Command {
     /// atomically, signal the app, verify its health, roll back a bad version
     #[command(after_help = SYNC_AFTER_HELP)]
     Sync(SyncArgs),
+    /// Validate the proxy's configuration and every certificate and key it names, without
+    /// starting anything: lists every problem found, exit code 0 when none (else 2)
+    #[command(after_help = CHECK_AFTER_HELP)]
+    Check(ProxyArgs),
+    /// Make a local development CA (once) and a certificate signed by it for NAMES; trust the
+    /// CA once and browsers, curl and other clients accept the certificate without warnings
+    #[command(after_help = CERT_AFTER_HELP)]
+    Cert(CertArgs),
+    /// Shell completions and man pages, generated from these definitions (for packagers)
+    #[command(hide = true, subcommand)]
+    Generate(GenerateCommand),
 }
+
+const CHECK_AFTER_HELP: &str = "\
+Takes the same options, environment variables and --config file as `sidecar proxy` and checks
+them the way a start does: every value, the [proxy] table of the file, each certificate and key
+(parses, the key matches, within its validity), the --sni-cert pairs, the client CA and the
+admin token file. Nothing is started: no port is bound, the upstream is not contacted, no file
+is written. On success it prints a summary (certificates with subject, serial and expiry) on
+stdout; a certificate that expires within 30 days is a warning on stderr. Otherwise every
+problem is printed on stderr, one per line, and the exit code is 2.";
+
+const CERT_AFTER_HELP: &str = "\
+The CA (ca.pem, ca-key.pem) is made once in DIR and reused; each run issues a new certificate for
+NAMES, named after the first one (localhost+2.pem, localhost+2-key.pem). Keys are written with
+mode 0600. The output says how to use the certificate with `sidecar proxy` and how to make this
+machine, and Firefox, trust the CA. Anyone holding ca-key.pem can make certificates that a
+machine trusting the CA accepts: keep it private, and never use the CA outside development.";
 
 const PROXY_AFTER_HELP: &str = "\
 Every option can also come from its environment variable, or from the [proxy] table of the TOML
@@ -59,7 +91,8 @@ A flag wins over its environment variable, which wins over the file.
 
 Certificates, keys, the client CA and the --config file are watched and reloaded live (also on
 SIGHUP): a new file is validated first, and a bad one is refused while the old one keeps
-serving. listen, max-connections, workers, redirect-http and admin need a restart.
+serving. listen, max-connections, workers, redirect-http, admin, access-log and the
+log settings need a restart.
 Without --cert/--key, a self-signed certificate for localhost, 127.0.0.1 and ::1 is created
 under --state-dir and reused on later starts.";
 
@@ -205,6 +238,36 @@ pub struct SyncArgs {
     pub admin_token_file: Option<PathBuf>,
 }
 
+/// Options of `sidecar cert`.
+#[derive(Debug, Clone, Args)]
+pub struct CertArgs {
+    /// Where the CA and the certificates are kept [default: the proxy's state directory,
+    /// $XDG_STATE_HOME/sidecar or ~/.local/state/sidecar]
+    #[arg(long, env = "SIDECAR_STATE_DIR", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Host names (also *.wildcards) and IP addresses the certificate is for
+    #[arg(value_name = "NAMES", default_values = crate::devca::DEFAULT_NAMES)]
+    pub names: Vec<String>,
+}
+
+/// What `sidecar generate` makes.
+#[derive(Debug, Clone, Subcommand)]
+pub enum GenerateCommand {
+    /// Print a completion script for SHELL on stdout (e.g. `sidecar generate completions bash
+    /// > /usr/share/bash-completion/completions/sidecar`)
+    Completions {
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write sidecar.1 and one page per command (sidecar-proxy.1, ...) into DIR, or without
+    /// --dir print sidecar.1 on stdout (`sidecar generate man | man -l -`)
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
 /// Options of the `proxy` role. Durations take units: `500ms`, `10s`, `5m`.
 #[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
@@ -301,6 +364,16 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_REDIRECT_HTTP", value_name = "ADDR")]
     pub redirect_http: Option<SocketAddr>,
 
+    /// Write an access log line per request to `stdout`, `stderr` or a file (appended);
+    /// lines are written by their own thread and dropped (counted) rather than slow requests
+    #[arg(long, env = "SIDECAR_ACCESS_LOG", value_name = "TARGET", default_value = "off", value_parser = crate::access_log::parse_target)]
+    pub access_log: crate::access_log::AccessLogTarget,
+
+    /// Access log lines as `combined` (nginx/Apache style plus timings, TLS version, ALPN) or
+    /// `json`
+    #[arg(long, env = "SIDECAR_ACCESS_LOG_FORMAT", value_enum, default_value = "combined", value_name = "FORMAT")]
+    pub access_log_format: crate::access_log::AccessLogFormat,
+
     /// Worker threads serving connections, each with its own event loop and upstream pool
     /// [default: one per CPU]
     #[arg(long, env = "SIDECAR_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -336,7 +409,11 @@ where
     // First pass: only to find --config. Nothing is required yet, since the file may be what
     // supplies a required option.
     let first = Cli::command().ignore_errors(true).try_get_matches_from(&args)?;
-    let config_path = first.subcommand_matches("proxy").and_then(|m| m.get_one::<PathBuf>("config")).cloned();
+    // `check` takes the proxy's options, file included.
+    let (subcommand, config_path) = match first.subcommand() {
+        Some((name @ ("proxy" | "check"), m)) => (name.to_owned(), m.get_one::<PathBuf>("config").cloned()),
+        _ => (String::new(), None),
+    };
 
     let mut command = Cli::command();
     if let Some(path) = &config_path {
@@ -345,7 +422,7 @@ where
             let apply = |arg: clap::Arg| arg.default_values(default.values.clone()).required(false);
             command = match default.global {
                 true => command.mut_arg(&default.id, apply),
-                false => command.mut_subcommand("proxy", |sub| sub.mut_arg(&default.id, apply)),
+                false => command.mut_subcommand(&subcommand, |sub| sub.mut_arg(&default.id, apply)),
             };
         }
     }
@@ -359,7 +436,17 @@ where
             _ => CliError::FileValue { path: path.clone(), message: e.kind().to_string(), rendered: e.to_string() },
         }
     })?;
-    Ok(Cli::from_arg_matches(&matches)?)
+    let cli = Cli::from_arg_matches(&matches)?;
+    // clap's `requires` sees only the command line; a value from the file or the environment
+    // must not silently fall back to the development certificate.
+    if let Command::Proxy(proxy) = &cli.command {
+        match (&proxy.cert, &proxy.key) {
+            (Some(_), None) => return Err(CliError::Incomplete("--cert is given (by flag, SIDECAR_CERT or the config file) but --key is not")),
+            (None, Some(_)) => return Err(CliError::Incomplete("--key is given (by flag, SIDECAR_KEY or the config file) but --cert is not")),
+            _ => {}
+        }
+    }
+    Ok(cli)
 }
 
 /// The proxy's options parsed again from the original command line (so flags and environment
@@ -367,12 +454,14 @@ where
 pub fn reparse_proxy_args(argv: &[OsString]) -> Result<ProxyArgs, CliError> {
     match parse_from(argv.iter().cloned())?.command {
         Command::Proxy(args) => Ok(args),
-        Command::Sync(_) => Err(CliError::Usage(clap::Error::raw(ErrorKind::InvalidSubcommand, "not a proxy command line"))),
+        _ => Err(CliError::Usage(clap::Error::raw(ErrorKind::InvalidSubcommand, "not a proxy command line"))),
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    #[error("{0}")]
+    Incomplete(&'static str),
     #[error(transparent)]
     Usage(#[from] clap::Error),
     #[error(transparent)]
@@ -386,9 +475,20 @@ fn first_line(rendered: &str) -> &str {
     rendered.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").trim_start_matches("error: ")
 }
 
+/// The subcommand named on the command line, if it parses that far (`--help` does not).
+fn invoked_subcommand(argv: &[OsString]) -> Option<String> {
+    let matches = Cli::command().ignore_errors(true).try_get_matches_from(argv).ok()?;
+    matches.subcommand_name().map(str::to_owned)
+}
+
 /// The process entry point: parse, set up logging, run the role, map failure to exit code 2.
 pub fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
+    // `check` parses the same options its own way, so that it can report every bad value
+    // rather than stop at the first as `parse_from` does.
+    if invoked_subcommand(&argv).as_deref() == Some("check") {
+        return crate::check::main(&argv);
+    }
     let cli = match parse_from(argv.clone()) {
         Ok(cli) => cli,
         Err(CliError::Usage(e)) => e.exit(),
@@ -397,11 +497,77 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::logging::init(&cli.log_level);
     match cli.command {
-        Command::Proxy(args) => run_proxy(args, argv),
-        Command::Sync(args) => crate::sync::run_sync(args),
+        Command::Proxy(args) => {
+            crate::logging::init(&cli.log_level, cli.log_format);
+            run_proxy(args, argv)
+        }
+        Command::Sync(args) => {
+            crate::logging::init(&cli.log_level, cli.log_format);
+            crate::sync::run_sync(args)
+        }
+        // One-shot commands print their results; they have nothing to log.
+        Command::Check(_) => crate::check::main(&argv),
+        Command::Cert(args) => crate::devca::main(&args),
+        Command::Generate(what) => generate(what),
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("cannot create directory {}: {source}", path.display())]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot write to stdout: {0}")]
+    Stdout(std::io::Error),
+}
+
+/// `sidecar generate`: everything comes from `Cli::command()`, so completions and man pages
+/// always match the binary that made them.
+fn generate(what: GenerateCommand) -> ExitCode {
+    match generate_to(what, &mut std::io::stdout().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sidecar: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A page titled in capitals, as man pages are (`.TH SIDECAR-PROXY 1`), every one naming the
+/// release it documents (clap knows the version of the top-level command only).
+fn man_page(command: clap::Command) -> clap_mangen::Man {
+    let title = command.get_display_name().unwrap_or_else(|| command.get_name()).to_uppercase();
+    clap_mangen::Man::new(command).title(title).source(format!("sidecar {}", env!("CARGO_PKG_VERSION")))
+}
+
+pub fn generate_to(what: GenerateCommand, out: &mut dyn std::io::Write) -> Result<(), GenerateError> {
+    let mut command = Cli::command();
+    let mut text = Vec::new();
+    match what {
+        GenerateCommand::Completions { shell } => clap_complete::generate(shell, &mut command, "sidecar", &mut text),
+        // clap's implicit `help` subcommand would be listed as a page sidecar-help(1) that is
+        // never written; `--help` is documented on every page anyway.
+        GenerateCommand::Man { dir: None } => man_page(command.disable_help_subcommand(true)).render(&mut text).map_err(GenerateError::Stdout)?,
+        GenerateCommand::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).map_err(|source| GenerateError::CreateDir { path: dir.clone(), source })?;
+            // Built first so that subcommands carry their full names (sidecar-proxy), as
+            // clap_mangen::generate_to does; written here to name each file written.
+            command = command.disable_help_subcommand(true);
+            command.build();
+            let pages = std::iter::once(command.clone()).chain(command.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+            for page in pages {
+                let man = man_page(page);
+                let path = dir.join(man.get_filename());
+                let mut roff = Vec::new();
+                man.render(&mut roff).map_err(|source| GenerateError::Write { path: path.clone(), source })?;
+                std::fs::write(&path, roff).map_err(|source| GenerateError::Write { path: path.clone(), source })?;
+                writeln!(text, "wrote {}", path.display()).map_err(GenerateError::Stdout)?;
+            }
+        }
+    }
+    out.write_all(&text).and_then(|()| out.flush()).map_err(GenerateError::Stdout)
 }
 
 fn run_proxy(args: ProxyArgs, argv: Vec<OsString>) -> ExitCode {

@@ -46,12 +46,18 @@ pub struct DevCert {
     pub created: bool,
 }
 
+/// Whether a stored development certificate (already loaded and validated) is kept at start:
+/// it must stay valid for another month.
+pub fn is_reusable(cert: &LoadedCert) -> bool {
+    cert.info.not_after - OffsetDateTime::now_utc() > Duration::days(RENEW_BEFORE_DAYS)
+}
+
 /// Reuses the certificate in `state_dir` when it is valid for another month, else makes one.
 pub fn ensure(provider: &CryptoProvider, state_dir: &Path) -> Result<DevCert, DevCertError> {
     let cert_path = state_dir.join(CERT_FILE);
     let key_path = state_dir.join(KEY_FILE);
     if let Ok(cert) = load_cert_pair(provider, &cert_path, &key_path) {
-        if cert.info.not_after - OffsetDateTime::now_utc() > Duration::days(RENEW_BEFORE_DAYS) {
+        if is_reusable(&cert) {
             return Ok(DevCert { cert, cert_path, key_path, created: false });
         }
     }
@@ -74,11 +80,24 @@ pub fn ensure(provider: &CryptoProvider, state_dir: &Path) -> Result<DevCert, De
 }
 
 fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DevCertError> {
+    write_file_atomically(path, bytes, mode).map_err(|source| DevCertError::Write { path: path.to_owned(), source })
+}
+
+/// Writes `bytes` to `path` by way of a temp file in the same directory, fsynced and renamed
+/// over it, so that a reader (or a crash) sees the old file or the new one, never half of one.
+/// `mode` holds from the first byte: a key is never readable by others, not even briefly.
+pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| DevCertError::Write { path: path.to_owned(), source };
-    let tmp = path.with_extension("pem.tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(err)?;
-    file.write_all(bytes).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    // A temp file left behind by a crash would keep its old mode through a truncating open.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }

@@ -3,11 +3,15 @@
 //! The binary is a thin shell around this library; tests and benches drive the same code.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod devca;
 pub mod devcert;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod redirect;
 pub mod reload;

@@ -26,7 +26,9 @@ use crate::cli::ProxyArgs;
 use crate::config::{CertSource, ProxyConfig};
 use crate::proxy::upstream::{self, UpstreamClient};
 use crate::proxy::ConnectionContext;
+use crate::access_log::{AccessLog, ConnectionFacts};
 use crate::admin::{AdminServer, ProxyAdmin};
+use crate::metrics::{metrics, HandshakeFailure};
 use crate::reload::{LiveState, Reloader};
 use crate::tls::{self, TlsContext, TlsError, TlsState};
 
@@ -40,6 +42,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("{0}")]
+    AccessLog(#[from] crate::access_log::AccessLogError),
     #[error("{0}")]
     Sync(#[from] crate::sync::SyncError),
 }
@@ -73,6 +77,7 @@ pub struct ProxyServer {
     listener: std::net::TcpListener,
     local_addr: SocketAddr,
     workers: usize,
+    access_log: Option<Arc<AccessLog>>,
     redirect: Option<crate::redirect::RedirectServer>,
     admin: Option<AdminServer>,
     live: Arc<LiveState>,
@@ -110,6 +115,7 @@ impl ProxyServer {
             }
             None => None,
         };
+        let access_log = AccessLog::open(&config.access_log, config.access_log_format)?.map(Arc::new);
         let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let admin = match config.admin {
             Some(addr) => Some(AdminServer::bind(addr, config.admin_token_file.as_deref(), shutdown.clone())?),
@@ -123,7 +129,7 @@ impl ProxyServer {
         });
         let reloader = Reloader::new(live.clone(), argv);
         let sync = crate::sync::SyncManager::start_from_config_file(args.config.as_deref(), shutdown.clone()).await?;
-        Ok(ProxyServer { listener, local_addr, workers, redirect, admin, live, reloader, shutdown, sync })
+        Ok(ProxyServer { listener, local_addr, workers, access_log, redirect, admin, live, reloader, shutdown, sync })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -189,7 +195,7 @@ impl ProxyServer {
                 }
             };
             // Workers stop accepting on `stop_accepting`, `--shutdown-delay` after the signal.
-            let worker = Worker { permits: permits.clone(), live: self.live.clone(), shutdown: stop_accepting.clone() };
+            let worker = Worker { access_log: self.access_log.clone(), permits: permits.clone(), live: self.live.clone(), shutdown: stop_accepting.clone() };
             match worker.spawn(listener, index) {
                 Ok(stopped) => accepting.push(stopped),
                 Err(e) => tracing::error!("cannot start worker thread {index}: {e}"),
@@ -254,6 +260,7 @@ fn bind(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, StartEr
 /// upstream connection and their wake-ups stay on one core, as in nginx's worker model. All
 /// workers accept from duplicates of one listening socket; whichever is idle wins the race.
 struct Worker {
+    access_log: Option<Arc<AccessLog>>,
     permits: Arc<Semaphore>,
     live: Arc<LiveState>,
     shutdown: CancellationToken,
@@ -314,7 +321,8 @@ impl Worker {
             let snapshot = self.live.serving.load_full();
             let client = pool.client_for(&snapshot.config);
             let acceptor = TlsAcceptor::from(self.live.tls.server_config());
-            tokio::spawn(serve_connection(tcp, peer, acceptor, snapshot, client, self.shutdown.clone(), permit));
+            let access_log = self.access_log.clone();
+            tokio::spawn(serve_connection(tcp, peer, acceptor, snapshot, client, access_log, self.shutdown.clone(), permit));
         }
     }
 }
@@ -346,11 +354,13 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     snapshot: Arc<ServingSnapshot>,
     client: UpstreamClient,
+    access_log: Option<Arc<AccessLog>>,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
     let timeouts = &snapshot.config.timeouts;
     // A handshake in progress holds no request: shutdown abandons it rather than waiting.
+    let _open = metrics().connection_opened();
     let handshake = tokio::select! {
         handshake = tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(tcp)) => handshake,
         _ = shutdown.cancelled() => return,
@@ -359,19 +369,35 @@ async fn serve_connection(
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "TLS handshake failed: {e}");
+            metrics().handshake_failed(HandshakeFailure::of(&e));
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake not completed within {:?}", timeouts.tls_handshake);
+            metrics().handshake_failed(HandshakeFailure::Timeout);
             return;
         }
     };
+    metrics().handshake_ok();
     let (_, session) = stream.get_ref();
     let client_subject = tls::client_subject(session.peer_certificates());
     let http2 = session.alpn_protocol() == Some(b"h2");
+    let access_log = access_log.map(|log| {
+        let tls_version = match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "-",
+        };
+        let alpn = match session.alpn_protocol() {
+            Some(b"h2") => "h2",
+            Some(b"http/1.1") => "http/1.1",
+            _ => "-",
+        };
+        (log, ConnectionFacts { client: peer.ip(), tls_version, alpn })
+    });
     let activity = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
-    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), client, peer, client_subject));
+    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), client, peer, client_subject, access_log));
     let service = service_fn(move |request| {
         let context = context.clone();
         async move { Ok::<_, std::convert::Infallible>(context.forward(request).await) }

@@ -348,6 +348,24 @@ impl TlsContext {
         })
     }
 
+    /// What `build` validates, with every problem collected instead of the first returned, and
+    /// nothing built: for `sidecar check`, which reports all that is wrong in one run. Each
+    /// pair goes through the same `load_cert_pair` (parse, key match, validity) and the client
+    /// CA through the same verifier construction as a start or a reload.
+    pub fn check(&self, inputs: &TlsInputs) -> TlsCheck {
+        let load = |pair: &CertPair| load_cert_pair(&self.provider, &pair.cert, &pair.key);
+        TlsCheck {
+            default: load(&inputs.default),
+            sni: inputs.sni.iter().map(|pair| (pair.clone(), load(pair))).collect(),
+            client_ca: inputs.client_ca.as_ref().map(|path| {
+                let pem = read("client CA file", path)?;
+                self.client_verifier(path, &pem, inputs.client_auth)?;
+                // The verifier accepted every certificate, so each one parses.
+                Ok(CertificateDer::pem_slice_iter(&pem).flatten().filter_map(|der| cert_info(&der).ok()).collect())
+            }),
+        }
+    }
+
     /// A resumed session carries the client certificate verified when it was made, and rustls
     /// does not verify it again. Sessions therefore must not outlive the client-auth settings
     /// they were made under: when those change, start afresh (a client of a removed CA must
@@ -376,6 +394,15 @@ impl TlsContext {
         };
         builder.build().map_err(|e| bad(e.to_string()))
     }
+}
+
+/// Every TLS input validated on its own, by [`TlsContext::check`].
+#[derive(Debug)]
+pub struct TlsCheck {
+    pub default: Result<LoadedCert, TlsError>,
+    pub sni: Vec<(CertPair, Result<LoadedCert, TlsError>)>,
+    /// The client CA bundle's certificates, when one is configured.
+    pub client_ca: Option<Result<Vec<CertInfo>, TlsError>>,
 }
 
 /// The live TLS state read by every handshake.

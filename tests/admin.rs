@@ -171,3 +171,114 @@ async fn readyz_turns_503_at_once_on_sigterm_while_requests_drain() {
     assert_eq!((status, body.as_str()), (StatusCode::OK, "slow response\n"));
     assert!(sidecar.wait_exit(Duration::from_secs(5)).success());
 }
+
+/// `name{labels} value` for every sample; panics on a line that is not Prometheus text.
+fn parse_exposition(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    let mut typed = std::collections::HashSet::new();
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(["counter", "gauge", "histogram", "unknown", "info"].contains(&kind), "{line}");
+            typed.insert(name.to_owned());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name: {line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "bad labels: {line}");
+        }
+        let family_known = typed.iter().any(|t| name.starts_with(t.as_str()));
+        assert!(family_known, "sample without a # TYPE line before it: {line}");
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
+    let upstream = Upstream::start().await;
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.json"), dir.path().join("app.json"));
+    std::fs::write(&source, "{\"v\": 1}\n").unwrap();
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nupstream = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nupstream-timeout = \"300ms\"\nadmin = \"127.0.0.1:0\"\n\n\
+             [[sync]]\nname = \"app\"\nsource = \"{}\"\ndest = \"{}\"\nmin-quiet = \"20ms\"\n",
+            upstream.url(),
+            leaf.cert.display(),
+            leaf.key.display(),
+            source.display(),
+            dest.display()
+        ),
+    )
+    .unwrap();
+    let sidecar = Sidecar::start(&["--config", config.to_str().unwrap()]);
+    let addr = admin_addr(&sidecar);
+
+    let (status, content_type, body) = admin(addr, "GET", "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    let before = parse_exposition(&body);
+    let at = |m: &std::collections::HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+
+    let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    for _ in 0..3 {
+        assert_eq!(h1.get("/").await.0, StatusCode::OK);
+        assert_eq!(h2.get("/").await.0, StatusCode::OK);
+    }
+    assert_eq!(h1.get("/slow/3000").await.0, StatusCode::GATEWAY_TIMEOUT);
+    // A client that does not trust the certificate, and one that does not speak TLS.
+    assert!(tls_connect(sidecar.addr, client_config(TestPki::new().ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.is_err());
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut sink = Vec::new();
+        let _ = raw.read_to_end(&mut sink).await;
+    }
+
+    // The handshake failures are counted when the server side gives up on them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let after = parse_exposition(&admin(addr, "GET", "/metrics", None).await.2);
+        let failures: f64 = after.iter().filter(|(k, _)| k.starts_with("sidecar_tls_handshake_failures_total")).map(|(_, v)| v).sum();
+        if failures >= 2.0 || Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let moved = |k: &str| at(&after, k) - at(&before, k);
+    assert_eq!(moved("sidecar_http_requests_total{version=\"1.1\",code=\"2xx\"}"), 3.0);
+    assert_eq!(moved("sidecar_http_requests_total{version=\"2\",code=\"2xx\"}"), 3.0);
+    assert_eq!(moved("sidecar_http_requests_total{version=\"1.1\",code=\"5xx\"}"), 1.0);
+    assert_eq!(moved("sidecar_upstream_failures_total{kind=\"timeout\"}"), 1.0);
+    assert_eq!(moved("sidecar_http_request_duration_seconds_count"), 7.0);
+    assert!(moved("sidecar_http_request_duration_seconds_sum") >= 0.3, "the 504 alone waited 300 ms");
+    assert_eq!(moved("sidecar_tls_handshakes_total"), 2.0);
+    assert_eq!(moved("sidecar_tls_handshake_failures_total{reason=\"alert_received\"}"), 1.0);
+    assert_eq!(moved("sidecar_tls_handshake_failures_total{reason=\"protocol\"}"), 1.0);
+    assert_eq!(moved("sidecar_connections_total"), 4.0);
+    assert_eq!(at(&after, "sidecar_connections_open"), 2.0, "the two kept connections");
+    let expiry = after.iter().find(|(k, _)| k.starts_with("sidecar_certificate_expiry_seconds{") && k.contains(&leaf.serial)).map(|(_, v)| *v);
+    let expiry = expiry.expect("an expiry gauge for the served certificate");
+    assert!((29.0 * 86400.0..=30.0 * 86400.0).contains(&expiry), "{expiry}");
+    assert_eq!(at(&after, "sidecar_reloads_total{kind=\"tls\",result=\"failed\"}"), 0.0);
+    assert!(after.contains_key("sidecar_reloads_total{kind=\"tls\",result=\"ok\"}"));
+    assert_eq!(at(&after, "sidecar_sync_synced{destination=\"app\"}"), 1.0);
+    assert_eq!(at(&after, "sidecar_sync_writes_total{destination=\"app\"}"), 1.0);
+    assert!(at(&after, "sidecar_sync_last_success_timestamp_seconds{destination=\"app\"}") > 1.7e9);
+    assert_eq!(at(&after, "sidecar_sync_rollbacks_total{destination=\"app\"}"), 0.0);
+}

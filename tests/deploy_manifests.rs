@@ -5,7 +5,8 @@
 //!   `sidecar proxy --help` / `sidecar sync --help` of the built binary.
 //! - The TOML config in a ConfigMap parses: its [proxy] keys are `sidecar proxy` options, its
 //!   [[sync]] keys `sidecar sync` options, and the real binary, started with it, gets past
-//!   parsing (it stops only at the certificate, which exists only in the Pod).
+//!   parsing (it stops only at the certificate, which exists only in the Pod); where the build
+//!   has `sidecar check`, that finds no problem with local stand-ins for the Pod's files.
 //! - The effective options (flags > environment of the image and container > config file >
 //!   default, computed with the binary's own parser) agree with the manifest: container ports
 //!   are the --listen and --admin ports, probes hit /healthz and /readyz on the admin port, the
@@ -209,18 +210,36 @@ fn real_binary_accepts(words: &[String], env: &[(String, String)], what: &str) {
     assert!(!stderr.contains("config file"), "{what}: the config file is refused:\n{stderr}");
 }
 
-/// `sidecar check --config FILE`, when this build has that command.
-fn check_command(config: &Path, what: &str) {
+/// `sidecar check` on a container's (or the unit's) `sidecar proxy` command line, when this
+/// build has that command: with the same environment, and with local stand-ins for the files
+/// that exist only where it is deployed (a test certificate and key, a token file), it must find
+/// no problem at all.
+fn check_command(words: &[String], env: &[(String, String)], token_file: bool, what: &str) {
     let has_check = sidecar_command(&["check", "--help"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap().success();
     if !has_check {
-        println!("note: {what}: no `sidecar check` in this build; the config file is checked by starting `sidecar proxy` with it");
+        println!("note: {what}: no `sidecar check` in this build; checked by starting `sidecar proxy` instead");
         return;
     }
-    let output = sidecar_command(&["check", "--config", config.to_str().unwrap()]).stdin(Stdio::null()).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    println!("{what}: sidecar check --config: {}\n{text}", output.status);
-    // Files that exist only in the Pod (certificates, the token) may be reported missing here.
-    assert!(output.status.success() || text.contains("/etc/"), "{what}: `sidecar check` refuses the config:\n{text}");
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let token = pki.dir.path().join("token");
+    std::fs::write(&token, "test-token\n").unwrap();
+    let mut words = words.to_vec();
+    assert_eq!(words[0], "proxy");
+    words[0] = "check".into();
+    set_flag(&mut words, "cert", leaf.cert.to_str().unwrap());
+    set_flag(&mut words, "key", leaf.key.to_str().unwrap());
+    if token_file {
+        set_flag(&mut words, "admin-token-file", token.to_str().unwrap());
+    }
+    let args: Vec<&str> = words.iter().map(String::as_str).collect();
+    let mut cmd = sidecar_command(&args);
+    cmd.stdin(Stdio::null()).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let output = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let text = format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{what}: `sidecar {}` finds problems:\n{text}", args.join(" "));
+    println!("{what}: sidecar check: {}", stdout.lines().next().unwrap_or(""));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -492,10 +511,10 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                     if surface.sync.is_some() {
                         sync_tables = sidecar::config::file::load_sync_sections(&local).unwrap_or_else(|e| panic!("{what}: {e}"));
                     }
-                    check_command(&local, &what);
                 }
                 real_binary_accepts(&words, &env, &what);
                 let args = effective_proxy(&words, &env);
+                check_command(&words, &env, args.admin_token_file.is_some(), &what);
 
                 // Listening where the Pod's ports and the kubelet can reach it.
                 let mut ports = BTreeMap::new();
@@ -739,6 +758,7 @@ fn systemd_unit_agrees_with_the_binary() {
     assert!(env.contains(&("SIDECAR_STATE_DIR".into(), "/var/lib/sidecar".into())), "Environment=SIDECAR_STATE_DIR=%S/sidecar: {env:?}");
     real_binary_accepts(&words, &env, "sidecar.service ExecStart");
     let args = effective_proxy(&words, &env);
+    check_command(&words, &env, args.admin_token_file.is_some(), "sidecar.service ExecStart");
 
     assert_eq!(one("Type"), "exec");
     assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID", "SIGHUP reloads certificates and config");

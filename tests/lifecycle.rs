@@ -960,3 +960,17 @@ async fn upstream_dying_mid_response_breaks_only_that_response() {
     assert!(connections.load(Ordering::SeqCst) >= 2, "each broken response costs an upstream connection");
     upstream_task.abort();
 }
+
+/// clap's `requires` sees only the command line: a certificate from the config file without
+/// its key must stop the start, not fall back silently to the development certificate.
+#[test]
+fn cert_without_key_in_the_config_file_is_refused() {
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let config = pki.dir.path().join("half.toml");
+    std::fs::write(&config, format!("[proxy]\nupstream = \"http://127.0.0.1:1\"\ncert = \"{}\"\n", leaf.cert.display())).unwrap();
+    let (code, stderr) = run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--cert is given") && stderr.contains("--key is not"), "{stderr}");
+    assert!(!stderr.contains("development certificate"), "{stderr}");
+}

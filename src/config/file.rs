@@ -27,14 +27,37 @@ pub enum FileError {
 #[derive(Debug)]
 pub struct FileDefault {
     pub id: String,
+    /// The key as written in the file.
+    pub key: String,
     pub values: Vec<String>,
     /// A top-level option (such as `--log-level`) rather than one of `proxy`'s own.
     pub global: bool,
 }
 
+/// The `[proxy]` defaults of a file together with every problem found in it.
+#[derive(Debug)]
+pub struct ProxyDefaults {
+    pub defaults: Vec<FileDefault>,
+    /// In the order the proxy meets them; the proxy stops at the first.
+    pub problems: Vec<FileError>,
+    /// How many `[[sync]]` tables the file has (0 when they are unusable: that is a problem).
+    pub sync_tables: usize,
+}
+
 /// Reads the file and returns a default for each key of `[proxy]`.
 /// Keys are long option names; `snake_case` is accepted as well as `kebab-case`.
 pub fn load_proxy_defaults(path: &Path) -> Result<Vec<FileDefault>, FileError> {
+    let found = read_proxy_defaults(path)?;
+    match found.problems.into_iter().next() {
+        Some(first) => Err(first),
+        None => Ok(found.defaults),
+    }
+}
+
+/// Like [`load_proxy_defaults`], but goes on after a bad table or key and collects every
+/// problem, for `sidecar check`. Only an unreadable file or broken TOML stops it, since then
+/// there is nothing more to look at.
+pub fn read_proxy_defaults(path: &Path) -> Result<ProxyDefaults, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
     let table: toml::Table =
         text.parse().map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: one_line(&text, &e) })?;
@@ -42,34 +65,46 @@ pub fn load_proxy_defaults(path: &Path) -> Result<Vec<FileDefault>, FileError> {
     let command = crate::cli::Cli::command();
     let proxy = command.find_subcommand("proxy").expect("the proxy subcommand is defined in cli.rs");
     let mut defaults = Vec::new();
+    let mut problems = Vec::new();
     // Checked here too, so that a bad [[sync]] table stops the start with exit code 2.
-    load_sync_sections_from(path, &table)?;
+    let sync_tables = match load_sync_sections_from(path, &table) {
+        Ok(sections) => sections.len(),
+        Err(e) => {
+            problems.push(e);
+            0
+        }
+    };
     for (name, value) in table {
         if name == "sync" {
             continue;
         }
         if name != "proxy" {
-            return Err(FileError::UnknownTable { path: path.to_owned(), table: name });
+            problems.push(FileError::UnknownTable { path: path.to_owned(), table: name });
+            continue;
         }
         let toml::Value::Table(options) = value else {
-            return Err(FileError::UnknownTable { path: path.to_owned(), table: name });
+            problems.push(FileError::UnknownTable { path: path.to_owned(), table: name });
+            continue;
         };
         for (key, value) in options {
             let long = key.replace('_', "-");
             let named = |a: &&clap::Arg| a.get_long() == Some(long.as_str()) && long != "config";
-            let (arg, global) = match proxy.get_arguments().find(named) {
-                Some(arg) => (arg, false),
-                None => command
-                    .get_arguments()
-                    .find(|a| a.is_global_set() && named(a))
-                    .map(|arg| (arg, true))
-                    .ok_or_else(|| FileError::UnknownKey { path: path.to_owned(), key: key.clone() })?,
+            let found = match proxy.get_arguments().find(named) {
+                Some(arg) => Some((arg, false)),
+                None => command.get_arguments().find(|a| a.is_global_set() && named(a)).map(|arg| (arg, true)),
             };
-            let values = scalar_strings(&value).ok_or_else(|| FileError::BadValue { path: path.to_owned(), key: key.clone() })?;
-            defaults.push(FileDefault { id: arg.get_id().to_string(), values, global });
+            let Some((arg, global)) = found else {
+                problems.push(FileError::UnknownKey { path: path.to_owned(), key });
+                continue;
+            };
+            let Some(values) = scalar_strings(&value) else {
+                problems.push(FileError::BadValue { path: path.to_owned(), key });
+                continue;
+            };
+            defaults.push(FileDefault { id: arg.get_id().to_string(), key, values, global });
         }
     }
-    Ok(defaults)
+    Ok(ProxyDefaults { defaults, problems, sync_tables })
 }
 
 /// Reads the file and returns the options of each `[[sync]]` table, in file order.
@@ -153,5 +188,26 @@ fn scalar_strings(value: &toml::Value) -> Option<Vec<String>> {
         toml::Value::Boolean(b) => Some(vec![b.to_string()]),
         toml::Value::Array(items) => items.iter().map(|v| scalar_strings(v)?.into_iter().next()).collect(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_collected_and_the_proxy_still_gets_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[proxy]\nbogus = 1\nlisten = \"127.0.0.1:1\"\nupstream-timeout = { s = 1 }\n[extra]\nx = 1\n").unwrap();
+        let found = read_proxy_defaults(&path).unwrap();
+        let problems: Vec<String> = found.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[1].contains("no option `bogus`") && problems[2].contains("`upstream-timeout` must be"), "{problems:?}");
+        assert!(problems[0].contains("unknown table [extra]"), "{problems:?}");
+        assert_eq!(found.defaults.len(), 1, "the good key is still read");
+        assert_eq!(found.defaults[0].key, "listen");
+        let first = load_proxy_defaults(&path).unwrap_err().to_string();
+        assert_eq!(first, problems[0], "the proxy stops at the first problem, as before");
     }
 }

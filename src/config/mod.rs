@@ -134,6 +134,8 @@ pub struct ProxyConfig {
     /// so a reloaded value applies.
     pub shutdown_delay: Duration,
     pub workers: Option<usize>,
+    pub access_log: crate::access_log::AccessLogTarget,
+    pub access_log_format: crate::access_log::AccessLogFormat,
 }
 
 impl ProxyConfig {
@@ -172,6 +174,8 @@ impl ProxyConfig {
             admin_token_file: args.admin_token_file.clone(),
             shutdown_delay: args.shutdown_delay,
             workers: args.workers.map(usize::from),
+            access_log: args.access_log.clone(),
+            access_log_format: args.access_log_format,
         }
     }
 
@@ -203,6 +207,11 @@ impl ProxyConfig {
             kept.push("redirect-http/public-https-port");
             self.redirect_http = running.redirect_http;
             self.public_https_port = running.public_https_port;
+        }
+        if self.access_log != running.access_log || self.access_log_format != running.access_log_format {
+            kept.push("access-log/access-log-format");
+            self.access_log = running.access_log.clone();
+            self.access_log_format = running.access_log_format;
         }
         if self.workers != running.workers {
             kept.push("workers");

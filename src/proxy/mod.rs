@@ -1,6 +1,7 @@
 //! Forwarding one request: rewrite its head, send it over the pool, map failures to 502/504,
 //! and splice upgraded (WebSocket) connections.
 
+pub mod body;
 pub mod headers;
 pub mod upstream;
 
@@ -10,16 +11,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::access_log::{AccessLog, ConnectionFacts, PendingEntry};
 use crate::config::ProxyConfig;
+use crate::metrics::{metrics, UpstreamFailure};
 use upstream::UpstreamClient;
 
-/// Upstream bodies stream through untouched; the proxy's own answers are small and whole.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub use body::ProxyBody;
 
 /// Everything one client connection needs to forward its requests, fixed when it was accepted.
 pub struct ConnectionContext {
@@ -30,18 +32,47 @@ pub struct ConnectionContext {
     peer_ip: HeaderValue,
     /// The verified client certificate's subject, under mutual TLS.
     client_subject: Option<HeaderValue>,
+    access_log: Option<(Arc<AccessLog>, ConnectionFacts)>,
 }
 
 impl ConnectionContext {
-    pub fn new(config: Arc<ProxyConfig>, client: UpstreamClient, peer: SocketAddr, client_subject: Option<String>) -> ConnectionContext {
+    pub fn new(
+        config: Arc<ProxyConfig>,
+        client: UpstreamClient,
+        peer: SocketAddr,
+        client_subject: Option<String>,
+        access_log: Option<(Arc<AccessLog>, ConnectionFacts)>,
+    ) -> ConnectionContext {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let client_subject = client_subject.and_then(|s| HeaderValue::from_str(&s).ok());
-        ConnectionContext { config, client, peer, peer_ip, client_subject }
+        ConnectionContext { config, client, peer, peer_ip, client_subject, access_log }
     }
 
     /// Forwards `request` to the upstream and returns its response, or the proxy's own error
     /// response. Never fails: every failure becomes a status code the client can act on.
-    pub async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn forward(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        let started = std::time::Instant::now();
+        let version = request.version();
+        let entry = self.access_log.as_ref().map(|(log, facts)| PendingEntry::begin(log, started, *facts, &request));
+        let response = self.forward_inner(request).await;
+        let elapsed = started.elapsed();
+        metrics().request(version, response.status(), elapsed);
+        let Some(mut entry) = entry else { return response };
+        entry.status = response.status();
+        response.map(|body| match body {
+            ProxyBody::Upstream(body) => {
+                entry.upstream_time = Some(elapsed);
+                ProxyBody::Logged(body::LoggedBody::new(body, entry))
+            }
+            local => {
+                entry.bytes = hyper::body::Body::size_hint(&local).exact().unwrap_or(0);
+                entry.finish();
+                local
+            }
+        })
+    }
+
+    async fn forward_inner(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
         if request.method() == Method::CONNECT {
             return plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed: CONNECT is not proxied\n".to_owned());
         }
@@ -69,10 +100,12 @@ impl ConnectionContext {
             Ok(Err(error)) => {
                 let reason = upstream::describe_failure(&error);
                 tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream request failed: {reason}");
+                metrics().upstream_failure(if error.is_connect() { UpstreamFailure::Connect } else { UpstreamFailure::Other });
                 return plain_response(StatusCode::BAD_GATEWAY, format!("502 Bad Gateway: upstream {upstream}: {reason}\n"));
             }
             Err(_) => {
                 tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream gave no response within {timeout:?}");
+                metrics().upstream_failure(UpstreamFailure::Timeout);
                 return plain_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!("504 Gateway Timeout: upstream {upstream} gave no response within {}\n", humantime::format_duration(timeout)),
@@ -89,7 +122,7 @@ impl ConnectionContext {
         // An intermediary speaks its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 app must
         // not downgrade, and so close, the client's keep-alive connection.
         *response.version_mut() = client_version;
-        response.map(Either::Left)
+        response.map(ProxyBody::Upstream)
     }
 }
 
@@ -110,7 +143,7 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, peer: SocketAddr) {
 }
 
 pub fn plain_response(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response

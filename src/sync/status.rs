@@ -33,6 +33,8 @@ pub struct Counters {
     pub refused: u64,
     pub rollbacks: u64,
     pub source_errors: u64,
+    /// Times the app was terminated (SIGTERM, then SIGKILL) after a failed rollback.
+    pub kills: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -493,6 +493,7 @@ impl Worker {
                     _ => format!("still unhealthy after the rollback ({still})"),
                 };
                 let done = if self.notifier.targets_process() {
+                    self.update(|s| s.counters.kills += 1);
                     verify::escalate(&self.notifier, self.spec.kill_after).await
                 } else {
                     "no process to terminate (give --pid-file or --process-name)".into()

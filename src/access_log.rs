@@ -1,0 +1,234 @@
+//! The optional access log: one line per request, written by its own thread.
+//!
+//! Requests hand finished lines to a bounded queue and never wait for the disk: when the queue
+//! is full (a stalled disk or pipe), the line is dropped and counted
+//! (`sidecar_access_log_dropped_total`) rather than slowing the proxy down.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method, Request, StatusCode, Version};
+
+/// Lines waiting for the writer; beyond this they are dropped.
+const QUEUE: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccessLogFormat {
+    /// Apache/nginx "combined" plus upstream time, total time, TLS version and ALPN.
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where access-log lines go: `off`, `stdout`, `stderr`, or a file appended to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Off,
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+pub fn parse_target(s: &str) -> Result<AccessLogTarget, String> {
+    Ok(match s {
+        "" => return Err("empty; use off, stdout, stderr or a file path".into()),
+        "off" => AccessLogTarget::Off,
+        "stdout" | "-" => AccessLogTarget::Stdout,
+        "stderr" => AccessLogTarget::Stderr,
+        path => AccessLogTarget::File(path.into()),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessLogError {
+    #[error("cannot open access log {}: {source}", path.display())]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the access log writer: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A handle to the writer thread; cloned into every connection.
+#[derive(Clone)]
+pub struct AccessLog {
+    queue: SyncSender<String>,
+    format: AccessLogFormat,
+}
+
+impl AccessLog {
+    /// `None` for `off`.
+    pub fn open(target: &AccessLogTarget, format: AccessLogFormat) -> Result<Option<AccessLog>, AccessLogError> {
+        let out: Box<dyn Write + Send> = match target {
+            AccessLogTarget::Off => return Ok(None),
+            AccessLogTarget::Stdout => Box::new(std::io::stdout()),
+            AccessLogTarget::Stderr => Box::new(std::io::stderr()),
+            AccessLogTarget::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| AccessLogError::Open { path: path.clone(), source })?,
+            ),
+        };
+        let (queue, lines) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("sidecar-access-log".into())
+            .spawn(move || write_lines(lines, out))
+            .map_err(AccessLogError::Thread)?;
+        Ok(Some(AccessLog { queue, format }))
+    }
+}
+
+/// Writes in batches: everything queued, then one flush.
+fn write_lines(lines: Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(line) = lines.recv() {
+        let mut ok = out.write_all(line.as_bytes()).is_ok();
+        while let Ok(line) = lines.try_recv() {
+            ok &= out.write_all(line.as_bytes()).is_ok();
+        }
+        if !(ok && out.flush().is_ok()) {
+            // Reported once per batch; the proxy keeps serving either way.
+            tracing::warn!("cannot write the access log; lines are being lost");
+        }
+    }
+}
+
+/// Per-connection facts an entry needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionFacts {
+    pub client: IpAddr,
+    pub tls_version: &'static str,
+    pub alpn: &'static str,
+}
+
+/// An entry begun when a request arrives and written when its response body ends.
+pub struct PendingEntry {
+    log: Arc<AccessLog>,
+    started: Instant,
+    facts: ConnectionFacts,
+    method: Method,
+    target: String,
+    version: Version,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    pub status: StatusCode,
+    /// Until the upstream's response head arrived; `None` when the proxy answered itself.
+    pub upstream_time: Option<Duration>,
+    pub bytes: u64,
+}
+
+impl PendingEntry {
+    pub fn begin<B>(log: &Arc<AccessLog>, started: Instant, facts: ConnectionFacts, request: &Request<B>) -> PendingEntry {
+        let headers = request.headers();
+        PendingEntry {
+            log: log.clone(),
+            started,
+            facts,
+            method: request.method().clone(),
+            target: request.uri().path_and_query().map_or_else(|| request.uri().to_string(), |pq| pq.as_str().to_owned()),
+            version: request.version(),
+            referer: headers.get(http::header::REFERER).cloned(),
+            user_agent: headers.get(http::header::USER_AGENT).cloned(),
+            status: StatusCode::OK,
+            upstream_time: None,
+            bytes: 0,
+        }
+    }
+
+    /// Formats the line and queues it; never waits.
+    pub fn finish(self) {
+        let line = match self.log.format {
+            AccessLogFormat::Combined => self.combined(),
+            AccessLogFormat::Json => self.json(),
+        };
+        if let Err(TrySendError::Full(_)) = self.log.queue.try_send(line) {
+            crate::metrics::metrics().access_log_dropped();
+        }
+    }
+
+    fn combined(&self) -> String {
+        let text = |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map_or_else(|| "-".to_owned(), escape);
+        format!(
+            "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" rt={:.3} uct={} tls={} alpn={}\n",
+            self.facts.client,
+            clf_time(),
+            self.method,
+            escape(&self.target),
+            self.version,
+            self.status.as_u16(),
+            self.bytes,
+            text(&self.referer),
+            text(&self.user_agent),
+            self.started.elapsed().as_secs_f64(),
+            self.upstream_time.map_or_else(|| "-".to_owned(), |t| format!("{:.3}", t.as_secs_f64())),
+            self.facts.tls_version,
+            self.facts.alpn,
+        )
+    }
+
+    fn json(&self) -> String {
+        let text = |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let mut line = serde_json::json!({
+            "time": time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "client": self.facts.client.to_string(),
+            "method": self.method.as_str(),
+            "path": self.target,
+            "protocol": format!("{:?}", self.version),
+            "status": self.status.as_u16(),
+            "bytes": self.bytes,
+            "duration_ms": self.started.elapsed().as_secs_f64() * 1000.0,
+            "upstream_ms": self.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+            "tls_version": self.facts.tls_version,
+            "alpn": self.facts.alpn,
+            "referer": text(&self.referer),
+            "user_agent": text(&self.user_agent),
+        })
+        .to_string();
+        line.push('\n');
+        line
+    }
+}
+
+/// `10/Oct/2000:13:55:36 +0000`, the common log format's time, in UTC.
+fn clf_time() -> String {
+    static FORMAT: OnceLock<Vec<time::format_description::BorrowedFormatItem<'static>>> = OnceLock::new();
+    let format = FORMAT.get_or_init(|| {
+        time::format_description::parse_borrowed::<1>("[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000").unwrap_or_default()
+    });
+    time::OffsetDateTime::now_utc().format(format).unwrap_or_default()
+}
+
+/// Quotes and control characters from the client must not break the line's fields.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_would_break_a_combined_line() {
+        assert_eq!(escape("/a\"b\\c\nd"), "/a\\\"b\\\\c\\x0ad");
+    }
+
+    #[test]
+    fn clf_time_has_the_common_log_shape() {
+        let t = clf_time();
+        assert_eq!(t.len(), "10/Oct/2000:13:55:36 +0000".len(), "{t}");
+        assert!(t.ends_with(" +0000"));
+    }
+}

@@ -1,0 +1,85 @@
+//! The response body the proxy hands to hyper.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::access_log::PendingEntry;
+
+/// Upstream bodies stream through untouched; the proxy's own answers are small and whole; with
+/// the access log on, an upstream body is counted and its entry written when it ends.
+pub enum ProxyBody {
+    Upstream(Incoming),
+    Logged(LoggedBody),
+    Local(Full<Bytes>),
+}
+
+/// An upstream body whose access-log entry is completed when it ends (or is dropped, when the
+/// client goes away mid-body).
+pub struct LoggedBody {
+    inner: Incoming,
+    entry: Option<PendingEntry>,
+}
+
+impl LoggedBody {
+    pub fn new(inner: Incoming, entry: PendingEntry) -> LoggedBody {
+        LoggedBody { inner, entry: Some(entry) }
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            entry.finish();
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Local(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
+            ProxyBody::Logged(logged) => {
+                let poll = Pin::new(&mut logged.inner).poll_frame(cx);
+                match &poll {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(entry), Some(data)) = (logged.entry.as_mut(), frame.data_ref()) {
+                            entry.bytes += data.len() as u64;
+                        }
+                    }
+                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                        if let Some(entry) = logged.entry.take() {
+                            entry.finish();
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+                poll
+            }
+        }
+    }
+
+    // Forwarded so that hyper frames the response as the upstream did (Content-Length).
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(body) => body.is_end_stream(),
+            ProxyBody::Logged(logged) => logged.inner.is_end_stream(),
+            ProxyBody::Local(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(body) => body.size_hint(),
+            ProxyBody::Logged(logged) => logged.inner.size_hint(),
+            ProxyBody::Local(body) => body.size_hint(),
+        }
+    }
+}

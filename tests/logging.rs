@@ -1,0 +1,141 @@
+//! Process logs as text or JSON, and the access log: its fields, its formats, and that a
+//! stalled access-log writer never slows requests down.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Request, StatusCode};
+
+async fn setup(extra: &[&str]) -> (Upstream, TestPki, Sidecar) {
+    let upstream = Upstream::start().await;
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let url = upstream.url();
+    let mut args = vec!["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let sidecar = Sidecar::start(&args);
+    (upstream, pki, sidecar)
+}
+
+fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_owned).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "{} access-log lines after 5 s, wanted {n}", lines.len());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn combined_access_log_has_every_field_with_exact_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let (_upstream, pki, sidecar) = setup(&["--access-log", log.to_str().unwrap()]).await;
+    let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let request = Request::get("/bytes/100000?x=%22y%22").header("user-agent", "test \"agent\"").header("referer", "https://r.example/").body(empty()).unwrap();
+    let response = h1.send(request).await.unwrap();
+    assert_eq!(drain_body(response.into_body()).await.0, 100_000);
+    let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    assert_eq!(h2.get("/").await.0, StatusCode::OK);
+
+    let lines = wait_for_lines(&log, 2);
+    let first = &lines[0];
+    assert!(first.starts_with("127.0.0.1 - - ["), "{first}");
+    assert!(first.contains(r#""GET /bytes/100000?x=%22y%22 HTTP/1.1" 200 100000 "https://r.example/" "test \"agent\"""#), "{first}");
+    assert!(first.contains(" rt=") && first.contains(" uct=") && first.ends_with("tls=TLSv1.3 alpn=http/1.1"), "{first}");
+    assert!(lines[1].contains(r#""GET / HTTP/2.0" 200 20 "-" "-""#) && lines[1].ends_with("alpn=h2"), "{}", lines[1]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_access_log_lines_are_json_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.json");
+    let (_upstream, pki, sidecar) = setup(&["--access-log", log.to_str().unwrap(), "--access-log-format", "json", "--upstream-timeout", "200ms"]).await;
+    let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    assert_eq!(h2.get("/a").await.0, StatusCode::OK);
+    assert_eq!(h2.get("/slow/2000").await.0, StatusCode::GATEWAY_TIMEOUT);
+    let lines = wait_for_lines(&log, 2);
+    let ok: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!((ok["method"].as_str(), ok["path"].as_str(), ok["status"].as_u64()), (Some("GET"), Some("/a"), Some(200)));
+    assert_eq!((ok["tls_version"].as_str(), ok["alpn"].as_str(), ok["client"].as_str()), (Some("TLSv1.3"), Some("h2"), Some("127.0.0.1")));
+    assert_eq!(ok["bytes"].as_u64(), Some(20));
+    assert!(ok["upstream_ms"].as_f64().is_some() && ok["duration_ms"].as_f64().is_some());
+    let timeout: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(timeout["status"].as_u64(), Some(504));
+    assert!(timeout["upstream_ms"].is_null(), "the proxy answered itself");
+    assert!(timeout["duration_ms"].as_f64().unwrap() >= 200.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_process_logs_are_one_object_per_line() {
+    let (_upstream, pki, sidecar) = setup(&["--log-format", "json", "--upstream-timeout", "100ms"]).await;
+    let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    assert_eq!(h1.get("/slow/1000").await.0, StatusCode::GATEWAY_TIMEOUT);
+    sidecar.logs.wait_for("gave no response", Duration::from_secs(5));
+    let text = sidecar.logs.text();
+    for line in text.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(value["level"].is_string() && value["message"].is_string() && value["timestamp"].is_string(), "{line}");
+    }
+    let warning = text.lines().find(|l| l.contains("gave no response")).unwrap();
+    let warning: serde_json::Value = serde_json::from_str(warning).unwrap();
+    assert_eq!(warning["level"], "WARN");
+    assert_eq!(warning["path"], "/slow/1000", "structured fields are kept as fields");
+}
+
+/// The access log goes to a pipe nobody reads: once the pipe and the queue are full, lines
+/// are dropped and counted, and requests go on being served at full speed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_access_log_never_blocks_requests() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("access.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // A reader that never reads: opening it non-blocking lets the sidecar open the write end.
+    const O_NONBLOCK: i32 = 0o4000;
+    let _reader = std::fs::OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(&fifo).unwrap();
+    let (_upstream, pki, sidecar) = setup(&["--access-log", fifo.to_str().unwrap(), "--admin", "127.0.0.1:0"]).await;
+
+    // More requests than the pipe (64 KiB) and the queue (16384 lines) together can hold.
+    const CLIENTS: usize = 8;
+    const PER_CLIENT: usize = 2_600;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (addr, ca) = (sidecar.addr, pki.ca_pem.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = HttpsConnection::open(addr, ca.as_bytes(), true).await;
+            let mut slowest = Duration::ZERO;
+            for _ in 0..PER_CLIENT {
+                let t = Instant::now();
+                assert_eq!(conn.get("/").await.0, StatusCode::OK);
+                slowest = slowest.max(t.elapsed());
+            }
+            slowest
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for task in tasks {
+        slowest = slowest.max(task.await.unwrap());
+    }
+    eprintln!("{} requests in {:?}, slowest {slowest:?}", CLIENTS * PER_CLIENT, started.elapsed());
+    assert!(slowest < Duration::from_secs(2), "a request waited {slowest:?}: the access log blocked it");
+
+    let admin = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
+    let admin = admin.split("admin API on http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let metrics = std::process::Command::new("curl").args(["-s", &format!("http://{admin}/metrics")]).output().unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    let dropped: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("sidecar_access_log_dropped_total "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped counter in:\n{metrics}"));
+    assert!(dropped > 0.0, "with nobody reading, lines beyond the queue are dropped and counted");
+}
