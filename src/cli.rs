@@ -570,14 +570,19 @@ pub fn generate_to(what: GenerateCommand, out: &mut dyn std::io::Write) -> Resul
     out.write_all(&text).and_then(|()| out.flush()).map_err(GenerateError::Stdout)
 }
 
+/// The runtime a role's control thread runs on; failing to build one is a start-up error.
+pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+        tracing::error!("cannot start the async runtime: {e}");
+        ExitCode::from(2)
+    })
+}
+
 fn run_proxy(args: ProxyArgs, argv: Vec<OsString>) -> ExitCode {
     // This thread runs signals, reloads and the admin API; connections run on worker threads.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match current_thread_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let shutdown = match crate::shutdown::on_signals() {

@@ -172,24 +172,11 @@ fn run_bounded(words: &[String], env: &[(String, String)], bound: Duration) -> (
     let args: Vec<&str> = words.iter().map(String::as_str).collect();
     let state = tempfile::tempdir().unwrap();
     let mut cmd = sidecar_command(&args);
-    cmd.env("XDG_STATE_HOME", state.path()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.env("XDG_STATE_HOME", state.path());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().unwrap();
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let output = match rx.recv_timeout(bound) {
-        Ok(output) => output.unwrap(),
-        Err(_) => {
-            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            let output = rx.recv().unwrap().unwrap();
-            panic!("`sidecar {}` did not stop within {bound:?}:\n{}", args.join(" "), String::from_utf8_lossy(&output.stderr));
-        }
-    };
+    let output = output_within(cmd, bound);
     (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 

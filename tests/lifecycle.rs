@@ -6,7 +6,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -141,34 +140,16 @@ fn wait_log(sidecar: &Sidecar, needle: &str, bound: Duration) -> String {
 fn run_bounded(args: &[&str], envs: &[(&str, &str)], bound: Duration) -> (i32, String, String) {
     let state_dir = tempfile::tempdir().unwrap();
     let mut cmd = sidecar_command(args);
-    cmd.env("XDG_STATE_HOME", state_dir.path()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env("XDG_STATE_HOME", state_dir.path());
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().expect("start the sidecar binary");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(bound) {
-        Ok(output) => {
-            let output = output.unwrap();
-            (
-                output.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&output.stdout).into_owned(),
-                String::from_utf8_lossy(&output.stderr).into_owned(),
-            )
-        }
-        Err(_) => {
-            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            let output = rx.recv().unwrap().unwrap();
-            panic!(
-                "sidecar {args:?} did not exit within {bound:?}; stderr:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-    }
+    let output = output_within(cmd, bound);
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 fn collapse_whitespace(s: &str) -> String {
