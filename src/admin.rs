@@ -3,7 +3,6 @@
 //! Read-only routes are open; routes that change state are POST only and, when a token file
 //! is given, need `Authorization: Bearer <token>`. A non-loopback bind needs a token.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,8 +13,7 @@ use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -106,28 +104,12 @@ impl AdminServer {
     pub async fn run(self, stop: CancellationToken) {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-        loop {
-            let (tcp, _) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::warn!("admin listener: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => return,
-            };
-            let state = self.state.clone();
-            let service = service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, request).await) }
-            });
-            let connection = http.serve_connection(TokioIo::new(tcp), service);
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-        }
+        let state = self.state;
+        let handle = move |request| {
+            let state = state.clone();
+            async move { route(&state, request).await }
+        };
+        crate::plain_http::serve(self.listener, http, stop, "admin listener", handle).await;
     }
 }
 

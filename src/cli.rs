@@ -346,6 +346,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// On SIGTERM/SIGINT, how long to keep accepting and serving new connections (while
+    /// /readyz already answers 503) before draining: load balancers and Kubernetes endpoints
+    /// stop sending traffic only some time after shutdown starts
+    #[arg(long, env = "SIDECAR_SHUTDOWN_DELAY", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// Largest request head (request line + headers) accepted, in bytes; larger gets 431
     #[arg(long, env = "SIDECAR_MAX_HEADER_SIZE", value_name = "BYTES", default_value = "65536", value_parser = clap::value_parser!(u32).range(8192..=16_777_216))]
     pub max_header_size: u32,
@@ -582,14 +588,19 @@ pub fn generate_to(what: GenerateCommand, out: &mut dyn std::io::Write) -> Resul
     out.write_all(&text).and_then(|()| out.flush()).map_err(GenerateError::Stdout)
 }
 
+/// The runtime a role's control thread runs on; failing to build one is a start-up error.
+pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+        tracing::error!("cannot start the async runtime: {e}");
+        ExitCode::from(2)
+    })
+}
+
 fn run_proxy(args: ProxyArgs, argv: Vec<OsString>) -> ExitCode {
     // This thread runs signals, reloads and the admin API; connections run on worker threads.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match current_thread_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let shutdown = match crate::shutdown::on_signals() {

@@ -12,6 +12,7 @@ pub mod devca;
 pub mod devcert;
 pub mod logging;
 pub mod metrics;
+pub mod plain_http;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod redirect;

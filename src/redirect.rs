@@ -1,6 +1,5 @@
 //! The optional plain-HTTP listener that sends every client to the HTTPS URL with a 308.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -9,8 +8,7 @@ use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -38,24 +36,9 @@ impl RedirectServer {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new()).header_read_timeout(self.header_read_timeout).keep_alive(false);
-        loop {
-            let (tcp, _) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::warn!("redirect listener: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.cancelled() => return,
-            };
-            let port = self.https_port;
-            let connection = http.serve_connection(TokioIo::new(tcp), service_fn(move |req| async move { Ok::<_, Infallible>(redirect(&req, port)) }));
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-        }
+        let port = self.https_port;
+        let handle = move |request: Request<Incoming>| std::future::ready(redirect(&request, port));
+        crate::plain_http::serve(self.listener, http, shutdown, "redirect listener", handle).await;
     }
 }
 

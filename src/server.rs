@@ -91,7 +91,7 @@ pub struct ProxyServer {
 impl ProxyServer {
     /// `argv`, the original command line, lets a change to the `--config` file be re-read with
     /// flags and environment still taking precedence; without it only certificates reload.
-    /// Cancelling `shutdown` makes `run` stop accepting and drain.
+    /// Cancelling `shutdown` makes `run` stop accepting (after `--shutdown-delay`) and drain.
     pub async fn start(args: ProxyArgs, argv: Option<Vec<OsString>>, shutdown: CancellationToken) -> Result<ProxyServer, StartError> {
         let config = ProxyConfig::from_args(&args);
         let tls_context = TlsContext::new()?;
@@ -141,7 +141,8 @@ impl ProxyServer {
         &self.live
     }
 
-    /// Serves until the shutdown token is cancelled, then stops accepting and drains.
+    /// Serves until the shutdown token is cancelled and `--shutdown-delay` has passed, then stops
+    /// accepting and drains.
     pub async fn run(mut self) {
         let shutdown = self.shutdown.clone();
         let snapshot = self.live.serving.load_full();
@@ -178,8 +179,10 @@ impl ProxyServer {
             }
             tokio::spawn(admin.run(admin_stop.clone()));
         }
+        // Listeners and connections stop on this token, `--shutdown-delay` after `shutdown`.
+        let stop_accepting = delayed_stop(&shutdown, &self.live);
         if let Some(redirect) = self.redirect.take() {
-            tokio::spawn(redirect.run(shutdown.clone()));
+            tokio::spawn(redirect.run(stop_accepting.clone()));
         }
         tokio::spawn(self.reloader.run(shutdown.clone()));
         let permits = Arc::new(Semaphore::new(max_connections as usize));
@@ -192,7 +195,8 @@ impl ProxyServer {
                     break;
                 }
             };
-            let worker = Worker { access_log: self.access_log.clone(), permits: permits.clone(), live: self.live.clone(), shutdown: shutdown.clone() };
+            // Workers stop accepting on `stop_accepting`, `--shutdown-delay` after the signal.
+            let worker = Worker { access_log: self.access_log.clone(), permits: permits.clone(), live: self.live.clone(), shutdown: stop_accepting.clone() };
             match worker.spawn(listener, index) {
                 Ok(stopped) => accepting.push(stopped),
                 Err(e) => tracing::error!("cannot start worker thread {index}: {e}"),
@@ -218,6 +222,29 @@ impl ProxyServer {
         }
         admin_stop.cancel();
     }
+}
+
+/// A token cancelled `--shutdown-delay` after `shutdown`. Until then new connections are still
+/// accepted and served as usual, while readiness already fails: Kubernetes removes a terminating
+/// Pod from its Service's endpoints (and load balancers stop sending) only some time later.
+/// The delay is read from the live config when shutdown starts, so a reloaded value applies.
+fn delayed_stop(shutdown: &CancellationToken, live: &Arc<LiveState>) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let (shutdown, live, trigger) = (shutdown.clone(), live.clone(), stop.clone());
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        let delay = live.serving.load().config.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(
+                "shutdown delay {}: still accepting and serving new connections while traffic is moved away (readiness fails already)",
+                humantime::format_duration(delay)
+            );
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!("no longer accepting connections, draining in-flight requests");
+        trigger.cancel();
+    });
+    stop
 }
 
 fn bind(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, StartError> {

@@ -15,7 +15,7 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!("received {name}: no longer accepting connections, draining in-flight requests");
+        tracing::info!("received {name}: shutting down");
         trigger.cancel();
         tokio::select! {
             _ = term.recv() => {},

@@ -8,7 +8,7 @@ mod common;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -48,25 +48,11 @@ impl std::fmt::Debug for Run {
 /// that wrongly starts a server must not hang the suite).
 fn run_in(home: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
     let mut cmd = sidecar_command(args);
-    cmd.env("HOME", home).env("XDG_STATE_HOME", home.join("state")).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env("HOME", home).env("XDG_STATE_HOME", home.join("state"));
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().expect("start the sidecar binary");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let output = match rx.recv_timeout(LIMIT) {
-        Ok(output) => output.expect("collect the output"),
-        Err(_) => {
-            // Only the process started above, by its id.
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            let output = rx.recv().expect("the waiter thread").expect("collect the output");
-            panic!("sidecar {args:?} still running after {LIMIT:?}; stderr:\n{}", String::from_utf8_lossy(&output.stderr));
-        }
-    };
+    let output = output_within(cmd, LIMIT);
     let run = Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -11,20 +11,10 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 
-async fn setup(extra: &[&str]) -> (Upstream, TestPki, Sidecar) {
-    let upstream = Upstream::start().await;
-    let pki = TestPki::new();
-    let leaf = pki.issue("leaf");
-    let url = upstream.url();
-    let mut args = vec!["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let sidecar = Sidecar::start(&args);
-    (upstream, pki, sidecar)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn forwarding_headers_overwrite_client_claims_over_http1() {
-    let (upstream, pki, sidecar) = setup(&[]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     let request = Request::get("/path?q=1")
         .header("host", "app.example:8443")
@@ -62,7 +52,7 @@ async fn forwarding_headers_overwrite_client_claims_over_http1() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn trust_mode_appends_to_client_forwarded_for() {
-    let (upstream, pki, sidecar) = setup(&["--forwarded-headers", "trust"]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--forwarded-headers", "trust"]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     let request = Request::get("/").header("x-forwarded-for", "203.0.113.9").header("x-forwarded-proto", "http").body(empty()).unwrap();
     conn.send(request).await.unwrap();
@@ -73,7 +63,7 @@ async fn trust_mode_appends_to_client_forwarded_for() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_requests_reach_the_upstream_as_http1_with_host() {
-    let (upstream, pki, sidecar) = setup(&[]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
     let (status, _, body) = conn.get("/h2?x=y").await;
     assert_eq!(status, StatusCode::OK);
@@ -89,7 +79,7 @@ async fn http2_requests_reach_the_upstream_as_http1_with_host() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn response_hop_by_hop_headers_are_stripped() {
-    let (_upstream, pki, sidecar) = setup(&[]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     for http2 in [false, true] {
         let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
         let (status, headers, _) = conn.get("/hop").await;
@@ -106,7 +96,7 @@ async fn response_hop_by_hop_headers_are_stripped() {
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_connections_are_pooled_and_kept_alive() {
     // Each worker thread keeps its own pool; one worker makes the count exact.
-    let (upstream, pki, sidecar) = setup(&["--workers", "1"]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--workers", "1"]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     for _ in 0..50 {
         let (status, _, _) = conn.get("/").await;
@@ -143,7 +133,7 @@ async fn dead_upstream_gives_502_naming_the_cause_and_the_proxy_keeps_serving() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_upstream_gives_504_after_the_upstream_timeout() {
-    let (_upstream, pki, sidecar) = setup(&["--upstream-timeout", "300ms"]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--upstream-timeout", "300ms"]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     let (status, _, body) = conn.get("/slow/3000").await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
@@ -155,7 +145,7 @@ async fn slow_upstream_gives_504_after_the_upstream_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn large_response_streams_through_intact() {
-    let (_upstream, pki, sidecar) = setup(&[]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     const LEN: u64 = 64 * 1024 * 1024;
     for http2 in [false, true] {
         let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
@@ -169,7 +159,7 @@ async fn large_response_streams_through_intact() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_gib_upload_streams_without_growing_memory() {
-    let (_upstream, pki, sidecar) = setup(&[]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     const LEN: u64 = 1024 * 1024 * 1024;
     let before = sidecar.rss_kib();
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
@@ -187,7 +177,7 @@ async fn one_gib_upload_streams_without_growing_memory() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_upload_without_content_length_is_streamed() {
-    let (_upstream, pki, sidecar) = setup(&[]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     const LEN: u64 = 32 * 1024 * 1024 + 17;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
     let response = conn.send(Request::post("/count").body(pattern_stream(LEN)).unwrap()).await.unwrap();
@@ -198,7 +188,7 @@ async fn http2_upload_without_content_length_is_streamed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_upgrade_is_passed_through_both_ways() {
-    let (upstream, pki, sidecar) = setup(&[]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     let tls = tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
     let url = format!("wss://localhost:{}/ws", sidecar.addr.port());
     let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.expect("WebSocket handshake through the proxy");

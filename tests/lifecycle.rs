@@ -6,7 +6,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -141,34 +140,16 @@ fn wait_log(sidecar: &Sidecar, needle: &str, bound: Duration) -> String {
 fn run_bounded(args: &[&str], envs: &[(&str, &str)], bound: Duration) -> (i32, String, String) {
     let state_dir = tempfile::tempdir().unwrap();
     let mut cmd = sidecar_command(args);
-    cmd.env("XDG_STATE_HOME", state_dir.path()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env("XDG_STATE_HOME", state_dir.path());
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().expect("start the sidecar binary");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(bound) {
-        Ok(output) => {
-            let output = output.unwrap();
-            (
-                output.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&output.stdout).into_owned(),
-                String::from_utf8_lossy(&output.stderr).into_owned(),
-            )
-        }
-        Err(_) => {
-            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            let output = rx.recv().unwrap().unwrap();
-            panic!(
-                "sidecar {args:?} did not exit within {bound:?}; stderr:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-    }
+    let output = output_within(cmd, bound);
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 fn collapse_whitespace(s: &str) -> String {
@@ -357,7 +338,8 @@ async fn in_flight(s: &Setup, path: &str, http2: bool) -> JoinHandle<Result<(Sta
 }
 
 async fn drains_in_flight_request_on(signal: &str, http2: bool) {
-    let mut s = setup(&[]).await;
+    // No --shutdown-delay: the listener closes at once (tests/shutdown.rs covers the delay).
+    let mut s = setup(&["--shutdown-delay", "0s"]).await;
     let request = in_flight(&s, "/slow/1500", http2).await;
     upstream_saw(&s.upstream, 1, Duration::from_secs(3)).await;
 
@@ -397,7 +379,7 @@ async fn sigint_drains_like_sigterm_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drain_timeout_bounds_shutdown_when_a_request_does_not_finish() {
-    let mut s = setup(&["--drain-timeout", "300ms"]).await;
+    let mut s = setup(&["--drain-timeout", "300ms", "--shutdown-delay", "0s"]).await;
     let request = in_flight(&s, "/slow/5000", false).await;
     upstream_saw(&s.upstream, 1, Duration::from_secs(3)).await;
     let signalled = Instant::now();
@@ -413,7 +395,7 @@ async fn drain_timeout_bounds_shutdown_when_a_request_does_not_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
-    let mut s = setup(&["--drain-timeout", "10s"]).await;
+    let mut s = setup(&["--drain-timeout", "10s", "--shutdown-delay", "0s"]).await;
     let (mut h1, h1_task) = open_watched(s.sidecar.addr, s.pki.ca_pem.as_bytes(), false).await;
     let (mut h2, h2_task) = open_watched(s.sidecar.addr, s.pki.ca_pem.as_bytes(), true).await;
     assert_eq!(h1.get("/").await.0, StatusCode::OK);
@@ -440,7 +422,7 @@ async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
 async fn unfinished_tls_handshake_does_not_hold_up_shutdown() {
     // A client that opened TCP but never sent a ClientHello has no request in flight; it must
     // not keep the process alive for the handshake timeout (or the drain timeout).
-    let mut s = setup(&["--drain-timeout", "10s", "--tls-handshake-timeout", "8s"]).await;
+    let mut s = setup(&["--drain-timeout", "10s", "--tls-handshake-timeout", "8s", "--shutdown-delay", "0s"]).await;
     let _stalled = TcpStream::connect(s.sidecar.addr).await.unwrap();
     // Accepts happen in order, so once a later connection is served the stalled one is accepted.
     let mut conn = HttpsConnection::open(s.sidecar.addr, s.pki.ca_pem.as_bytes(), false).await;
@@ -454,7 +436,7 @@ async fn unfinished_tls_handshake_does_not_hold_up_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn second_signal_exits_at_once_with_code_1() {
-    let mut s = setup(&["--drain-timeout", "30s"]).await;
+    let mut s = setup(&["--drain-timeout", "30s", "--shutdown-delay", "0s"]).await;
     let request = in_flight(&s, "/slow/5000", false).await;
     upstream_saw(&s.upstream, 1, Duration::from_secs(3)).await;
     s.sidecar.signal("TERM");
@@ -835,6 +817,7 @@ fn proxy_help_lists_every_option_with_its_default_and_environment_variable() {
         ("--header-read-timeout <DURATION>", "SIDECAR_HEADER_READ_TIMEOUT", Some("20s")),
         ("--idle-timeout <DURATION>", "SIDECAR_IDLE_TIMEOUT", Some("60s")),
         ("--drain-timeout <DURATION>", "SIDECAR_DRAIN_TIMEOUT", Some("30s")),
+        ("--shutdown-delay <DURATION>", "SIDECAR_SHUTDOWN_DELAY", Some("5s")),
         ("--max-header-size <BYTES>", "SIDECAR_MAX_HEADER_SIZE", Some("65536")),
         ("--max-connections <N>", "SIDECAR_MAX_CONNECTIONS", Some("10000")),
         ("--redirect-http <ADDR>", "SIDECAR_REDIRECT_HTTP", None),

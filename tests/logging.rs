@@ -9,16 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::{Request, StatusCode};
 
-async fn setup(extra: &[&str]) -> (Upstream, TestPki, Sidecar) {
-    let upstream = Upstream::start().await;
-    let pki = TestPki::new();
-    let leaf = pki.issue("leaf");
-    let url = upstream.url();
-    let mut args = vec!["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let sidecar = Sidecar::start(&args);
-    (upstream, pki, sidecar)
-}
 
 fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -36,7 +26,7 @@ fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
 async fn combined_access_log_has_every_field_with_exact_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let (_upstream, pki, sidecar) = setup(&["--access-log", log.to_str().unwrap()]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--access-log", log.to_str().unwrap()]).await;
     let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     let request = Request::get("/bytes/100000?x=%22y%22").header("user-agent", "test \"agent\"").header("referer", "https://r.example/").body(empty()).unwrap();
     let response = h1.send(request).await.unwrap();
@@ -56,7 +46,7 @@ async fn combined_access_log_has_every_field_with_exact_bytes() {
 async fn json_access_log_lines_are_json_objects() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.json");
-    let (_upstream, pki, sidecar) = setup(&["--access-log", log.to_str().unwrap(), "--access-log-format", "json", "--upstream-timeout", "200ms"]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--access-log", log.to_str().unwrap(), "--access-log-format", "json", "--upstream-timeout", "200ms"]).await;
     let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
     assert_eq!(h2.get("/a").await.0, StatusCode::OK);
     assert_eq!(h2.get("/slow/2000").await.0, StatusCode::GATEWAY_TIMEOUT);
@@ -74,7 +64,7 @@ async fn json_access_log_lines_are_json_objects() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn json_process_logs_are_one_object_per_line() {
-    let (_upstream, pki, sidecar) = setup(&["--log-format", "json", "--upstream-timeout", "100ms"]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--log-format", "json", "--upstream-timeout", "100ms"]).await;
     let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     assert_eq!(h1.get("/slow/1000").await.0, StatusCode::GATEWAY_TIMEOUT);
     sidecar.logs.wait_for("gave no response", Duration::from_secs(5));
@@ -100,7 +90,7 @@ async fn a_stalled_access_log_never_blocks_requests() {
     // A reader that never reads: opening it non-blocking lets the sidecar open the write end.
     const O_NONBLOCK: i32 = 0o4000;
     let _reader = std::fs::OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(&fifo).unwrap();
-    let (_upstream, pki, sidecar) = setup(&["--access-log", fifo.to_str().unwrap(), "--admin", "127.0.0.1:0"]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--access-log", fifo.to_str().unwrap(), "--admin", "127.0.0.1:0"]).await;
 
     // More requests than the pipe (64 KiB) and the queue (16384 lines) together can hold.
     const CLIENTS: usize = 8;

@@ -7,7 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +21,6 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 const HELLO: &str = "hello from upstream\n";
 /// Upper bound for one external tool run (openssl, curl); they normally take milliseconds.
 const TOOL_LIMIT: Duration = Duration::from_secs(20);
-/// Upper bound for a sidecar that is expected to refuse its input and exit.
-const EXIT_LIMIT: Duration = Duration::from_secs(15);
 /// An upstream that is never contacted (start-up must fail before any request).
 const NO_UPSTREAM: &str = "http://127.0.0.1:9";
 
@@ -35,40 +33,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
-/// Runs `cmd` to completion with stdin from /dev/null; kills it and panics (with its output)
-/// if it is still running after `limit`, so a hang becomes a failure, not a stuck test run.
-fn output_within(mut cmd: Command, limit: Duration) -> Output {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(output) => output.expect("collect the command's output"),
-        Err(_) => {
-            // Only the process started above, by its id.
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            let partial = rx.recv().ok().and_then(Result::ok).map(|o| text_of(&o)).unwrap_or_default();
-            panic!("{cmd:?} was still running after {limit:?}; its output:\n{partial}");
-        }
-    }
-}
-
 /// stdout followed by stderr, as text.
 fn text_of(output: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
-}
-
-/// Like `run_to_exit`, but bounded: a sidecar that wrongly accepts its input and starts serving
-/// is killed after `EXIT_LIMIT` and the test fails with its log, instead of hanging forever.
-fn sidecar_exit(args: &[&str]) -> (i32, String) {
-    let state_dir = tempfile::tempdir().unwrap();
-    let mut cmd = sidecar_command(args);
-    cmd.env("XDG_STATE_HOME", state_dir.path());
-    let output = output_within(cmd, EXIT_LIMIT);
-    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 fn assert_no_panic(stderr: &str) {
@@ -569,7 +536,7 @@ async fn chain_file_is_served_whole() {
 // ---------------------------------------------------------------------------------------------
 
 fn proxy_with(cert: &Path, key: &Path) -> (i32, String) {
-    sidecar_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--cert", s(cert), "--key", s(key)])
+    run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--cert", s(cert), "--key", s(key)])
 }
 
 #[test]
@@ -658,7 +625,7 @@ fn port_in_use_names_the_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let (code, stderr) =
-        sidecar_exit(&["proxy", "--listen", &addr, "--upstream", NO_UPSTREAM, "--cert", s(&leaf.cert), "--key", s(&leaf.key)]);
+        run_to_exit(&["proxy", "--listen", &addr, "--upstream", NO_UPSTREAM, "--cert", s(&leaf.cert), "--key", s(&leaf.key)]);
     assert_one_line_error(code, &stderr, &[&addr, "in use"]);
     drop(taken);
 }
@@ -669,14 +636,14 @@ fn unusable_dev_cert_state_dir_is_named() {
     let file = dir.path().join("a-file");
     write(&file, "not a directory");
     let state_dir = file.join("state");
-    let (code, stderr) = sidecar_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--state-dir", s(&state_dir)]);
+    let (code, stderr) = run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--state-dir", s(&state_dir)]);
     assert_one_line_error(code, &stderr, &[s(&state_dir)]);
 }
 
 #[test]
 fn bad_upstream_urls_are_usage_errors() {
     for bad in ["https://x:1", "http://x:1/path", "not a url ::"] {
-        let (code, stderr) = sidecar_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", bad]);
+        let (code, stderr) = run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", bad]);
         assert_usage_error(code, &stderr, &["--upstream", bad]);
     }
 }
@@ -685,9 +652,9 @@ fn bad_upstream_urls_are_usage_errors() {
 fn cert_without_key_and_key_without_cert_are_usage_errors() {
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
-    let (code, stderr) = sidecar_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--cert", s(&leaf.cert)]);
+    let (code, stderr) = run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--cert", s(&leaf.cert)]);
     assert_usage_error(code, &stderr, &["--key"]);
-    let (code, stderr) = sidecar_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--key", s(&leaf.key)]);
+    let (code, stderr) = run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--key", s(&leaf.key)]);
     assert_usage_error(code, &stderr, &["--cert"]);
 }
 

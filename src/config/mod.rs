@@ -130,6 +130,9 @@ pub struct ProxyConfig {
     pub reload_debounce: Duration,
     pub admin: Option<SocketAddr>,
     pub admin_token_file: Option<PathBuf>,
+    /// Time between the shutdown signal and closing the listener; read when shutdown starts,
+    /// so a reloaded value applies.
+    pub shutdown_delay: Duration,
     pub workers: Option<usize>,
     pub access_log: crate::access_log::AccessLogTarget,
     pub access_log_format: crate::access_log::AccessLogFormat,
@@ -171,6 +174,7 @@ impl ProxyConfig {
             reload_debounce: args.reload_debounce,
             admin: args.admin,
             admin_token_file: args.admin_token_file.clone(),
+            shutdown_delay: args.shutdown_delay,
             workers: args.workers.map(usize::from),
             access_log: args.access_log.clone(),
             access_log_format: args.access_log_format,

@@ -165,12 +165,9 @@ impl SyncManager {
 /// `sidecar sync`: one destination, until SIGTERM; or `--once`, or `--dry-run`.
 pub fn run_sync(args: SyncArgs) -> ExitCode {
     // One destination needs no thread pool: file I/O goes through spawn_blocking.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match crate::cli::current_thread_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let spec = match SyncSpec::from_args(&args) {

@@ -443,11 +443,51 @@ impl Drop for Sidecar {
     }
 }
 
-/// Runs `sidecar ARGS` to completion (for start-up failures) and returns (exit code, stderr).
+/// How long a command that should stop by itself (a start-up failure, `check`, a tool) may run.
+pub const EXIT_LIMIT: Duration = Duration::from_secs(15);
+
+/// Runs `cmd` to its end and returns its output; a command still running after `limit` (a
+/// sidecar that wrongly accepted its input and started serving) is killed and fails the test,
+/// instead of hanging the suite.
+pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(output) => output.expect("collect the command's output"),
+        Err(_) => {
+            // Only the process started above, by its id.
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let partial = rx.recv().ok().and_then(Result::ok).map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+            panic!("{cmd:?} was still running after {limit:?}; its stderr:\n{partial}");
+        }
+    }
+}
+
+/// Runs `sidecar ARGS` to completion (for start-up failures), bounded by `EXIT_LIMIT`, and
+/// returns (exit code, stderr).
 pub fn run_to_exit(args: &[&str]) -> (i32, String) {
     let state_dir = tempfile::tempdir().unwrap();
-    let output = sidecar_command(args).env("XDG_STATE_HOME", state_dir.path()).stdin(Stdio::null()).output().unwrap();
+    let mut cmd = sidecar_command(args);
+    cmd.env("XDG_STATE_HOME", state_dir.path());
+    let output = output_within(cmd, EXIT_LIMIT);
     (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// An upstream, a test PKI and a sidecar in front of the upstream with a leaf of that PKI.
+pub async fn proxy_in_front_of_upstream(extra: &[&str]) -> (Upstream, TestPki, Sidecar) {
+    let upstream = Upstream::start().await;
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let url = upstream.url();
+    let mut args = vec!["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let sidecar = Sidecar::start(&args);
+    (upstream, pki, sidecar)
 }
 
 // ---------------------------------------------------------------------------------------------
