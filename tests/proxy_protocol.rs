@@ -229,7 +229,7 @@ async fn a_silent_or_truncated_header_is_closed_at_the_handshake_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_abandons_a_connection_waiting_for_its_header() {
-    let (upstream, pki, mut sidecar) = setup(&["--proxy-protocol", "--tls-handshake-timeout", "8s", "--drain-timeout", "10s"]).await;
+    let (upstream, pki, mut sidecar) = setup(&["--proxy-protocol", "--tls-handshake-timeout", "8s", "--drain-timeout", "10s", "--shutdown-delay", "0s"]).await;
     let mut stalled = TcpStream::connect(sidecar.addr).await.unwrap();
     stalled.write_all(b"PROXY TCP4 ").await.unwrap();
     // Accepts happen in order, so once a later connection is served the stalled one is accepted.
