@@ -197,6 +197,7 @@ fn status(state: &AdminState) -> Value {
             "listen": proxy.https_addr,
             "redirect_http": proxy.redirect_addr,
             "upstream": serving.config.upstream.to_string(),
+            "config_hash": serving.config.fingerprint(),
             "config_file": serving.config.config_file,
             "certificates": certificates,
             "client_ca": tls.client_ca,

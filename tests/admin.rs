@@ -56,6 +56,10 @@ async fn probes_and_status_describe_the_running_proxy() {
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(status["proxy"]["upstream"], url);
     assert_eq!(status["proxy"]["listen"], sidecar.addr.to_string());
+    let hash = status["proxy"]["config_hash"].as_str().unwrap().to_owned();
+    assert!(hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()), "{hash}");
+    let again = json(&admin(addr, "GET", "/status", None).await.2);
+    assert_eq!(again["proxy"]["config_hash"], hash, "the same config hashes the same");
     let cert = &status["proxy"]["certificates"][0];
     assert_eq!(cert["serial"], leaf.serial);
     assert_eq!(cert["names"], serde_json::json!(["localhost", "127.0.0.1"]));

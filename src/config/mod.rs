@@ -182,6 +182,13 @@ impl ProxyConfig {
         }
     }
 
+    /// A short digest of the effective settings (after flags, environment and file), to tell at
+    /// a glance whether two processes run the same configuration.
+    pub fn fingerprint(&self) -> String {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, format!("{self:?}").as_bytes());
+        digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The files the TLS state is built from.
     pub fn tls_inputs(&self) -> TlsInputs {
         let default = match &self.cert {
