@@ -16,17 +16,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-async fn setup(extra: &[&str]) -> (Upstream, TestPki, Sidecar) {
-    let upstream = Upstream::start().await;
-    let pki = TestPki::new();
-    let leaf = pki.issue("leaf");
-    let url = upstream.url();
-    let mut args = vec!["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let sidecar = Sidecar::start(&args);
-    (upstream, pki, sidecar)
-}
-
 const V1_TCP4: &[u8] = b"PROXY TCP4 203.0.113.7 127.0.0.1 51234 443\r\n";
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
@@ -120,7 +109,7 @@ async fn closed_within(stream: &mut TcpStream, since: Instant, bound: Duration, 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn v1_header_sets_x_forwarded_for() {
-    let (upstream, pki, sidecar) = setup(&["--proxy-protocol"]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol"]).await;
     let ca = pki.ca_pem.as_bytes();
     assert_eq!(forwarded_for(&upstream, sidecar.addr, V1_TCP4, ca, false).await, "203.0.113.7");
     let v1_tcp6 = b"PROXY TCP6 2001:db8::1 ::1 51234 443\r\n";
@@ -136,7 +125,7 @@ async fn v1_header_sets_x_forwarded_for() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn v2_headers_for_ipv4_and_ipv6_with_tlvs_and_local() {
-    let (upstream, pki, sidecar) = setup(&["--proxy-protocol"]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol"]).await;
     let ca = pki.ca_pem.as_bytes();
     assert_eq!(forwarded_for(&upstream, sidecar.addr, &v2_tcp4(&[]), ca, false).await, "203.0.113.7");
     assert_eq!(forwarded_for(&upstream, sidecar.addr, &v2_tcp4(TLVS), ca, false).await, "203.0.113.7");
@@ -149,7 +138,7 @@ async fn v2_headers_for_ipv4_and_ipv6_with_tlvs_and_local() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_over_a_v2_prefixed_connection() {
-    let (upstream, pki, sidecar) = setup(&["--proxy-protocol", "--access-log", "stderr"]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol", "--access-log", "stderr"]).await;
     let ca = pki.ca_pem.as_bytes();
     let mut conn = open_after(sidecar.addr, &v2_tcp6(TLVS), ca, true).await;
     for _ in 0..3 {
@@ -164,7 +153,7 @@ async fn http2_over_a_v2_prefixed_connection() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_without_a_valid_header_are_refused_and_the_proxy_keeps_serving() {
-    let (upstream, pki, sidecar) = setup(&["--proxy-protocol", "--log-level", "debug"]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol", "--log-level", "debug"]).await;
     let ca = pki.ca_pem.as_bytes();
 
     // A plain TLS client: its ClientHello is not a PROXY header.
@@ -204,7 +193,7 @@ async fn connections_without_a_valid_header_are_refused_and_the_proxy_keeps_serv
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_or_truncated_header_is_closed_at_the_handshake_timeout() {
-    let (upstream, pki, sidecar) = setup(&["--proxy-protocol", "--tls-handshake-timeout", "300ms", "--log-level", "debug"]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol", "--tls-handshake-timeout", "300ms", "--log-level", "debug"]).await;
     let started = Instant::now();
     let mut silent = TcpStream::connect(sidecar.addr).await.unwrap();
     let mut partial_v1 = TcpStream::connect(sidecar.addr).await.unwrap();
@@ -229,7 +218,7 @@ async fn a_silent_or_truncated_header_is_closed_at_the_handshake_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_abandons_a_connection_waiting_for_its_header() {
-    let (upstream, pki, mut sidecar) = setup(&["--proxy-protocol", "--tls-handshake-timeout", "8s", "--drain-timeout", "10s", "--shutdown-delay", "0s"]).await;
+    let (upstream, pki, mut sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol", "--tls-handshake-timeout", "8s", "--drain-timeout", "10s", "--shutdown-delay", "0s"]).await;
     let mut stalled = TcpStream::connect(sidecar.addr).await.unwrap();
     stalled.write_all(b"PROXY TCP4 ").await.unwrap();
     // Accepts happen in order, so once a later connection is served the stalled one is accepted.
@@ -243,7 +232,7 @@ async fn shutdown_abandons_a_connection_waiting_for_its_header() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_the_flag_a_header_is_not_accepted_and_plain_clients_work() {
-    let (upstream, pki, sidecar) = setup(&[]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     let ca = pki.ca_pem.as_bytes();
     for prefix in [V1_TCP4.to_vec(), v2_tcp4(TLVS)] {
         let result = tls_after(sidecar.addr, &prefix, ca, &[b"http/1.1"]).await;
@@ -283,7 +272,7 @@ async fn metric(admin: SocketAddr, key: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_headers_are_counted_as_failed_handshakes() {
-    let (upstream, pki, sidecar) = setup(&["--proxy-protocol", "--admin", "127.0.0.1:0"]).await;
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol", "--admin", "127.0.0.1:0"]).await;
     let line = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
     let admin: SocketAddr =
         line.split("admin API on http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().trim_end_matches(';').parse().unwrap();

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod history;
 pub mod notify;
+pub mod shell;
 pub mod source;
 pub mod spec;
 pub mod status;

@@ -11,7 +11,7 @@ use rustix::process::{Pid, Signal};
 
 use super::client::{ClientError, HttpClient};
 use super::spec::{NotifySpec, SignalName};
-use super::validate::one_line_excerpt;
+use super::shell::{self, ShellFailure};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
@@ -192,23 +192,10 @@ pub fn is_alive(pid: u32) -> bool {
 }
 
 async fn exec(cmd: &str, dest: &Path, hash: &str) -> Result<(), NotifyError> {
-    let child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("SIDECAR_SYNC_DEST", dest)
-        .env("SIDECAR_SYNC_HASH", hash)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = match tokio::time::timeout(EXEC_TIMEOUT, child).await {
-        Err(_) => return Err(NotifyError::ExecTimeout { cmd: cmd.to_owned(), timeout: EXEC_TIMEOUT }),
-        Ok(Err(source)) => return Err(NotifyError::ExecSpawn { cmd: cmd.to_owned(), source }),
-        Ok(Ok(output)) => output,
-    };
-    if output.status.success() {
-        return Ok(());
-    }
-    let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stdout));
-    Err(NotifyError::Exec { cmd: cmd.to_owned(), status: output.status.to_string(), output: one_line_excerpt(&text) })
+    let envs = [("SIDECAR_SYNC_DEST", dest.as_os_str()), ("SIDECAR_SYNC_HASH", std::ffi::OsStr::new(hash))];
+    shell::run(cmd, &envs, EXEC_TIMEOUT).await.map_err(|failure| match failure {
+        ShellFailure::Timeout => NotifyError::ExecTimeout { cmd: cmd.to_owned(), timeout: EXEC_TIMEOUT },
+        ShellFailure::Spawn(source) => NotifyError::ExecSpawn { cmd: cmd.to_owned(), source },
+        ShellFailure::Failed { status, output } => NotifyError::Exec { cmd: cmd.to_owned(), status, output },
+    })
 }

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::shell::{self, ShellFailure};
 use super::spec::ValidateFormat;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,37 +50,13 @@ pub fn check_content(content: &[u8], format: Option<ValidateFormat>) -> Result<(
 pub async fn run_check(cmd: &str, candidate: &Path) -> Result<(), ValidateError> {
     let quoted = shell_quote(&candidate.to_string_lossy());
     let script = if cmd.contains("{}") { cmd.replace("{}", &quoted) } else { format!("{cmd} {quoted}") };
-    let child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(&script)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = match tokio::time::timeout(CHECK_TIMEOUT, child).await {
-        Err(_) => return Err(ValidateError::CheckTimeout { cmd: cmd.to_owned(), timeout: CHECK_TIMEOUT }),
-        Ok(Err(source)) => return Err(ValidateError::CheckSpawn { cmd: cmd.to_owned(), source }),
-        Ok(Ok(output)) => output,
-    };
-    if output.status.success() {
-        return Ok(());
-    }
-    let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stdout));
-    Err(ValidateError::CheckFailed { cmd: cmd.to_owned(), status: output.status.to_string(), output: one_line_excerpt(&text) })
+    shell::run(&script, &[], CHECK_TIMEOUT).await.map_err(|failure| match failure {
+        ShellFailure::Timeout => ValidateError::CheckTimeout { cmd: cmd.to_owned(), timeout: CHECK_TIMEOUT },
+        ShellFailure::Spawn(source) => ValidateError::CheckSpawn { cmd: cmd.to_owned(), source },
+        ShellFailure::Failed { status, output } => ValidateError::CheckFailed { cmd: cmd.to_owned(), status, output },
+    })
 }
 
-/// At most 300 bytes, on one line: command output goes into a log line and the status.
-pub fn one_line_excerpt(text: &str) -> String {
-    let text = text.trim().replace('\n', "; ");
-    if text.len() <= 300 {
-        return text;
-    }
-    let mut end = 300;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
-}
 
 /// Single-quotes for sh.
 pub fn shell_quote(s: &str) -> String {
