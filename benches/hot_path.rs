@@ -5,13 +5,13 @@
 //! Each iteration gets a freshly built browser-like request head from `iter_batched`, so only
 //! the rewrite itself is timed, not building its input.
 
-use std::hint::black_box;
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::request::Parts;
 use http::{HeaderValue, Request, Uri, Version};
 use sidecar::config::{parse_upstream, ForwardedPolicy};
 use sidecar::proxy::headers::{prepare_request, strip_hop_by_hop, ClientClaims};
+use std::hint::black_box;
 
 const PEER: HeaderValue = HeaderValue::from_static("192.0.2.7");
 
@@ -109,11 +109,7 @@ fn upstream_uri(c: &mut Criterion) {
 
     let upstream = parse_upstream("http://127.0.0.1:8080").unwrap();
     c.bench_function("request_uri/origin_form", |b| {
-        b.iter_batched(
-            || http1_head().uri,
-            |uri: Uri| upstream.request_uri(&uri).unwrap(),
-            BatchSize::SmallInput,
-        )
+        b.iter_batched(|| http1_head().uri, |uri: Uri| upstream.request_uri(&uri).unwrap(), BatchSize::SmallInput)
     });
 }
 
@@ -124,7 +120,6 @@ fn snapshot_load(c: &mut Criterion) {
     });
     c.bench_function("arc_swap/load", |b| b.iter(|| black_box(snapshot.load().policy)));
     c.bench_function("arc_swap/load_full", |b| b.iter(|| black_box(snapshot.load_full())));
-
 
     // Everything above in the order the proxy does it for one request (the server takes its
     // snapshot once per connection today; a per-request `load` is the upper bound).

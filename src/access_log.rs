@@ -122,14 +122,22 @@ pub struct PendingEntry {
 }
 
 impl PendingEntry {
-    pub fn begin<B>(log: &Arc<AccessLog>, started: Instant, facts: ConnectionFacts, request: &Request<B>) -> PendingEntry {
+    pub fn begin<B>(
+        log: &Arc<AccessLog>,
+        started: Instant,
+        facts: ConnectionFacts,
+        request: &Request<B>,
+    ) -> PendingEntry {
         let headers = request.headers();
         PendingEntry {
             log: log.clone(),
             started,
             facts,
             method: request.method().clone(),
-            target: request.uri().path_and_query().map_or_else(|| request.uri().to_string(), |pq| pq.as_str().to_owned()),
+            target: request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| request.uri().to_string(), |pq| pq.as_str().to_owned()),
             version: request.version(),
             referer: headers.get(http::header::REFERER).cloned(),
             user_agent: headers.get(http::header::USER_AGENT).cloned(),
@@ -151,7 +159,8 @@ impl PendingEntry {
     }
 
     fn combined(&self) -> String {
-        let text = |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map_or_else(|| "-".to_owned(), escape);
+        let text =
+            |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map_or_else(|| "-".to_owned(), escape);
         format!(
             "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" rt={:.3} uct={} tls={} alpn={}\n",
             self.facts.client,
@@ -197,7 +206,8 @@ impl PendingEntry {
 fn clf_time() -> String {
     static FORMAT: OnceLock<Vec<time::format_description::BorrowedFormatItem<'static>>> = OnceLock::new();
     let format = FORMAT.get_or_init(|| {
-        time::format_description::parse_borrowed::<1>("[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000").unwrap_or_default()
+        time::format_description::parse_borrowed::<1>("[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000")
+            .unwrap_or_default()
     });
     time::OffsetDateTime::now_utc().format(format).unwrap_or_default()
 }

@@ -28,7 +28,9 @@ pub enum AdminError {
     TokenFile { path: PathBuf, source: std::io::Error },
     #[error("admin token file {} is empty", path.display())]
     EmptyToken { path: PathBuf },
-    #[error("the admin API on {addr} would be reachable from other hosts: give --admin-token-file, or bind it to loopback")]
+    #[error(
+        "the admin API on {addr} would be reachable from other hosts: give --admin-token-file, or bind it to loopback"
+    )]
     ExposedWithoutToken { addr: SocketAddr },
 }
 
@@ -58,7 +60,8 @@ pub struct AdminServer {
 
 /// Reads the bearer token: the file's content with surrounding white space trimmed.
 pub fn read_token(path: &Path) -> Result<String, AdminError> {
-    let text = std::fs::read_to_string(path).map_err(|source| AdminError::TokenFile { path: path.to_owned(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| AdminError::TokenFile { path: path.to_owned(), source })?;
     let token = text.trim().to_owned();
     if token.is_empty() {
         return Err(AdminError::EmptyToken { path: path.to_owned() });
@@ -77,13 +80,24 @@ pub fn settings(addr: SocketAddr, token_file: Option<&Path>) -> Result<Option<St
 }
 
 impl AdminServer {
-    pub fn bind(addr: SocketAddr, token_file: Option<&Path>, shutdown: CancellationToken) -> Result<AdminServer, AdminError> {
+    pub fn bind(
+        addr: SocketAddr,
+        token_file: Option<&Path>,
+        shutdown: CancellationToken,
+    ) -> Result<AdminServer, AdminError> {
         let token = settings(addr, token_file)?;
         let listener = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(TcpListener::from_std)
             .map_err(|source| AdminError::Bind { addr, source })?;
-        let state = AdminState { started: Instant::now(), token, shutdown, proxy: None, sync: None, metrics: Default::default() };
+        let state = AdminState {
+            started: Instant::now(),
+            token,
+            shutdown,
+            proxy: None,
+            sync: None,
+            metrics: Default::default(),
+        };
         Ok(AdminServer { listener, state: Arc::new(state) })
     }
 
@@ -139,7 +153,8 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> AdminResponse 
             match &state.proxy {
                 Some(proxy) => match proxy.reload.reload().await {
                     Some(outcome) => {
-                        let code = if outcome.errors.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+                        let code =
+                            if outcome.errors.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
                         json_response(code, json!(outcome))
                     }
                     None => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
@@ -219,12 +234,16 @@ fn status(state: &AdminState) -> Value {
 /// (the version from `?version=` or a JSON body `{"version": "ID or hash prefix"}`; without
 /// one, the previous good version).
 async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResponse {
-    let Some(sync) = state.sync.clone() else { return text(StatusCode::NOT_FOUND, "no sync destination runs in this process\n") };
+    let Some(sync) = state.sync.clone() else {
+        return text(StatusCode::NOT_FOUND, "no sync destination runs in this process\n");
+    };
     let path = request.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = request.method().clone();
     match (segments.as_slice(), &method) {
-        (["sync"], &Method::GET | &Method::HEAD) => json_response(StatusCode::OK, json!({ "destinations": sync.statuses() })),
+        (["sync"], &Method::GET | &Method::HEAD) => {
+            json_response(StatusCode::OK, json!({ "destinations": sync.statuses() }))
+        }
         (["sync", name], &Method::GET | &Method::HEAD) => match sync.status(name) {
             Some(status) => json_response(StatusCode::OK, json!(status)),
             None => unknown_destination(name),
@@ -241,10 +260,13 @@ async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResp
             let from_query = request.uri().query().and_then(|q| {
                 q.split('&').find_map(|pair| pair.strip_prefix("version=")).filter(|v| !v.is_empty()).map(str::to_owned)
             });
-            let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(request.into_body(), 64 * 1024)).await {
-                Ok(collected) => collected.to_bytes(),
-                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
-            };
+            let body =
+                match http_body_util::BodyExt::collect(http_body_util::Limited::new(request.into_body(), 64 * 1024))
+                    .await
+                {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+                };
             let from_body = if body.iter().all(u8::is_ascii_whitespace) {
                 None
             } else {
@@ -253,9 +275,19 @@ async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResp
                         Some(Value::String(v)) => Some(v.clone()),
                         Some(Value::Number(n)) => Some(n.to_string()),
                         None | Some(Value::Null) => None,
-                        Some(_) => return json_response(StatusCode::BAD_REQUEST, json!({ "error": "`version` must be a string or a number" })),
+                        Some(_) => {
+                            return json_response(
+                                StatusCode::BAD_REQUEST,
+                                json!({ "error": "`version` must be a string or a number" }),
+                            )
+                        }
                     },
-                    Err(e) => return json_response(StatusCode::BAD_REQUEST, json!({ "error": format!("body is not JSON: {e}") })),
+                    Err(e) => {
+                        return json_response(
+                            StatusCode::BAD_REQUEST,
+                            json!({ "error": format!("body is not JSON: {e}") }),
+                        )
+                    }
                 }
             };
             match sync.rollback(&name, from_query.or(from_body)).await {
@@ -264,8 +296,12 @@ async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResp
                     json_response(code, json!(report))
                 }
                 Err(crate::sync::RollbackError::UnknownName(name)) => unknown_destination(&name),
-                Err(crate::sync::RollbackError::Refused(e)) => json_response(StatusCode::CONFLICT, json!({ "error": e })),
-                Err(e @ crate::sync::RollbackError::Stopped) => json_response(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e.to_string() })),
+                Err(crate::sync::RollbackError::Refused(e)) => {
+                    json_response(StatusCode::CONFLICT, json!({ "error": e }))
+                }
+                Err(e @ crate::sync::RollbackError::Stopped) => {
+                    json_response(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e.to_string() }))
+                }
             }
         }
         (["sync", _, "rollback"], _) => method_not_allowed("POST"),
@@ -281,7 +317,8 @@ fn unknown_destination(name: &str) -> AdminResponse {
 /// `Some(response)` when the request must be refused.
 fn check_token(state: &AdminState, request: &Request<Incoming>) -> Option<AdminResponse> {
     let expected = state.token.as_deref()?;
-    let presented = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let presented =
+        request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => None,
         _ => {

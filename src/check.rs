@@ -116,9 +116,11 @@ fn options(strict: &Command) -> Vec<Arg> {
 /// nothing is required, so a bad or missing value is not the end of the check.
 fn lenient(strict: Command) -> Command {
     strict.mut_subcommand("check", |mut sub| {
-        let ids: Vec<clap::Id> = sub.get_arguments().filter(|a| a.get_action().takes_values()).map(|a| a.get_id().clone()).collect();
+        let ids: Vec<clap::Id> =
+            sub.get_arguments().filter(|a| a.get_action().takes_values()).map(|a| a.get_id().clone()).collect();
         for id in ids {
-            sub = sub.mut_arg(id, |a| a.required(false).requires(Resettable::Reset).value_parser(ValueParser::os_string()));
+            sub = sub
+                .mut_arg(id, |a| a.required(false).requires(Resettable::Reset).value_parser(ValueParser::os_string()));
         }
         sub
     })
@@ -147,7 +149,10 @@ pub fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
     let options = options(&strict);
     let matches = lenient(strict).try_get_matches_from(argv)?;
     let Some(given) = matches.subcommand_matches("check") else {
-        return Err(clap::Error::raw(clap::error::ErrorKind::InvalidSubcommand, "not a `sidecar check` command line\n"));
+        return Err(clap::Error::raw(
+            clap::error::ErrorKind::InvalidSubcommand,
+            "not a `sidecar check` command line\n",
+        ));
     };
     let mut report = Report::default();
 
@@ -201,7 +206,8 @@ pub fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
 
     // The proxy's own config from the valid values, so that the same code decides which files
     // are used (the dev certificate, SNI pairs, client CA) as at a start.
-    let upstream = validator.clone().try_get_matches_from(&valid).ok().and_then(|m| m.get_one::<Upstream>("upstream").cloned());
+    let upstream =
+        validator.clone().try_get_matches_from(&valid).ok().and_then(|m| m.get_one::<Upstream>("upstream").cloned());
     if upstream.is_none() {
         valid.push(STAND_IN_UPSTREAM.into());
     }
@@ -230,7 +236,8 @@ pub fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
         report.summary.push(format!("config file {}", path.display()));
     }
     // Said here because a proxy that wants a header its clients do not send refuses them all.
-    let proxy_note = if config.proxy_protocol { "; every connection must start with a PROXY protocol header" } else { "" };
+    let proxy_note =
+        if config.proxy_protocol { "; every connection must start with a PROXY protocol header" } else { "" };
     report.summary.push(format!("listen      https://{} (not bound by check{proxy_note})", config.listen));
     if let Some(upstream) = &upstream {
         report.summary.push(format!("upstream    {upstream} (not contacted by check)"));
@@ -239,7 +246,9 @@ pub fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
     check_tls(&config, &mut report);
     check_listeners(&config, &mut report);
     if sync_tables > 0 {
-        report.summary.push(format!("sync        {sync_tables} [[sync]] destination(s) in the config file (sources not contacted)"));
+        report.summary.push(format!(
+            "sync        {sync_tables} [[sync]] destination(s) in the config file (sources not contacted)"
+        ));
     }
     let level = resolved.try_get_one::<String>("log_level").ok().flatten().cloned().unwrap_or_default();
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
@@ -325,7 +334,11 @@ fn check_tls(config: &ProxyConfig, report: &mut Report) {
     match (&inputs.client_ca, checked.client_ca) {
         (Some(path), Some(Ok(cas))) => {
             let mode = inputs.client_auth.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default();
-            report.summary.push(format!("client-ca   {} ({} CA certificate(s), client-auth {mode})", path.display(), cas.len()));
+            report.summary.push(format!(
+                "client-ca   {} ({} CA certificate(s), client-auth {mode})",
+                path.display(),
+                cas.len()
+            ));
             for ca in &cas {
                 report.summary.push(format!("              {}", describe(ca)));
                 warn_if_expiring(report, &format!("client CA in {}", path.display()), ca);
@@ -362,17 +375,21 @@ fn check_listeners(config: &ProxyConfig, report: &mut Report) {
             Err(e) => report.problems.push(e.to_string()),
         }
     }
-    let named: Vec<(&str, SocketAddr)> = [("listen", Some(config.listen)), ("redirect-http", config.redirect_http), ("admin", config.admin)]
-        .into_iter()
-        .filter_map(|(name, addr)| Some((name, addr?)))
-        .collect();
+    let named: Vec<(&str, SocketAddr)> =
+        [("listen", Some(config.listen)), ("redirect-http", config.redirect_http), ("admin", config.admin)]
+            .into_iter()
+            .filter_map(|(name, addr)| Some((name, addr?)))
+            .collect();
     for (i, (a_name, a)) in named.iter().enumerate() {
         for (b_name, b) in &named[i + 1..] {
             // Port 0 picks a free port each time; an unspecified address overlaps every other
             // address of its family on the same port.
             let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
             if a.port() != 0 && a.port() == b.port() && a.is_ipv4() == b.is_ipv4() && overlap {
-                report.problems.push(format!("--{a_name} {a} and --{b_name} {b} would both listen on port {}; give each its own", a.port()));
+                report.problems.push(format!(
+                    "--{a_name} {a} and --{b_name} {b} would both listen on port {}; give each its own",
+                    a.port()
+                ));
             }
         }
     }

@@ -38,6 +38,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Terminate TLS (HTTP/1.1 and HTTP/2) and forward to a plain-HTTP app over pooled HTTP/1.1
@@ -459,8 +461,16 @@ where
     // must not silently fall back to the development certificate.
     if let Command::Proxy(proxy) = &cli.command {
         match (&proxy.cert, &proxy.key) {
-            (Some(_), None) => return Err(CliError::Incomplete("--cert is given (by flag, SIDECAR_CERT or the config file) but --key is not")),
-            (None, Some(_)) => return Err(CliError::Incomplete("--key is given (by flag, SIDECAR_KEY or the config file) but --cert is not")),
+            (Some(_), None) => {
+                return Err(CliError::Incomplete(
+                    "--cert is given (by flag, SIDECAR_CERT or the config file) but --key is not",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(CliError::Incomplete(
+                    "--key is given (by flag, SIDECAR_KEY or the config file) but --cert is not",
+                ))
+            }
             _ => {}
         }
     }
@@ -567,14 +577,17 @@ pub fn generate_to(what: GenerateCommand, out: &mut dyn std::io::Write) -> Resul
         GenerateCommand::Completions { shell } => clap_complete::generate(shell, &mut command, "sidecar", &mut text),
         // clap's implicit `help` subcommand would be listed as a page sidecar-help(1) that is
         // never written; `--help` is documented on every page anyway.
-        GenerateCommand::Man { dir: None } => man_page(command.disable_help_subcommand(true)).render(&mut text).map_err(GenerateError::Stdout)?,
+        GenerateCommand::Man { dir: None } => {
+            man_page(command.disable_help_subcommand(true)).render(&mut text).map_err(GenerateError::Stdout)?
+        }
         GenerateCommand::Man { dir: Some(dir) } => {
             std::fs::create_dir_all(&dir).map_err(|source| GenerateError::CreateDir { path: dir.clone(), source })?;
             // Built first so that subcommands carry their full names (sidecar-proxy), as
             // clap_mangen::generate_to does; written here to name each file written.
             command = command.disable_help_subcommand(true);
             command.build();
-            let pages = std::iter::once(command.clone()).chain(command.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+            let pages =
+                std::iter::once(command.clone()).chain(command.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
             for page in pages {
                 let man = man_page(page);
                 let path = dir.join(man.get_filename());

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
 use rustls::client::danger::ServerCertVerifier as _;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -186,7 +188,9 @@ fn create_ca(provider: &CryptoProvider, dir: &Path, replaced_expired: Option<Str
 /// A stored CA (already validated: parses, key matches, within validity) made ready to sign.
 fn load_ca(cert_path: PathBuf, key_path: PathBuf, info: CertInfo) -> Result<DevCa, DevCaError> {
     let unusable = |reason: String| DevCaError::UnusableCa { cert: cert_path.clone(), key: key_path.clone(), reason };
-    let read = |path: &Path| std::fs::read_to_string(path).map_err(|e| unusable(format!("cannot read {}: {e}", path.display())));
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| unusable(format!("cannot read {}: {e}", path.display())))
+    };
     let cert_pem = read(&cert_path)?;
     let key_pem = read(&key_path)?;
     let der = {
@@ -243,13 +247,20 @@ pub fn issue(provider: &CryptoProvider, ca: &DevCa, dir: &Path, names: &[String]
 
 /// Verifies the new leaf for every name with rustls' WebPKI verifier and only the CA as root,
 /// as a client that trusts the CA will. Catches a reused CA whose subject did not round-trip.
-fn verify_against_ca(provider: &CryptoProvider, ca: &DevCa, leaf: &CertificateDer<'_>, names: &[String]) -> Result<(), DevCaError> {
-    let fail = |name: &str, reason: String| DevCaError::SelfCheck { name: name.to_owned(), ca: ca.cert_path.clone(), reason };
+fn verify_against_ca(
+    provider: &CryptoProvider,
+    ca: &DevCa,
+    leaf: &CertificateDer<'_>,
+    names: &[String],
+) -> Result<(), DevCaError> {
+    let fail =
+        |name: &str, reason: String| DevCaError::SelfCheck { name: name.to_owned(), ca: ca.cert_path.clone(), reason };
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der.clone()).map_err(|e| fail("the CA", e.to_string()))?;
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::new(provider.clone()))
-        .build()
-        .map_err(|e| fail("the CA", e.to_string()))?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::new(provider.clone()))
+            .build()
+            .map_err(|e| fail("the CA", e.to_string()))?;
     for name in names {
         // A client asks for a concrete name; any label stands for the wildcard.
         let asked = match name.strip_prefix("*.") {
@@ -257,7 +268,9 @@ fn verify_against_ca(provider: &CryptoProvider, ca: &DevCa, leaf: &CertificateDe
             None => name.clone(),
         };
         let server_name = ServerName::try_from(asked).map_err(|e| fail(name, e.to_string()))?;
-        verifier.verify_server_cert(leaf, &[], &server_name, &[], UnixTime::now()).map_err(|e| fail(name, e.to_string()))?;
+        verifier
+            .verify_server_cert(leaf, &[], &server_name, &[], UnixTime::now())
+            .map_err(|e| fail(name, e.to_string()))?;
     }
     Ok(())
 }
@@ -330,7 +343,12 @@ pub fn instructions(ca: &DevCa, leaf: &Issued) -> String {
         ca.key_path.display()
     ));
     line(format!("  {}", ca.info));
-    line(format!("Issued a certificate for {}: {} (key {})", leaf.names.join(", "), leaf.cert_path.display(), leaf.key_path.display()));
+    line(format!(
+        "Issued a certificate for {}: {} (key {})",
+        leaf.names.join(", "),
+        leaf.cert_path.display(),
+        leaf.key_path.display()
+    ));
     line(format!("  {}", leaf.info));
     line(String::new());
     line("Serve it (your app's address as the upstream):".into());
@@ -372,7 +390,10 @@ mod tests {
 
     #[test]
     fn names_are_host_names_wildcards_or_ip_addresses() {
-        assert_eq!(check_names(&names(&["localhost", "127.0.0.1", "::1", "*.app.test", "localhost"])).unwrap().len(), 4);
+        assert_eq!(
+            check_names(&names(&["localhost", "127.0.0.1", "::1", "*.app.test", "localhost"])).unwrap().len(),
+            4
+        );
         for bad in ["", "a b", "*", "*.", "app..test", "http://x", "a/b", "*.*.test"] {
             assert!(check_names(&names(&[bad])).is_err(), "{bad:?} must be refused");
         }

@@ -61,7 +61,8 @@ pub fn ensure(provider: &CryptoProvider, state_dir: &Path) -> Result<DevCert, De
             return Ok(DevCert { cert, cert_path, key_path, created: false });
         }
     }
-    std::fs::create_dir_all(state_dir).map_err(|source| DevCertError::CreateDir { path: state_dir.to_owned(), source })?;
+    std::fs::create_dir_all(state_dir)
+        .map_err(|source| DevCertError::CreateDir { path: state_dir.to_owned(), source })?;
 
     let mut params = rcgen::CertificateParams::new(NAMES.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
     params.distinguished_name = rcgen::DistinguishedName::new();

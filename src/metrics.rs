@@ -116,12 +116,15 @@ pub fn metrics() -> &'static Metrics {
 impl Metrics {
     fn new() -> Metrics {
         let requests_family = Family::<Labels2, Counter>::default();
-        let requests = VERSIONS.map(|version| CLASSES.map(|class| requests_family.get_or_create(&[("version", version), ("code", class)]).clone()));
+        let requests = VERSIONS.map(|version| {
+            CLASSES.map(|class| requests_family.get_or_create(&[("version", version), ("code", class)]).clone())
+        });
         let upstream_failures_family = Family::<Labels1, Counter>::default();
-        let upstream_failures = ["connect", "timeout", "other"].map(|kind| upstream_failures_family.get_or_create(&[("kind", kind)]).clone());
+        let upstream_failures = ["connect", "timeout", "other"]
+            .map(|kind| upstream_failures_family.get_or_create(&[("kind", kind)]).clone());
         let handshake_failures_family = Family::<Labels1, Counter>::default();
-        let handshake_failures =
-            HandshakeFailure::ALL.map(|reason| handshake_failures_family.get_or_create(&[("reason", reason.label())]).clone());
+        let handshake_failures = HandshakeFailure::ALL
+            .map(|reason| handshake_failures_family.get_or_create(&[("reason", reason.label())]).clone());
         Metrics {
             requests,
             requests_family,
@@ -188,19 +191,35 @@ impl Drop for OpenConnection {
 pub fn registry(live: Option<Arc<LiveState>>, sync: Option<Arc<SyncManager>>) -> Registry {
     let m = metrics();
     let mut registry = Registry::with_prefix("sidecar");
-    registry.register("http_requests", "Requests answered, by HTTP version and status class", m.requests_family.clone());
+    registry.register(
+        "http_requests",
+        "Requests answered, by HTTP version and status class",
+        m.requests_family.clone(),
+    );
     registry.register_with_unit(
         "http_request_duration",
         "Time from a request's arrival until its response head is ready",
         Unit::Seconds,
         m.request_duration.clone(),
     );
-    registry.register("upstream_failures", "Upstream requests that failed: connect error, timeout (504) or other", m.upstream_failures_family.clone());
+    registry.register(
+        "upstream_failures",
+        "Upstream requests that failed: connect error, timeout (504) or other",
+        m.upstream_failures_family.clone(),
+    );
     registry.register("connections_open", "Client connections open now", m.connections_open.clone());
     registry.register("connections", "Client connections accepted", m.connections_total.clone());
     registry.register("tls_handshakes", "TLS handshakes completed", m.handshakes.clone());
-    registry.register("tls_handshake_failures", "TLS handshakes that failed, by reason", m.handshake_failures_family.clone());
-    registry.register("access_log_dropped", "Access-log lines dropped because the writer could not keep up", m.access_log_dropped.clone());
+    registry.register(
+        "tls_handshake_failures",
+        "TLS handshakes that failed, by reason",
+        m.handshake_failures_family.clone(),
+    );
+    registry.register(
+        "access_log_dropped",
+        "Access-log lines dropped because the writer could not keep up",
+        m.access_log_dropped.clone(),
+    );
     registry.register_collector(Box::new(LiveCollector { live, sync }));
     registry
 }
@@ -274,7 +293,13 @@ impl Collector for LiveCollector {
                     (labels, (c.info.not_after - now).as_seconds_f64())
                 })
                 .collect();
-            gauge_family(&mut encoder, "certificate_expiry", "Seconds until each served certificate expires", Some(&Unit::Seconds), &expiry)?;
+            gauge_family(
+                &mut encoder,
+                "certificate_expiry",
+                "Seconds until each served certificate expires",
+                Some(&Unit::Seconds),
+                &expiry,
+            )?;
 
             let stats = &live.stats;
             let relaxed = Ordering::Relaxed;
@@ -284,13 +309,27 @@ impl Collector for LiveCollector {
                 ([("kind", "tls"), ("result", "ok")], stats.tls_ok.load(relaxed)),
                 ([("kind", "tls"), ("result", "failed")], stats.tls_failed.load(relaxed)),
             ];
-            counter_family(&mut encoder, "reloads", "Reloads of certificates (tls) and of the config file, by result", &reloads)?;
+            counter_family(
+                &mut encoder,
+                "reloads",
+                "Reloads of certificates (tls) and of the config file, by result",
+                &reloads,
+            )?;
         }
         if let Some(sync) = &self.sync {
             let statuses = sync.statuses();
             let name = |s: &crate::sync::status::DestStatus| vec![("destination", s.name.clone())];
-            let synced: Vec<_> = statuses.iter().map(|s| (name(s), f64::from(u8::from(s.state == crate::sync::status::SyncState::Synced)))).collect();
-            gauge_family(&mut encoder, "sync_synced", "1 when the destination holds what the source holds", None, &synced)?;
+            let synced: Vec<_> = statuses
+                .iter()
+                .map(|s| (name(s), f64::from(u8::from(s.state == crate::sync::status::SyncState::Synced))))
+                .collect();
+            gauge_family(
+                &mut encoder,
+                "sync_synced",
+                "1 when the destination holds what the source holds",
+                None,
+                &synced,
+            )?;
             let last: Vec<_> = statuses
                 .iter()
                 .filter_map(|s| {
@@ -299,13 +338,30 @@ impl Collector for LiveCollector {
                     Some((name(s), at.unix_timestamp() as f64))
                 })
                 .collect();
-            gauge_family(&mut encoder, "sync_last_success_timestamp", "When the destination was last in sync", Some(&Unit::Seconds), &last)?;
-            let failures: Vec<_> = statuses.iter().map(|s| (name(s), s.counters.source_errors + s.counters.refused)).collect();
+            gauge_family(
+                &mut encoder,
+                "sync_last_success_timestamp",
+                "When the destination was last in sync",
+                Some(&Unit::Seconds),
+                &last,
+            )?;
+            let failures: Vec<_> =
+                statuses.iter().map(|s| (name(s), s.counters.source_errors + s.counters.refused)).collect();
             counter_family(&mut encoder, "sync_failures", "Source errors and refused values", &failures)?;
             let rollbacks: Vec<_> = statuses.iter().map(|s| (name(s), s.counters.rollbacks)).collect();
-            counter_family(&mut encoder, "sync_rollbacks", "Versions rolled back because the app became unhealthy", &rollbacks)?;
+            counter_family(
+                &mut encoder,
+                "sync_rollbacks",
+                "Versions rolled back because the app became unhealthy",
+                &rollbacks,
+            )?;
             let kills: Vec<_> = statuses.iter().map(|s| (name(s), s.counters.kills)).collect();
-            counter_family(&mut encoder, "sync_kills", "Times the app was terminated because even the last good version left it unhealthy", &kills)?;
+            counter_family(
+                &mut encoder,
+                "sync_kills",
+                "Times the app was terminated because even the last good version left it unhealthy",
+                &kills,
+            )?;
             let writes: Vec<_> = statuses.iter().map(|s| (name(s), s.counters.writes)).collect();
             counter_family(&mut encoder, "sync_writes", "New versions written to the destination", &writes)?;
         }

@@ -16,8 +16,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Accepts connections until `stop` is cancelled and answers each request with `handle`.
 /// `what` names the listener in logs.
-pub async fn serve<H, F>(listener: TcpListener, http: http1::Builder, stop: CancellationToken, what: &'static str, handle: H)
-where
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    http: http1::Builder,
+    stop: CancellationToken,
+    what: &'static str,
+    handle: H,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {

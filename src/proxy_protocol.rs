@@ -167,7 +167,8 @@ pub fn parse_v1(line: &[u8]) -> Result<Header, ProxyHeaderError> {
     };
     // Exactly one space between fields: a doubled space shows up as an empty field, refused
     // by the address and port parsers.
-    let (Some(src), Some(dst), Some(sport), Some(dport), None) = (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
+    let (Some(src), Some(dst), Some(sport), Some(dport), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
     else {
         return Err(V1Malformed("not exactly: protocol, source, destination, source port, destination port"));
     };
@@ -270,8 +271,10 @@ impl V2Prelude {
         match self.family {
             TCP4 => {
                 let b: &[u8; V2_INET_LEN] = block.try_into().map_err(|_| short("TCP over IPv4"))?;
-                let source = SocketAddr::new(Ipv4Addr::new(b[0], b[1], b[2], b[3]).into(), u16::from_be_bytes([b[8], b[9]]));
-                let destination = SocketAddr::new(Ipv4Addr::new(b[4], b[5], b[6], b[7]).into(), u16::from_be_bytes([b[10], b[11]]));
+                let source =
+                    SocketAddr::new(Ipv4Addr::new(b[0], b[1], b[2], b[3]).into(), u16::from_be_bytes([b[8], b[9]]));
+                let destination =
+                    SocketAddr::new(Ipv4Addr::new(b[4], b[5], b[6], b[7]).into(), u16::from_be_bytes([b[10], b[11]]));
                 Ok(Header::Proxied { source, destination })
             }
             TCP6 => {
@@ -294,7 +297,8 @@ impl V2Prelude {
 /// Parses a whole v2 header held in memory (fixed part, addresses, TLVs) and returns it with
 /// the number of bytes it takes; what follows in `bytes` is not looked at.
 pub fn parse_v2(bytes: &[u8]) -> Result<(Header, usize), ProxyHeaderError> {
-    let prelude = V2Prelude::parse(bytes.get(..V2_FIXED_LEN).ok_or(ProxyHeaderError::Truncated { received: bytes.len() })?)?;
+    let prelude =
+        V2Prelude::parse(bytes.get(..V2_FIXED_LEN).ok_or(ProxyHeaderError::Truncated { received: bytes.len() })?)?;
     let total = V2_FIXED_LEN + prelude.len;
     if bytes.len() < total {
         return Err(ProxyHeaderError::Truncated { received: bytes.len() });

@@ -21,7 +21,11 @@ pub struct RedirectServer {
 }
 
 impl RedirectServer {
-    pub fn bind(addr: SocketAddr, https_port: u16, header_read_timeout: Duration) -> Result<RedirectServer, StartError> {
+    pub fn bind(
+        addr: SocketAddr,
+        https_port: u16,
+        header_read_timeout: Duration,
+    ) -> Result<RedirectServer, StartError> {
         let listener = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(TcpListener::from_std)
@@ -46,12 +50,14 @@ impl RedirectServer {
 pub fn redirect(request: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {
     let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| request.uri().host());
     let Some(host) = host.map(strip_port).filter(|h| !h.is_empty()) else {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"400 Bad Request: no Host header to redirect to\n")));
+        let mut response =
+            Response::new(Full::new(Bytes::from_static(b"400 Bad Request: no Host header to redirect to\n")));
         *response.status_mut() = StatusCode::BAD_REQUEST;
         return response;
     };
     let path = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let location = if https_port == 443 { format!("https://{host}{path}") } else { format!("https://{host}:{https_port}{path}") };
+    let location =
+        if https_port == 443 { format!("https://{host}{path}") } else { format!("https://{host}:{https_port}{path}") };
     let Ok(location) = HeaderValue::from_str(&location) else {
         let mut response = Response::new(Full::new(Bytes::from_static(b"400 Bad Request: unusable Host header\n")));
         *response.status_mut() = StatusCode::BAD_REQUEST;

@@ -128,7 +128,12 @@ impl Reloader {
                 self.live.serving.store(Arc::new(ServingSnapshot::new(new.clone())));
                 // Logged after the store: whoever waits for this line finds it in effect.
                 if let Some(file) = &new.config_file {
-                    tracing::info!("config reloaded from {} ({}): upstream {}", file.display(), trigger.as_str(), new.upstream);
+                    tracing::info!(
+                        "config reloaded from {} ({}): upstream {}",
+                        file.display(),
+                        trigger.as_str(),
+                        new.upstream
+                    );
                 }
                 self.live.stats.config_ok.fetch_add(1, Ordering::Relaxed);
                 new
@@ -141,7 +146,10 @@ impl Reloader {
             }
             Err(e) => {
                 let failed = self.live.stats.config_failed.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::error!("config reload ({}) refused, the running config stays: {e} ({failed} failed config reloads so far)", trigger.as_str());
+                tracing::error!(
+                    "config reload ({}) refused, the running config stays: {e} ({failed} failed config reloads so far)",
+                    trigger.as_str()
+                );
                 outcome.errors.push(e);
                 (*running.config).clone()
             }
@@ -185,7 +193,10 @@ impl Reloader {
         let args = crate::cli::reparse_proxy_args(argv).map_err(|e| e.to_string())?;
         let mut new = ProxyConfig::from_args(&args);
         for setting in new.keep_restart_only(running) {
-            tracing::warn!("{} changed `{setting}`: that needs a restart; the running value stays, the rest applies", file.display());
+            tracing::warn!(
+                "{} changed `{setting}`: that needs a restart; the running value stays, the rest applies",
+                file.display()
+            );
         }
         if new == *running {
             return Ok(None);
@@ -211,9 +222,10 @@ impl Reloader {
             if matches!(event.kind, EventKind::Access(_)) {
                 return;
             }
-            let relevant = event.paths.iter().any(|p| {
-                p.file_name().is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
-            });
+            let relevant = event
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b"..")));
             if relevant {
                 let _ = triggers.send(Trigger::FileChange);
             }

@@ -13,23 +13,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper::server::conn::{http1, http2};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::{AccessLog, ConnectionFacts};
+use crate::admin::{AdminServer, ProxyAdmin};
 use crate::cli::ProxyArgs;
 use crate::config::{CertSource, ProxyConfig};
+use crate::metrics::{metrics, HandshakeFailure};
 use crate::proxy::upstream::{self, UpstreamClient};
 use crate::proxy::ConnectionContext;
 use crate::proxy_protocol::{self, ProxyHeaderError};
-use crate::access_log::{AccessLog, ConnectionFacts};
-use crate::admin::{AdminServer, ProxyAdmin};
-use crate::metrics::{metrics, HandshakeFailure};
 use crate::reload::{LiveState, Reloader};
 use crate::tls::{self, TlsContext, TlsError, TlsState};
 
@@ -92,7 +92,11 @@ impl ProxyServer {
     /// `argv`, the original command line, lets a change to the `--config` file be re-read with
     /// flags and environment still taking precedence; without it only certificates reload.
     /// Cancelling `shutdown` makes `run` stop accepting (after `--shutdown-delay`) and drain.
-    pub async fn start(args: ProxyArgs, argv: Option<Vec<OsString>>, shutdown: CancellationToken) -> Result<ProxyServer, StartError> {
+    pub async fn start(
+        args: ProxyArgs,
+        argv: Option<Vec<OsString>>,
+        shutdown: CancellationToken,
+    ) -> Result<ProxyServer, StartError> {
         let config = ProxyConfig::from_args(&args);
         let tls_context = TlsContext::new()?;
         if let CertSource::DevSelfSigned { state_dir } = &config.cert {
@@ -148,9 +152,18 @@ impl ProxyServer {
         let snapshot = self.live.serving.load_full();
         let config = &snapshot.config;
         let tls = self.live.tls.current();
-        let redirect_note = self.redirect.as_ref().map(|r| format!("; redirecting http://{} to https", r.local_addr())).unwrap_or_default();
-        let admin_note = self.admin.as_ref().map(|a| format!("; admin API on http://{}", a.local_addr())).unwrap_or_default();
-        let mtls_note = tls.client_ca.as_ref().map(|ca| format!("; client certificates checked against {} ({:?})", ca.display(), config.client_auth)).unwrap_or_default();
+        let redirect_note = self
+            .redirect
+            .as_ref()
+            .map(|r| format!("; redirecting http://{} to https", r.local_addr()))
+            .unwrap_or_default();
+        let admin_note =
+            self.admin.as_ref().map(|a| format!("; admin API on http://{}", a.local_addr())).unwrap_or_default();
+        let mtls_note = tls
+            .client_ca
+            .as_ref()
+            .map(|ca| format!("; client certificates checked against {} ({:?})", ca.display(), config.client_auth))
+            .unwrap_or_default();
         tracing::info!(
             "listening on https://{} (TLS 1.2/1.3, ALPN h2, http/1.1), forwarding to {}; certificate {} ({}){mtls_note}{redirect_note}{admin_note}",
             self.local_addr,
@@ -159,7 +172,12 @@ impl ProxyServer {
             tls.default.info,
         );
         for extra in &tls.sni {
-            tracing::info!("SNI certificate {} ({}) for {}", extra.cert_path.display(), extra.info, extra.info.dns_names.join(", "));
+            tracing::info!(
+                "SNI certificate {} ({}) for {}",
+                extra.cert_path.display(),
+                extra.info,
+                extra.info.dns_names.join(", ")
+            );
         }
         let max_connections = config.limits.max_connections;
         let drain_timeout = config.timeouts.drain;
@@ -196,7 +214,12 @@ impl ProxyServer {
                 }
             };
             // Workers stop accepting on `stop_accepting`, `--shutdown-delay` after the signal.
-            let worker = Worker { access_log: self.access_log.clone(), permits: permits.clone(), live: self.live.clone(), shutdown: stop_accepting.clone() };
+            let worker = Worker {
+                access_log: self.access_log.clone(),
+                permits: permits.clone(),
+                live: self.live.clone(),
+                shutdown: stop_accepting.clone(),
+            };
             match worker.spawn(listener, index) {
                 Ok(stopped) => accepting.push(stopped),
                 Err(e) => tracing::error!("cannot start worker thread {index}: {e}"),
@@ -210,7 +233,10 @@ impl ProxyServer {
 
         let open = max_connections as usize - permits.available_permits();
         if open > 0 {
-            tracing::info!("waiting up to {} for {open} open connection(s) to finish", humantime::format_duration(drain_timeout));
+            tracing::info!(
+                "waiting up to {} for {open} open connection(s) to finish",
+                humantime::format_duration(drain_timeout)
+            );
         }
         let drained = tokio::time::timeout(drain_timeout, permits.acquire_many(max_connections)).await.is_ok();
         match drained {
@@ -270,7 +296,11 @@ struct Worker {
 impl Worker {
     /// Starts the thread; the receiver resolves when the worker has stopped accepting. The
     /// thread then keeps serving its open connections until the process exits.
-    fn spawn(self, listener: std::net::TcpListener, index: usize) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    fn spawn(
+        self,
+        listener: std::net::TcpListener,
+        index: usize,
+    ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
         let (stopped, on_stopped) = tokio::sync::oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::Builder::new().name(format!("sidecar-worker-{index}")).spawn(move || {
@@ -323,7 +353,8 @@ impl Worker {
             let client = pool.client_for(&snapshot.config);
             let acceptor = TlsAcceptor::from(self.live.tls.server_config());
             let access_log = self.access_log.clone();
-            tokio::spawn(serve_connection(tcp, peer, acceptor, snapshot, client, access_log, self.shutdown.clone(), permit));
+            let serving = Serving { acceptor, snapshot, client, access_log };
+            tokio::spawn(serve_connection(tcp, peer, serving, self.shutdown.clone(), permit));
         }
     }
 }
@@ -349,16 +380,22 @@ impl WorkerPool {
     }
 }
 
-async fn serve_connection(
-    mut tcp: TcpStream,
-    peer: SocketAddr,
+/// What a connection is served with, fixed when it is accepted.
+struct Serving {
     acceptor: TlsAcceptor,
     snapshot: Arc<ServingSnapshot>,
     client: UpstreamClient,
     access_log: Option<Arc<AccessLog>>,
+}
+
+async fn serve_connection(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    serving: Serving,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
+    let Serving { acceptor, snapshot, client, access_log } = serving;
     let timeouts = &snapshot.config.timeouts;
     let _open = metrics().connection_opened();
     // The PROXY header and the TLS handshake share one deadline: a balancer writes its header
@@ -451,8 +488,13 @@ async fn serve_connection(
 }
 
 /// Polls a connection to its end, asking it to finish gracefully on shutdown or when idle.
-async fn drive<C>(connection: C, graceful_shutdown: impl Fn(Pin<&mut C>), mut idle: IdleWatch, shutdown: &CancellationToken, peer: SocketAddr)
-where
+async fn drive<C>(
+    connection: C,
+    graceful_shutdown: impl Fn(Pin<&mut C>),
+    mut idle: IdleWatch,
+    shutdown: &CancellationToken,
+    peer: SocketAddr,
+) where
     C: std::future::Future<Output = hyper::Result<()>>,
 {
     tokio::pin!(connection);
@@ -510,7 +552,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         poll
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if poll.is_ready() {
             self.touch();

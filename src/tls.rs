@@ -16,7 +16,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{
-    ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier,
+    ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
+    WebPkiClientVerifier,
 };
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
@@ -130,10 +131,16 @@ fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), TlsError
     let validity = cert.validity();
     let now = x509_parser::time::ASN1Time::now();
     if now > validity.not_after {
-        return Err(TlsError::Expired { path: path.to_owned(), not_after: format_time(validity.not_after.to_datetime()) });
+        return Err(TlsError::Expired {
+            path: path.to_owned(),
+            not_after: format_time(validity.not_after.to_datetime()),
+        });
     }
     if now < validity.not_before {
-        return Err(TlsError::NotYetValid { path: path.to_owned(), not_before: format_time(validity.not_before.to_datetime()) });
+        return Err(TlsError::NotYetValid {
+            path: path.to_owned(),
+            not_before: format_time(validity.not_before.to_datetime()),
+        });
     }
     Ok(())
 }
@@ -378,7 +385,12 @@ impl TlsContext {
         Ok(current.clone())
     }
 
-    fn client_verifier(&self, path: &Path, pem: &[u8], mode: ClientAuth) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    fn client_verifier(
+        &self,
+        path: &Path,
+        pem: &[u8],
+        mode: ClientAuth,
+    ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
         let bad = |reason: String| TlsError::BadClientCa { path: path.to_owned(), reason };
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem) {

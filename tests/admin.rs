@@ -13,7 +13,13 @@ use hyper_util::rt::TokioIo;
 /// The admin address, read from the start-up line ("; admin API on http://ADDR").
 fn admin_addr(sidecar: &Sidecar) -> SocketAddr {
     let line = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
-    line.split("admin API on http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().trim_end_matches(';').parse().unwrap()
+    line.split("admin API on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .trim_end_matches(';')
+        .parse()
+        .unwrap()
 }
 
 /// A plain HTTP/1.1 request to the admin API: (status, content-type, body).
@@ -27,7 +33,8 @@ async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) 
     }
     let response = send.send_request(request.body(empty()).unwrap()).await.unwrap();
     let status = response.status();
-    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let content_type =
+        response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, content_type, String::from_utf8_lossy(&body).into_owned())
 }
@@ -42,7 +49,16 @@ async fn probes_and_status_describe_the_running_proxy() {
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
     let url = upstream.url();
-    let sidecar = Sidecar::start(&["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap(), "--admin", "127.0.0.1:0"]);
+    let sidecar = Sidecar::start(&[
+        "--upstream",
+        &url,
+        "--cert",
+        leaf.cert.to_str().unwrap(),
+        "--key",
+        leaf.key.to_str().unwrap(),
+        "--admin",
+        "127.0.0.1:0",
+    ]);
     let addr = admin_addr(&sidecar);
 
     assert_eq!(admin(addr, "GET", "/healthz", None).await.0, StatusCode::OK);
@@ -85,8 +101,16 @@ async fn post_reload_applies_a_new_certificate_and_reports_refusals() {
     let url = upstream.url();
     // An hour of debounce: only the admin request can make a change visible during the test.
     let sidecar = Sidecar::start(&[
-        "--upstream", &url, "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(),
-        "--admin", "127.0.0.1:0", "--reload-debounce", "1h",
+        "--upstream",
+        &url,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--admin",
+        "127.0.0.1:0",
+        "--reload-debounce",
+        "1h",
     ]);
     let addr = admin_addr(&sidecar);
 
@@ -95,9 +119,11 @@ async fn post_reload_applies_a_new_certificate_and_reports_refusals() {
     let (status, _, body) = admin(addr, "POST", "/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(json(&body)["tls_changed"], true);
-    let tls = tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    let tls =
+        tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
     let served = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
-    let expected = tokio_rustls::rustls::pki_types::pem::PemObject::pem_file_iter(&second.cert).unwrap().next().unwrap();
+    let expected =
+        tokio_rustls::rustls::pki_types::pem::PemObject::pem_file_iter(&second.cert).unwrap().next().unwrap();
     let expected: tokio_rustls::rustls::pki_types::CertificateDer = expected.unwrap();
     assert_eq!(served, expected.to_vec(), "the new certificate is served right after POST /reload");
 
@@ -121,8 +147,16 @@ async fn state_changing_routes_need_the_token_when_one_is_set() {
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
     let url = upstream.url();
     let sidecar = Sidecar::start(&[
-        "--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap(),
-        "--admin", "127.0.0.1:0", "--admin-token-file", token_file.to_str().unwrap(),
+        "--upstream",
+        &url,
+        "--cert",
+        leaf.cert.to_str().unwrap(),
+        "--key",
+        leaf.key.to_str().unwrap(),
+        "--admin",
+        "127.0.0.1:0",
+        "--admin-token-file",
+        token_file.to_str().unwrap(),
     ]);
     let addr = admin_addr(&sidecar);
     assert_eq!(admin(addr, "POST", "/reload", None).await.0, StatusCode::UNAUTHORIZED);
@@ -134,10 +168,21 @@ async fn state_changing_routes_need_the_token_when_one_is_set() {
 
 #[test]
 fn non_loopback_admin_without_token_is_refused_at_start() {
-    let (code, stderr) = run_to_exit(&["proxy", "--upstream", "http://127.0.0.1:1", "--listen", "127.0.0.1:0", "--admin", "0.0.0.0:0"]);
+    let (code, stderr) =
+        run_to_exit(&["proxy", "--upstream", "http://127.0.0.1:1", "--listen", "127.0.0.1:0", "--admin", "0.0.0.0:0"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("0.0.0.0:0") && stderr.contains("--admin-token-file"), "{stderr}");
-    let (code, stderr) = run_to_exit(&["proxy", "--upstream", "http://127.0.0.1:1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--admin-token-file", "/nonexistent/token"]);
+    let (code, stderr) = run_to_exit(&[
+        "proxy",
+        "--upstream",
+        "http://127.0.0.1:1",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--admin-token-file",
+        "/nonexistent/token",
+    ]);
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent/token"), "{stderr}");
 }
@@ -149,8 +194,16 @@ async fn readyz_turns_503_at_once_on_sigterm_while_requests_drain() {
     let leaf = pki.issue("leaf");
     let url = upstream.url();
     let mut sidecar = Sidecar::start(&[
-        "--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap(), "--admin", "127.0.0.1:0",
-        "--shutdown-delay", "0s",
+        "--upstream",
+        &url,
+        "--cert",
+        leaf.cert.to_str().unwrap(),
+        "--key",
+        leaf.key.to_str().unwrap(),
+        "--admin",
+        "127.0.0.1:0",
+        "--shutdown-delay",
+        "0s",
     ]);
     let addr = admin_addr(&sidecar);
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
@@ -245,7 +298,9 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     }
     assert_eq!(h1.get("/slow/3000").await.0, StatusCode::GATEWAY_TIMEOUT);
     // A client that does not trust the certificate, and one that does not speak TLS.
-    assert!(tls_connect(sidecar.addr, client_config(TestPki::new().ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.is_err());
+    assert!(tls_connect(sidecar.addr, client_config(TestPki::new().ca_pem.as_bytes(), &[b"http/1.1"]), "localhost")
+        .await
+        .is_err());
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut raw = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
@@ -258,7 +313,8 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let after = loop {
         let after = parse_exposition(&admin(addr, "GET", "/metrics", None).await.2);
-        let failures: f64 = after.iter().filter(|(k, _)| k.starts_with("sidecar_tls_handshake_failures_total")).map(|(_, v)| v).sum();
+        let failures: f64 =
+            after.iter().filter(|(k, _)| k.starts_with("sidecar_tls_handshake_failures_total")).map(|(_, v)| v).sum();
         if failures >= 2.0 || Instant::now() > deadline {
             break after;
         }
@@ -276,7 +332,10 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     assert_eq!(moved("sidecar_tls_handshake_failures_total{reason=\"protocol\"}"), 1.0);
     assert_eq!(moved("sidecar_connections_total"), 4.0);
     assert_eq!(at(&after, "sidecar_connections_open"), 2.0, "the two kept connections");
-    let expiry = after.iter().find(|(k, _)| k.starts_with("sidecar_certificate_expiry_seconds{") && k.contains(&leaf.serial)).map(|(_, v)| *v);
+    let expiry = after
+        .iter()
+        .find(|(k, _)| k.starts_with("sidecar_certificate_expiry_seconds{") && k.contains(&leaf.serial))
+        .map(|(_, v)| *v);
     let expiry = expiry.expect("an expiry gauge for the served certificate");
     assert!((29.0 * 86400.0..=30.0 * 86400.0).contains(&expiry), "{expiry}");
     assert_eq!(at(&after, "sidecar_reloads_total{kind=\"tls\",result=\"failed\"}"), 0.0);

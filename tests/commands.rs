@@ -152,7 +152,8 @@ fn check_accepts_a_good_config_file_and_summarises_its_certificates() {
 fn check_takes_the_proxy_flags_and_environment_too() {
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
-    let run = sidecar(&["check", "--upstream", "http://127.0.0.1:8080", "--cert", s(&leaf.cert), "--key", s(&leaf.key)]);
+    let run =
+        sidecar(&["check", "--upstream", "http://127.0.0.1:8080", "--cert", s(&leaf.cert), "--key", s(&leaf.key)]);
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.starts_with("OK:") && run.stdout.contains(&leaf.serial), "{run:?}");
 
@@ -171,7 +172,10 @@ fn check_without_a_certificate_describes_the_development_certificate_and_writes_
     let home = tempfile::tempdir().unwrap();
     let run = run_in(home.path(), &["check", "--upstream", "http://127.0.0.1:8080"], &[]);
     assert_eq!(run.code, 0, "{run:?}");
-    assert!(run.stdout.contains("development certificate") && run.stdout.contains(s(&home.path().join("state/sidecar"))), "{run:?}");
+    assert!(
+        run.stdout.contains("development certificate") && run.stdout.contains(s(&home.path().join("state/sidecar"))),
+        "{run:?}"
+    );
     assert!(!home.path().join("state").exists(), "check created the state directory");
 }
 
@@ -192,7 +196,16 @@ fn check_reports_a_key_that_does_not_match_its_certificate() {
     let leaf = pki.issue("leaf");
     let other = pki.issue("other");
     assert_one_problem(
-        &["--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9", "--cert", s(&leaf.cert), "--key", s(&other.key)],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--cert",
+            s(&leaf.cert),
+            "--key",
+            s(&other.key),
+        ],
         &["does not match", s(&leaf.cert), s(&other.key)],
     );
 }
@@ -220,8 +233,12 @@ fn check_reports_a_bad_upstream_in_the_config_file() {
 #[test]
 fn check_reports_an_unknown_key_in_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "c.toml", "[proxy]\nupstream = \"http://127.0.0.1:9\"\nlisten_adress = \"x\"\n");
-    assert_one_problem(&["--listen", "127.0.0.1:0", "--config", s(&config)], &[s(&config), "no option `listen_adress`"]);
+    let config =
+        write_config(dir.path(), "c.toml", "[proxy]\nupstream = \"http://127.0.0.1:9\"\nlisten_adress = \"x\"\n");
+    assert_one_problem(
+        &["--listen", "127.0.0.1:0", "--config", s(&config)],
+        &[s(&config), "no option `listen_adress`"],
+    );
 }
 
 #[test]
@@ -284,7 +301,8 @@ fn check_lists_every_problem_at_once() {
 fn check_warns_about_a_certificate_that_expires_within_30_days() {
     let pki = TestPki::new();
     let soon = pki.issue_with("soon", &["localhost"], -300, 10);
-    let run = sidecar(&["check", "--upstream", "http://127.0.0.1:8080", "--cert", s(&soon.cert), "--key", s(&soon.key)]);
+    let run =
+        sidecar(&["check", "--upstream", "http://127.0.0.1:8080", "--cert", s(&soon.cert), "--key", s(&soon.key)]);
     assert_eq!(run.code, 0, "a certificate that still works is not an error: {run:?}");
     assert!(run.stdout.starts_with("OK:"), "{run:?}");
     let warnings = run.warnings();
@@ -322,7 +340,18 @@ fn check_binds_no_port_and_contacts_no_upstream() {
     let upstream = format!("http://{}", app.local_addr().unwrap());
     let redirect = TcpListener::bind("127.0.0.1:0").unwrap();
     let redirect_addr = redirect.local_addr().unwrap().to_string();
-    let args = ["--listen", listen.as_str(), "--redirect-http", redirect_addr.as_str(), "--upstream", upstream.as_str(), "--cert", s(&leaf.cert), "--key", s(&leaf.key)];
+    let args = [
+        "--listen",
+        listen.as_str(),
+        "--redirect-http",
+        redirect_addr.as_str(),
+        "--upstream",
+        upstream.as_str(),
+        "--cert",
+        s(&leaf.cert),
+        "--key",
+        s(&leaf.key),
+    ];
 
     let mut full = vec!["check"];
     full.extend_from_slice(&args);
@@ -413,7 +442,10 @@ async fn cert_makes_a_ca_and_a_certificate_that_a_client_trusting_only_the_ca_ac
         "Created the development CA",
         s(&ca),
         &format!("sidecar proxy --upstream http://127.0.0.1:8080 --cert {} --key {}", s(&leaf), s(&leaf_key)),
-        &format!("sudo cp {} /usr/local/share/ca-certificates/sidecar-dev-ca.crt && sudo update-ca-certificates", s(&ca)),
+        &format!(
+            "sudo cp {} /usr/local/share/ca-certificates/sidecar-dev-ca.crt && sudo update-ca-certificates",
+            s(&ca)
+        ),
         "/etc/pki/ca-trust/source/anchors/",
         "update-ca-trust",
         &format!("sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {}", s(&ca)),
@@ -458,7 +490,8 @@ async fn cert_makes_a_ca_and_a_certificate_that_a_client_trusting_only_the_ca_ac
     assert_eq!((status, body.as_str()), (StatusCode::OK, "hello from upstream\n"));
     // The verification means something: another CA's clients refuse the same server.
     let stranger = TestPki::new();
-    let refused = tls_connect(sidecar.addr, client_config(stranger.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await;
+    let refused =
+        tls_connect(sidecar.addr, client_config(stranger.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await;
     assert!(refused.is_err(), "a client trusting another CA must refuse the certificate");
 }
 
@@ -498,7 +531,12 @@ fn cert_reuses_the_ca_and_issues_a_new_certificate_on_every_run() {
             .args(["verify", "-purpose", "sslserver", "-CAfile", s(&dir.join("ca.pem")), s(&issued)])
             .output()
             .unwrap();
-        assert!(out.status.success(), "openssl verify: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -546,7 +584,11 @@ fn cert_refuses_bad_input_with_one_error_line() {
             assert!(lines[0].contains(needle), "{args:?}: mentions {needle:?}: {run:?}");
         }
     }
-    assert_eq!(std::fs::read_to_string(broken.join("ca.pem")).unwrap(), "not a certificate\n", "a CA is never silently replaced");
+    assert_eq!(
+        std::fs::read_to_string(broken.join("ca.pem")).unwrap(),
+        "not a certificate\n",
+        "a CA is never silently replaced"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -595,7 +637,14 @@ fn generate_man_prints_a_page_that_man_can_read() {
         let dir = tempfile::tempdir().unwrap();
         let page = dir.path().join("sidecar.1");
         std::fs::write(&page, roff).unwrap();
-        let out = Command::new("man").arg("-l").arg(&page).env("MANWIDTH", "100").env("MANPAGER", "cat").env("PAGER", "cat").output().unwrap();
+        let out = Command::new("man")
+            .arg("-l")
+            .arg(&page)
+            .env("MANWIDTH", "100")
+            .env("MANPAGER", "cat")
+            .env("PAGER", "cat")
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "man -l: {}", String::from_utf8_lossy(&out.stderr));
         assert!(text.contains("SIDECAR") && text.contains("--upstream"), "man renders it:\n{text}");
@@ -608,7 +657,8 @@ fn generate_man_dir_writes_one_page_per_command() {
     let dir = home.path().join("man/man1");
     let run = run_in(home.path(), &["generate", "man", "--dir", s(&dir)], &[]);
     assert_eq!(run.code, 0, "{run:?}");
-    let mut pages: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut pages: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     pages.sort();
     assert_eq!(pages, ["sidecar-cert.1", "sidecar-check.1", "sidecar-proxy.1", "sidecar-sync.1", "sidecar.1"]);
     for page in &pages {

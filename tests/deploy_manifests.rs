@@ -65,7 +65,9 @@ impl Surface {
         let proxy = help_flags("proxy").expect("`sidecar proxy --help` succeeds");
         let sync = help_flags("sync");
         if sync.is_none() {
-            println!("note: `sidecar sync --help` failed; flags of `sync` containers and [[sync]] keys are not checked");
+            println!(
+                "note: `sidecar sync --help` failed; flags of `sync` containers and [[sync]] keys are not checked"
+            );
         }
         Surface { proxy, sync }
     }
@@ -87,7 +89,10 @@ impl Surface {
         for word in &words[1..] {
             if let Some(flag) = word.strip_prefix("--") {
                 let flag = flag.split('=').next().unwrap();
-                assert!(known.contains(flag), "{what}: `--{flag}` is not an option of `sidecar {sub}` (see `sidecar {sub} --help`)");
+                assert!(
+                    known.contains(flag),
+                    "{what}: `--{flag}` is not an option of `sidecar {sub}` (see `sidecar {sub} --help`)"
+                );
             }
         }
     }
@@ -125,7 +130,8 @@ fn option_for_env(sub: &str, env: &str) -> Option<String> {
     let command = sidecar::cli::Cli::command();
     let own = command.find_subcommand(sub).into_iter().flat_map(|s| s.get_arguments());
     let global = command.get_arguments().filter(|a| a.is_global_set());
-    let long = own.chain(global).find(|a| a.get_env().is_some_and(|e| e == env)).and_then(|a| a.get_long()).map(str::to_owned);
+    let long =
+        own.chain(global).find(|a| a.get_env().is_some_and(|e| e == env)).and_then(|a| a.get_long()).map(str::to_owned);
     long
 }
 
@@ -133,7 +139,10 @@ fn option_for_env(sub: &str, env: &str) -> Option<String> {
 /// in-process parse below (the binary's parser reads the environment).
 fn assert_clean_environment() {
     let leaked: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k.starts_with("SIDECAR_")).collect();
-    assert!(leaked.is_empty(), "unset {leaked:?} to run this test: the manifests' effective options are computed in-process");
+    assert!(
+        leaked.is_empty(),
+        "unset {leaked:?} to run this test: the manifests' effective options are computed in-process"
+    );
 }
 
 /// The effective `sidecar proxy` options for `words` run with environment `env`: flags win over
@@ -193,7 +202,10 @@ fn real_binary_accepts(words: &[String], env: &[(String, String)], what: &str) {
     set_flag(&mut words, "key", key.to_str().unwrap());
     let (code, stderr) = run_bounded(&words, env, Duration::from_secs(20));
     assert_eq!(code, 2, "{what}: expected to stop at the (absent) certificate:\n{stderr}");
-    assert!(stderr.contains(cert.to_str().unwrap()), "{what}: stopped before the certificate, so something else is wrong:\n{stderr}");
+    assert!(
+        stderr.contains(cert.to_str().unwrap()),
+        "{what}: stopped before the certificate, so something else is wrong:\n{stderr}"
+    );
     assert!(!stderr.contains("config file"), "{what}: the config file is refused:\n{stderr}");
 }
 
@@ -202,7 +214,13 @@ fn real_binary_accepts(words: &[String], env: &[(String, String)], what: &str) {
 /// that exist only where it is deployed (a test certificate and key, a token file), it must find
 /// no problem at all.
 fn check_command(words: &[String], env: &[(String, String)], token_file: bool, what: &str) {
-    let has_check = sidecar_command(&["check", "--help"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap().success();
+    let has_check = sidecar_command(&["check", "--help"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
     if !has_check {
         println!("note: {what}: no `sidecar check` in this build; checked by starting `sidecar proxy` instead");
         return;
@@ -296,7 +314,8 @@ fn toml_scalar(value: &toml::Value) -> String {
 
 /// `128Mi`, `64M`, `1Gi`, bytes: in bytes.
 fn memory_bytes(quantity: &str) -> u64 {
-    let units: [(&str, u64); 6] = [("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("k", 1000), ("M", 1_000_000), ("G", 1_000_000_000)];
+    let units: [(&str, u64); 6] =
+        [("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("k", 1000), ("M", 1_000_000), ("G", 1_000_000_000)];
     for (suffix, factor) in units {
         if let Some(n) = quantity.strip_suffix(suffix) {
             return n.parse::<u64>().unwrap_or_else(|_| panic!("memory quantity {quantity}")) * factor;
@@ -406,10 +425,20 @@ struct ProxyFacts {
     container_ports: BTreeMap<String, u16>,
 }
 
-fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMap<String, String>, what: &str) -> ProxyFacts {
+fn check_pod(
+    manifest: &Manifest,
+    surface: &Surface,
+    pod: &Yaml,
+    labels: BTreeMap<String, String>,
+    what: &str,
+) -> ProxyFacts {
     let file = manifest.name();
     let what = format!("{file}: {what}");
-    assert_eq!(pod["shareProcessNamespace"].as_bool(), Some(true), "{what}: shareProcessNamespace must be true (the sync role signals the app)");
+    assert_eq!(
+        pod["shareProcessNamespace"].as_bool(),
+        Some(true),
+        "{what}: shareProcessNamespace must be true (the sync role signals the app)"
+    );
     let pod_non_root = pod["securityContext"]["runAsNonRoot"].as_bool() == Some(true);
     if let Some(uid) = pod["securityContext"]["runAsUser"].as_i64() {
         assert_eq!(uid, 65532, "{what}: the image's user is distroless `nonroot` (65532)");
@@ -424,7 +453,11 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
     let env_of = |c: &Yaml| -> Vec<(String, String)> {
         let mut env = image_env();
         for var in list(&c["env"]) {
-            assert!(var["valueFrom"].is_badvalue(), "{what}: env {} from a reference cannot be checked", s(&var["name"]));
+            assert!(
+                var["valueFrom"].is_badvalue(),
+                "{what}: env {} from a reference cannot be checked",
+                s(&var["name"])
+            );
             env.retain(|(k, _)| k != s(&var["name"]));
             env.push((s(&var["name"]).to_owned(), s(&var["value"]).to_owned()));
         }
@@ -444,20 +477,32 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
         assert!(pod_non_root || security["runAsNonRoot"].as_bool() == Some(true), "{what}: runAsNonRoot");
         assert_eq!(security["readOnlyRootFilesystem"].as_bool(), Some(true), "{what}: readOnlyRootFilesystem");
         assert_eq!(security["allowPrivilegeEscalation"].as_bool(), Some(false), "{what}: allowPrivilegeEscalation");
-        assert!(strings(&security["capabilities"]["drop"]).contains(&"ALL".to_owned()), "{what}: capabilities.drop ALL");
+        assert!(
+            strings(&security["capabilities"]["drop"]).contains(&"ALL".to_owned()),
+            "{what}: capabilities.drop ALL"
+        );
 
         match words[0].as_str() {
             "sync" => {
-                assert_ne!(s(&container["restartPolicy"]), "Always", "{what}: a `sync --once` init container runs once");
+                assert_ne!(
+                    s(&container["restartPolicy"]),
+                    "Always",
+                    "{what}: a `sync --once` init container runs once"
+                );
                 if surface.sync.is_some() {
                     let args = effective_sync(&words);
-                    let spec = sidecar::sync::spec::SyncSpec::from_args(&args).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let spec =
+                        sidecar::sync::spec::SyncSpec::from_args(&args).unwrap_or_else(|e| panic!("{what}: {e}"));
                     init_syncs.push((what.clone(), spec, container));
                 }
             }
             "proxy" => {
                 assert!(facts.is_none(), "{what}: a second proxy in one Pod");
-                assert_eq!(s(&container["restartPolicy"]), "Always", "{what}: a native sidecar needs restartPolicy: Always");
+                assert_eq!(
+                    s(&container["restartPolicy"]),
+                    "Always",
+                    "{what}: a native sidecar needs restartPolicy: Always"
+                );
                 let env = env_of(container);
                 let temp = tempfile::tempdir().unwrap();
                 // The config file: from a ConfigMap of this file, written out for the parser.
@@ -465,29 +510,48 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                     let Some((Backing::ConfigMap { name: cm, key }, _)) = backing(pod, container, &config) else {
                         panic!("{what}: --config {config} is not mounted from a ConfigMap")
                     };
-                    let toml_text = manifest.config_map_data(&cm, &key).unwrap_or_else(|| panic!("{what}: ConfigMap {cm} with key {key} is not in {file}"));
+                    let toml_text = manifest
+                        .config_map_data(&cm, &key)
+                        .unwrap_or_else(|| panic!("{what}: ConfigMap {cm} with key {key} is not in {file}"));
                     let local = temp.path().join(&key);
                     std::fs::write(&local, &toml_text).unwrap();
                     set_flag(&mut words, "config", local.to_str().unwrap());
-                    let table: toml::Table = toml_text.parse().unwrap_or_else(|e| panic!("{what}: ConfigMap {cm}/{key} is not TOML: {e}"));
+                    let table: toml::Table =
+                        toml_text.parse().unwrap_or_else(|e| panic!("{what}: ConfigMap {cm}/{key} is not TOML: {e}"));
                     for (section, value) in &table {
                         match (section.as_str(), value) {
                             ("proxy", toml::Value::Table(options)) => {
                                 for key in options.keys() {
                                     let long = key.replace('_', "-");
-                                    assert!(surface.proxy.contains(&long), "{what}: [proxy] `{key}` is not a `sidecar proxy` option");
+                                    assert!(
+                                        surface.proxy.contains(&long),
+                                        "{what}: [proxy] `{key}` is not a `sidecar proxy` option"
+                                    );
                                     // An environment variable would silently win over the file.
-                                    if let Some((var, value)) = env.iter().find(|(k, _)| option_for_env("proxy", k).as_deref() == Some(long.as_str())) {
+                                    if let Some((var, value)) = env
+                                        .iter()
+                                        .find(|(k, _)| option_for_env("proxy", k).as_deref() == Some(long.as_str()))
+                                    {
                                         let file_value = toml_scalar(&options[key]);
-                                        assert_eq!(&file_value, value, "{what}: [proxy] {key} is overridden by {var} from the image or container");
+                                        assert_eq!(
+                                            &file_value, value,
+                                            "{what}: [proxy] {key} is overridden by {var} from the image or container"
+                                        );
                                     }
                                 }
                             }
                             ("sync", toml::Value::Array(tables)) => {
                                 for table in tables {
-                                    for key in table.as_table().map(|t| t.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
+                                    for key in table
+                                        .as_table()
+                                        .map(|t| t.keys().cloned().collect::<Vec<_>>())
+                                        .unwrap_or_default()
+                                    {
                                         if let Some(flags) = &surface.sync {
-                                            assert!(flags.contains(&key.replace('_', "-")), "{what}: [[sync]] `{key}` is not a `sidecar sync` option");
+                                            assert!(
+                                                flags.contains(&key.replace('_', "-")),
+                                                "{what}: [[sync]] `{key}` is not a `sidecar sync` option"
+                                            );
                                         }
                                     }
                                 }
@@ -496,7 +560,8 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                         }
                     }
                     if surface.sync.is_some() {
-                        sync_tables = sidecar::config::file::load_sync_sections(&local).unwrap_or_else(|e| panic!("{what}: {e}"));
+                        sync_tables =
+                            sidecar::config::file::load_sync_sections(&local).unwrap_or_else(|e| panic!("{what}: {e}"));
                     }
                 }
                 real_binary_accepts(&words, &env, &what);
@@ -509,19 +574,48 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                     let number = u16::try_from(port["containerPort"].as_i64().unwrap()).unwrap();
                     ports.insert(s(&port["name"]).to_owned(), number);
                 }
-                assert!(args.listen.ip().is_unspecified(), "{what}: --listen {} is not reachable from the Service", args.listen);
-                assert!(ports.values().any(|p| *p == args.listen.port()), "{what}: no containerPort for --listen {} ({ports:?})", args.listen);
+                assert!(
+                    args.listen.ip().is_unspecified(),
+                    "{what}: --listen {} is not reachable from the Service",
+                    args.listen
+                );
+                assert!(
+                    ports.values().any(|p| *p == args.listen.port()),
+                    "{what}: no containerPort for --listen {} ({ports:?})",
+                    args.listen
+                );
                 let admin = args.admin.unwrap_or_else(|| panic!("{what}: no --admin: the probes need the admin API"));
-                assert!(admin.ip().is_unspecified(), "{what}: --admin {admin}: the kubelet probes the Pod IP, not loopback");
-                assert!(ports.values().any(|p| *p == admin.port()), "{what}: no containerPort for --admin {admin} ({ports:?})");
-                let expected: BTreeSet<u16> = [Some(args.listen.port()), Some(admin.port()), args.redirect_http.map(|a| a.port())].into_iter().flatten().collect();
-                assert!(ports.values().all(|p| expected.contains(p)), "{what}: container ports {ports:?} that the sidecar does not listen on");
+                assert!(
+                    admin.ip().is_unspecified(),
+                    "{what}: --admin {admin}: the kubelet probes the Pod IP, not loopback"
+                );
+                assert!(
+                    ports.values().any(|p| *p == admin.port()),
+                    "{what}: no containerPort for --admin {admin} ({ports:?})"
+                );
+                let expected: BTreeSet<u16> =
+                    [Some(args.listen.port()), Some(admin.port()), args.redirect_http.map(|a| a.port())]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                assert!(
+                    ports.values().all(|p| expected.contains(p)),
+                    "{what}: container ports {ports:?} that the sidecar does not listen on"
+                );
 
                 // Files that come from Secrets.
-                let token = args.admin_token_file.as_ref().unwrap_or_else(|| panic!("{what}: a non-loopback --admin needs --admin-token-file"));
-                for (label, path) in [("--admin-token-file", Some(token)), ("--cert", args.cert.as_ref()), ("--key", args.key.as_ref())] {
+                let token = args
+                    .admin_token_file
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{what}: a non-loopback --admin needs --admin-token-file"));
+                for (label, path) in
+                    [("--admin-token-file", Some(token)), ("--cert", args.cert.as_ref()), ("--key", args.key.as_ref())]
+                {
                     let path = path.unwrap_or_else(|| panic!("{what}: no {label}")).to_str().unwrap();
-                    assert!(matches!(backing(pod, container, path), Some((Backing::Secret, _))), "{what}: {label} {path} is not mounted from a Secret");
+                    assert!(
+                        matches!(backing(pod, container, path), Some((Backing::Secret, _))),
+                        "{what}: {label} {path} is not mounted from a Secret"
+                    );
                 }
 
                 // Probes: open GET routes of the admin port.
@@ -533,8 +627,16 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                     assert!(!get.is_badvalue(), "{what}: {kind} must be an httpGet probe");
                     Some((s(&get["path"]).to_owned(), resolve_port(container, &get["port"], &what)))
                 };
-                assert_eq!(probe("readinessProbe"), Some(("/readyz".to_owned(), admin.port())), "{what}: readinessProbe");
-                assert_eq!(probe("livenessProbe"), Some(("/healthz".to_owned(), admin.port())), "{what}: livenessProbe");
+                assert_eq!(
+                    probe("readinessProbe"),
+                    Some(("/readyz".to_owned(), admin.port())),
+                    "{what}: readinessProbe"
+                );
+                assert_eq!(
+                    probe("livenessProbe"),
+                    Some(("/healthz".to_owned(), admin.port())),
+                    "{what}: livenessProbe"
+                );
                 if let Some((path, port)) = probe("startupProbe") {
                     assert!(path == "/healthz" || path == "/readyz", "{what}: startupProbe path {path}");
                     assert_eq!(port, admin.port(), "{what}: startupProbe port");
@@ -543,7 +645,12 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                 // The grace period outlasts the sidecar's shutdown, which in a native-sidecar Pod
                 // starts only after the app containers (and their preStop sleeps) are done.
                 let grace = pod["terminationGracePeriodSeconds"].as_i64().unwrap_or(30) as u64;
-                let pre_stop: u64 = regular.iter().filter_map(|c| c["lifecycle"]["preStop"]["sleep"]["seconds"].as_i64()).map(|n| n as u64).max().unwrap_or(0);
+                let pre_stop: u64 = regular
+                    .iter()
+                    .filter_map(|c| c["lifecycle"]["preStop"]["sleep"]["seconds"].as_i64())
+                    .map(|n| n as u64)
+                    .max()
+                    .unwrap_or(0);
                 let needed = args.shutdown_delay + args.drain_timeout + Duration::from_secs(pre_stop);
                 assert!(
                     Duration::from_secs(grace) > needed,
@@ -560,7 +667,10 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                 }
                 // Without a CPU limit, one worker per CPU means one per core of the node.
                 if resources["limits"]["cpu"].is_badvalue() {
-                    assert!(args.workers.is_some(), "{what}: no CPU limit and no --workers: one worker (and upstream pool) per node core");
+                    assert!(
+                        args.workers.is_some(),
+                        "{what}: no CPU limit and no --workers: one worker (and upstream pool) per node core"
+                    );
                 }
                 let request = memory_bytes(s(&resources["requests"]["memory"]));
                 let limit = memory_bytes(s(&resources["limits"]["memory"]));
@@ -574,7 +684,12 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                     limit / 1_000_000
                 );
 
-                facts = Some(ProxyFacts { labels: labels.clone(), https_port: args.listen.port(), admin_port: Some(admin.port()), container_ports: ports });
+                facts = Some(ProxyFacts {
+                    labels: labels.clone(),
+                    https_port: args.listen.port(),
+                    admin_port: Some(admin.port()),
+                    container_ports: ports,
+                });
 
                 // Each [[sync]] destination is on a volume the sidecar writes and the app reads.
                 for table in &sync_tables {
@@ -584,31 +699,47 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
                     };
                     assert!(!read_only, "{what}: [[sync]] dest {dest} is mounted read-only in the sidecar");
                     assert!(
-                        regular.iter().any(|app| matches!(backing(pod, app, dest), Some((Backing::EmptyDir(v), _)) if v == volume)),
+                        regular.iter().any(
+                            |app| matches!(backing(pod, app, dest), Some((Backing::EmptyDir(v), _)) if v == volume)
+                        ),
                         "{what}: no app container sees {dest} (emptyDir {volume})"
                     );
                     if table.process_name.is_some() || table.pid_file.is_some() {
-                        assert_eq!(pod["shareProcessNamespace"].as_bool(), Some(true), "{what}: signalling the app needs shareProcessNamespace");
+                        assert_eq!(
+                            pod["shareProcessNamespace"].as_bool(),
+                            Some(true),
+                            "{what}: signalling the app needs shareProcessNamespace"
+                        );
                     }
                 }
                 if !sync_tables.is_empty() {
-                    let specs: Vec<_> = sync_tables.iter().map(|t| sidecar::sync::spec::SyncSpec::from_args(t).unwrap_or_else(|e| panic!("{what}: {e}"))).collect();
+                    let specs: Vec<_> = sync_tables
+                        .iter()
+                        .map(|t| sidecar::sync::spec::SyncSpec::from_args(t).unwrap_or_else(|e| panic!("{what}: {e}")))
+                        .collect();
                     sidecar::sync::spec::check_unique(&specs).unwrap_or_else(|e| panic!("{what}: {e}"));
                 }
             }
             other => panic!("{what}: unknown subcommand {other}"),
         }
     }
-    let facts = facts.unwrap_or_else(|| panic!("{what}: no `sidecar proxy` native sidecar (initContainers, restartPolicy: Always)"));
+    let facts = facts
+        .unwrap_or_else(|| panic!("{what}: no `sidecar proxy` native sidecar (initContainers, restartPolicy: Always)"));
 
     // A `sync --once` init container prepares what a [[sync]] table then follows: same name
     // (so the same history and applied state), source and file.
     let specs: Vec<_> = sync_tables.iter().map(|t| sidecar::sync::spec::SyncSpec::from_args(t).unwrap()).collect();
     for (what, init_spec, container) in init_syncs {
-        let table = specs.iter().find(|t| t.name == init_spec.name).unwrap_or_else(|| panic!("{what}: no [[sync]] table named {}", init_spec.name));
+        let table = specs
+            .iter()
+            .find(|t| t.name == init_spec.name)
+            .unwrap_or_else(|| panic!("{what}: no [[sync]] table named {}", init_spec.name));
         assert_eq!(init_spec.source, table.source, "{what}: source differs from the [[sync]] table's");
         assert_eq!(init_spec.dest, table.dest, "{what}: dest differs from the [[sync]] table's");
-        assert!(matches!(backing(pod, container, init_spec.dest.to_str().unwrap()), Some((Backing::EmptyDir(_), false))), "{what}: dest not on a writable emptyDir");
+        assert!(
+            matches!(backing(pod, container, init_spec.dest.to_str().unwrap()), Some((Backing::EmptyDir(_), false))),
+            "{what}: dest not on a writable emptyDir"
+        );
     }
     facts
 }
@@ -616,8 +747,12 @@ fn check_pod(manifest: &Manifest, surface: &Surface, pod: &Yaml, labels: BTreeMa
 fn check_service(manifest: &Manifest, service: &Yaml, pods: &[ProxyFacts]) {
     let name = s(&service["metadata"]["name"]);
     let what = format!("{}: Service {name}", manifest.name());
-    let selector: BTreeMap<String, String> =
-        service["spec"]["selector"].as_hash().into_iter().flatten().map(|(k, v)| (s(k).to_owned(), s(v).to_owned())).collect();
+    let selector: BTreeMap<String, String> = service["spec"]["selector"]
+        .as_hash()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (s(k).to_owned(), s(v).to_owned()))
+        .collect();
     assert!(!selector.is_empty(), "{what}: no selector");
     let pod = pods
         .iter()
@@ -627,13 +762,21 @@ fn check_service(manifest: &Manifest, service: &Yaml, pods: &[ProxyFacts]) {
     let https = ports.iter().find(|p| p["port"].as_i64() == Some(443)).unwrap_or_else(|| panic!("{what}: no port 443"));
     let target = match &https["targetPort"] {
         Yaml::Integer(n) => u16::try_from(*n).unwrap(),
-        Yaml::String(name) => *pod.container_ports.get(name).unwrap_or_else(|| panic!("{what}: targetPort {name} is no sidecar port")),
+        Yaml::String(name) => {
+            *pod.container_ports.get(name).unwrap_or_else(|| panic!("{what}: targetPort {name} is no sidecar port"))
+        }
         other => panic!("{what}: targetPort {other:?}"),
     };
     assert_eq!(target, pod.https_port, "{what}: port 443 must target the sidecar's https port");
     for port in ports {
-        let target = port["targetPort"].as_i64().map(|n| n as u16).or_else(|| port["targetPort"].as_str().and_then(|n| pod.container_ports.get(n).copied()));
-        assert!(target != pod.admin_port, "{what}: the admin port is for probes and operators, not published by the Service");
+        let target = port["targetPort"]
+            .as_i64()
+            .map(|n| n as u16)
+            .or_else(|| port["targetPort"].as_str().and_then(|n| pod.container_ports.get(n).copied()));
+        assert!(
+            target != pod.admin_port,
+            "{what}: the admin port is for probes and operators, not published by the Service"
+        );
     }
 }
 
@@ -653,18 +796,30 @@ fn kubernetes_manifests_agree_with_the_binary() {
         let mut pods = Vec::new();
         for doc in &manifest.docs {
             let kind = s(&doc["kind"]);
-            assert!(!kind.is_empty() && !s(&doc["apiVersion"]).is_empty(), "{}: a document without kind/apiVersion", manifest.name());
+            assert!(
+                !kind.is_empty() && !s(&doc["apiVersion"]).is_empty(),
+                "{}: a document without kind/apiVersion",
+                manifest.name()
+            );
             let what = format!("{kind} {}", s(&doc["metadata"]["name"]));
             let (pod, labels) = match kind {
-                "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => (&doc["spec"]["template"]["spec"], &doc["spec"]["template"]["metadata"]["labels"]),
+                "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+                    (&doc["spec"]["template"]["spec"], &doc["spec"]["template"]["metadata"]["labels"])
+                }
                 "Pod" => (&doc["spec"], &doc["metadata"]["labels"]),
                 _ => continue,
             };
-            let labels: BTreeMap<String, String> = labels.as_hash().into_iter().flatten().map(|(k, v)| (s(k).to_owned(), s(v).to_owned())).collect();
+            let labels: BTreeMap<String, String> =
+                labels.as_hash().into_iter().flatten().map(|(k, v)| (s(k).to_owned(), s(v).to_owned())).collect();
             if kind != "Pod" {
                 let selector = &doc["spec"]["selector"]["matchLabels"];
                 for (k, v) in selector.as_hash().into_iter().flatten() {
-                    assert_eq!(labels.get(s(k)).map(String::as_str), Some(s(v)), "{}: {what}: selector does not match the template", manifest.name());
+                    assert_eq!(
+                        labels.get(s(k)).map(String::as_str),
+                        Some(s(v)),
+                        "{}: {what}: selector does not match the template",
+                        manifest.name()
+                    );
                 }
             }
             pods.push(check_pod(&manifest, &surface, pod, labels, &what));
@@ -731,7 +886,10 @@ fn systemd_unit_agrees_with_the_binary() {
     let words = words[1..].to_vec();
     assert_eq!(words[0], "proxy", "ExecStart runs `sidecar proxy`");
     surface.check_flags(&words, "sidecar.service ExecStart");
-    assert!(words.iter().all(|w| !w.contains('$')), "ExecStart: variables are not expanded by this check; put options in /etc/default/sidecar instead");
+    assert!(
+        words.iter().all(|w| !w.contains('$')),
+        "ExecStart: variables are not expanded by this check; put options in /etc/default/sidecar instead"
+    );
 
     // The unit's own Environment= lines, as the service sees them (systemd expands %S).
     let env: Vec<(String, String)> = get("Environment")
@@ -742,7 +900,10 @@ fn systemd_unit_agrees_with_the_binary() {
             (k.to_owned(), v.replace("%S", "/var/lib"))
         })
         .collect();
-    assert!(env.contains(&("SIDECAR_STATE_DIR".into(), "/var/lib/sidecar".into())), "Environment=SIDECAR_STATE_DIR=%S/sidecar: {env:?}");
+    assert!(
+        env.contains(&("SIDECAR_STATE_DIR".into(), "/var/lib/sidecar".into())),
+        "Environment=SIDECAR_STATE_DIR=%S/sidecar: {env:?}"
+    );
     real_binary_accepts(&words, &env, "sidecar.service ExecStart");
     let args = effective_proxy(&words, &env);
     check_command(&words, &env, args.admin_token_file.is_some(), "sidecar.service ExecStart");
@@ -754,7 +915,9 @@ fn systemd_unit_agrees_with_the_binary() {
     assert_eq!(one("DynamicUser"), "yes");
     assert_eq!(one("StateDirectory"), "sidecar");
     assert_eq!(one("EnvironmentFile"), "-/etc/default/sidecar");
-    for (key, value) in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"), ("PrivateTmp", "yes")] {
+    for (key, value) in
+        [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"), ("PrivateTmp", "yes")]
+    {
         assert_eq!(one(key), value, "sidecar.service: {key}");
     }
     let stop = humantime::parse_duration(one("TimeoutStopSec")).expect("TimeoutStopSec as a duration");
@@ -775,7 +938,10 @@ fn systemd_unit_agrees_with_the_binary() {
         assert_eq!(bounding, [""], "CapabilityBoundingSet= (empty): --listen {} needs no capability", args.listen);
         assert!(ambient.is_empty(), "AmbientCapabilities with --listen {}", args.listen);
     }
-    assert!(args.admin.is_none_or(|a| a.ip().is_loopback() || args.admin_token_file.is_some()), "an admin API off loopback needs a token file");
+    assert!(
+        args.admin.is_none_or(|a| a.ip().is_loopback() || args.admin_token_file.is_some()),
+        "an admin API off loopback needs a token file"
+    );
 
     // systemd's own parser, where it is installed: no unknown keys or bad values.
     if which("systemd-analyze") {
@@ -794,14 +960,24 @@ fn systemd_unit_agrees_with_the_binary() {
 #[test]
 fn dockerfile_builds_the_image_the_manifests_expect() {
     let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
-    let instructions: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    let instructions: Vec<&str> =
+        text.lines().map(str::trim).filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
     let froms: Vec<&&str> = instructions.iter().filter(|l| l.starts_with("FROM ")).collect();
     assert!(froms.len() >= 2, "a multi-stage build");
-    assert!(froms.last().unwrap().contains("distroless") && froms.last().unwrap().contains(":nonroot"), "runtime: distroless nonroot");
-    assert!(instructions.iter().any(|l| l.starts_with("RUN ") && l.contains("cargo build --release")), "a release build");
+    assert!(
+        froms.last().unwrap().contains("distroless") && froms.last().unwrap().contains(":nonroot"),
+        "runtime: distroless nonroot"
+    );
+    assert!(
+        instructions.iter().any(|l| l.starts_with("RUN ") && l.contains("cargo build --release")),
+        "a release build"
+    );
     assert!(instructions.contains(&"USER nonroot:nonroot"));
     assert!(instructions.contains(&"EXPOSE 8443 9901"));
-    assert!(instructions.contains(&r#"ENTRYPOINT ["/usr/local/bin/sidecar"]"#), "containers give the subcommand as their first argument");
+    assert!(
+        instructions.contains(&r#"ENTRYPOINT ["/usr/local/bin/sidecar"]"#),
+        "containers give the subcommand as their first argument"
+    );
     // distroless has no shell or curl for a HEALTHCHECK; orchestrators probe the admin API.
     assert!(!instructions.iter().any(|l| l.starts_with("HEALTHCHECK")));
     // cargo refuses a manifest whose declared targets are missing, and the image copies only
@@ -810,7 +986,11 @@ fn dockerfile_builds_the_image_the_manifests_expect() {
     for (kind, dir) in [("bench", "benches"), ("test", "tests"), ("example", "examples")] {
         for target in manifest.get(kind).and_then(|v| v.as_array()).into_iter().flatten() {
             let name = target["name"].as_str().unwrap();
-            let path = target.get("path").and_then(|p| p.as_str()).map(str::to_owned).unwrap_or_else(|| format!("{dir}/{name}.rs"));
+            let path = target
+                .get("path")
+                .and_then(|p| p.as_str())
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("{dir}/{name}.rs"));
             assert!(text.contains(&path), "Dockerfile: Cargo.toml declares {kind} `{name}` at {path}, which the build stage neither copies nor stubs");
         }
     }

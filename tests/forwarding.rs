@@ -11,7 +11,6 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 
-
 #[tokio::test(flavor = "multi_thread")]
 async fn forwarding_headers_overwrite_client_claims_over_http1() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
@@ -54,7 +53,11 @@ async fn forwarding_headers_overwrite_client_claims_over_http1() {
 async fn trust_mode_appends_to_client_forwarded_for() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--forwarded-headers", "trust"]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
-    let request = Request::get("/").header("x-forwarded-for", "203.0.113.9").header("x-forwarded-proto", "http").body(empty()).unwrap();
+    let request = Request::get("/")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-proto", "http")
+        .body(empty())
+        .unwrap();
     conn.send(request).await.unwrap();
     let h = header_map(&upstream.last_request().headers);
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
@@ -107,7 +110,11 @@ async fn upstream_connections_are_pooled_and_kept_alive() {
     for _ in 0..50 {
         assert_eq!(other.get("/").await.0, StatusCode::OK);
     }
-    assert_eq!(upstream.log.connections.load(Ordering::SeqCst), 1, "100 sequential requests should share one upstream connection");
+    assert_eq!(
+        upstream.log.connections.load(Ordering::SeqCst),
+        1,
+        "100 sequential requests should share one upstream connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -117,7 +124,14 @@ async fn dead_upstream_gives_502_naming_the_cause_and_the_proxy_keeps_serving() 
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
     let url = format!("http://{dead}");
-    let sidecar = Sidecar::start(&["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()]);
+    let sidecar = Sidecar::start(&[
+        "--upstream",
+        &url,
+        "--cert",
+        leaf.cert.to_str().unwrap(),
+        "--key",
+        leaf.key.to_str().unwrap(),
+    ]);
     for http2 in [false, true] {
         let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
         for _ in 0..3 {
@@ -189,9 +203,11 @@ async fn http2_upload_without_content_length_is_streamed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_upgrade_is_passed_through_both_ways() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
-    let tls = tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    let tls =
+        tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
     let url = format!("wss://localhost:{}/ws", sidecar.addr.port());
-    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.expect("WebSocket handshake through the proxy");
+    let (mut ws, response) =
+        tokio_tungstenite::client_async(url, tls).await.expect("WebSocket handshake through the proxy");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
     for i in 0..20 {
         let text = format!("message {i}");

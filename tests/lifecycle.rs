@@ -40,9 +40,15 @@ async fn setup_with(extra: &[&str], configure: impl FnOnce(&mut std::process::Co
     Setup { upstream, pki, sidecar }
 }
 
-fn start_sidecar(upstream: &str, pki: &TestPki, extra: &[&str], configure: impl FnOnce(&mut std::process::Command)) -> Sidecar {
+fn start_sidecar(
+    upstream: &str,
+    pki: &TestPki,
+    extra: &[&str],
+    configure: impl FnOnce(&mut std::process::Command),
+) -> Sidecar {
     let leaf = pki.issue("leaf");
-    let mut args = vec!["--upstream", upstream, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
+    let mut args =
+        vec!["--upstream", upstream, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
     args.extend_from_slice(extra);
     Sidecar::start_with(&args, configure)
 }
@@ -54,9 +60,14 @@ fn cert_args(pki: &TestPki) -> (String, String) {
 
 /// Like `HttpsConnection::open`, but also hands back the client connection task, which ends
 /// when the server closes the connection: that is how a test observes a server-side close.
-async fn open_watched(addr: SocketAddr, ca_pem: &[u8], http2: bool) -> (HttpsConnection, JoinHandle<hyper::Result<()>>) {
+async fn open_watched(
+    addr: SocketAddr,
+    ca_pem: &[u8],
+    http2: bool,
+) -> (HttpsConnection, JoinHandle<hyper::Result<()>>) {
     let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
-    let tls = tls_connect(addr, client_config(ca_pem, alpn), "localhost").await.expect("TLS handshake with the sidecar");
+    let tls =
+        tls_connect(addr, client_config(ca_pem, alpn), "localhost").await.expect("TLS handshake with the sidecar");
     let io = TokioIo::new(tls);
     if http2 {
         let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
@@ -81,17 +92,29 @@ async fn closed_within<S: AsyncRead + Unpin>(stream: &mut S, bound: Duration, wh
         }
     })
     .await;
-    result.unwrap_or_else(|_| panic!("{what}: the server did not close the connection within {bound:?} (waited {:?})", start.elapsed()))
+    result.unwrap_or_else(|_| {
+        panic!("{what}: the server did not close the connection within {bound:?} (waited {:?})", start.elapsed())
+    })
 }
 
 /// Reads into `buf` until it holds `needle` `times` times; panics after `bound` or on close.
-async fn read_until_count<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>, needle: &str, times: usize, bound: Duration) {
+async fn read_until_count<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    needle: &str,
+    times: usize,
+    bound: Duration,
+) {
     let found = |buf: &[u8]| String::from_utf8_lossy(buf).matches(needle).count() >= times;
     tokio::time::timeout(bound, async {
         let mut chunk = [0u8; 4096];
         while !found(buf) {
             let n = stream.read(&mut chunk).await.expect("read a response");
-            assert!(n > 0, "connection closed before {needle:?} x{times} arrived; got:\n{}", String::from_utf8_lossy(buf));
+            assert!(
+                n > 0,
+                "connection closed before {needle:?} x{times} arrived; got:\n{}",
+                String::from_utf8_lossy(buf)
+            );
             buf.extend_from_slice(&chunk[..n]);
         }
     })
@@ -165,7 +188,8 @@ async fn slowloris_trickling_a_request_head_is_cut_off_by_the_header_read_timeou
     // The idle timeout stays at its 60 s default: only the header-read timeout can cut this off,
     // since the client sends a byte every 100 ms and so is never idle.
     let mut s = setup(&["--header-read-timeout", "500ms"]).await;
-    let tls = tls_connect(s.sidecar.addr, client_config(s.pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    let tls =
+        tls_connect(s.sidecar.addr, client_config(s.pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
     let (mut reader, mut writer) = tokio::io::split(tls);
     let start = Instant::now();
     writer.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
@@ -184,7 +208,10 @@ async fn slowloris_trickling_a_request_head_is_cut_off_by_the_header_read_timeou
     let took = closed - start;
     trickle.abort();
     assert!(took >= Duration::from_millis(450), "closed after {took:?}, before the 500ms header-read timeout");
-    assert!(s.upstream.log.requests.lock().unwrap().is_empty(), "an unfinished request head must never reach the upstream");
+    assert!(
+        s.upstream.log.requests.lock().unwrap().is_empty(),
+        "an unfinished request head must never reach the upstream"
+    );
     assert_eq!(s.sidecar.child.try_wait().unwrap(), None, "the proxy keeps running");
 
     // The same proxy serves a client that sends its head promptly.
@@ -195,7 +222,8 @@ async fn slowloris_trickling_a_request_head_is_cut_off_by_the_header_read_timeou
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keep_alive_connection_that_goes_silent_is_closed_after_the_header_read_timeout() {
     let s = setup(&["--header-read-timeout", "500ms"]).await;
-    let mut tls = tls_connect(s.sidecar.addr, client_config(s.pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    let mut tls =
+        tls_connect(s.sidecar.addr, client_config(s.pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
     let request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
     let mut buf = Vec::new();
     tls.write_all(request).await.unwrap();
@@ -217,7 +245,8 @@ async fn client_that_sends_nothing_after_the_tls_handshake_is_cut_off_by_the_hea
     // Slowloris in its simplest form: finish TLS, then never send a byte. Only the
     // header-read timeout (500ms) may apply; the idle timeout is left at 60 s.
     let s = setup(&["--header-read-timeout", "500ms"]).await;
-    let mut tls = tls_connect(s.sidecar.addr, client_config(s.pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    let mut tls =
+        tls_connect(s.sidecar.addr, client_config(s.pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
     let start = Instant::now();
     let closed = closed_within(&mut tls, Duration::from_secs(3), "silent client after the TLS handshake").await;
     let took = closed - start;
@@ -289,7 +318,8 @@ async fn request_outlasting_the_idle_timeout_still_completes() {
     let h1 = in_flight(&s, "/slow/1500", false).await;
     let h2 = in_flight(&s, "/slow/1500", true).await;
     for (name, request) in [("http/1.1", h1), ("h2", h2)] {
-        let result = tokio::time::timeout(Duration::from_secs(4), request).await.expect("the slow request ends").unwrap();
+        let result =
+            tokio::time::timeout(Duration::from_secs(4), request).await.expect("the slow request ends").unwrap();
         assert_eq!(result, Ok((StatusCode::OK, "slow response\n".to_owned())), "{name}");
     }
 }
@@ -313,8 +343,14 @@ async fn tls_handshake_timeout_closes_silent_and_stalled_handshakes() {
     let silent_closed = closed_within(&mut silent, Duration::from_secs(2), "TCP connection sending nothing").await;
     let partial_closed = closed_within(&mut partial, Duration::from_secs(2), "partial ClientHello").await;
     let (a, b) = (silent_closed - start, partial_closed - partial_start);
-    assert!(a >= Duration::from_millis(250), "silent connection closed after {a:?}, before the 300ms handshake timeout");
-    assert!(b >= Duration::from_millis(250), "stalled handshake closed after {b:?}, before the 300ms handshake timeout");
+    assert!(
+        a >= Duration::from_millis(250),
+        "silent connection closed after {a:?}, before the 300ms handshake timeout"
+    );
+    assert!(
+        b >= Duration::from_millis(250),
+        "stalled handshake closed after {b:?}, before the 300ms handshake timeout"
+    );
 
     // A real client completes its handshake within the limit and is served.
     let mut conn = HttpsConnection::open(s.sidecar.addr, s.pki.ca_pem.as_bytes(), true).await;
@@ -330,7 +366,8 @@ async fn in_flight(s: &Setup, path: &str, http2: bool) -> JoinHandle<Result<(Sta
     let mut conn = HttpsConnection::open(s.sidecar.addr, s.pki.ca_pem.as_bytes(), http2).await;
     let path = path.to_owned();
     tokio::spawn(async move {
-        let response = conn.send(Request::get(path).body(empty()).unwrap()).await.map_err(|e| format!("request: {e}"))?;
+        let response =
+            conn.send(Request::get(path).body(empty()).unwrap()).await.map_err(|e| format!("request: {e}"))?;
         let status = response.status();
         let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
@@ -351,8 +388,13 @@ async fn drains_in_flight_request_on(signal: &str, http2: bool) {
     refused_within(s.sidecar.addr, Duration::from_secs(2)).await;
     assert_eq!(s.sidecar.child.try_wait().unwrap(), None, "exited before the in-flight request finished");
 
-    let result = tokio::time::timeout(Duration::from_secs(4), request).await.expect("in-flight request finishes").unwrap();
-    assert_eq!(result, Ok((StatusCode::OK, "slow response\n".to_owned())), "the in-flight request completes during the drain");
+    let result =
+        tokio::time::timeout(Duration::from_secs(4), request).await.expect("in-flight request finishes").unwrap();
+    assert_eq!(
+        result,
+        Ok((StatusCode::OK, "slow response\n".to_owned())),
+        "the in-flight request completes during the drain"
+    );
     let status = wait_exit(&mut s.sidecar, Duration::from_secs(3));
     assert_eq!(status.code(), Some(0), "log:\n{}", s.sidecar.logs.text());
     assert!(signalled.elapsed() < Duration::from_secs(4), "exit took {:?}", signalled.elapsed());
@@ -388,8 +430,13 @@ async fn drain_timeout_bounds_shutdown_when_a_request_does_not_finish() {
     let took = signalled.elapsed();
     assert_eq!(status.code(), Some(0), "log:\n{}", s.sidecar.logs.text());
     assert!(took >= Duration::from_millis(250), "exited after {took:?}, without waiting for the 300ms drain timeout");
-    wait_log(&s.sidecar, "drain timeout reached with 1 connection(s) still open; exiting anyway", Duration::from_secs(1));
-    let result = tokio::time::timeout(Duration::from_secs(2), request).await.expect("the client notices the exit").unwrap();
+    wait_log(
+        &s.sidecar,
+        "drain timeout reached with 1 connection(s) still open; exiting anyway",
+        Duration::from_secs(1),
+    );
+    let result =
+        tokio::time::timeout(Duration::from_secs(2), request).await.expect("the client notices the exit").unwrap();
     assert!(result.is_err(), "the 5 s request cannot have completed in a 300ms drain: {result:?}");
 }
 
@@ -563,10 +610,13 @@ async fn raw_http(addr: SocketAddr, raw: &str) -> (u16, String) {
         .expect("the redirect listener answers and closes")
         .unwrap();
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"));
+    let status =
+        text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"));
     let location = text
         .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("location")).map(|(_, v)| v.trim().to_owned()))
+        .find_map(|l| {
+            l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("location")).map(|(_, v)| v.trim().to_owned())
+        })
         .unwrap_or_default();
     (status, location)
 }
@@ -582,7 +632,11 @@ async fn redirect_listener_sends_308_to_the_https_port() {
     assert_eq!((status, location.as_str()), (308, format!("https://example.com:{port}/a/b?c=d").as_str()));
 
     let (status, location) = raw_http(http, "GET /a/b?c=d HTTP/1.1\r\nHost: example.com:8080\r\n\r\n").await;
-    assert_eq!((status, location.as_str()), (308, format!("https://example.com:{port}/a/b?c=d").as_str()), "the client's port is replaced");
+    assert_eq!(
+        (status, location.as_str()),
+        (308, format!("https://example.com:{port}/a/b?c=d").as_str()),
+        "the client's port is replaced"
+    );
 
     let (status, location) = raw_http(http, "GET /x HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n").await;
     assert_eq!((status, location.as_str()), (308, format!("https://[::1]:{port}/x").as_str()));
@@ -633,7 +687,11 @@ async fn config_file_is_overridden_by_env_which_is_overridden_by_flags() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let url = upstream.url();
-    let file = write_config(dir.path(), "sidecar.toml", &format!("[proxy]\nupstream = \"{url}\"\nupstream-timeout = \"300ms\"\n"));
+    let file = write_config(
+        dir.path(),
+        "sidecar.toml",
+        &format!("[proxy]\nupstream = \"{url}\"\nupstream-timeout = \"300ms\"\n"),
+    );
     let (cert, key) = cert_args(&pki);
     let base = ["--upstream", url.as_str(), "--cert", cert.as_str(), "--key", key.as_str(), "--config", file.as_str()];
 
@@ -672,7 +730,8 @@ async fn config_file_accepts_snake_case_keys() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let url = upstream.url();
-    let file = write_config(dir.path(), "snake.toml", "[proxy]\nupstream_timeout = \"300ms\"\nmax_header_size = 8192\n");
+    let file =
+        write_config(dir.path(), "snake.toml", "[proxy]\nupstream_timeout = \"300ms\"\nmax_header_size = 8192\n");
     let (cert, key) = cert_args(&pki);
     let sidecar = Sidecar::start(&["--upstream", &url, "--cert", &cert, "--key", &key, "--config", &file]);
     assert_eq!(status_of(&sidecar, &pki, "/slow/3000").await, StatusCode::GATEWAY_TIMEOUT);
@@ -715,11 +774,27 @@ async fn upstream_from_the_environment_alone_is_enough_to_start() {
 fn bad_config_files_exit_2_naming_the_file_and_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
-        ("unknown-key.toml", "[proxy]\nupstream-timeout = \"1s\"\nbogus-option = 1\n".into(), vec!["[proxy] has no option `bogus-option`"]),
-        ("unknown-table.toml", "[proxy]\nupstream-timeout = \"1s\"\n[server]\nlisten = \"x\"\n".into(), vec!["unknown table [server]"]),
+        (
+            "unknown-key.toml",
+            "[proxy]\nupstream-timeout = \"1s\"\nbogus-option = 1\n".into(),
+            vec!["[proxy] has no option `bogus-option`"],
+        ),
+        (
+            "unknown-table.toml",
+            "[proxy]\nupstream-timeout = \"1s\"\n[server]\nlisten = \"x\"\n".into(),
+            vec!["unknown table [server]"],
+        ),
         ("invalid.toml", "[proxy\nupstream-timeout = \"1s\"\n".into(), vec!["is not valid TOML", "line 1"]),
-        ("bad-value.toml", "[proxy]\nupstream-timeout = \"soon\"\n".into(), vec!["invalid value 'soon'", "--upstream-timeout"]),
-        ("bad-type.toml", "[proxy]\nupstream-timeout = { seconds = 1 }\n".into(), vec!["`upstream-timeout` must be a string, number or boolean"]),
+        (
+            "bad-value.toml",
+            "[proxy]\nupstream-timeout = \"soon\"\n".into(),
+            vec!["invalid value 'soon'", "--upstream-timeout"],
+        ),
+        (
+            "bad-type.toml",
+            "[proxy]\nupstream-timeout = { seconds = 1 }\n".into(),
+            vec!["`upstream-timeout` must be a string, number or boolean"],
+        ),
         ("out-of-range.toml", "[proxy]\nmax-connections = 0\n".into(), vec!["invalid value '0'", "--max-connections"]),
     ];
     for (name, contents, needles) in cases {
@@ -831,7 +906,10 @@ fn proxy_help_lists_every_option_with_its_default_and_environment_variable() {
             .unwrap_or_else(|| panic!("{flag} is not listed in `sidecar proxy --help`:\n{stdout}"));
         assert!(section.contains(&format!("[env: {env}=]")), "{flag} shows its variable {env}: {section}");
         if let Some(default) = default {
-            assert!(section.contains(&format!("[default: {default}]")), "{flag} shows its default {default}: {section}");
+            assert!(
+                section.contains(&format!("[default: {default}]")),
+                "{flag} shows its default {default}: {section}"
+            );
         }
     }
     // Any other option (added later) has its environment variable too.
@@ -860,7 +938,8 @@ fn no_subcommand_is_a_usage_error() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--upstream <URL>"), "a missing upstream is named: {stderr}");
 
-    let (code, _, stderr) = run_bounded(&["proxy", "--upstream", "http://127.0.0.1:9", "--bogus"], &[], Duration::from_secs(10));
+    let (code, _, stderr) =
+        run_bounded(&["proxy", "--upstream", "http://127.0.0.1:9", "--bogus"], &[], Duration::from_secs(10));
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--bogus"), "{stderr}");
 }
@@ -923,12 +1002,17 @@ async fn upstream_dying_mid_response_breaks_only_that_response() {
         let (mut conn, _task) = open_watched(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
         // The head was already forwarded (200, Content-Length: 100), so the failure can only
         // show in the body: it must end in an error, never look like a complete 5-byte body.
-        let response = conn.send(Request::get("/broken").body(empty()).unwrap()).await.expect("the upstream's head is forwarded");
+        let response =
+            conn.send(Request::get("/broken").body(empty()).unwrap()).await.expect("the upstream's head is forwarded");
         assert_eq!(response.status(), StatusCode::OK);
         let body = tokio::time::timeout(Duration::from_secs(3), response.into_body().collect())
             .await
             .unwrap_or_else(|_| panic!("http2={http2}: the truncated body neither ended nor failed within 3s"));
-        assert!(body.is_err(), "http2={http2}: a truncated upstream body reached the client as complete: {:?}", body.map(|b| b.to_bytes()));
+        assert!(
+            body.is_err(),
+            "http2={http2}: a truncated upstream body reached the client as complete: {:?}",
+            body.map(|b| b.to_bytes())
+        );
 
         assert_eq!(sidecar.child.try_wait().unwrap(), None, "the proxy must survive a broken upstream response");
         // HTTP/2 isolates the failure to its stream; over HTTP/1.1 the client needs a new connection.
@@ -949,7 +1033,11 @@ fn cert_without_key_in_the_config_file_is_refused() {
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
     let config = pki.dir.path().join("half.toml");
-    std::fs::write(&config, format!("[proxy]\nupstream = \"http://127.0.0.1:1\"\ncert = \"{}\"\n", leaf.cert.display())).unwrap();
+    std::fs::write(
+        &config,
+        format!("[proxy]\nupstream = \"http://127.0.0.1:1\"\ncert = \"{}\"\n", leaf.cert.display()),
+    )
+    .unwrap();
     let (code, stderr) = run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--cert is given") && stderr.contains("--key is not"), "{stderr}");

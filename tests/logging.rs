@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::{Request, StatusCode};
 
-
 fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -28,7 +27,11 @@ async fn combined_access_log_has_every_field_with_exact_bytes() {
     let log = dir.path().join("access.log");
     let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--access-log", log.to_str().unwrap()]).await;
     let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
-    let request = Request::get("/bytes/100000?x=%22y%22").header("user-agent", "test \"agent\"").header("referer", "https://r.example/").body(empty()).unwrap();
+    let request = Request::get("/bytes/100000?x=%22y%22")
+        .header("user-agent", "test \"agent\"")
+        .header("referer", "https://r.example/")
+        .body(empty())
+        .unwrap();
     let response = h1.send(request).await.unwrap();
     assert_eq!(drain_body(response.into_body()).await.0, 100_000);
     let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
@@ -37,8 +40,14 @@ async fn combined_access_log_has_every_field_with_exact_bytes() {
     let lines = wait_for_lines(&log, 2);
     let first = &lines[0];
     assert!(first.starts_with("127.0.0.1 - - ["), "{first}");
-    assert!(first.contains(r#""GET /bytes/100000?x=%22y%22 HTTP/1.1" 200 100000 "https://r.example/" "test \"agent\"""#), "{first}");
-    assert!(first.contains(" rt=") && first.contains(" uct=") && first.ends_with("tls=TLSv1.3 alpn=http/1.1"), "{first}");
+    assert!(
+        first.contains(r#""GET /bytes/100000?x=%22y%22 HTTP/1.1" 200 100000 "https://r.example/" "test \"agent\"""#),
+        "{first}"
+    );
+    assert!(
+        first.contains(" rt=") && first.contains(" uct=") && first.ends_with("tls=TLSv1.3 alpn=http/1.1"),
+        "{first}"
+    );
     assert!(lines[1].contains(r#""GET / HTTP/2.0" 200 20 "-" "-""#) && lines[1].ends_with("alpn=h2"), "{}", lines[1]);
 }
 
@@ -46,14 +55,28 @@ async fn combined_access_log_has_every_field_with_exact_bytes() {
 async fn json_access_log_lines_are_json_objects() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.json");
-    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--access-log", log.to_str().unwrap(), "--access-log-format", "json", "--upstream-timeout", "200ms"]).await;
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&[
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+        "--upstream-timeout",
+        "200ms",
+    ])
+    .await;
     let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
     assert_eq!(h2.get("/a").await.0, StatusCode::OK);
     assert_eq!(h2.get("/slow/2000").await.0, StatusCode::GATEWAY_TIMEOUT);
     let lines = wait_for_lines(&log, 2);
     let ok: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
-    assert_eq!((ok["method"].as_str(), ok["path"].as_str(), ok["status"].as_u64()), (Some("GET"), Some("/a"), Some(200)));
-    assert_eq!((ok["tls_version"].as_str(), ok["alpn"].as_str(), ok["client"].as_str()), (Some("TLSv1.3"), Some("h2"), Some("127.0.0.1")));
+    assert_eq!(
+        (ok["method"].as_str(), ok["path"].as_str(), ok["status"].as_u64()),
+        (Some("GET"), Some("/a"), Some(200))
+    );
+    assert_eq!(
+        (ok["tls_version"].as_str(), ok["alpn"].as_str(), ok["client"].as_str()),
+        (Some("TLSv1.3"), Some("h2"), Some("127.0.0.1"))
+    );
     assert_eq!(ok["bytes"].as_u64(), Some(20));
     assert!(ok["upstream_ms"].as_f64().is_some() && ok["duration_ms"].as_f64().is_some());
     let timeout: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
@@ -64,7 +87,8 @@ async fn json_access_log_lines_are_json_objects() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn json_process_logs_are_one_object_per_line() {
-    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--log-format", "json", "--upstream-timeout", "100ms"]).await;
+    let (_upstream, pki, sidecar) =
+        proxy_in_front_of_upstream(&["--log-format", "json", "--upstream-timeout", "100ms"]).await;
     let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     assert_eq!(h1.get("/slow/1000").await.0, StatusCode::GATEWAY_TIMEOUT);
     sidecar.logs.wait_for("gave no response", Duration::from_secs(5));
@@ -90,7 +114,8 @@ async fn a_stalled_access_log_never_blocks_requests() {
     // A reader that never reads: opening it non-blocking lets the sidecar open the write end.
     const O_NONBLOCK: i32 = 0o4000;
     let _reader = std::fs::OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(&fifo).unwrap();
-    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--access-log", fifo.to_str().unwrap(), "--admin", "127.0.0.1:0"]).await;
+    let (_upstream, pki, sidecar) =
+        proxy_in_front_of_upstream(&["--access-log", fifo.to_str().unwrap(), "--admin", "127.0.0.1:0"]).await;
 
     // More requests than the pipe (64 KiB) and the queue (16384 lines) together can hold.
     const CLIENTS: usize = 8;

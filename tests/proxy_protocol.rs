@@ -49,7 +49,12 @@ fn v2_tcp6(tlvs: &[u8]) -> Vec<u8> {
 const TLVS: &[u8] = b"\x02\x00\x09localhost\x04\x00\x04pad!";
 
 /// Connects, writes `prefix` on the bare TCP connection, then does the TLS handshake over it.
-async fn tls_after(addr: SocketAddr, prefix: &[u8], ca_pem: &[u8], alpn: &[&[u8]]) -> std::io::Result<TlsStream<TcpStream>> {
+async fn tls_after(
+    addr: SocketAddr,
+    prefix: &[u8],
+    ca_pem: &[u8],
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
     let mut tcp = TcpStream::connect(addr).await?;
     tcp.write_all(prefix).await?;
     let name = ServerName::try_from("localhost").unwrap();
@@ -193,14 +198,18 @@ async fn connections_without_a_valid_header_are_refused_and_the_proxy_keeps_serv
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_or_truncated_header_is_closed_at_the_handshake_timeout() {
-    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol", "--tls-handshake-timeout", "300ms", "--log-level", "debug"]).await;
+    let (upstream, pki, sidecar) =
+        proxy_in_front_of_upstream(&["--proxy-protocol", "--tls-handshake-timeout", "300ms", "--log-level", "debug"])
+            .await;
     let started = Instant::now();
     let mut silent = TcpStream::connect(sidecar.addr).await.unwrap();
     let mut partial_v1 = TcpStream::connect(sidecar.addr).await.unwrap();
     partial_v1.write_all(&V1_TCP4[..20]).await.unwrap();
     let mut partial_v2 = TcpStream::connect(sidecar.addr).await.unwrap();
     partial_v2.write_all(&v2_tcp4(TLVS)[..30]).await.unwrap();
-    for (stream, what) in [(&mut silent, "no header"), (&mut partial_v1, "part of a v1 header"), (&mut partial_v2, "part of a v2 header")] {
+    for (stream, what) in
+        [(&mut silent, "no header"), (&mut partial_v1, "part of a v1 header"), (&mut partial_v2, "part of a v2 header")]
+    {
         let after = closed_within(stream, started, Duration::from_secs(3), what).await;
         assert!(after >= Duration::from_millis(250), "{what}: closed after {after:?}, before the 300ms timeout");
     }
@@ -218,7 +227,16 @@ async fn a_silent_or_truncated_header_is_closed_at_the_handshake_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_abandons_a_connection_waiting_for_its_header() {
-    let (upstream, pki, mut sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol", "--tls-handshake-timeout", "8s", "--drain-timeout", "10s", "--shutdown-delay", "0s"]).await;
+    let (upstream, pki, mut sidecar) = proxy_in_front_of_upstream(&[
+        "--proxy-protocol",
+        "--tls-handshake-timeout",
+        "8s",
+        "--drain-timeout",
+        "10s",
+        "--shutdown-delay",
+        "0s",
+    ])
+    .await;
     let mut stalled = TcpStream::connect(sidecar.addr).await.unwrap();
     stalled.write_all(b"PROXY TCP4 ").await.unwrap();
     // Accepts happen in order, so once a later connection is served the stalled one is accepted.
@@ -274,8 +292,14 @@ async fn metric(admin: SocketAddr, key: &str) -> f64 {
 async fn refused_headers_are_counted_as_failed_handshakes() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol", "--admin", "127.0.0.1:0"]).await;
     let line = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
-    let admin: SocketAddr =
-        line.split("admin API on http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().trim_end_matches(';').parse().unwrap();
+    let admin: SocketAddr = line
+        .split("admin API on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .trim_end_matches(';')
+        .parse()
+        .unwrap();
     let ca = pki.ca_pem.as_bytes();
     assert!(tls_after(sidecar.addr, b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n", ca, &[b"http/1.1"]).await.is_err());
     {
@@ -311,7 +335,10 @@ fn check_reports_the_setting_and_refuses_a_bad_value() {
     assert!(text.contains(note), "{text}");
     let (code, text) = output(&["check", "--upstream", "http://127.0.0.1:8080"], &[("SIDECAR_PROXY_PROTOCOL", "true")]);
     assert!(code == Some(0) && text.contains(note), "{text}");
-    let (code, text) = output(&["check", "--upstream", "http://127.0.0.1:8080", "--proxy-protocol=false"], &[("SIDECAR_PROXY_PROTOCOL", "true")]);
+    let (code, text) = output(
+        &["check", "--upstream", "http://127.0.0.1:8080", "--proxy-protocol=false"],
+        &[("SIDECAR_PROXY_PROTOCOL", "true")],
+    );
     assert!(code == Some(0) && !text.contains(note), "the flag wins over the environment: {text}");
     let (code, text) = output(&["check", "--upstream", "http://127.0.0.1:8080", "--proxy-protocol=maybe"], &[]);
     assert_eq!(code, Some(2), "{text}");

@@ -114,8 +114,16 @@ async fn kubernetes_data_symlink_swap_is_seen() {
     let url = upstream.url();
     let cert = m.join("tls.crt");
     let key = m.join("tls.key");
-    let sidecar =
-        Sidecar::start(&["--upstream", &url, "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(), "--reload-debounce", "20ms"]);
+    let sidecar = Sidecar::start(&[
+        "--upstream",
+        &url,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--reload-debounce",
+        "20ms",
+    ]);
     assert_eq!(served_leaf(sidecar.addr, &pki.ca_pem).await, leaf_der(&first.cert));
 
     for round in 0..3 {
@@ -144,7 +152,8 @@ async fn bad_certificate_files_are_refused_and_the_old_one_keeps_serving() {
         p
     };
 
-    let cases: Vec<(&str, Box<dyn Fn()>, &str)> = vec![
+    type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str);
+    let cases: Vec<Case> = vec![
         ("mismatched key", Box::new(|| rename_over(&other.key, dir, "tls.key")), "does not match"),
         (
             "truncated PEM",
@@ -152,17 +161,30 @@ async fn bad_certificate_files_are_refused_and_the_old_one_keeps_serving() {
             "tls.crt",
         ),
         ("expired certificate", Box::new(|| install_pair(&expired, dir)), "expired"),
-        ("garbage", Box::new(|| rename_over(&write_scratch("g.pem", "not a certificate\n"), dir, "tls.crt")), "holds no PEM certificate"),
+        (
+            "garbage",
+            Box::new(|| rename_over(&write_scratch("g.pem", "not a certificate\n"), dir, "tls.crt")),
+            "holds no PEM certificate",
+        ),
         ("empty key", Box::new(|| rename_over(&write_scratch("e.pem", ""), dir, "tls.key")), "tls.key"),
     ];
-    let original = IssuedCert { cert: f.pki.dir.path().join("first.crt"), key: f.pki.dir.path().join("first.key"), serial: String::new() };
+    let original = IssuedCert {
+        cert: f.pki.dir.path().join("first.crt"),
+        key: f.pki.dir.path().join("first.key"),
+        serial: String::new(),
+    };
     for (n, (what, break_it, expected_error)) in cases.iter().enumerate() {
         install_pair(&original, dir);
         break_it();
-        let line = f.sidecar.logs.wait_for(&format!("({} failed certificate reloads so far)", n + 1), Duration::from_secs(10));
+        let line =
+            f.sidecar.logs.wait_for(&format!("({} failed certificate reloads so far)", n + 1), Duration::from_secs(10));
         assert!(line.contains(expected_error), "{what}: the error names the problem: {line}");
         assert!(line.contains("refused, still serving"), "{what}: {line}");
-        assert_eq!(served_leaf(f.sidecar.addr, &f.pki.ca_pem).await, serving, "{what}: the old certificate keeps serving");
+        assert_eq!(
+            served_leaf(f.sidecar.addr, &f.pki.ca_pem).await,
+            serving,
+            "{what}: the old certificate keeps serving"
+        );
         let mut conn = HttpsConnection::open(f.sidecar.addr, f.pki.ca_pem.as_bytes(), false).await;
         assert_eq!(conn.get("/").await.0, StatusCode::OK, "{what}: requests keep working");
     }
@@ -177,7 +199,11 @@ async fn sighup_reloads_at_once() {
     let f = start(&["--reload-debounce", "1h"]).await;
     let second = f.pki.issue("second");
     install_pair(&second, f.dir.path());
-    assert_ne!(served_leaf(f.sidecar.addr, &f.pki.ca_pem).await, leaf_der(&second.cert), "file changes wait for the debounce");
+    assert_ne!(
+        served_leaf(f.sidecar.addr, &f.pki.ca_pem).await,
+        leaf_der(&second.cert),
+        "file changes wait for the debounce"
+    );
     f.sidecar.signal("HUP");
     let latency = wait_until_served(f.sidecar.addr, &f.pki.ca_pem, &leaf_der(&second.cert), Instant::now()).await;
     f.sidecar.logs.wait_for("certificates reloaded (SIGHUP)", Duration::from_secs(5));
@@ -202,7 +228,9 @@ async fn fresh_connection_reaches(sidecar: &Sidecar, ca: &str, a: &Upstream, b: 
     let mut conn = HttpsConnection::open(sidecar.addr, ca.as_bytes(), false).await;
     let response = conn.send(http::Request::get("/").header("x-probe", &marker).body(empty()).unwrap()).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let saw = |u: &Upstream| u.log.requests.lock().unwrap().iter().any(|r| r.headers.get("x-probe").is_some_and(|v| v == marker.as_str()));
+    let saw = |u: &Upstream| {
+        u.log.requests.lock().unwrap().iter().any(|r| r.headers.get("x-probe").is_some_and(|v| v == marker.as_str()))
+    };
     match (saw(a), saw(b)) {
         (true, false) => 'a',
         (false, true) => 'b',
@@ -210,7 +238,14 @@ async fn fresh_connection_reaches(sidecar: &Sidecar, ca: &str, a: &Upstream, b: 
     }
 }
 
-async fn wait_until_reaches(sidecar: &Sidecar, ca: &str, a: &Upstream, b: &Upstream, want: char, since: Instant) -> Duration {
+async fn wait_until_reaches(
+    sidecar: &Sidecar,
+    ca: &str,
+    a: &Upstream,
+    b: &Upstream,
+    want: char,
+    since: Instant,
+) -> Duration {
     loop {
         if fresh_connection_reaches(sidecar, ca, a, b).await == want {
             return since.elapsed();
@@ -226,7 +261,8 @@ async fn config_file_reload_applies_to_new_connections_and_refuses_bad_files() {
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!("cert = \"{}\"\nkey = \"{}\"\nreload-debounce = \"20ms\"", leaf.cert.display(), leaf.key.display());
+    let extra =
+        format!("cert = \"{}\"\nkey = \"{}\"\nreload-debounce = \"20ms\"", leaf.cert.display(), leaf.key.display());
     write_config(dir.path(), &config_toml(&a.url(), &extra));
     let config = dir.path().join("sidecar.toml");
     let sidecar = Sidecar::start(&["--config", config.to_str().unwrap()]);
@@ -242,11 +278,16 @@ async fn config_file_reload_applies_to_new_connections_and_refuses_bad_files() {
     // The connection opened before the change keeps the snapshot it started with.
     let response = kept.send(http::Request::get("/").header("x-probe", "kept").body(empty()).unwrap()).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let marked = |u: &Upstream| u.log.requests.lock().unwrap().iter().any(|r| r.headers.get("x-probe").is_some_and(|v| v == "kept"));
+    let marked = |u: &Upstream| {
+        u.log.requests.lock().unwrap().iter().any(|r| r.headers.get("x-probe").is_some_and(|v| v == "kept"))
+    };
     assert!(marked(&a) && !marked(&b), "an open connection keeps its upstream");
 
     // Broken TOML and an invalid value are refused; B keeps serving.
-    for (n, broken) in ["[proxy\nupstream = ", &config_toml(&a.url(), &format!("{extra}\nupstream-timeout = \"soon\""))].iter().enumerate() {
+    for (n, broken) in ["[proxy\nupstream = ", &config_toml(&a.url(), &format!("{extra}\nupstream-timeout = \"soon\""))]
+        .iter()
+        .enumerate()
+    {
         write_config(dir.path(), broken);
         let line = sidecar.logs.wait_for(&format!("({} failed config reloads so far)", n + 1), Duration::from_secs(10));
         assert!(line.contains(&config.display().to_string()), "the error names the file: {line}");
@@ -282,7 +323,11 @@ async fn flags_still_win_over_a_reloaded_config_file() {
     assert_eq!(fresh_connection_reaches(&sidecar, &pki.ca_pem, &a, &b).await, 'a');
     write_config(dir.path(), &config_toml(&b.url(), "reload-debounce = \"20ms\"\nupstream-timeout = \"7s\""));
     sidecar.logs.wait_for("config reloaded", Duration::from_secs(10));
-    assert_eq!(fresh_connection_reaches(&sidecar, &pki.ca_pem, &a, &b).await, 'a', "--upstream on the command line wins");
+    assert_eq!(
+        fresh_connection_reaches(&sidecar, &pki.ca_pem, &a, &b).await,
+        'a',
+        "--upstream on the command line wins"
+    );
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -374,7 +419,11 @@ async fn swaps_under_load_fail_no_request() {
         percentile(&config_latency, 0.5),
         percentile(&config_latency, 0.99),
     );
-    assert!(failures.is_empty(), "failed requests or handshakes during reloads: {:?}", &failures[..failures.len().min(10)]);
+    assert!(
+        failures.is_empty(),
+        "failed requests or handshakes during reloads: {:?}",
+        &failures[..failures.len().min(10)]
+    );
     assert!(ok > 1000, "the load ran ({ok} requests)");
     assert_eq!(sidecar.logs.count("refused"), 0, "no reload was refused:\n{}", sidecar.logs.text());
 }
@@ -400,5 +449,9 @@ async fn sessions_resume_across_a_certificate_reload() {
     // Probe with a separate client, so the session cache under test is not touched.
     wait_until_served(f.sidecar.addr, &f.pki.ca_pem, &leaf_der(&second.cert), Instant::now()).await;
     let after = tls_connect(f.sidecar.addr, config, "localhost").await.unwrap();
-    assert_eq!(after.get_ref().1.handshake_kind(), Some(HandshakeKind::Resumed), "a session made before the reload resumes after it");
+    assert_eq!(
+        after.get_ref().1.handshake_kind(),
+        Some(HandshakeKind::Resumed),
+        "a session made before the reload resumes after it"
+    );
 }

@@ -15,7 +15,13 @@ use tokio::net::TcpStream;
 /// The admin address, read from the start-up line ("; admin API on http://ADDR").
 fn admin_addr(sidecar: &Sidecar) -> SocketAddr {
     let line = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
-    line.split("admin API on http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().trim_end_matches(';').parse().unwrap()
+    line.split("admin API on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .trim_end_matches(';')
+        .parse()
+        .unwrap()
 }
 
 /// GET /readyz on the admin API: (status, body).
@@ -62,14 +68,24 @@ async fn setup(extra: &[&str], configure: impl FnOnce(&mut std::process::Command
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
     let url = upstream.url();
-    let mut args = vec!["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap(), "--admin", "127.0.0.1:0"];
+    let mut args = vec![
+        "--upstream",
+        &url,
+        "--cert",
+        leaf.cert.to_str().unwrap(),
+        "--key",
+        leaf.key.to_str().unwrap(),
+        "--admin",
+        "127.0.0.1:0",
+    ];
     args.extend_from_slice(extra);
     let sidecar = Sidecar::start_with(&args, configure);
     Setup { upstream, pki, sidecar }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn during_the_shutdown_delay_readiness_fails_but_new_connections_are_served_then_the_listener_closes_and_drains() {
+async fn during_the_shutdown_delay_readiness_fails_but_new_connections_are_served_then_the_listener_closes_and_drains()
+{
     const DELAY: Duration = Duration::from_secs(1);
     let mut s = setup(&["--shutdown-delay", "1s", "--drain-timeout", "10s"], |_| {}).await;
     let admin = admin_addr(&s.sidecar);
@@ -97,7 +113,11 @@ async fn during_the_shutdown_delay_readiness_fails_but_new_connections_are_serve
             assert!(body.contains("shutting down"), "{body}");
             break;
         }
-        assert!(signalled.elapsed() < Duration::from_millis(200), "/readyz still {status} {:?} after SIGTERM", signalled.elapsed());
+        assert!(
+            signalled.elapsed() < Duration::from_millis(200),
+            "/readyz still {status} {:?} after SIGTERM",
+            signalled.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let not_ready_after = signalled.elapsed();
@@ -110,13 +130,22 @@ async fn during_the_shutdown_delay_readiness_fails_but_new_connections_are_serve
     while signalled.elapsed() < DELAY * 7 / 10 {
         let mut fresh = HttpsConnection::open(s.sidecar.addr, &ca, served_during_delay % 2 == 1).await;
         let (status, _, body) = fresh.get("/").await;
-        assert_eq!((status, body.as_str()), (StatusCode::OK, "hello from upstream\n"), "a new connection during the delay is served");
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "hello from upstream\n"),
+            "a new connection during the delay is served"
+        );
         served_during_delay += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(served_during_delay >= 3, "only {served_during_delay} new connection(s) tried during the delay");
     assert_eq!(idle.get("/").await.0, StatusCode::OK, "an open keep-alive connection is still served during the delay");
-    assert_eq!(s.sidecar.logs.count("no longer accepting connections"), 0, "the delay ended early:\n{}", s.sidecar.logs.text());
+    assert_eq!(
+        s.sidecar.logs.count("no longer accepting connections"),
+        0,
+        "the delay ended early:\n{}",
+        s.sidecar.logs.text()
+    );
     assert_eq!(readyz(admin).await.0, 503, "still not ready during the delay");
 
     // 3. After the delay the listener closes (not before).
@@ -128,7 +157,8 @@ async fn during_the_shutdown_delay_readiness_fails_but_new_connections_are_serve
     assert_eq!(s.sidecar.child.try_wait().unwrap(), None, "exited before the in-flight request finished");
 
     // 4. The in-flight request completes during the drain; the process exits 0.
-    let result = tokio::time::timeout(Duration::from_secs(4), in_flight).await.expect("in-flight request finishes").unwrap();
+    let result =
+        tokio::time::timeout(Duration::from_secs(4), in_flight).await.expect("in-flight request finishes").unwrap();
     assert_eq!((result.0, result.2.as_str()), (StatusCode::OK, "slow response\n"), "the in-flight request completes");
     let status = wait_exit(&mut s.sidecar, Duration::from_secs(3));
     assert_eq!(status.code(), Some(0), "log:\n{}", s.sidecar.logs.text());

@@ -28,7 +28,12 @@ fn s(path: &Path) -> &str {
 
 /// The DER of the first (leaf) certificate in a PEM file.
 fn leaf_der(path: &Path) -> Vec<u8> {
-    CertificateDer::pem_file_iter(path).expect("read PEM").next().expect("a certificate").expect("PEM certificate").to_vec()
+    CertificateDer::pem_file_iter(path)
+        .expect("read PEM")
+        .next()
+        .expect("a certificate")
+        .expect("PEM certificate")
+        .to_vec()
 }
 
 /// The leaf the server presented on `tls`.
@@ -50,14 +55,20 @@ fn mtls_config(server_ca_pem: &[u8], client: &IssuedCert) -> Arc<rustls::ClientC
     for cert in CertificateDer::pem_slice_iter(server_ca_pem) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&client.cert).unwrap().map(|c| c.unwrap()).collect();
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&client.cert).unwrap().map(|c| c.unwrap()).collect();
     let key = PrivateKeyDer::from_pem_file(&client.key).unwrap();
-    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key).unwrap();
+    let mut config =
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key).unwrap();
     config.alpn_protocols = H1.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
 
-async fn connect(addr: std::net::SocketAddr, config: Arc<rustls::ClientConfig>, name: ServerName<'static>) -> std::io::Result<Tls> {
+async fn connect(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+) -> std::io::Result<Tls> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
 }
@@ -72,7 +83,9 @@ fn dns(name: &str) -> ServerName<'static> {
 /// comes back as `Err` with a description.
 async fn get(tls: Tls, host: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, String), String> {
     let exchange = async {
-        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tls)).await.map_err(|e| format!("{e:?}"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         tokio::spawn(conn);
         let mut request = Request::get("/").header("host", host);
         for (name, value) in headers {
@@ -108,7 +121,13 @@ fn requests_seen(upstream: &Upstream) -> usize {
 /// The client must not get a response from the upstream: the handshake or the first request
 /// fails (TLS 1.3 reports a refused client certificate on the client's first read), or at
 /// least no 200 comes back and the upstream sees nothing.
-fn assert_refused(what: &str, upstream: &Upstream, sidecar: &Sidecar, result: Result<(StatusCode, String), String>, seen_before: usize) {
+fn assert_refused(
+    what: &str,
+    upstream: &Upstream,
+    sidecar: &Sidecar,
+    result: Result<(StatusCode, String), String>,
+    seen_before: usize,
+) {
     assert!(
         !matches!(result, Ok((StatusCode::OK, _))),
         "{what}: must be refused, but got {result:?}; log:\n{}",
@@ -118,7 +137,12 @@ fn assert_refused(what: &str, upstream: &Upstream, sidecar: &Sidecar, result: Re
 }
 
 /// Asserts a 200 from the upstream and returns the X-Client-Cert-Subject values it received.
-fn assert_ok_subjects(what: &str, result: Result<(StatusCode, String), String>, upstream: &Upstream, sidecar: &Sidecar) -> Vec<String> {
+fn assert_ok_subjects(
+    what: &str,
+    result: Result<(StatusCode, String), String>,
+    upstream: &Upstream,
+    sidecar: &Sidecar,
+) -> Vec<String> {
     match &result {
         Ok((StatusCode::OK, body)) => assert_eq!(body, HELLO, "{what}"),
         other => panic!("{what}: expected 200 from the upstream, got {other:?}; log:\n{}", sidecar.logs.text()),
@@ -165,17 +189,24 @@ async fn sni_picks_exact_then_single_label_wildcard_then_default() {
     let wild_pair = format!("{}:{}", s(&wild.cert), s(&wild.key));
     let url = upstream.url();
     let sidecar = Sidecar::start(&[
-        "--upstream", &url,
-        "--cert", s(&default.cert), "--key", s(&default.key),
-        "--sni-cert", &api_pair,
-        "--sni-cert", &wild_pair,
+        "--upstream",
+        &url,
+        "--cert",
+        s(&default.cert),
+        "--key",
+        s(&default.key),
+        "--sni-cert",
+        &api_pair,
+        "--sni-cert",
+        &wild_pair,
     ]);
 
     let (default_der, api_der, wild_der) = (leaf_der(&default.cert), leaf_der(&api.cert), leaf_der(&wild.cert));
     let verified = client_config(pki.ca_pem.as_bytes(), H1);
     let insecure = insecure_client_config(H1);
     let ip = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let cases: Vec<(&str, ServerName<'static>, &Arc<rustls::ClientConfig>, &Vec<u8>, &str)> = vec![
+    type Case<'a> = (&'a str, ServerName<'static>, &'a Arc<rustls::ClientConfig>, &'a Vec<u8>, &'a str);
+    let cases: Vec<Case> = vec![
         ("api.test", dns("api.test"), &verified, &api_der, "exact SNI match"),
         ("API.Test", dns("API.Test"), &verified, &api_der, "exact SNI match, case-insensitive"),
         ("x.wild.test", dns("x.wild.test"), &verified, &wild_der, "wildcard covers one label"),
@@ -214,16 +245,23 @@ async fn sni_and_default_certificates_reload_together_and_a_bad_sni_key_is_refus
     let api_pair = format!("{}:{}", s(&api.cert), s(&api.key));
     let url = upstream.url();
     let sidecar = Sidecar::start(&[
-        "--upstream", &url,
-        "--cert", s(&default.cert), "--key", s(&default.key),
-        "--sni-cert", &api_pair,
-        "--reload-debounce", "20ms",
+        "--upstream",
+        &url,
+        "--cert",
+        s(&default.cert),
+        "--key",
+        s(&default.key),
+        "--sni-cert",
+        &api_pair,
+        "--reload-debounce",
+        "20ms",
     ]);
     let trusted = no_resumption(client_config(pki.ca_pem.as_bytes(), H1));
     let served = |name: &'static str| {
         let (addr, config) = (sidecar.addr, trusted.clone());
         async move {
-            let tls = connect(addr, config, dns(name)).await.unwrap_or_else(|e| panic!("{name}: handshake failed: {e}"));
+            let tls =
+                connect(addr, config, dns(name)).await.unwrap_or_else(|e| panic!("{name}: handshake failed: {e}"));
             let leaf = peer_leaf(&tls);
             let result = get(tls, name, &[]).await;
             assert!(matches!(result, Ok((StatusCode::OK, _))), "{name}: GET gave {result:?}");
@@ -247,8 +285,18 @@ async fn sni_and_default_certificates_reload_together_and_a_bad_sni_key_is_refus
     assert!(line.contains("certificates reloaded"), "{line}");
     let api_line = sidecar.logs.wait_for(&format!("serial {}", api_next.serial), LIMIT);
     assert!(api_line.contains("certificates reloaded") && api_line.contains(s(&api.cert)), "{api_line}");
-    assert_eq!(served("api.test").await, api_next_der, "api.test must get the new SNI certificate (serial {})", api_next.serial);
-    assert_eq!(served("localhost").await, default_next_der, "localhost must get the new default (serial {})", default_next.serial);
+    assert_eq!(
+        served("api.test").await,
+        api_next_der,
+        "api.test must get the new SNI certificate (serial {})",
+        api_next.serial
+    );
+    assert_eq!(
+        served("localhost").await,
+        default_next_der,
+        "localhost must get the new default (serial {})",
+        default_next.serial
+    );
 
     // A key of another certificate over the SNI key: refused, naming the key file.
     let stranger = pki.issue_with("stranger", &["api.test"], -1, 30);
@@ -259,7 +307,12 @@ async fn sni_and_default_certificates_reload_together_and_a_bad_sni_key_is_refus
     assert!(refused.contains("refused"), "{refused}");
     assert_eq!(served("api.test").await, api_next_der, "api.test keeps the last good SNI certificate");
     assert_eq!(served("localhost").await, default_next_der, "the default stays too");
-    assert!(sidecar.logs.text().lines().filter(|l| l.contains("certificates reloaded")).all(|l| !l.contains(&stranger.serial)));
+    assert!(sidecar
+        .logs
+        .text()
+        .lines()
+        .filter(|l| l.contains("certificates reloaded"))
+        .all(|l| !l.contains(&stranger.serial)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,7 +342,18 @@ async fn mtls(extra: &[&str]) -> Mtls {
     let rogue = rogue_pki.issue_with("rogue", &["client.test"], -1, 30);
     let url = upstream.url();
     let ca = client_pki.ca_path();
-    let mut args = vec!["--upstream", &url, "--cert", s(&leaf.cert), "--key", s(&leaf.key), "--client-ca", s(&ca), "--reload-debounce", "20ms"];
+    let mut args = vec![
+        "--upstream",
+        &url,
+        "--cert",
+        s(&leaf.cert),
+        "--key",
+        s(&leaf.key),
+        "--client-ca",
+        s(&ca),
+        "--reload-debounce",
+        "20ms",
+    ];
     args.extend_from_slice(extra);
     let sidecar = Sidecar::start(&args);
     Mtls { upstream, server_pki, client_pki, rogue_pki, client, rogue, sidecar }
@@ -312,7 +376,8 @@ async fn required_client_certificate_is_verified_and_its_subject_replaces_the_cl
 
     let result = attempt(m.sidecar.addr, m.anonymous(), "localhost", &[]).await;
     assert_refused("no client certificate", &m.upstream, &m.sidecar, result, 0);
-    let result = attempt(m.sidecar.addr, m.anonymous(), "localhost", &[("x-client-cert-subject", "CN=client.test")]).await;
+    let result =
+        attempt(m.sidecar.addr, m.anonymous(), "localhost", &[("x-client-cert-subject", "CN=client.test")]).await;
     assert_refused("no client certificate, claiming a subject", &m.upstream, &m.sidecar, result, 0);
 
     let result = attempt(m.sidecar.addr, m.with_cert(&m.client), "localhost", &[]).await;
@@ -320,7 +385,8 @@ async fn required_client_certificate_is_verified_and_its_subject_replaces_the_cl
     assert_eq!(subjects.len(), 1, "{subjects:?}");
     assert!(subjects[0].contains("CN=client.test"), "{subjects:?}");
 
-    let result = attempt(m.sidecar.addr, m.with_cert(&m.client), "localhost", &[("X-Client-Cert-Subject", "CN=admin")]).await;
+    let result =
+        attempt(m.sidecar.addr, m.with_cert(&m.client), "localhost", &[("X-Client-Cert-Subject", "CN=admin")]).await;
     let subjects = assert_ok_subjects("trusted client certificate, claiming CN=admin", result, &m.upstream, &m.sidecar);
     assert_eq!(subjects.len(), 1, "the client's claim is replaced, not added to: {subjects:?}");
     assert!(subjects[0].contains("CN=client.test") && !subjects[0].contains("admin"), "{subjects:?}");
@@ -343,7 +409,8 @@ async fn requested_client_certificate_is_optional_but_a_claimed_subject_never_pa
     let subjects = assert_ok_subjects("no client certificate, claiming CN=admin", result, &m.upstream, &m.sidecar);
     assert!(subjects.is_empty(), "a spoofed subject must be stripped: {subjects:?}");
 
-    let result = attempt(m.sidecar.addr, m.with_cert(&m.client), "localhost", &[("X-Client-Cert-Subject", "CN=admin")]).await;
+    let result =
+        attempt(m.sidecar.addr, m.with_cert(&m.client), "localhost", &[("X-Client-Cert-Subject", "CN=admin")]).await;
     let subjects = assert_ok_subjects("trusted client certificate", result, &m.upstream, &m.sidecar);
     assert_eq!(subjects.len(), 1, "{subjects:?}");
     assert!(subjects[0].contains("CN=client.test") && !subjects[0].contains("admin"), "{subjects:?}");
@@ -417,8 +484,9 @@ async fn client_of_a_removed_ca_cannot_resume_its_old_session() {
         Ok(tls) => (tls.get_ref().1.handshake_kind(), get(tls, "localhost", &[]).await),
         Err(e) => (None, Err(format!("handshake failed: {e}"))),
     };
-    let leaked = (seen < requests_seen(&m.upstream))
-        .then(|| m.upstream.last_request().headers.get("x-client-cert-subject").map(|v| v.to_str().unwrap().to_owned()));
+    let leaked = (seen < requests_seen(&m.upstream)).then(|| {
+        m.upstream.last_request().headers.get("x-client-cert-subject").map(|v| v.to_str().unwrap().to_owned())
+    });
     assert!(
         !matches!(result, Ok((StatusCode::OK, _))) && leaked.is_none(),
         "a client of the removed CA got in by resuming (handshake {kind:?}): {result:?}, upstream saw subject {leaked:?}"
@@ -436,16 +504,37 @@ async fn without_client_ca_a_claimed_subject_never_reaches_the_upstream() {
         let pki = TestPki::new();
         let leaf = pki.issue("leaf");
         let url = upstream.url();
-        let sidecar = Sidecar::start(&["--upstream", &url, "--cert", s(&leaf.cert), "--key", s(&leaf.key), "--forwarded-headers", policy]);
+        let sidecar = Sidecar::start(&[
+            "--upstream",
+            &url,
+            "--cert",
+            s(&leaf.cert),
+            "--key",
+            s(&leaf.key),
+            "--forwarded-headers",
+            policy,
+        ]);
         let config = no_resumption(client_config(pki.ca_pem.as_bytes(), H1));
-        let result = attempt(sidecar.addr, config, "localhost", &[("X-Client-Cert-Subject", "CN=admin"), ("x-client-cert-subject", "CN=root")]).await;
+        let result = attempt(
+            sidecar.addr,
+            config,
+            "localhost",
+            &[("X-Client-Cert-Subject", "CN=admin"), ("x-client-cert-subject", "CN=root")],
+        )
+        .await;
         let subjects = assert_ok_subjects(policy, result, &upstream, &sidecar);
         assert!(subjects.is_empty(), "--forwarded-headers {policy}: {subjects:?}");
 
         // HTTP/2 too: header names arrive lower-cased there, through another code path in hyper.
         let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
-        let response = h2.send(Request::get("/").header("x-client-cert-subject", "CN=admin").body(empty()).unwrap()).await.unwrap();
+        let response = h2
+            .send(Request::get("/").header("x-client-cert-subject", "CN=admin").body(empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        assert!(!upstream.last_request().headers.contains_key("x-client-cert-subject"), "--forwarded-headers {policy}, HTTP/2");
+        assert!(
+            !upstream.last_request().headers.contains_key("x-client-cert-subject"),
+            "--forwarded-headers {policy}, HTTP/2"
+        );
     }
 }

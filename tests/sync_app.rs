@@ -27,12 +27,22 @@ fn wait_app_version(app: &LegacyApp, v: u64) {
 #[test]
 fn sighup_goes_to_the_pid_in_the_pid_file_read_again_at_every_signal() {
     let dir = tempfile::tempdir().unwrap();
-    let (source, dest, pid_file) = (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
+    let (source, dest, pid_file) =
+        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
     write(&dest, "{\"v\": 1}");
     write(&source, "{\"v\": 1}");
     let app = LegacyApp::start(&dest, Some(&pid_file));
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--pid-file", s(&pid_file), "--poll-interval", "100ms", "--min-quiet", "50ms",
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--pid-file",
+        s(&pid_file),
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
     ]);
     sync.wait_state("config.json", "synced", T);
     assert_eq!(app.hups(), 0, "the file already matched: no signal at start");
@@ -64,7 +74,17 @@ fn a_process_found_by_name_is_signalled_with_its_process_group() {
     let app = LegacyApp::start_with(&script, &dest, None, true, true);
     app.proc.logs.wait_for("child ready", T);
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--process-name", &name, "--process-group", "--poll-interval", "100ms", "--min-quiet", "50ms",
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--process-name",
+        &name,
+        "--process-group",
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
     ]);
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
@@ -81,7 +101,18 @@ fn a_reload_url_is_posted() {
     write(&source, "{\"v\": 1}");
     let app = LegacyApp::start(&dest, None);
     let reload = format!("http://{}/reload", app.addr);
-    let sync = SyncProcess::start(&["--source", s(&source), "--dest", s(&dest), "--reload-url", &reload, "--poll-interval", "100ms", "--min-quiet", "50ms"]);
+    let sync = SyncProcess::start(&[
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--reload-url",
+        &reload,
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
+    ]);
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     wait_app_version(&app, 2);
@@ -92,13 +123,26 @@ fn a_reload_url_is_posted() {
 #[test]
 fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the_source_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let (source, dest, pid_file) = (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
+    let (source, dest, pid_file) =
+        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
     write(&dest, "{\"v\": 1}");
     write(&source, "{\"v\": 1}");
     let app = LegacyApp::start(&dest, Some(&pid_file));
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--pid-file", s(&pid_file), "--health-url", &app.health_url(),
-        "--health-timeout", "2s", "--poll-interval", "100ms", "--min-quiet", "50ms",
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--pid-file",
+        s(&pid_file),
+        "--health-url",
+        &app.health_url(),
+        "--health-timeout",
+        "2s",
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
     ]);
     sync.wait_state("config.json", "synced", T);
 
@@ -109,10 +153,14 @@ fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the
     wait_app_version(&app, 1);
     assert_eq!(app.hups(), 2, "signalled for the bad version, then for the rollback");
     assert_eq!(http_exchange(app.addr, "GET", "/healthz", &[], "").unwrap().0, 200);
-    assert!(status["rejected"].as_array().unwrap().contains(&serde_json::json!(content_hash(bad.as_bytes()))), "{status:#}");
+    assert!(
+        status["rejected"].as_array().unwrap().contains(&serde_json::json!(content_hash(bad.as_bytes()))),
+        "{status:#}"
+    );
     assert!(status["last_error"].as_str().unwrap().contains("503"), "{status:#}");
     let history = http_get_json(sync.admin, "/sync/config.json/history");
-    let rejected: Vec<_> = history["versions"].as_array().unwrap().iter().filter(|v| v["status"] == "rejected").collect();
+    let rejected: Vec<_> =
+        history["versions"].as_array().unwrap().iter().filter(|v| v["status"] == "rejected").collect();
     assert_eq!(rejected.len(), 1, "{history:#}");
     assert_eq!(rejected[0]["hash"], content_hash(bad.as_bytes()));
 
@@ -122,15 +170,31 @@ fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the
     sync.proc.signal("TERM");
     assert!(sync.proc.wait_exit(T).success());
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--pid-file", s(&pid_file), "--health-url", &app.health_url(),
-        "--health-timeout", "2s", "--poll-interval", "100ms", "--min-quiet", "50ms",
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--pid-file",
+        s(&pid_file),
+        "--health-url",
+        &app.health_url(),
+        "--health-timeout",
+        "2s",
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
     ]);
     assert_ne!(sync.admin, admin_before);
     sync.wait_state("config.json", "rolled-back", T);
     sync.proc.logs.wait_for("was rejected before; not applied again", T);
     assert_eq!(app.hups(), 2, "the rejected version was not retried");
     assert_eq!(read_text(&dest), "{\"v\": 1}");
-    assert_eq!(http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap().0, 200, "held back at the last good version counts as synced");
+    assert_eq!(
+        http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap().0,
+        200,
+        "held back at the last good version counts as synced"
+    );
 
     // A new version from the source is applied.
     replace_file(&source, "{\"v\": 3}");
@@ -143,13 +207,28 @@ fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the
 #[test]
 fn an_app_that_stays_unhealthy_and_ignores_signals_gets_sigterm_then_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let (source, dest, pid_file) = (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
+    let (source, dest, pid_file) =
+        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
     write(&dest, "{\"v\": 1}");
     write(&source, "{\"v\": 1}");
     let mut app = LegacyApp::start(&dest, Some(&pid_file));
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--pid-file", s(&pid_file), "--health-url", &app.health_url(),
-        "--health-timeout", "1500ms", "--kill-after", "1s", "--poll-interval", "100ms", "--min-quiet", "50ms",
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--pid-file",
+        s(&pid_file),
+        "--health-url",
+        &app.health_url(),
+        "--health-timeout",
+        "1500ms",
+        "--kill-after",
+        "1s",
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
     ]);
     sync.wait_state("config.json", "synced", T);
 
@@ -173,7 +252,8 @@ fn an_app_that_stays_unhealthy_and_ignores_signals_gets_sigterm_then_sigkill() {
 #[test]
 fn a_missing_app_process_is_reported_and_the_last_good_version_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let (source, dest, pid_file) = (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
+    let (source, dest, pid_file) =
+        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
     write(&dest, "{\"v\": 1}");
     write(&source, "{\"v\": 1}");
     // A pid that no longer exists: the app died and left its pid file behind.
@@ -183,8 +263,20 @@ fn a_missing_app_process_is_reported_and_the_last_good_version_kept() {
     write(&pid_file, &format!("{dead}\n"));
     let health = format!("http://127.0.0.1:{}/healthz", free_port());
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--pid-file", s(&pid_file), "--health-url", &health,
-        "--health-timeout", "1s", "--poll-interval", "100ms", "--min-quiet", "50ms",
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--pid-file",
+        s(&pid_file),
+        "--health-url",
+        &health,
+        "--health-timeout",
+        "1s",
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
     ]);
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");

@@ -31,7 +31,18 @@ async fn reads_then_watches_and_resumes_from_the_last_revision_after_a_disconnec
     let dest = dir.path().join("config.json");
     let source = format!("etcd://{}{KEY}", relay.addr);
     let sync = tokio::task::block_in_place(|| {
-        SyncProcess::start(&["--source", &source, "--dest", s(&dest), "--min-quiet", "50ms", "--retry-max", "300ms", "--source-timeout", "5s"])
+        SyncProcess::start(&[
+            "--source",
+            &source,
+            "--dest",
+            s(&dest),
+            "--min-quiet",
+            "50ms",
+            "--retry-max",
+            "300ms",
+            "--source-timeout",
+            "5s",
+        ])
     });
     tokio::task::block_in_place(|| {
         wait_for_content(&dest, "{\"v\": 1}", T);
@@ -39,7 +50,11 @@ async fn reads_then_watches_and_resumes_from_the_last_revision_after_a_disconnec
         let started = Instant::now();
         etcd.put(KEY, "{\"v\": 2}");
         wait_for_content(&dest, "{\"v\": 2}", T);
-        assert!(started.elapsed() < Duration::from_secs(5), "the watch delivered the change in {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the watch delivered the change in {:?}",
+            started.elapsed()
+        );
 
         // Disconnected: two changes happen meanwhile; after the reconnect the watch resumes
         // from the last revision and the newest value is applied.
@@ -66,7 +81,16 @@ fn a_silently_stalled_watch_is_detected_reported_and_reconnected() {
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("app.conf");
     let sync = SyncProcess::start(&[
-        "--source", &etcd.url(KEY), "--dest", s(&dest), "--min-quiet", "50ms", "--retry-max", "300ms", "--source-timeout", "1s",
+        "--source",
+        &etcd.url(KEY),
+        "--dest",
+        s(&dest),
+        "--min-quiet",
+        "50ms",
+        "--retry-max",
+        "300ms",
+        "--source-timeout",
+        "1s",
     ]);
     wait_for_content(&dest, "one", T);
     sync.wait_state("app.conf", "synced", T);
@@ -100,13 +124,34 @@ fn a_deleted_or_oversized_value_leaves_the_file_and_an_etcd_down_at_start_is_ret
     write(&dest, "kept\n");
 
     // --require-source: refuse to start.
-    let (code, stderr) = run_to_exit(&["sync", "--source", &etcd.url(KEY), "--dest", s(&dest), "--require-source", "--source-timeout", "2s"]);
+    let (code, stderr) = run_to_exit(&[
+        "sync",
+        "--source",
+        &etcd.url(KEY),
+        "--dest",
+        s(&dest),
+        "--require-source",
+        "--source-timeout",
+        "2s",
+    ]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("--require-source") && stderr.contains(&format!("127.0.0.1:{}", etcd.client_port)), "{stderr}");
+    assert!(
+        stderr.contains("--require-source") && stderr.contains(&format!("127.0.0.1:{}", etcd.client_port)),
+        "{stderr}"
+    );
 
     // Otherwise: start with the file as it is, not ready, retrying.
     let sync = SyncProcess::start(&[
-        "--source", &etcd.url(KEY), "--dest", s(&dest), "--min-quiet", "50ms", "--retry-max", "500ms", "--max-size", "1024",
+        "--source",
+        &etcd.url(KEY),
+        "--dest",
+        s(&dest),
+        "--min-quiet",
+        "50ms",
+        "--retry-max",
+        "500ms",
+        "--max-size",
+        "1024",
     ]);
     let status = sync.wait_state("app.conf", "not-synced", T);
     assert!(status["last_error"].as_str().unwrap().contains("cannot connect"), "{status:#}");
@@ -146,7 +191,10 @@ fn once_exits_0_in_step_and_1_when_the_key_is_missing() {
     etcd.put(KEY, "from etcd\n");
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("app.conf");
-    let status = sidecar_command(&["sync", "--source", &etcd.url(KEY), "--dest", s(&dest), "--once"]).stdin(Stdio::null()).status().unwrap();
+    let status = sidecar_command(&["sync", "--source", &etcd.url(KEY), "--dest", s(&dest), "--once"])
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     assert_eq!(read_text(&dest), "from etcd\n");
     let (code, stderr) = run_to_exit(&["sync", "--source", &etcd.url("/no/such/key"), "--dest", s(&dest), "--once"]);

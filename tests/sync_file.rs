@@ -53,8 +53,18 @@ fn a_change_is_written_atomically_keeping_mode_and_owner_notified_once_and_kept_
     write(&source, "{\"v\": 1}\n");
     let (notified, exec) = exec_counter(dir.path());
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--min-quiet", "50ms", "--poll-interval", "200ms",
-        "--history-keep", "3", "--exec", &exec,
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--min-quiet",
+        "50ms",
+        "--poll-interval",
+        "200ms",
+        "--history-keep",
+        "3",
+        "--exec",
+        &exec,
     ]);
     wait_for_content(&dest, "{\"v\": 1}\n", T);
     wait_until("one notification", T, || count_lines(&notified) == 1);
@@ -91,15 +101,20 @@ fn a_change_is_written_atomically_keeping_mode_and_owner_notified_once_and_kept_
     let history_dir = app.join(".sidecar-history/config.json");
     // The state file is written last, once the version is recorded and the app notified.
     wait_until("v5 recorded as applied", T, || {
-        let state: serde_json::Value = serde_json::from_str(&read_text(&history_dir.join("state.json"))).unwrap_or_default();
+        let state: serde_json::Value =
+            serde_json::from_str(&read_text(&history_dir.join("state.json"))).unwrap_or_default();
         state["applied_hash"] == content_hash(b"{\"v\": 5}\n")
     });
     assert_eq!(http_get_json(sync.admin, "/sync/config.json/history")["versions"].as_array().unwrap().len(), 3);
-    let copies = std::fs::read_dir(&history_dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('0')).count();
+    let copies = std::fs::read_dir(&history_dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('0'))
+        .count();
     assert_eq!(copies, 3, "copies in {}", history_dir.display());
 
     // Atomic replacement leaves nothing behind in the destination's directory.
-    let names: Vec<String> = std::fs::read_dir(&app).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(&app).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(sorted, vec![".sidecar-history", "config.json"], "no temp files: {names:?}");
@@ -113,7 +128,8 @@ fn equal_content_is_neither_written_nor_signalled() {
     write(&dest, "same\n");
     let before = std::fs::metadata(&dest).unwrap();
     let (notified, exec) = exec_counter(dir.path());
-    let sync = SyncProcess::start(&["--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--exec", &exec]);
+    let sync =
+        SyncProcess::start(&["--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--exec", &exec]);
     sync.wait_state("app.conf", "synced", T);
     // The source rewritten with the same bytes: read again, still nothing to do.
     replace_file(&source, "same\n");
@@ -174,10 +190,14 @@ fn a_version_written_but_never_confirmed_is_notified_without_a_rewrite() {
     write(&dest, "v2\n");
     let history = dir.path().join(".sidecar-history/app.conf");
     std::fs::create_dir_all(&history).unwrap();
-    write(&history.join("state.json"), &format!("{{\"applied_hash\": \"{}\", \"applied_revision\": \"x\"}}", content_hash(b"v1\n")));
+    write(
+        &history.join("state.json"),
+        &format!("{{\"applied_hash\": \"{}\", \"applied_revision\": \"x\"}}", content_hash(b"v1\n")),
+    );
     let inode = std::fs::metadata(&dest).unwrap().ino();
     let (notified, exec) = exec_counter(dir.path());
-    let sync = SyncProcess::start(&["--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--exec", &exec]);
+    let sync =
+        SyncProcess::start(&["--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--exec", &exec]);
     wait_until("the app told about v2", T, || count_lines(&notified) == 1);
     sync.wait_state("app.conf", "synced", T);
     assert_eq!(std::fs::metadata(&dest).unwrap().ino(), inode, "not rewritten");
@@ -213,7 +233,14 @@ fn a_configmap_data_symlink_swap_is_seen() {
     let dest = dir.path().join("config.json");
     // A long poll interval: only the directory watch can explain a quick pick-up.
     let sync = SyncProcess::start(&[
-        "--source", &format!("file://{}", mount.join("config.json").display()), "--dest", s(&dest), "--poll-interval", "1h", "--min-quiet", "50ms",
+        "--source",
+        &format!("file://{}", mount.join("config.json").display()),
+        "--dest",
+        s(&dest),
+        "--poll-interval",
+        "1h",
+        "--min-quiet",
+        "50ms",
     ]);
     wait_for_content(&dest, "{\"gen\": 1}", T);
 
@@ -233,8 +260,22 @@ fn invalid_empty_too_large_and_check_failing_versions_are_refused_and_the_file_k
     write(&source, "{\"v\": 1}");
     let (notified, exec) = exec_counter(dir.path());
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--min-quiet", "50ms", "--validate", "json",
-        "--max-size", "64", "--check-cmd", "! grep -q forbidden {}", "--exec", &exec,
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
+        "--validate",
+        "json",
+        "--max-size",
+        "64",
+        "--check-cmd",
+        "! grep -q forbidden {}",
+        "--exec",
+        &exec,
     ]);
     wait_for_content(&dest, "{\"v\": 1}", T);
     wait_until("first notification", T, || count_lines(&notified) == 1);
@@ -247,7 +288,11 @@ fn invalid_empty_too_large_and_check_failing_versions_are_refused_and_the_file_k
             if status["state"] == state && status["last_error"].as_str().unwrap_or("").contains(says) {
                 break;
             }
-            assert!(Instant::now() < deadline, "{contents:?} not reported as {state} / {says:?}: {status:#}\n{}", sync.proc.logs.text());
+            assert!(
+                Instant::now() < deadline,
+                "{contents:?} not reported as {state} / {says:?}: {status:#}\n{}",
+                sync.proc.logs.text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(read_text(&dest), "{\"v\": 1}", "{contents:?}: the file is untouched");
@@ -258,7 +303,11 @@ fn invalid_empty_too_large_and_check_failing_versions_are_refused_and_the_file_k
     refused(&format!("{{\"big\": \"{}\"}}", "x".repeat(100)), "not-synced", "larger than --max-size");
     refused("{\"forbidden\": true}", "refused", "check command");
     assert!(sync.status("app.json")["counters"]["refused"].as_u64().unwrap() >= 4);
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("sidecar-tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("sidecar-tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "the refused candidate was removed: {leftovers:?}");
     assert_eq!(count_lines(&notified), 1, "nothing refused was signalled");
 
@@ -275,7 +324,18 @@ fn a_burst_of_changes_is_coalesced_and_max_quiet_bounds_the_wait() {
     write(&source, "start\n");
     let (notified, exec) = exec_counter(dir.path());
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--poll-interval", "1h", "--min-quiet", "400ms", "--max-quiet", "1500ms", "--exec", &exec,
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--poll-interval",
+        "1h",
+        "--min-quiet",
+        "400ms",
+        "--max-quiet",
+        "1500ms",
+        "--exec",
+        &exec,
     ]);
     wait_for_content(&dest, "start\n", T);
     wait_until("first notification", T, || count_lines(&notified) == 1);
@@ -317,7 +377,11 @@ fn once_syncs_one_time_and_dry_run_prints_the_diff() {
         let mut full = vec!["sync", "--source", s(&source), "--dest", s(&dest)];
         full.extend_from_slice(args);
         let out = sidecar_command(&full).stdin(Stdio::null()).output().unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, stdout, stderr) = run(&["--dry-run"]);
     assert_eq!(code, 0, "{stderr}");
@@ -374,8 +438,18 @@ fn a_full_or_read_only_destination_keeps_the_old_file_and_is_retried() {
     write(&dest, "old\n");
     write(&source, "old\n");
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--min-quiet", "50ms", "--retry-max", "300ms",
-        "--history-dir", s(&dir.path().join("history")),
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
+        "--retry-max",
+        "300ms",
+        "--history-dir",
+        s(&dir.path().join("history")),
     ]);
     sync.wait_state("app.conf", "synced", T);
 
@@ -387,7 +461,10 @@ fn a_full_or_read_only_destination_keeps_the_old_file_and_is_retried() {
     let status = sync.wait_state("app.conf", "write-failed", T);
     assert!(status["last_error"].as_str().unwrap().contains("No space left"), "{status:#}");
     assert_eq!(read_text(&dest), "old\n", "the old file is intact");
-    assert!(std::fs::read_dir(&mnt).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("sidecar-tmp")), "no partial temp file");
+    assert!(
+        std::fs::read_dir(&mnt).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("sidecar-tmp")),
+        "no partial temp file"
+    );
     std::fs::remove_file(&filler).unwrap();
     wait_for_content(&dest, &big, T);
     sync.wait_state("app.conf", "synced", T);
@@ -411,8 +488,18 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
     write(&source, "v1\n");
     let (notified, exec) = exec_counter(dir.path());
     let sync = SyncProcess::start(&[
-        "--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--min-quiet", "50ms", "--exec", &exec,
-        "--admin-token-file", s(&token),
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--poll-interval",
+        "100ms",
+        "--min-quiet",
+        "50ms",
+        "--exec",
+        &exec,
+        "--admin-token-file",
+        s(&token),
     ]);
     wait_for_content(&dest, "v1\n", T);
     replace_file(&source, "v2\n");
@@ -423,10 +510,13 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
     assert_eq!(code, 401, "rollback needs the token");
     let (code, _) = http_exchange(sync.admin, "GET", "/sync/app.conf/rollback", &[], "").unwrap();
     assert_eq!(code, 405);
-    let (code, _) = http_exchange(sync.admin, "POST", "/sync/nope/rollback", &[("authorization", "Bearer s3cret")], "").unwrap();
+    let (code, _) =
+        http_exchange(sync.admin, "POST", "/sync/nope/rollback", &[("authorization", "Bearer s3cret")], "").unwrap();
     assert_eq!(code, 404);
 
-    let (code, body) = http_exchange(sync.admin, "POST", "/sync/app.conf/rollback", &[("authorization", "Bearer s3cret")], "").unwrap();
+    let (code, body) =
+        http_exchange(sync.admin, "POST", "/sync/app.conf/rollback", &[("authorization", "Bearer s3cret")], "")
+            .unwrap();
     assert_eq!(code, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(report["version"]["hash"], content_hash(b"v1\n"), "{report:#}");
@@ -435,18 +525,33 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
     // The source still says v2: not re-applied until it changes.
     wait_reads(&sync, "app.conf", 3);
     assert_eq!(read_text(&dest), "v1\n");
-    assert!(sync.status("app.conf")["rejected"].as_array().unwrap().contains(&serde_json::json!(content_hash(b"v2\n"))));
+    assert!(sync.status("app.conf")["rejected"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!(content_hash(b"v2\n"))));
 
     // A version chosen by id, in the JSON body.
     let history = http_get_json(sync.admin, "/sync/app.conf/history");
-    let v2 = history["versions"].as_array().unwrap().iter().find(|v| v["hash"] == content_hash(b"v2\n")).unwrap()["id"].clone();
+    let v2 = history["versions"].as_array().unwrap().iter().find(|v| v["hash"] == content_hash(b"v2\n")).unwrap()["id"]
+        .clone();
     let (code, body) = http_exchange(
-        sync.admin, "POST", "/sync/app.conf/rollback", &[("authorization", "Bearer s3cret")], &format!("{{\"version\": {v2}}}"),
+        sync.admin,
+        "POST",
+        "/sync/app.conf/rollback",
+        &[("authorization", "Bearer s3cret")],
+        &format!("{{\"version\": {v2}}}"),
     )
     .unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(read_text(&dest), "v2\n");
-    let (code, body) = http_exchange(sync.admin, "POST", "/sync/app.conf/rollback?version=ffffff", &[("authorization", "Bearer s3cret")], "").unwrap();
+    let (code, body) = http_exchange(
+        sync.admin,
+        "POST",
+        "/sync/app.conf/rollback?version=ffffff",
+        &[("authorization", "Bearer s3cret")],
+        "",
+    )
+    .unwrap();
     assert_eq!(code, 409, "{body}");
 
     replace_file(&source, "v3\n");

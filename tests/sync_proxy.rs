@@ -13,7 +13,13 @@ const T: Duration = Duration::from_secs(30);
 
 fn admin_addr(sidecar: &Sidecar) -> std::net::SocketAddr {
     let line = sidecar.logs.wait_for("admin API on http://", T);
-    line.split("admin API on http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().trim_end_matches(';').parse().unwrap()
+    line.split("admin API on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .trim_end_matches(';')
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -61,7 +67,8 @@ async fn the_proxy_runs_sync_tables_and_reloads_a_synced_certificate() {
         assert_eq!(read_text(&app_dest), "{\"v\": 1}");
         wait_until("ready", T, || http_exchange(admin, "GET", "/readyz", &[], "").is_some_and(|(code, _)| code == 200));
         let all = http_get_json(admin, "/sync");
-        let names: Vec<&str> = all["destinations"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> =
+            all["destinations"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["tls-key", "tls-cert", "app.json"]);
         assert!(http_get_json(admin, "/status")["sync"].is_array());
 
@@ -82,23 +89,49 @@ fn bad_sync_tables_stop_the_start_naming_the_file() {
     let source = dir.path().join("s.json");
     write(&source, "{}");
     let cases: Vec<(&str, String, &str)> = vec![
-        ("unknown-key.toml", format!("[[sync]]\nsource = \"{}\"\ndest = \"/tmp/x\"\nbogus = 1\n", source.display()), "[[sync]] number 1: no option `bogus`"),
+        (
+            "unknown-key.toml",
+            format!("[[sync]]\nsource = \"{}\"\ndest = \"/tmp/x\"\nbogus = 1\n", source.display()),
+            "[[sync]] number 1: no option `bogus`",
+        ),
         ("not-array.toml", "[sync]\nsource = \"x\"\n".into(), "must be an array of tables"),
         ("missing-dest.toml", format!("[[sync]]\nsource = \"{}\"\n", source.display()), "--dest"),
-        ("bad-value.toml", format!("[[sync]]\nsource = \"{}\"\ndest = \"/tmp/x\"\nhealth-timeout = \"soon\"\n", source.display()), "invalid value 'soon'"),
-        ("process-only.toml", format!("[[sync]]\nsource = \"{}\"\ndest = \"/tmp/x\"\nonce = true\n", source.display()), "no option `once`"),
+        (
+            "bad-value.toml",
+            format!("[[sync]]\nsource = \"{}\"\ndest = \"/tmp/x\"\nhealth-timeout = \"soon\"\n", source.display()),
+            "invalid value 'soon'",
+        ),
+        (
+            "process-only.toml",
+            format!("[[sync]]\nsource = \"{}\"\ndest = \"/tmp/x\"\nonce = true\n", source.display()),
+            "no option `once`",
+        ),
         (
             "duplicate.toml",
-            format!("[[sync]]\nsource = \"{0}\"\ndest = \"/tmp/a/x\"\n[[sync]]\nsource = \"{0}\"\ndest = \"/tmp/b/x\"\n", source.display()),
+            format!(
+                "[[sync]]\nsource = \"{0}\"\ndest = \"/tmp/a/x\"\n[[sync]]\nsource = \"{0}\"\ndest = \"/tmp/b/x\"\n",
+                source.display()
+            ),
             "two sync destinations are named `x`",
         ),
-        ("unknown-table.toml", "[proxy]\nupstream-timeout = \"1s\"\n[server]\nlisten = \"x\"\n".into(), "unknown table [server]"),
+        (
+            "unknown-table.toml",
+            "[proxy]\nupstream-timeout = \"1s\"\n[server]\nlisten = \"x\"\n".into(),
+            "unknown table [server]",
+        ),
     ];
     for (name, contents, needle) in cases {
         let path = dir.path().join(name);
         write(&path, &contents);
-        let (code, stderr) =
-            run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9", "--config", path.to_str().unwrap()]);
+        let (code, stderr) = run_to_exit(&[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--config",
+            path.to_str().unwrap(),
+        ]);
         assert_eq!(code, 2, "{name}: {stderr}");
         assert!(stderr.contains(needle), "{name}: says {needle:?}:\n{stderr}");
         if name != "duplicate.toml" {
@@ -112,9 +145,30 @@ fn sync_help_lists_every_option_with_its_environment_variable() {
     let output = sidecar_command(&["sync", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
     for flag in [
-        "--source", "--dest", "--name", "--pid-file", "--process-name", "--signal", "--process-group", "--reload-url", "--exec",
-        "--health-url", "--health-timeout", "--kill-after", "--validate", "--check-cmd", "--history-dir", "--history-keep",
-        "--poll-interval", "--min-quiet", "--max-quiet", "--max-size", "--require-source", "--once", "--dry-run", "--admin",
+        "--source",
+        "--dest",
+        "--name",
+        "--pid-file",
+        "--process-name",
+        "--signal",
+        "--process-group",
+        "--reload-url",
+        "--exec",
+        "--health-url",
+        "--health-timeout",
+        "--kill-after",
+        "--validate",
+        "--check-cmd",
+        "--history-dir",
+        "--history-keep",
+        "--poll-interval",
+        "--min-quiet",
+        "--max-quiet",
+        "--max-size",
+        "--require-source",
+        "--once",
+        "--dry-run",
+        "--admin",
         "--admin-token-file",
     ] {
         assert!(help.contains(flag), "{flag} in:\n{help}");

@@ -182,9 +182,11 @@ async fn assert_still_serving(sidecar: &mut Sidecar, ca_pem: &[u8]) {
 
 /// A real ClientHello (one TLS record) as a rustls client would send it for localhost.
 fn client_hello(ca_pem: &[u8]) -> Vec<u8> {
-    let mut conn =
-        rustls::ClientConnection::new(client_config(ca_pem, &[b"h2", b"http/1.1"]), ServerName::try_from("localhost").unwrap())
-            .unwrap();
+    let mut conn = rustls::ClientConnection::new(
+        client_config(ca_pem, &[b"h2", b"http/1.1"]),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
     let mut hello = Vec::new();
     while conn.wants_write() {
         conn.write_tls(&mut hello).unwrap();
@@ -238,7 +240,8 @@ async fn openssl_tls11_and_tls10_are_refused() {
     for (flag, version) in [("-tls1_1", "TLSv1.1"), ("-tls1", "TLSv1")] {
         // SECLEVEL=0 lets this openssl actually offer the old version, so the refusal below is
         // the server's, not the client's own policy.
-        let (ok, out) = s_client_async(served.sidecar.addr, served.pki.ca_path(), &[flag, "-cipher", "DEFAULT:@SECLEVEL=0"]).await;
+        let (ok, out) =
+            s_client_async(served.sidecar.addr, served.pki.ca_path(), &[flag, "-cipher", "DEFAULT:@SECLEVEL=0"]).await;
         assert!(!ok, "s_client {flag} must fail:\n{out}");
         assert!(out.contains("alert"), "the server answers the {version} ClientHello with an alert:\n{out}");
         assert!(out.contains("Cipher is (NONE)"), "no session is established:\n{out}");
@@ -262,7 +265,10 @@ async fn openssl_alpn_negotiates_h2_and_http11_with_server_preference_for_h2() {
     for (offer, expected) in [("h2", "h2"), ("http/1.1", "http/1.1"), ("http/1.1,h2", "h2")] {
         let (ok, out) = s_client_async(served.sidecar.addr, served.pki.ca_path(), &["-alpn", offer]).await;
         assert!(ok, "s_client -alpn {offer} failed:\n{out}");
-        assert!(out.contains(&format!("ALPN protocol: {expected}\n")), "offering {offer} should select {expected}:\n{out}");
+        assert!(
+            out.contains(&format!("ALPN protocol: {expected}\n")),
+            "offering {offer} should select {expected}:\n{out}"
+        );
     }
 }
 
@@ -326,7 +332,9 @@ async fn http10_upstream_is_answered_to_http11_clients_as_http11_on_a_kept_conne
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = tcp.write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 7\r\n\r\nlegacy\n").await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 7\r\n\r\nlegacy\n")
+                    .await;
                 // HTTP/1.0 without keep-alive: the app closes after each response.
             });
         }
@@ -336,18 +344,29 @@ async fn http10_upstream_is_answered_to_http11_clients_as_http11_on_a_kept_conne
     let url = format!("http://{legacy_addr}");
     let sidecar = Sidecar::start(&["--upstream", &url, "--cert", s(&leaf.cert), "--key", s(&leaf.key)]);
 
-    let mut tls = tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    let mut tls =
+        tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
     let mut buf = vec![0u8; 4096];
     for i in 0..2 {
         tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
         let mut response = Vec::new();
         while !response.ends_with(b"legacy\n") {
-            let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await.expect("response in time").unwrap_or(0);
-            assert!(n > 0, "request {i}: the proxy closed the client connection after {:?}", String::from_utf8_lossy(&response));
+            let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+                .await
+                .expect("response in time")
+                .unwrap_or(0);
+            assert!(
+                n > 0,
+                "request {i}: the proxy closed the client connection after {:?}",
+                String::from_utf8_lossy(&response)
+            );
             response.extend_from_slice(&buf[..n]);
         }
         let response = String::from_utf8_lossy(&response);
-        assert!(response.starts_with("HTTP/1.1 200"), "request {i}: the status line must carry the proxy's HTTP/1.1:\n{response}");
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "request {i}: the status line must carry the proxy's HTTP/1.1:\n{response}"
+        );
     }
     legacy_task.abort();
 }
@@ -390,7 +409,9 @@ async fn dev_certificate_is_created_for_localhost_and_loopback_ips_then_reused()
         assert_eq!(served, file_der, "the served certificate is the one in dev-cert.pem");
     }
     // Verification is real: a name outside the certificate fails.
-    let err = tls_connect(first.addr, config.clone(), "example.com").await.expect_err("example.com is not in the dev certificate");
+    let err = tls_connect(first.addr, config.clone(), "example.com")
+        .await
+        .expect_err("example.com is not in the dev certificate");
     assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
     // And a GET works through it.
     let mut conn = HttpsConnection::open(first.addr, &cert_pem, true).await;
@@ -417,7 +438,8 @@ async fn dev_certificate_near_expiry_or_corrupt_is_replaced() {
     // Valid for 10 more days: inside the 30-day renewal window. Then: a corrupt file.
     let soon = pki.issue_with("soon", &["localhost", "127.0.0.1"], -1, 10);
     let planted_soon = (std::fs::read(&soon.cert).unwrap(), std::fs::read(&soon.key).unwrap());
-    let planted_corrupt = (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_vec(), planted_soon.1.clone());
+    let planted_corrupt =
+        (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_vec(), planted_soon.1.clone());
     for (what, (cert, key)) in [("expiring", planted_soon), ("corrupt", planted_corrupt)] {
         let state_home = tempfile::tempdir().unwrap();
         let dir = state_home.path().join("sidecar");
@@ -448,7 +470,8 @@ async fn assert_serves(cert: &Path, key: &Path, trust_pem: &[u8]) {
     let upstream = Upstream::start().await;
     let url = upstream.url();
     let sidecar = Sidecar::start(&["--upstream", &url, "--cert", s(cert), "--key", s(key)]);
-    let tls = tls_connect(sidecar.addr, client_config(trust_pem, &[b"http/1.1"]), "localhost").await.expect("TLS handshake");
+    let tls =
+        tls_connect(sidecar.addr, client_config(trust_pem, &[b"http/1.1"]), "localhost").await.expect("TLS handshake");
     let file_leaf = pem_ders(&std::fs::read(cert).unwrap()).remove(0);
     assert_eq!(peer_chain(&tls)[0], file_leaf, "the leaf from {} is served", cert.display());
     for http2 in [false, true] {
@@ -624,8 +647,17 @@ fn port_in_use_names_the_address() {
     let leaf = pki.issue("leaf");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let (code, stderr) =
-        run_to_exit(&["proxy", "--listen", &addr, "--upstream", NO_UPSTREAM, "--cert", s(&leaf.cert), "--key", s(&leaf.key)]);
+    let (code, stderr) = run_to_exit(&[
+        "proxy",
+        "--listen",
+        &addr,
+        "--upstream",
+        NO_UPSTREAM,
+        "--cert",
+        s(&leaf.cert),
+        "--key",
+        s(&leaf.key),
+    ]);
     assert_one_line_error(code, &stderr, &[&addr, "in use"]);
     drop(taken);
 }
@@ -636,7 +668,8 @@ fn unusable_dev_cert_state_dir_is_named() {
     let file = dir.path().join("a-file");
     write(&file, "not a directory");
     let state_dir = file.join("state");
-    let (code, stderr) = run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--state-dir", s(&state_dir)]);
+    let (code, stderr) =
+        run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--state-dir", s(&state_dir)]);
     assert_one_line_error(code, &stderr, &[s(&state_dir)]);
 }
 
@@ -652,9 +685,11 @@ fn bad_upstream_urls_are_usage_errors() {
 fn cert_without_key_and_key_without_cert_are_usage_errors() {
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
-    let (code, stderr) = run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--cert", s(&leaf.cert)]);
+    let (code, stderr) =
+        run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--cert", s(&leaf.cert)]);
     assert_usage_error(code, &stderr, &["--key"]);
-    let (code, stderr) = run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--key", s(&leaf.key)]);
+    let (code, stderr) =
+        run_to_exit(&["proxy", "--listen", "127.0.0.1:0", "--upstream", NO_UPSTREAM, "--key", s(&leaf.key)]);
     assert_usage_error(code, &stderr, &["--cert"]);
 }
 
@@ -673,7 +708,11 @@ async fn non_tls_bytes_are_dropped_and_the_proxy_keeps_serving() {
         // The proxy may close as soon as it has seen enough; a failed write is fine.
         let _ = tcp.write_all(payload).await;
         let reply = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
-        assert!(reply.is_empty() || reply[0] == 0x15, "only a TLS alert may come back, got {:?}", &reply[..reply.len().min(32)]);
+        assert!(
+            reply.is_empty() || reply[0] == 0x15,
+            "only a TLS alert may come back, got {:?}",
+            &reply[..reply.len().min(32)]
+        );
     }
     assert_still_serving(&mut sidecar, served.pki.ca_pem.as_bytes()).await;
 }
@@ -689,7 +728,10 @@ async fn truncated_client_hello_is_closed_and_the_proxy_keeps_serving() {
     let mut tcp = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
     tcp.write_all(&hello).await.unwrap();
     let mut first = [0u8; 1];
-    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut first)).await.expect("ServerHello in time").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut first))
+        .await
+        .expect("ServerHello in time")
+        .unwrap();
     assert_eq!(first[0], 0x16, "a handshake record answers the full ClientHello");
     drop(tcp);
 
@@ -705,7 +747,11 @@ async fn truncated_client_hello_is_closed_and_the_proxy_keeps_serving() {
     let mut tcp = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
     tcp.write_all(&hello[..hello.len() / 2]).await.unwrap();
     read_until_closed(&mut tcp, Duration::from_secs(5)).await;
-    assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}, before the handshake timeout", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before the handshake timeout",
+        started.elapsed()
+    );
 
     // Only a record header promising more than ever comes.
     let mut tcp = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();

@@ -59,8 +59,9 @@ pub fn load_proxy_defaults(path: &Path) -> Result<Vec<FileDefault>, FileError> {
 /// there is nothing more to look at.
 pub fn read_proxy_defaults(path: &Path) -> Result<ProxyDefaults, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
-    let table: toml::Table =
-        text.parse().map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: one_line(&text, &e) })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: one_line(&text, &e) })?;
 
     let command = crate::cli::Cli::command();
     let proxy = command.find_subcommand("proxy").expect("the proxy subcommand is defined in cli.rs");
@@ -110,8 +111,9 @@ pub fn read_proxy_defaults(path: &Path) -> Result<ProxyDefaults, FileError> {
 /// Reads the file and returns the options of each `[[sync]]` table, in file order.
 pub fn load_sync_sections(path: &Path) -> Result<Vec<crate::cli::SyncArgs>, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
-    let table: toml::Table =
-        text.parse().map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: one_line(&text, &e) })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: one_line(&text, &e) })?;
     load_sync_sections_from(path, &table)
 }
 
@@ -123,7 +125,8 @@ fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<crate
     let toml::Value::Array(items) = value else { return Err(FileError::SyncNotArray { path: path.to_owned() }) };
     // The same option definitions as `sidecar sync`, without environment variables: one
     // SIDECAR_SYNC_SOURCE cannot mean the same thing for every table.
-    let mut command = crate::cli::SyncArgs::augment_args(clap::Command::new("sync").no_binary_name(true).disable_help_flag(true));
+    let mut command =
+        crate::cli::SyncArgs::augment_args(clap::Command::new("sync").no_binary_name(true).disable_help_flag(true));
     let ids: Vec<clap::Id> = command.get_arguments().map(|a| a.get_id().clone()).collect();
     for id in ids {
         command = command.mut_arg(id, |a| a.env(None));
@@ -141,7 +144,8 @@ fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<crate
                 .find(|a| a.get_long() == Some(long.as_str()) && !PROCESS_ONLY.contains(&long.as_str()))
                 .ok_or_else(|| fail(format!("no option `{key}` (see `sidecar sync --help`; admin, once and dry-run are not per destination)")))?;
             if arg.get_action().takes_values() {
-                let values = scalar_strings(value).ok_or_else(|| fail(format!("`{key}` must be a string, number or boolean")))?;
+                let values = scalar_strings(value)
+                    .ok_or_else(|| fail(format!("`{key}` must be a string, number or boolean")))?;
                 argv.extend(values.into_iter().map(|v| format!("--{long}={v}")));
             } else {
                 match value {
@@ -151,8 +155,11 @@ fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<crate
                 }
             }
         }
-        let matches = command.clone().try_get_matches_from(&argv).map_err(|e| fail(first_error_line(&e.to_string())))?;
-        sections.push(crate::cli::SyncArgs::from_arg_matches(&matches).map_err(|e| fail(first_error_line(&e.to_string())))?);
+        let matches =
+            command.clone().try_get_matches_from(&argv).map_err(|e| fail(first_error_line(&e.to_string())))?;
+        sections.push(
+            crate::cli::SyncArgs::from_arg_matches(&matches).map_err(|e| fail(first_error_line(&e.to_string())))?,
+        );
     }
     Ok(sections)
 }
@@ -199,11 +206,18 @@ mod tests {
     fn every_problem_is_collected_and_the_proxy_still_gets_the_first() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "[proxy]\nbogus = 1\nlisten = \"127.0.0.1:1\"\nupstream-timeout = { s = 1 }\n[extra]\nx = 1\n").unwrap();
+        std::fs::write(
+            &path,
+            "[proxy]\nbogus = 1\nlisten = \"127.0.0.1:1\"\nupstream-timeout = { s = 1 }\n[extra]\nx = 1\n",
+        )
+        .unwrap();
         let found = read_proxy_defaults(&path).unwrap();
         let problems: Vec<String> = found.problems.iter().map(ToString::to_string).collect();
         assert_eq!(problems.len(), 3, "{problems:?}");
-        assert!(problems[1].contains("no option `bogus`") && problems[2].contains("`upstream-timeout` must be"), "{problems:?}");
+        assert!(
+            problems[1].contains("no option `bogus`") && problems[2].contains("`upstream-timeout` must be"),
+            "{problems:?}"
+        );
         assert!(problems[0].contains("unknown table [extra]"), "{problems:?}");
         assert_eq!(found.defaults.len(), 1, "the good key is still read");
         assert_eq!(found.defaults[0].key, "listen");

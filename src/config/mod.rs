@@ -33,7 +33,8 @@ impl Upstream {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+        parts.path_and_query =
+            Some(original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
         Uri::from_parts(parts)
     }
 }
@@ -105,9 +106,14 @@ pub struct Limits {
 /// Where the serving certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertSource {
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
     /// A self-signed certificate for local development, kept in this directory.
-    DevSelfSigned { state_dir: PathBuf },
+    DevSelfSigned {
+        state_dir: PathBuf,
+    },
 }
 
 /// One immutable snapshot of the proxy's configuration.
@@ -238,7 +244,8 @@ impl ProxyConfig {
             self.admin = running.admin;
             self.admin_token_file = running.admin_token_file.clone();
         }
-        if matches!(self.cert, CertSource::DevSelfSigned { .. }) != matches!(running.cert, CertSource::DevSelfSigned { .. })
+        if matches!(self.cert, CertSource::DevSelfSigned { .. })
+            != matches!(running.cert, CertSource::DevSelfSigned { .. })
             || matches!((&self.cert, &running.cert), (CertSource::DevSelfSigned { state_dir: a }, CertSource::DevSelfSigned { state_dir: b }) if a != b)
         {
             kept.push("cert/key (switching to or from the development certificate)");

@@ -13,7 +13,9 @@ use crate::access_log::PendingEntry;
 /// the access log on, an upstream body is counted and its entry written when it ends.
 pub enum ProxyBody {
     Upstream(Incoming),
-    Logged(LoggedBody),
+    /// Boxed: the pending entry is large, and an enum is as big as its largest variant, so
+    /// inline it would grow every response body, logged or not.
+    Logged(Box<LoggedBody>),
     Local(Full<Bytes>),
 }
 

@@ -45,9 +45,10 @@ impl ClientClaims {
 /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE)
-        && headers.get_all(CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
-        })
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
 /// Removes hop-by-hop fields, and the client claims that `claims` names.
@@ -164,7 +165,17 @@ mod tests {
                 .header("host", "example.com")
         });
         prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, false);
-        for gone in ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization", "proxy-connection", "x-secret"] {
+        for gone in [
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "proxy-connection",
+            "x-secret",
+        ] {
             assert!(!p.headers.contains_key(gone), "{gone} should be stripped");
         }
         assert_eq!(p.headers["x-kept"], "1");

@@ -43,7 +43,8 @@ impl ConnectionContext {
         client_subject: Option<String>,
         access_log: Option<(Arc<AccessLog>, ConnectionFacts)>,
     ) -> ConnectionContext {
-        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let peer_ip =
+            HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let client_subject = client_subject.and_then(|s| HeaderValue::from_str(&s).ok());
         ConnectionContext { config, client, peer, peer_ip, client_subject, access_log }
     }
@@ -62,7 +63,7 @@ impl ConnectionContext {
         response.map(|body| match body {
             ProxyBody::Upstream(body) => {
                 entry.upstream_time = Some(elapsed);
-                ProxyBody::Logged(body::LoggedBody::new(body, entry))
+                ProxyBody::Logged(Box::new(body::LoggedBody::new(body, entry)))
             }
             local => {
                 entry.bytes = hyper::body::Body::size_hint(&local).exact().unwrap_or(0);
@@ -74,11 +75,14 @@ impl ConnectionContext {
 
     async fn forward_inner(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
         if request.method() == Method::CONNECT {
-            return plain_response(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed: CONNECT is not proxied\n".to_owned());
+            return plain_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "405 Method Not Allowed: CONNECT is not proxied\n".to_owned(),
+            );
         }
         let client_version = request.version();
-        let client_upgrade =
-            (request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers())).then(|| hyper::upgrade::on(&mut request));
+        let client_upgrade = (request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers()))
+            .then(|| hyper::upgrade::on(&mut request));
 
         let (mut parts, body) = request.into_parts();
         headers::prepare_request(&mut parts, &self.peer_ip, self.config.forwarded, client_upgrade.is_some());
@@ -87,7 +91,9 @@ impl ConnectionContext {
         }
         parts.uri = match self.config.upstream.request_uri(&parts.uri) {
             Ok(uri) => uri,
-            Err(_) => return plain_response(StatusCode::BAD_REQUEST, "400 Bad Request: unusable request target\n".to_owned()),
+            Err(_) => {
+                return plain_response(StatusCode::BAD_REQUEST, "400 Bad Request: unusable request target\n".to_owned())
+            }
         };
         parts.version = Version::HTTP_11;
         let method = parts.method.clone();
@@ -95,20 +101,32 @@ impl ConnectionContext {
 
         let upstream = &self.config.upstream;
         let timeout = self.config.timeouts.upstream;
-        let mut response = match tokio::time::timeout(timeout, self.client.request(Request::from_parts(parts, body))).await {
+        let mut response = match tokio::time::timeout(timeout, self.client.request(Request::from_parts(parts, body)))
+            .await
+        {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => {
                 let reason = upstream::describe_failure(&error);
                 tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream request failed: {reason}");
-                metrics().upstream_failure(if error.is_connect() { UpstreamFailure::Connect } else { UpstreamFailure::Other });
-                return plain_response(StatusCode::BAD_GATEWAY, format!("502 Bad Gateway: upstream {upstream}: {reason}\n"));
+                metrics().upstream_failure(if error.is_connect() {
+                    UpstreamFailure::Connect
+                } else {
+                    UpstreamFailure::Other
+                });
+                return plain_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("502 Bad Gateway: upstream {upstream}: {reason}\n"),
+                );
             }
             Err(_) => {
                 tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream gave no response within {timeout:?}");
                 metrics().upstream_failure(UpstreamFailure::Timeout);
                 return plain_response(
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!("504 Gateway Timeout: upstream {upstream} gave no response within {}\n", humantime::format_duration(timeout)),
+                    format!(
+                        "504 Gateway Timeout: upstream {upstream} gave no response within {}\n",
+                        humantime::format_duration(timeout)
+                    ),
                 );
             }
         };

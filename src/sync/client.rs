@@ -101,11 +101,14 @@ impl HttpClient {
 
     async fn connect(&mut self, uri: &Uri) -> Result<SendRequest<Full<Bytes>>, ClientError> {
         let peer = peer_of(uri);
-        let authority = uri.authority().ok_or_else(|| ClientError::Url { url: uri.to_string(), message: "no host".into() })?;
+        let authority =
+            uri.authority().ok_or_else(|| ClientError::Url { url: uri.to_string(), message: "no host".into() })?;
         let https = uri.scheme_str() == Some("https");
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
-        let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|source| ClientError::Connect { peer: peer.clone(), source })?;
+        let tcp = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|source| ClientError::Connect { peer: peer.clone(), source })?;
         let _ = tcp.set_nodelay(true);
         let http = |source| ClientError::Http { peer: peer.clone(), source };
         if https {
@@ -128,22 +131,36 @@ impl HttpClient {
 
     /// Sends `request` (absolute URI) and returns the response head; the body is left to read.
     /// The connection is not pooled: for streams.
-    pub async fn open_stream(&mut self, request: Request<Full<Bytes>>, timeout: Duration) -> Result<Response<Incoming>, ClientError> {
+    pub async fn open_stream(
+        &mut self,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ClientError> {
         let uri = request.uri().clone();
         let peer = peer_of(&uri);
         let exchange = async {
             let mut send = self.connect(&uri).await?;
-            send.send_request(origin_form(request)?).await.map_err(|source| ClientError::Http { peer: peer.clone(), source })
+            send.send_request(origin_form(request)?)
+                .await
+                .map_err(|source| ClientError::Http { peer: peer.clone(), source })
         };
-        tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::Timeout { peer: peer.clone(), timeout })?
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout { peer: peer.clone(), timeout })?
     }
 
     /// Sends `request` and reads the whole response, all within `timeout`; a body over
     /// `max_body` bytes is an error (and is not read further).
-    pub async fn fetch(&mut self, request: Request<Full<Bytes>>, timeout: Duration, max_body: u64) -> Result<Reply, ClientError> {
+    pub async fn fetch(
+        &mut self,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+        max_body: u64,
+    ) -> Result<Reply, ClientError> {
         let uri = request.uri().clone();
         let peer = peer_of(&uri);
-        let key = format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
+        let key =
+            format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
         let (parts, body) = request.into_parts();
         let body = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -176,7 +193,9 @@ impl HttpClient {
                 Ok(response) => response,
                 Err(e) if reused && (e.is_closed() || e.is_incomplete_message() || e.is_canceled()) => {
                     send = self.connect(&uri).await?;
-                    send.send_request(build()?).await.map_err(|source| ClientError::Http { peer: peer.clone(), source })?
+                    send.send_request(build()?)
+                        .await
+                        .map_err(|source| ClientError::Http { peer: peer.clone(), source })?
                 }
                 Err(source) => return Err(ClientError::Http { peer: peer.clone(), source }),
             };
@@ -210,12 +229,15 @@ pub async fn read_limited(mut body: Incoming, limit: u64, peer: &str) -> Result<
 /// Moves the authority into `Host` and leaves the path: HTTP/1.1 origin-form.
 fn origin_form(mut request: Request<Full<Bytes>>) -> Result<Request<Full<Bytes>>, ClientError> {
     let uri = request.uri().clone();
-    let authority = uri.authority().ok_or_else(|| ClientError::Url { url: uri.to_string(), message: "no host".into() })?;
+    let authority =
+        uri.authority().ok_or_else(|| ClientError::Url { url: uri.to_string(), message: "no host".into() })?;
     let host = HeaderValue::from_str(authority.as_str().rsplit('@').next().unwrap_or(authority.as_str()))
         .map_err(|e| ClientError::Url { url: uri.to_string(), message: e.to_string() })?;
     request.headers_mut().insert(HOST, host);
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    *request.uri_mut() = path.parse().map_err(|e: http::uri::InvalidUri| ClientError::Url { url: uri.to_string(), message: e.to_string() })?;
+    *request.uri_mut() = path
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ClientError::Url { url: uri.to_string(), message: e.to_string() })?;
     Ok(request)
 }
 

@@ -84,7 +84,13 @@ impl History {
     }
 
     /// Keeps a copy of `content` and records it; the oldest beyond `keep` are removed.
-    pub fn record(&mut self, content: &[u8], revision: &str, hash: &str, status: VersionStatus) -> Result<Version, HistoryError> {
+    pub fn record(
+        &mut self,
+        content: &[u8],
+        revision: &str,
+        hash: &str,
+        status: VersionStatus,
+    ) -> Result<Version, HistoryError> {
         let id = self.versions.iter().map(|v| v.id).max().unwrap_or(0) + 1;
         let stamp = time::OffsetDateTime::now_utc();
         let compact = format!(
@@ -99,7 +105,15 @@ impl History {
         let file = format!("{id:06}-{compact}-{}", &hash[..hash.len().min(12)]);
         let path = self.dir.join(&file);
         write_atomic(&path, content).map_err(|source| HistoryError::Write { path: path.clone(), source })?;
-        let version = Version { id, time: now_rfc3339(), revision: revision.to_owned(), hash: hash.to_owned(), size: content.len() as u64, status, file };
+        let version = Version {
+            id,
+            time: now_rfc3339(),
+            revision: revision.to_owned(),
+            hash: hash.to_owned(),
+            size: content.len() as u64,
+            status,
+            file,
+        };
         self.versions.push(version.clone());
         while self.versions.len() > self.keep {
             let old = self.versions.remove(0);

@@ -73,7 +73,10 @@ pub enum RollbackError {
 
 impl SyncManager {
     /// The `[[sync]]` tables of the proxy's config file, started; `None` when there are none.
-    pub async fn start_from_config_file(file: Option<&Path>, shutdown: CancellationToken) -> Result<Option<Arc<SyncManager>>, SyncError> {
+    pub async fn start_from_config_file(
+        file: Option<&Path>,
+        shutdown: CancellationToken,
+    ) -> Result<Option<Arc<SyncManager>>, SyncError> {
         let Some(file) = file else { return Ok(None) };
         let sections = crate::config::file::load_sync_sections(file)?;
         if sections.is_empty() {
@@ -92,11 +95,14 @@ impl SyncManager {
         for spec in specs {
             let spec = Arc::new(spec);
             let status = Arc::new(Mutex::new(DestStatus::new(&spec.name, &spec.dest, spec.source.to_string())));
-            let mut worker =
-                Worker::new(spec.clone(), status.clone()).map_err(|source| SyncError::History { name: spec.name.clone(), source })?;
+            let mut worker = Worker::new(spec.clone(), status.clone())
+                .map_err(|source| SyncError::History { name: spec.name.clone(), source })?;
             let mut source = Source::new(&spec);
             if spec.require_source {
-                let fetched = source.fetch().await.map_err(|source| SyncError::RequireSource { name: spec.name.clone(), source })?;
+                let fetched = source
+                    .fetch()
+                    .await
+                    .map_err(|source| SyncError::RequireSource { name: spec.name.clone(), source })?;
                 worker.apply_once(fetched).await;
             }
             prepared.push((spec, status, worker, source));
@@ -125,7 +131,10 @@ impl SyncManager {
     }
 
     pub fn status(&self, name: &str) -> Option<DestStatus> {
-        self.destinations.iter().find(|d| d.name == name).map(|d| d.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        self.destinations
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     pub fn history(&self, name: &str) -> Option<Vec<Version>> {
@@ -145,9 +154,17 @@ impl SyncManager {
     }
 
     pub async fn rollback(&self, name: &str, selector: Option<String>) -> Result<RollbackReport, RollbackError> {
-        let destination = self.destinations.iter().find(|d| d.name == name).ok_or_else(|| RollbackError::UnknownName(name.to_owned()))?;
+        let destination = self
+            .destinations
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| RollbackError::UnknownName(name.to_owned()))?;
         let (reply, answer) = oneshot::channel();
-        destination.commands.send(WorkerCommand::Rollback { selector, reply }).await.map_err(|_| RollbackError::Stopped)?;
+        destination
+            .commands
+            .send(WorkerCommand::Rollback { selector, reply })
+            .await
+            .map_err(|_| RollbackError::Stopped)?;
         answer.await.map_err(|_| RollbackError::Stopped)?.map_err(RollbackError::Refused)
     }
 
@@ -200,13 +217,15 @@ pub fn run_sync(args: SyncArgs) -> ExitCode {
             });
         }
         let admin = match args.admin {
-            Some(addr) => match crate::admin::AdminServer::bind(addr, args.admin_token_file.as_deref(), shutdown.clone()) {
-                Ok(admin) => Some(admin),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    return ExitCode::from(2);
+            Some(addr) => {
+                match crate::admin::AdminServer::bind(addr, args.admin_token_file.as_deref(), shutdown.clone()) {
+                    Ok(admin) => Some(admin),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return ExitCode::from(2);
+                    }
                 }
-            },
+            }
             None => None,
         };
         let manager = match SyncManager::start(vec![spec], shutdown.clone()).await {
@@ -276,7 +295,12 @@ async fn dry_run(spec: &SyncSpec) -> ExitCode {
     }
     let old = std::fs::read(&spec.dest).unwrap_or_default();
     if old == fetched.content {
-        println!("{} is in step with {} ({}): nothing would change", spec.dest.display(), spec.source, fetched.revision);
+        println!(
+            "{} is in step with {} ({}): nothing would change",
+            spec.dest.display(),
+            spec.source,
+            fetched.revision
+        );
         return ExitCode::SUCCESS;
     }
     let old_text = String::from_utf8_lossy(&old);

@@ -10,8 +10,8 @@ use http::{Method, Uri};
 use rustix::process::{Pid, Signal};
 
 use super::client::{ClientError, HttpClient};
-use super::spec::{NotifySpec, SignalName};
 use super::shell::{self, ShellFailure};
+use super::spec::{NotifySpec, SignalName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
@@ -145,7 +145,8 @@ impl Notifier {
 }
 
 fn read_pid_file(path: &Path) -> Result<Pid, NotifyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| NotifyError::PidFile { path: path.to_owned(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| NotifyError::PidFile { path: path.to_owned(), source })?;
     text.trim()
         .parse::<i32>()
         .ok()
@@ -167,12 +168,15 @@ pub fn pids_named(name: &str) -> Vec<Pid> {
         }
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let base = |arg: &[u8]| Path::new(&*String::from_utf8_lossy(arg)).file_name().map(|n| n.to_string_lossy().into_owned());
+        let base = |arg: &[u8]| {
+            Path::new(&*String::from_utf8_lossy(arg)).file_name().map(|n| n.to_string_lossy().into_owned())
+        };
         let mut args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty());
         let program = args.next();
         // For `python3 -u app.py`, the script: the first argument that is not an option.
         let script = args.find(|a| !a.starts_with(b"-"));
-        let matches = comm.trim() == name || [program, script].into_iter().flatten().any(|a| base(a).as_deref() == Some(name));
+        let matches =
+            comm.trim() == name || [program, script].into_iter().flatten().any(|a| base(a).as_deref() == Some(name));
         if let Some(pid) = matches.then(|| i32::try_from(raw).ok().and_then(Pid::from_raw)).flatten() {
             pids.push(pid);
         }
@@ -186,7 +190,10 @@ pub fn pids_named(name: &str) -> Vec<Pid> {
 pub fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may itself hold spaces.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z" && state != "X"),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
 }

@@ -43,7 +43,9 @@ impl fmt::Display for SourceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SourceSpec::Etcd { base, key } => write!(f, "etcd {}{key}", authority_of(base)),
-            SourceSpec::Http { url } => write!(f, "{}://{}{}", url.scheme_str().unwrap_or("http"), authority_of(url), url.path()),
+            SourceSpec::Http { url } => {
+                write!(f, "{}://{}{}", url.scheme_str().unwrap_or("http"), authority_of(url), url.path())
+            }
             SourceSpec::Consul { base, key, .. } => write!(f, "consul {}/{key}", authority_of(base)),
             SourceSpec::File { path } => write!(f, "file {}", path.display()),
         }
@@ -110,7 +112,12 @@ pub fn parse_source(s: &str) -> Result<SourceSpec, String> {
             if wait.is_zero() {
                 return Err(format!("`{s}`: wait must be more than 0"));
             }
-            Ok(SourceSpec::Consul { base, key: key.trim_start_matches('/').to_owned(), wait, extra_query: extra.join("&") })
+            Ok(SourceSpec::Consul {
+                base,
+                key: key.trim_start_matches('/').to_owned(),
+                wait,
+                extra_query: extra.join("&"),
+            })
         }
         "http" | "https" => {
             let url: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
@@ -125,7 +132,9 @@ pub fn parse_source(s: &str) -> Result<SourceSpec, String> {
             }
             Ok(SourceSpec::File { path: PathBuf::from(rest) })
         }
-        other => Err(format!("`{s}`: unknown source scheme `{other}` (etcd://, consul://, http://, https://, file://)")),
+        other => {
+            Err(format!("`{s}`: unknown source scheme `{other}` (etcd://, consul://, http://, https://, file://)"))
+        }
     }
 }
 
@@ -238,7 +247,11 @@ impl SyncSpec {
         if args.dest.file_name().is_none() {
             return Err(SpecError::NoFileName { name, dest: args.dest.clone() });
         }
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) || name == "." || name == ".." {
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            || name == "."
+            || name == ".."
+        {
             return Err(SpecError::BadName(name));
         }
         if args.max_quiet < args.min_quiet {
@@ -317,7 +330,10 @@ mod tests {
     fn sources_parse() {
         assert_eq!(
             parse_source("etcd://127.0.0.1:2379/apps/legacy/config.json").unwrap(),
-            SourceSpec::Etcd { base: "http://127.0.0.1:2379/".parse().unwrap(), key: "/apps/legacy/config.json".into() }
+            SourceSpec::Etcd {
+                base: "http://127.0.0.1:2379/".parse().unwrap(),
+                key: "/apps/legacy/config.json".into()
+            }
         );
         match parse_source("consul://127.0.0.1:8500/apps/x?wait=30s&dc=eu").unwrap() {
             SourceSpec::Consul { key, wait, extra_query, .. } => {

@@ -30,7 +30,8 @@ pub fn check_content(content: &[u8], format: Option<ValidateFormat>) -> Result<(
     }
     let Some(format) = format else { return Ok(()) };
     let text = |name: &'static str| {
-        std::str::from_utf8(content).map_err(|e| ValidateError::Format { format: name, message: format!("not UTF-8: {e}") })
+        std::str::from_utf8(content)
+            .map_err(|e| ValidateError::Format { format: name, message: format!("not UTF-8: {e}") })
     };
     match format {
         ValidateFormat::Json => serde_json::from_slice::<serde::de::IgnoredAny>(content)
@@ -56,7 +57,6 @@ pub async fn run_check(cmd: &str, candidate: &Path) -> Result<(), ValidateError>
         ShellFailure::Failed { status, output } => ValidateError::CheckFailed { cmd: cmd.to_owned(), status, output },
     })
 }
-
 
 /// Single-quotes for sh.
 pub fn shell_quote(s: &str) -> String {

@@ -43,7 +43,8 @@ impl Verifier {
         let mut last = format!("{url} was not checked");
         loop {
             let now = Instant::now();
-            let budget = deadline.saturating_duration_since(now).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            let budget =
+                deadline.saturating_duration_since(now).clamp(Duration::from_millis(100), Duration::from_secs(5));
             match self.client.fetch(client::request(Method::GET, &url, ""), budget, 64 * 1024).await {
                 Ok(reply) if reply.status.is_success() => {
                     let since = *healthy_since.get_or_insert(now);
@@ -88,7 +89,9 @@ pub async fn escalate(notifier: &Notifier, kill_after: Duration) -> String {
         return "sent SIGTERM; the app exited".into();
     }
     match notifier.signal(Signal::KILL, "KILL") {
-        Ok(targets) => format!("sent SIGTERM, and SIGKILL to {targets} after {}", humantime::format_duration(kill_after)),
+        Ok(targets) => {
+            format!("sent SIGTERM, and SIGKILL to {targets} after {}", humantime::format_duration(kill_after))
+        }
         Err(e) => format!("sent SIGTERM; SIGKILL after {} failed: {e}", humantime::format_duration(kill_after)),
     }
 }

@@ -11,13 +11,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::history::{now_rfc3339, History, HistoryError, Version, VersionStatus};
-use super::notify::{NotifyError, Notifier};
+use super::notify::{Notifier, NotifyError};
 use super::source::{Backoff, Fetched, SourceMsg};
 use super::spec::SyncSpec;
 use super::status::{DestStatus, SyncState};
+use super::validate;
 use super::verify::{self, Verifier};
 use super::write::{self, content_hash, file_hash};
-use super::validate;
 
 /// Requests from the admin API.
 pub enum WorkerCommand {
@@ -97,7 +97,17 @@ impl Worker {
         let history = History::open(&spec.history_dir, spec.history_keep)?;
         let notifier = Notifier::new(&spec.notify, spec.source_ca.as_deref());
         let verifier = Verifier::new(spec.health_url.clone(), spec.health_timeout, spec.source_ca.as_deref());
-        let worker = Worker { spec, status, history, notifier, verifier, refused: None, latest: None, settled: SyncState::Synced, started: false };
+        let worker = Worker {
+            spec,
+            status,
+            history,
+            notifier,
+            verifier,
+            refused: None,
+            latest: None,
+            settled: SyncState::Synced,
+            started: false,
+        };
         let current = file_hash(&worker.spec.dest);
         let applied_revision = worker.history.state.applied_revision.clone();
         let rejected = worker.history.state.rejected.clone();
@@ -233,7 +243,11 @@ impl Worker {
         let hash = content_hash(&value.content);
         if origin == Origin::Source {
             if self.history.state.rejected.contains(&hash) {
-                tracing::info!("sync {}: {} was rejected before; not applied again until the source changes", self.name(), short(&hash));
+                tracing::info!(
+                    "sync {}: {} was rejected before; not applied again until the source changes",
+                    self.name(),
+                    short(&hash)
+                );
                 // The last good version stays: the destination is as settled as it can be.
                 self.settled = SyncState::RolledBack;
                 self.update(|s| {
@@ -254,7 +268,10 @@ impl Worker {
             }
         }
         if value.content.len() as u64 > self.spec.max_size {
-            return self.refuse(&hash, format!("{} bytes is more than --max-size ({} bytes)", value.content.len(), self.spec.max_size));
+            return self.refuse(
+                &hash,
+                format!("{} bytes is more than --max-size ({} bytes)", value.content.len(), self.spec.max_size),
+            );
         }
         if let Err(e) = validate::check_content(&value.content, self.spec.validate) {
             return self.refuse(&hash, e.to_string());
@@ -270,12 +287,18 @@ impl Worker {
                 if self.history.good_with_hash(&hash).is_none() {
                     self.keep_in_history(&value.content, &value.revision, &hash, VersionStatus::Initial);
                 }
-                if applied.is_none() || self.history.state.applied_revision.as_deref() != Some(value.revision.as_str()) {
+                if applied.is_none() || self.history.state.applied_revision.as_deref() != Some(value.revision.as_str())
+                {
                     self.history.state.applied_hash = Some(hash.clone());
                     self.history.state.applied_revision = Some(value.revision.clone());
                     self.save_state();
                 }
-                tracing::debug!("sync {}: {} already holds {}; nothing to do", self.name(), dest.display(), short(&hash));
+                tracing::debug!(
+                    "sync {}: {} already holds {}; nothing to do",
+                    self.name(),
+                    dest.display(),
+                    short(&hash)
+                );
                 self.settled = SyncState::Synced;
                 self.refused = None;
                 self.update(|s| {
@@ -286,14 +309,20 @@ impl Worker {
                 return Outcome::Unchanged;
             }
             // Written but never confirmed: the sidecar stopped between write and verify.
-            tracing::info!("sync {}: {} holds {} but the app was not confirmed to run it; notifying it", self.name(), dest.display(), short(&hash));
+            tracing::info!(
+                "sync {}: {} holds {} but the app was not confirmed to run it; notifying it",
+                self.name(),
+                dest.display(),
+                short(&hash)
+            );
             version_id = self.history.versions.iter().rev().find(|v| v.hash == hash).map(|v| v.id);
         } else {
             // What is on disk now is kept as a rollback target before it is replaced.
             if let Some(disk_hash) = &disk {
                 if self.history.good_with_hash(disk_hash).is_none() {
                     if let Ok(old) = std::fs::read(&dest) {
-                        let revision = self.history.state.applied_revision.clone().unwrap_or_else(|| "found on disk".into());
+                        let revision =
+                            self.history.state.applied_revision.clone().unwrap_or_else(|| "found on disk".into());
                         self.keep_in_history(&old, &revision, disk_hash, VersionStatus::Initial);
                     }
                 }
@@ -379,7 +408,12 @@ impl Worker {
     }
 
     fn refuse(&mut self, hash: &str, reason: String) -> Outcome {
-        let message = format!("refused version {} from {}: {reason}; {} left as it is", short(hash), self.spec.source, self.spec.dest.display());
+        let message = format!(
+            "refused version {} from {}: {reason}; {} left as it is",
+            short(hash),
+            self.spec.source,
+            self.spec.dest.display()
+        );
         tracing::error!("sync {}: {message}", self.name());
         self.refused = Some((hash.to_owned(), message.clone()));
         self.settled = SyncState::Refused;
@@ -431,9 +465,16 @@ impl Worker {
         self.update(|s| s.counters.rollbacks += 1);
 
         let applied = self.history.state.applied_hash.clone().filter(|h| h != bad);
-        let good = applied.as_deref().and_then(|h| self.history.good_with_hash(h)).or_else(|| self.history.previous_good(Some(bad))).cloned();
+        let good = applied
+            .as_deref()
+            .and_then(|h| self.history.good_with_hash(h))
+            .or_else(|| self.history.previous_good(Some(bad)))
+            .cloned();
         let Some(good) = good else {
-            let message = format!("the app is not healthy with {} ({reason}), and the history holds no earlier version to roll back to", short(bad));
+            let message = format!(
+                "the app is not healthy with {} ({reason}), and the history holds no earlier version to roll back to",
+                short(bad)
+            );
             tracing::error!("sync {}: {message}", self.name());
             self.settled = SyncState::Failed;
             self.update(|s| s.error(SyncState::Failed, message.clone()));
@@ -460,7 +501,14 @@ impl Worker {
             self.update(|s| s.error(SyncState::Failed, message.clone()));
             return Outcome::Failed(message);
         }
-        tracing::warn!("sync {}: rolled {} back to version {} (sha256 {}, {})", self.name(), self.spec.dest.display(), good.id, short(&good.hash), good.revision);
+        tracing::warn!(
+            "sync {}: rolled {} back to version {} (sha256 {}, {})",
+            self.name(),
+            self.spec.dest.display(),
+            good.id,
+            short(&good.hash),
+            good.revision
+        );
         self.update(|s| {
             s.counters.writes += 1;
             s.last_change = Some(now_rfc3339());
@@ -513,7 +561,11 @@ impl Worker {
     async fn rollback(&mut self, selector: Option<String>) -> Result<RollbackReport, String> {
         let current = file_hash(&self.spec.dest);
         let version = match &selector {
-            Some(s) => self.history.find(s).cloned().ok_or_else(|| format!("sync {}: no version `{s}` in the history", self.name()))?,
+            Some(s) => self
+                .history
+                .find(s)
+                .cloned()
+                .ok_or_else(|| format!("sync {}: no version `{s}` in the history", self.name()))?,
             None => self
                 .history
                 .previous_good(current.as_deref())
@@ -528,11 +580,22 @@ impl Worker {
         }
         self.history.state.rejected.retain(|h| *h != version.hash);
         self.save_state();
-        tracing::info!("sync {}: rollback to version {} (sha256 {}) asked for by the admin API", self.name(), version.id, short(&version.hash));
+        tracing::info!(
+            "sync {}: rollback to version {} (sha256 {}) asked for by the admin API",
+            self.name(),
+            version.id,
+            short(&version.hash)
+        );
         let revision = format!("rollback to version {} ({})", version.id, version.revision);
         let outcome = self.apply(Fetched { content: content.into(), revision }, Origin::Rollback).await;
         let state = self.status.lock().unwrap_or_else(|e| e.into_inner()).state;
-        Ok(RollbackReport { name: self.spec.name.clone(), version, ok: outcome.is_success(), outcome: outcome.describe(), state })
+        Ok(RollbackReport {
+            name: self.spec.name.clone(),
+            version,
+            ok: outcome.is_success(),
+            outcome: outcome.describe(),
+            state,
+        })
     }
 }
 

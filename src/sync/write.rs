@@ -91,7 +91,11 @@ pub fn prepare(dest: &Path, content: &[u8]) -> Result<Candidate, WriteError> {
     let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
     // A leading dot keeps it out of globs; the destination's name last keeps its extension
     // for --check-cmd tools that look at it.
-    let temp = dir.join(format!(".sidecar-tmp-{}-{}-{file_name}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let temp = dir.join(format!(
+        ".sidecar-tmp-{}-{}-{file_name}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
     let existing = std::fs::metadata(dest).ok();
     let mode = existing.as_ref().map(|m| m.mode() & 0o7777).unwrap_or(0o644);
     let mut file = OpenOptions::new()
@@ -110,7 +114,14 @@ pub fn prepare(dest: &Path, content: &[u8]) -> Result<Candidate, WriteError> {
         if (mine.uid(), mine.gid()) != (meta.uid(), meta.gid()) {
             if let Err(e) = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid())) {
                 // Only root may give a file away; an unprivileged sidecar writes as itself.
-                tracing::warn!("cannot give {} to uid {} gid {} like {} ({e}); it will belong to uid {}", temp.display(), meta.uid(), meta.gid(), dest.display(), mine.uid());
+                tracing::warn!(
+                    "cannot give {} to uid {} gid {} like {} ({e}); it will belong to uid {}",
+                    temp.display(),
+                    meta.uid(),
+                    meta.gid(),
+                    dest.display(),
+                    mine.uid()
+                );
             }
         }
     }

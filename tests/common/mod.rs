@@ -73,7 +73,7 @@ where
 pub fn pattern_checksum(len: u64) -> u64 {
     let mut sum = 0u64;
     for i in 0..len {
-        sum = sum.wrapping_mul(31).wrapping_add(((i % (64 * 1024)) % 251) as u64);
+        sum = sum.wrapping_mul(31).wrapping_add((i % (64 * 1024)) % 251);
     }
     sum
 }
@@ -248,7 +248,8 @@ impl TestPki {
     /// Issues a leaf for `names`, valid from `not_before_days` to `not_after_days` relative to
     /// now, writes it as `{stem}.crt` / `{stem}.key` (PKCS#8) and returns the paths.
     pub fn issue_with(&self, stem: &str, names: &[&str], not_before_days: i64, not_after_days: i64) -> IssuedCert {
-        let mut params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(rcgen::DnType::CommonName, names.first().copied().unwrap_or("leaf"));
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now + time::Duration::days(not_before_days);
@@ -359,7 +360,11 @@ impl Sidecar {
         let mut sidecar = Sidecar::spawn(cmd);
         sidecar.state_dir = Some(state_dir);
         let line = sidecar.logs.wait_for("listening on https://", Duration::from_secs(20));
-        let addr = line.split("listening on https://").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("address in log line");
+        let addr = line
+            .split("listening on https://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("address in log line");
         sidecar.addr = addr.parse().expect("socket address in the listening line");
         sidecar
     }
@@ -462,7 +467,12 @@ pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output 
         Err(_) => {
             // Only the process started above, by its id.
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            let partial = rx.recv().ok().and_then(Result::ok).map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+            let partial = rx
+                .recv()
+                .ok()
+                .and_then(Result::ok)
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .unwrap_or_default();
             panic!("{cmd:?} was still running after {limit:?}; its stderr:\n{partial}");
         }
     }
@@ -523,7 +533,8 @@ pub enum HttpsConnection {
 impl HttpsConnection {
     pub async fn open(addr: SocketAddr, ca_pem: &[u8], http2: bool) -> HttpsConnection {
         let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
-        let tls = tls_connect(addr, client_config(ca_pem, alpn), "localhost").await.expect("TLS handshake with the sidecar");
+        let tls =
+            tls_connect(addr, client_config(ca_pem, alpn), "localhost").await.expect("TLS handshake with the sidecar");
         let negotiated = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
         let io = TokioIo::new(tls);
         if http2 {
@@ -551,7 +562,8 @@ impl HttpsConnection {
             HttpsConnection::H2(send) => {
                 send.ready().await?;
                 if request.uri().authority().is_none() {
-                    let pq = request.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+                    let pq =
+                        request.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
                     *request.uri_mut() = format!("https://localhost{pq}").parse().unwrap();
                 }
                 send.send_request(request).await
@@ -574,7 +586,12 @@ pub fn header_map(headers: &http::HeaderMap) -> HashMap<String, String> {
 }
 
 pub fn which(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 /// A tool the tests need; in CI its absence is a failure (the CI script installs it).
@@ -662,7 +679,10 @@ impl LogLines {
             }
             let now = Instant::now();
             if now >= deadline || *self.closed.lock().unwrap() {
-                panic!("fewer than {n} log lines containing {needle:?} within {timeout:?}; log so far:\n{}", lines.join("\n"));
+                panic!(
+                    "fewer than {n} log lines containing {needle:?} within {timeout:?}; log so far:\n{}",
+                    lines.join("\n")
+                );
             }
             lines = self.changed.wait_timeout(lines, deadline - now).unwrap().0;
         }
@@ -690,11 +710,18 @@ pub fn free_port() -> u16 {
 
 /// One plain HTTP/1.1 exchange with `Connection: close`; returns (status, body). Blocking, so
 /// it can be used from any test. `None` when the connection fails.
-pub fn http_exchange(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Option<(u16, String)> {
+pub fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
     tcp.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -706,7 +733,8 @@ pub fn http_exchange(addr: SocketAddr, method: &str, path: &str, headers: &[(&st
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
     Some((status, body))
 }
 
@@ -745,7 +773,13 @@ pub struct LegacyApp {
 impl LegacyApp {
     /// `script` lets a test run a renamed copy (for --process-name); `own_group` puts it in a
     /// new process group.
-    pub fn start_with(script: &Path, config: &Path, pid_file: Option<&Path>, child: bool, own_group: bool) -> LegacyApp {
+    pub fn start_with(
+        script: &Path,
+        config: &Path,
+        pid_file: Option<&Path>,
+        child: bool,
+        own_group: bool,
+    ) -> LegacyApp {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new("python3");
         cmd.arg("-u").arg(script).arg("--config").arg(config).stdin(Stdio::null());
@@ -790,7 +824,8 @@ impl LegacyApp {
 impl Drop for LegacyApp {
     fn drop(&mut self) {
         if self.own_group {
-            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.pid)]).stderr(Stdio::null()).status();
+            let _ =
+                Command::new("kill").args(["-KILL", "--", &format!("-{}", self.pid)]).stderr(Stdio::null()).status();
         }
     }
 }
@@ -809,7 +844,12 @@ impl SyncProcess {
         cmd.stdin(Stdio::null());
         let proc = Sidecar::spawn(cmd);
         let line = proc.logs.wait_for("admin API on http://", Duration::from_secs(20));
-        let admin = line.split("admin API on http://").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|a| a.parse().ok()).expect("admin address");
+        let admin = line
+            .split("admin API on http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .expect("admin address");
         SyncProcess { proc, admin }
     }
 
@@ -829,7 +869,11 @@ impl SyncProcess {
             if last["state"] == state {
                 return last;
             }
-            assert!(Instant::now() < deadline, "sync {name} not {state} within {timeout:?}: {last:#}\nlog:\n{}", self.proc.logs.text());
+            assert!(
+                Instant::now() < deadline,
+                "sync {name} not {state} within {timeout:?}: {last:#}\nlog:\n{}",
+                self.proc.logs.text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -890,9 +934,11 @@ impl Etcd {
             .stdin(Stdio::null());
         self.proc = Some(Sidecar::spawn(cmd));
         let addr = self.addr();
-        wait_until("etcd /health", Duration::from_secs(30), || {
-            matches!(http_exchange(addr, "GET", "/health", &[], ""), Some((200, body)) if body.contains("true"))
-        });
+        wait_until(
+            "etcd /health",
+            Duration::from_secs(30),
+            || matches!(http_exchange(addr, "GET", "/health", &[], ""), Some((200, body)) if body.contains("true")),
+        );
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -904,8 +950,9 @@ impl Etcd {
     }
 
     fn call(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
-        let (status, text) = http_exchange(self.addr(), "POST", path, &[("content-type", "application/json")], &body.to_string())
-            .unwrap_or_else(|| panic!("etcd {path}"));
+        let (status, text) =
+            http_exchange(self.addr(), "POST", path, &[("content-type", "application/json")], &body.to_string())
+                .unwrap_or_else(|| panic!("etcd {path}"));
         assert_eq!(status, 200, "etcd {path}: {text}");
         serde_json::from_str(&text).unwrap()
     }
@@ -919,7 +966,10 @@ impl Etcd {
 
     pub fn delete(&self, key: &str) {
         use base64::Engine;
-        self.call("/v3/kv/deleterange", serde_json::json!({ "key": base64::engine::general_purpose::STANDARD.encode(key) }));
+        self.call(
+            "/v3/kv/deleterange",
+            serde_json::json!({ "key": base64::engine::general_purpose::STANDARD.encode(key) }),
+        );
     }
 
     pub fn kill(&mut self) {
@@ -1030,7 +1080,8 @@ impl LongPollServer {
                 let shared = task_shared.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| long_poll(req, shared.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
                 });
             }
         });
@@ -1071,7 +1122,11 @@ async fn long_poll(req: Request<Incoming>, shared: Arc<LongPollShared>) -> Resul
         if !blocking || tokio::time::Instant::now() >= deadline {
             let response = match value {
                 Some(v) => Response::builder().header("x-consul-index", current.to_string()).body(full(v)).unwrap(),
-                None => Response::builder().status(StatusCode::NOT_FOUND).header("x-consul-index", current.to_string()).body(empty()).unwrap(),
+                None => Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("x-consul-index", current.to_string())
+                    .body(empty())
+                    .unwrap(),
             };
             return Ok(response);
         }

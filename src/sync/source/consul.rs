@@ -71,7 +71,11 @@ impl ConsulSource {
     }
 
     fn protocol(&self, message: &str) -> SourceError {
-        SourceError::Protocol { peer: client::peer_of(&self.base), what: format!("key {}", self.key), message: message.into() }
+        SourceError::Protocol {
+            peer: client::peer_of(&self.base),
+            what: format!("key {}", self.key),
+            message: message.into(),
+        }
     }
 
     async fn query(&mut self, blocking: bool) -> Result<Answer, SourceError> {
@@ -79,10 +83,14 @@ impl ConsulSource {
         let peer = client::peer_of(&self.base);
         let what = format!("key {}", self.key);
         let timeout = if blocking { self.timeout } else { self.timeout - self.wait - self.wait / 16 };
-        let reply = self.client.fetch(client::request(Method::GET, &url, ""), timeout, self.max_size).await.map_err(|e| match e {
-            ClientError::TooLarge { limit, .. } => SourceError::TooLarge { peer: peer.clone(), what: what.clone(), limit },
-            other => SourceError::Client(other),
-        })?;
+        let reply = self.client.fetch(client::request(Method::GET, &url, ""), timeout, self.max_size).await.map_err(
+            |e| match e {
+                ClientError::TooLarge { limit, .. } => {
+                    SourceError::TooLarge { peer: peer.clone(), what: what.clone(), limit }
+                }
+                other => SourceError::Client(other),
+            },
+        )?;
         let index = reply
             .headers
             .get("x-consul-index")
@@ -91,7 +99,9 @@ impl ConsulSource {
             .ok_or_else(|| self.protocol("no X-Consul-Index header (is this a Consul KV endpoint?)"))?;
         let previous = self.index;
         self.index = if index < previous {
-            tracing::info!("consul {peer} {what}: X-Consul-Index went back from {previous} to {index}; starting over from 0");
+            tracing::info!(
+                "consul {peer} {what}: X-Consul-Index went back from {previous} to {index}; starting over from 0"
+            );
             0
         } else {
             index.max(1)

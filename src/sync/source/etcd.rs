@@ -77,7 +77,8 @@ impl EtcdSource {
 
     fn endpoint(&self, path: &str) -> Result<Uri, SourceError> {
         let url = format!("{}{path}", self.base);
-        url.parse().map_err(|e: http::uri::InvalidUri| SourceError::Client(ClientError::Url { url, message: e.to_string() }))
+        url.parse()
+            .map_err(|e: http::uri::InvalidUri| SourceError::Client(ClientError::Url { url, message: e.to_string() }))
     }
 
     fn protocol(&self, message: impl Into<String>) -> SourceError {
@@ -104,15 +105,21 @@ impl EtcdSource {
         let body = json!({ "key": self.key_b64 }).to_string();
         let (timeout, max) = (self.timeout, self.max_json());
         let client = if use_watch_client { &mut self.watch_client } else { &mut self.client };
-        let reply = client.fetch(client::request(Method::POST, &uri, body), timeout, max).await.map_err(|e| match e {
-            ClientError::TooLarge { .. } => SourceError::TooLarge { peer: client::peer_of(&uri), what: format!("key {}", self.key), limit: self.max_size },
-            other => SourceError::Client(other),
-        })?;
+        let reply =
+            client.fetch(client::request(Method::POST, &uri, body), timeout, max).await.map_err(|e| match e {
+                ClientError::TooLarge { .. } => SourceError::TooLarge {
+                    peer: client::peer_of(&uri),
+                    what: format!("key {}", self.key),
+                    limit: self.max_size,
+                },
+                other => SourceError::Client(other),
+            })?;
         if !reply.status.is_success() {
             return Err(SourceError::Status { peer: self.peer(), what: self.what(), status: reply.status });
         }
         let answer: Value = serde_json::from_slice(&reply.body).map_err(|e| self.protocol(format!("not JSON: {e}")))?;
-        let revision = answer.pointer("/header/revision").and_then(int).ok_or_else(|| self.protocol("no header.revision"))?;
+        let revision =
+            answer.pointer("/header/revision").and_then(int).ok_or_else(|| self.protocol("no header.revision"))?;
         let value = match answer.get("kvs").and_then(Value::as_array).and_then(|kvs| kvs.first()) {
             Some(kv) => Some(self.decode_value(kv)?),
             None => None,
@@ -138,8 +145,13 @@ impl EtcdSource {
                 None => match self.range(false).await {
                     Ok(range) => {
                         let msg = match range.value {
-                            Some((content, modified)) => SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") }),
-                            None => SourceMsg::Error { message: SourceError::Missing { peer: self.peer(), what: self.what() }.to_string(), stalled: false },
+                            Some((content, modified)) => {
+                                SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") })
+                            }
+                            None => SourceMsg::Error {
+                                message: SourceError::Missing { peer: self.peer(), what: self.what() }.to_string(),
+                                stalled: false,
+                            },
                         };
                         if !out.send(msg).await {
                             return;
@@ -158,11 +170,16 @@ impl EtcdSource {
             match self.watch(seen, &mut revision, &out, &mut backoff).await {
                 WatchEnd::Shutdown => return,
                 WatchEnd::Compacted => {
-                    tracing::info!("etcd {} {}: watch position was compacted; reading the key again", self.peer(), self.what());
+                    tracing::info!(
+                        "etcd {} {}: watch position was compacted; reading the key again",
+                        self.peer(),
+                        self.what()
+                    );
                     revision = None;
                 }
                 WatchEnd::Failed { message, stalled } => {
-                    if !out.send(SourceMsg::Error { message, stalled }).await || !out.sleep(backoff.next_delay()).await {
+                    if !out.send(SourceMsg::Error { message, stalled }).await || !out.sleep(backoff.next_delay()).await
+                    {
                         return;
                     }
                 }
@@ -187,7 +204,10 @@ impl EtcdSource {
             }
         };
         if !response.status().is_success() {
-            return failed(format!("{} answered {} to a watch of {}", self.peer(), response.status(), self.what()), false);
+            return failed(
+                format!("{} answered {} to a watch of {}", self.peer(), response.status(), self.what()),
+                false,
+            );
         }
         let mut body = response.into_body();
         let mut buffer = BytesMut::new();
@@ -202,13 +222,33 @@ impl EtcdSource {
                     // server directly, on another connection.
                     let since = humantime::format_duration(self.timeout);
                     match self.range(true).await {
-                        Err(e) => return failed(format!("watch on {} silent for {since}, and a read of the key failed: {e}; reconnecting", self.peer()), true),
+                        Err(e) => {
+                            return failed(
+                                format!(
+                                    "watch on {} silent for {since}, and a read of the key failed: {e}; reconnecting",
+                                    self.peer()
+                                ),
+                                true,
+                            )
+                        }
                         Ok(range) => {
                             let known = revision.unwrap_or(seen);
                             if let Some((content, modified)) = range.value.filter(|(_, m)| *m > known) {
-                                let _ = out.send(SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") })).await;
+                                let _ = out
+                                    .send(SourceMsg::Value(Fetched {
+                                        content,
+                                        revision: format!("revision {modified}"),
+                                    }))
+                                    .await;
                                 *revision = Some(range.revision);
-                                return failed(format!("watch on {} stalled: revision {modified} of {} came by no event; reconnecting", self.peer(), self.what()), true);
+                                return failed(
+                                    format!(
+                                        "watch on {} stalled: revision {modified} of {} came by no event; reconnecting",
+                                        self.peer(),
+                                        self.what()
+                                    ),
+                                    true,
+                                );
                             }
                             if !out.send(SourceMsg::Unchanged).await {
                                 return WatchEnd::Shutdown;
@@ -224,7 +264,10 @@ impl EtcdSource {
             let Some(data) = frame.data_ref() else { continue };
             buffer.extend_from_slice(data);
             if buffer.len() as u64 > self.max_json() && !buffer.contains(&b'\n') {
-                return failed(SourceError::TooLarge { peer: self.peer(), what: self.what(), limit: self.max_size }.to_string(), false);
+                return failed(
+                    SourceError::TooLarge { peer: self.peer(), what: self.what(), limit: self.max_size }.to_string(),
+                    false,
+                );
             }
             while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
                 let line = buffer.split_to(end + 1);
@@ -242,11 +285,22 @@ impl EtcdSource {
     }
 
     /// Handles one watch response; `Ok(false)` to stop (shutdown), `Err` to end the stream.
-    async fn on_message(&self, line: &[u8], revision: &mut Option<i64>, out: &Outbox, backoff: &mut Backoff) -> Result<bool, WatchEnd> {
+    async fn on_message(
+        &self,
+        line: &[u8],
+        revision: &mut Option<i64>,
+        out: &Outbox,
+        backoff: &mut Backoff,
+    ) -> Result<bool, WatchEnd> {
         let failed = |message: String| WatchEnd::Failed { message, stalled: false };
-        let message: Value = serde_json::from_slice(line).map_err(|e| failed(self.protocol(format!("watch message is not JSON: {e}")).to_string()))?;
+        let message: Value = serde_json::from_slice(line)
+            .map_err(|e| failed(self.protocol(format!("watch message is not JSON: {e}")).to_string()))?;
         if let Some(error) = message.get("error") {
-            return Err(failed(format!("watch on {} failed: {}", self.peer(), error.get("message").and_then(Value::as_str).unwrap_or("unknown error"))));
+            return Err(failed(format!(
+                "watch on {} failed: {}",
+                self.peer(),
+                error.get("message").and_then(Value::as_str).unwrap_or("unknown error")
+            )));
         }
         let Some(result) = message.get("result") else { return Ok(true) };
         if result.get("canceled").and_then(Value::as_bool) == Some(true) {
@@ -265,16 +319,26 @@ impl EtcdSource {
                 continue;
             }
             msg = Some(match event.get("type").and_then(Value::as_str) {
-                Some("DELETE") => SourceMsg::Error { message: format!("{} was deleted at {}", self.what(), self.peer()), stalled: false },
+                Some("DELETE") => SourceMsg::Error {
+                    message: format!("{} was deleted at {}", self.what(), self.peer()),
+                    stalled: false,
+                },
                 _ => match self.decode_value(kv) {
-                    Ok((content, modified)) => SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") }),
+                    Ok((content, modified)) => {
+                        SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") })
+                    }
                     Err(e) => SourceMsg::Error { message: e.to_string(), stalled: false },
                 },
             });
         }
         if result.get("created").and_then(Value::as_bool) == Some(true) {
             backoff.reset();
-            tracing::debug!("etcd {}: watching {} from revision {}", self.peer(), self.what(), revision.unwrap_or(0) + 1);
+            tracing::debug!(
+                "etcd {}: watching {} from revision {}",
+                self.peer(),
+                self.what(),
+                revision.unwrap_or(0) + 1
+            );
         }
         if let Some(r) = header_revision {
             *revision = Some(revision.map_or(r, |old| old.max(r)));

@@ -26,7 +26,12 @@ const SETTLE: Duration = Duration::from_millis(50);
 
 impl FileSource {
     pub fn new(spec: &SyncSpec, path: &Path) -> FileSource {
-        FileSource { path: path.to_owned(), interval: spec.poll_interval, max_size: spec.max_size, retry_max: spec.retry_max }
+        FileSource {
+            path: path.to_owned(),
+            interval: spec.poll_interval,
+            max_size: spec.max_size,
+            retry_max: spec.retry_max,
+        }
     }
 
     pub async fn fetch(&mut self) -> Result<Fetched, SourceError> {
@@ -54,12 +59,21 @@ impl FileSource {
             Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
                 Ok(()) => Some(w),
                 Err(e) => {
-                    tracing::warn!("cannot watch {} ({e}); reading {} every {}", dir.display(), self.path.display(), humantime::format_duration(self.interval));
+                    tracing::warn!(
+                        "cannot watch {} ({e}); reading {} every {}",
+                        dir.display(),
+                        self.path.display(),
+                        humantime::format_duration(self.interval)
+                    );
                     None
                 }
             },
             Err(e) => {
-                tracing::warn!("cannot watch files ({e}); reading {} every {}", self.path.display(), humantime::format_duration(self.interval));
+                tracing::warn!(
+                    "cannot watch files ({e}); reading {} every {}",
+                    self.path.display(),
+                    humantime::format_duration(self.interval)
+                );
                 None
             }
         };
@@ -70,7 +84,11 @@ impl FileSource {
                 Ok(fetched) => {
                     backoff.reset();
                     let hash = content_hash(&fetched.content);
-                    let msg = if last_hash.as_deref() == Some(hash.as_str()) { SourceMsg::Unchanged } else { SourceMsg::Value(fetched) };
+                    let msg = if last_hash.as_deref() == Some(hash.as_str()) {
+                        SourceMsg::Unchanged
+                    } else {
+                        SourceMsg::Value(fetched)
+                    };
                     last_hash = Some(hash);
                     if !out.send(msg).await {
                         return;

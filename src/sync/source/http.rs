@@ -60,7 +60,9 @@ impl HttpSource {
         let peer = client::peer_of(&self.url);
         let what = self.url.path().to_owned();
         let reply = self.client.fetch(request, self.timeout, self.max_size).await.map_err(|e| match e {
-            crate::sync::client::ClientError::TooLarge { limit, .. } => SourceError::TooLarge { peer: peer.clone(), what: what.clone(), limit },
+            crate::sync::client::ClientError::TooLarge { limit, .. } => {
+                SourceError::TooLarge { peer: peer.clone(), what: what.clone(), limit }
+            }
             other => SourceError::Client(other),
         })?;
         match reply.status {
@@ -98,7 +100,8 @@ impl HttpSource {
                 }
                 Err(e) => {
                     // A refused body (too large) will be refused again: keep the normal pace.
-                    let delay = if matches!(e, SourceError::TooLarge { .. }) { self.interval } else { backoff.next_delay() };
+                    let delay =
+                        if matches!(e, SourceError::TooLarge { .. }) { self.interval } else { backoff.next_delay() };
                     if !out.error(&e, e.is_timeout()).await {
                         return;
                     }

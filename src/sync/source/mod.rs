@@ -141,7 +141,8 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(200);
 
     pub fn new(cap: Duration) -> Backoff {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         Backoff { next: Self::FIRST.min(cap), cap, seed: u64::from(nanos) ^ (u64::from(std::process::id()) << 32) | 1 }
     }
 
