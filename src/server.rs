@@ -262,7 +262,7 @@ fn delayed_stop(shutdown: &CancellationToken, live: &Arc<LiveState>) -> Cancella
         let delay = live.serving.load().config.shutdown_delay;
         if !delay.is_zero() {
             tracing::info!(
-                "shutdown delay {}: still accepting and serving new connections while traffic is moved away (readiness fails already)",
+                "shutdown delay {}: still accepting and serving new connections while traffic is moved away (readiness fails already); signal again to exit at once",
                 humantime::format_duration(delay)
             );
             tokio::time::sleep(delay).await;
