@@ -10,18 +10,6 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 
-/// The admin address, read from the start-up line ("; admin API on http://ADDR").
-fn admin_addr(sidecar: &Sidecar) -> SocketAddr {
-    let line = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
-    line.split("admin API on http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .trim_end_matches(';')
-        .parse()
-        .unwrap()
-}
-
 /// A plain HTTP/1.1 request to the admin API: (status, content-type, body).
 async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (StatusCode, String, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -59,7 +47,7 @@ async fn probes_and_status_describe_the_running_proxy() {
         "--admin",
         "127.0.0.1:0",
     ]);
-    let addr = admin_addr(&sidecar);
+    let addr = sidecar.admin_addr();
 
     assert_eq!(admin(addr, "GET", "/healthz", None).await.0, StatusCode::OK);
     let (status, content_type, body) = admin(addr, "GET", "/readyz", None).await;
@@ -112,7 +100,7 @@ async fn post_reload_applies_a_new_certificate_and_reports_refusals() {
         "--reload-debounce",
         "1h",
     ]);
-    let addr = admin_addr(&sidecar);
+    let addr = sidecar.admin_addr();
 
     let second = pki.issue("second");
     install(&second);
@@ -158,7 +146,7 @@ async fn state_changing_routes_need_the_token_when_one_is_set() {
         "--admin-token-file",
         token_file.to_str().unwrap(),
     ]);
-    let addr = admin_addr(&sidecar);
+    let addr = sidecar.admin_addr();
     assert_eq!(admin(addr, "POST", "/reload", None).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(admin(addr, "POST", "/reload", Some("wrong")).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(admin(addr, "POST", "/reload", Some("s3cret-token")).await.0, StatusCode::OK);
@@ -205,7 +193,7 @@ async fn readyz_turns_503_at_once_on_sigterm_while_requests_drain() {
         "--shutdown-delay",
         "0s",
     ]);
-    let addr = admin_addr(&sidecar);
+    let addr = sidecar.admin_addr();
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     let in_flight = tokio::spawn(async move { conn.get("/slow/1500").await });
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -282,7 +270,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     )
     .unwrap();
     let sidecar = Sidecar::start(&["--config", config.to_str().unwrap()]);
-    let addr = admin_addr(&sidecar);
+    let addr = sidecar.admin_addr();
 
     let (status, content_type, body) = admin(addr, "GET", "/metrics", None).await;
     assert_eq!(status, StatusCode::OK);

@@ -142,8 +142,7 @@ async fn a_stalled_access_log_never_blocks_requests() {
     eprintln!("{} requests in {:?}, slowest {slowest:?}", CLIENTS * PER_CLIENT, started.elapsed());
     assert!(slowest < Duration::from_secs(2), "a request waited {slowest:?}: the access log blocked it");
 
-    let admin = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
-    let admin = admin.split("admin API on http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let admin = sidecar.admin_addr();
     let metrics = std::process::Command::new("curl").args(["-s", &format!("http://{admin}/metrics")]).output().unwrap();
     let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
     let dropped: f64 = metrics

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -66,18 +66,7 @@ async fn tls_after(
 async fn open_after(addr: SocketAddr, prefix: &[u8], ca_pem: &[u8], http2: bool) -> HttpsConnection {
     let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
     let tls = tls_after(addr, prefix, ca_pem, alpn).await.expect("TLS handshake after the PROXY header");
-    let negotiated = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-    let io = TokioIo::new(tls);
-    if http2 {
-        assert_eq!(negotiated.as_deref(), Some(&b"h2"[..]), "ALPN must select h2");
-        let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
-        tokio::spawn(conn);
-        HttpsConnection::H2(send)
-    } else {
-        let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-        tokio::spawn(conn);
-        HttpsConnection::H1(send)
-    }
+    HttpsConnection::over(tls, http2).await
 }
 
 /// Opens a connection after `prefix`, GETs `/` and returns the X-Forwarded-For the app saw.
@@ -291,15 +280,7 @@ async fn metric(admin: SocketAddr, key: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_headers_are_counted_as_failed_handshakes() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--proxy-protocol", "--admin", "127.0.0.1:0"]).await;
-    let line = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
-    let admin: SocketAddr = line
-        .split("admin API on http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .trim_end_matches(';')
-        .parse()
-        .unwrap();
+    let admin = sidecar.admin_addr();
     let ca = pki.ca_pem.as_bytes();
     assert!(tls_after(sidecar.addr, b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n", ca, &[b"http/1.1"]).await.is_err());
     {

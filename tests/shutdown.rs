@@ -12,18 +12,6 @@ use common::*;
 use http::StatusCode;
 use tokio::net::TcpStream;
 
-/// The admin address, read from the start-up line ("; admin API on http://ADDR").
-fn admin_addr(sidecar: &Sidecar) -> SocketAddr {
-    let line = sidecar.logs.wait_for("admin API on http://", Duration::from_secs(5));
-    line.split("admin API on http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .trim_end_matches(';')
-        .parse()
-        .unwrap()
-}
-
 /// GET /readyz on the admin API: (status, body).
 async fn readyz(admin: SocketAddr) -> (u16, String) {
     tokio::task::spawn_blocking(move || http_exchange(admin, "GET", "/readyz", &[], "").expect("the admin API answers"))
@@ -88,7 +76,7 @@ async fn during_the_shutdown_delay_readiness_fails_but_new_connections_are_serve
 {
     const DELAY: Duration = Duration::from_secs(1);
     let mut s = setup(&["--shutdown-delay", "1s", "--drain-timeout", "10s"], |_| {}).await;
-    let admin = admin_addr(&s.sidecar);
+    let admin = s.sidecar.admin_addr();
     let ca = s.pki.ca_pem.as_bytes().to_vec();
     assert_eq!(readyz(admin).await.0, 200);
 
@@ -174,7 +162,7 @@ async fn during_the_shutdown_delay_readiness_fails_but_new_connections_are_serve
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn default_delay_is_5s_and_a_second_signal_during_it_exits_at_once() {
     let mut s = setup(&[], |_| {}).await;
-    let admin = admin_addr(&s.sidecar);
+    let admin = s.sidecar.admin_addr();
     s.sidecar.signal("TERM");
     wait_log(&s.sidecar, "shutdown delay 5s: still accepting", Duration::from_secs(2));
     let mut conn = HttpsConnection::open(s.sidecar.addr, s.pki.ca_pem.as_bytes(), false).await;

@@ -11,17 +11,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn admin_addr(sidecar: &Sidecar) -> std::net::SocketAddr {
-    let line = sidecar.logs.wait_for("admin API on http://", T);
-    line.split("admin API on http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .trim_end_matches(';')
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_proxy_runs_sync_tables_and_reloads_a_synced_certificate() {
     let upstream = Upstream::start().await;
@@ -61,7 +50,7 @@ async fn the_proxy_runs_sync_tables_and_reloads_a_synced_certificate() {
         ),
     );
     let sidecar = Sidecar::start(&["--config", config.to_str().unwrap(), "--admin", "127.0.0.1:0"]);
-    let admin = admin_addr(&sidecar);
+    let admin = sidecar.admin_addr();
     tokio::task::block_in_place(|| {
         // --require-source: the third table was synced before the proxy said it listens.
         assert_eq!(read_text(&app_dest), "{\"v\": 1}");

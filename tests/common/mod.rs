@@ -323,6 +323,14 @@ impl LogLines {
         }
     }
 
+    /// The socket address logged right after `marker` ("listening on https://ADDR ...",
+    /// "; admin API on http://ADDR"), waiting for the line.
+    pub fn address_after(&self, marker: &str, timeout: Duration) -> SocketAddr {
+        let line = self.wait_for(marker, timeout);
+        let addr = line.split(marker).nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap_or("");
+        addr.trim_end_matches(';').parse().unwrap_or_else(|e| panic!("no address after {marker:?} ({e}): {line}"))
+    }
+
     pub fn count(&self, needle: &str) -> usize {
         self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
@@ -359,13 +367,7 @@ impl Sidecar {
         configure(&mut cmd);
         let mut sidecar = Sidecar::spawn(cmd);
         sidecar.state_dir = Some(state_dir);
-        let line = sidecar.logs.wait_for("listening on https://", Duration::from_secs(20));
-        let addr = line
-            .split("listening on https://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("address in log line");
-        sidecar.addr = addr.parse().expect("socket address in the listening line");
+        sidecar.addr = sidecar.logs.address_after("listening on https://", Duration::from_secs(20));
         sidecar
     }
 
@@ -394,6 +396,11 @@ impl Sidecar {
             });
         }
         Sidecar { child, addr: "0.0.0.0:0".parse().unwrap(), logs, state_dir: None }
+    }
+
+    /// The admin API's address, from the start-up line ("; admin API on http://ADDR").
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.logs.address_after("admin API on http://", Duration::from_secs(5))
     }
 
     pub fn pid(&self) -> u32 {
@@ -535,6 +542,11 @@ impl HttpsConnection {
         let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
         let tls =
             tls_connect(addr, client_config(ca_pem, alpn), "localhost").await.expect("TLS handshake with the sidecar");
+        HttpsConnection::over(tls, http2).await
+    }
+
+    /// Speaks HTTP/2 or HTTP/1.1 over an established TLS session, checking that ALPN agreed.
+    pub async fn over(tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>, http2: bool) -> HttpsConnection {
         let negotiated = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
         let io = TokioIo::new(tls);
         if http2 {
