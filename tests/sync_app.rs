@@ -128,7 +128,9 @@ fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the
     write(&dest, "{\"v\": 1}");
     write(&source, "{\"v\": 1}");
     let app = LegacyApp::start(&dest, Some(&pid_file));
-    let sync = SyncProcess::start(&[
+    let health_url = app.health_url();
+    // The same sidecar each time it is (re)started in this test.
+    let args = [
         "--source",
         s(&source),
         "--dest",
@@ -136,14 +138,15 @@ fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the
         "--pid-file",
         s(&pid_file),
         "--health-url",
-        &app.health_url(),
+        &health_url,
         "--health-timeout",
         "2s",
         "--poll-interval",
         "100ms",
         "--min-quiet",
         "50ms",
-    ]);
+    ];
+    let sync = SyncProcess::start(&args);
     sync.wait_state("config.json", "synced", T);
 
     let bad = "{\"v\": 2, \"healthy\": false}";
@@ -169,22 +172,7 @@ fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the
     let (admin_before, mut sync) = (sync.admin, sync);
     sync.proc.signal("TERM");
     assert!(sync.proc.wait_exit(T).success());
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--pid-file",
-        s(&pid_file),
-        "--health-url",
-        &app.health_url(),
-        "--health-timeout",
-        "2s",
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-    ]);
+    let sync = SyncProcess::start(&args);
     assert_ne!(sync.admin, admin_before);
     sync.wait_state("config.json", "rolled-back", T);
     sync.proc.logs.wait_for("was rejected before; not applied again", T);
