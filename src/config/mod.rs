@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Uri};
+use http::Uri;
 
 use crate::cli::ProxyArgs;
 use crate::tls::{CertPair, ClientAuth, TlsInputs};
@@ -121,8 +121,6 @@ pub enum CertSource {
 pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub upstream: Upstream,
-    /// `upstream` as a header value, for X-Forwarded-Host fallbacks and logs.
-    pub upstream_host: HeaderValue,
     pub forwarded: ForwardedPolicy,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -157,8 +155,6 @@ impl ProxyConfig {
         };
         ProxyConfig {
             listen: args.listen,
-            upstream_host: HeaderValue::from_str(args.upstream.authority().as_str())
-                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             upstream: args.upstream.clone(),
             forwarded: args.forwarded_headers,
             timeouts: Timeouts {
