@@ -331,6 +331,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub upstream_connect_timeout: Duration,
 
+    /// An idle keep-alive connection to the upstream is closed after this. Keep it below the
+    /// app's own keep-alive timeout (Node.js and uvicorn: 5s), or a request can meet a
+    /// connection the app is closing; a new one costs a few microseconds on loopback
+    #[arg(long, env = "SIDECAR_UPSTREAM_IDLE_TIMEOUT", value_name = "DURATION", default_value = "4s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
     /// Time allowed for a client to finish the TLS handshake
     #[arg(long, env = "SIDECAR_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub tls_handshake_timeout: Duration,

@@ -118,6 +118,25 @@ async fn upstream_connections_are_pooled_and_kept_alive() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn idle_upstream_connections_are_closed_after_the_upstream_idle_timeout() {
+    let (upstream, pki, sidecar) =
+        proxy_in_front_of_upstream(&["--workers", "1", "--upstream-idle-timeout", "300ms"]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    assert_eq!(conn.get("/").await.0, StatusCode::OK);
+    let log = upstream.log.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the idle upstream connection to be closed", Duration::from_secs(10), || {
+            log.closed.load(Ordering::SeqCst) == 1
+        })
+    })
+    .await
+    .unwrap();
+    // The client's own connection stays open; its next request gets a new upstream connection.
+    assert_eq!(conn.get("/").await.0, StatusCode::OK);
+    assert_eq!(upstream.log.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn dead_upstream_gives_502_naming_the_cause_and_the_proxy_keeps_serving() {
     // A port that was just free: bind, note, release.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();

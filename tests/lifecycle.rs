@@ -888,6 +888,7 @@ fn proxy_help_lists_every_option_with_its_default_and_environment_variable() {
         ("--forwarded-headers <POLICY>", "SIDECAR_FORWARDED_HEADERS", Some("overwrite")),
         ("--upstream-timeout <DURATION>", "SIDECAR_UPSTREAM_TIMEOUT", Some("60s")),
         ("--upstream-connect-timeout <DURATION>", "SIDECAR_UPSTREAM_CONNECT_TIMEOUT", Some("5s")),
+        ("--upstream-idle-timeout <DURATION>", "SIDECAR_UPSTREAM_IDLE_TIMEOUT", Some("4s")),
         ("--tls-handshake-timeout <DURATION>", "SIDECAR_TLS_HANDSHAKE_TIMEOUT", Some("10s")),
         ("--header-read-timeout <DURATION>", "SIDECAR_HEADER_READ_TIMEOUT", Some("20s")),
         ("--idle-timeout <DURATION>", "SIDECAR_IDLE_TIMEOUT", Some("60s")),

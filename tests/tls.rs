@@ -232,6 +232,28 @@ async fn openssl_negotiates_tls12_and_tls13_and_verifies_the_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn server_prefers_aes_128_gcm_over_the_clients_aes_256_and_still_serves_chacha_only_clients() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let served = serve(&[]).await;
+    // OpenSSL lists AES-256-GCM first; the server's order picks AES-128-GCM.
+    for (flag, suite) in [("-tls1_3", "TLS_AES_128_GCM_SHA256"), ("-tls1_2", "ECDHE-ECDSA-AES128-GCM-SHA256")] {
+        let (ok, out) = s_client_async(served.sidecar.addr, served.pki.ca_path(), &[flag]).await;
+        assert!(ok, "s_client {flag} failed:\n{out}");
+        assert!(out.contains(&format!("Cipher is {suite}")), "{flag} should negotiate {suite}:\n{out}");
+    }
+    let (ok, out) = s_client_async(
+        served.sidecar.addr,
+        served.pki.ca_path(),
+        &["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"],
+    )
+    .await;
+    assert!(ok, "a ChaCha20-only client is served:\n{out}");
+    assert!(out.contains("Cipher is TLS_CHACHA20_POLY1305_SHA256"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn openssl_tls11_and_tls10_are_refused() {
     if !require_tool("openssl") {
         return;

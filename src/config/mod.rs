@@ -94,6 +94,7 @@ pub struct Timeouts {
     pub idle: Duration,
     pub upstream: Duration,
     pub upstream_connect: Duration,
+    pub upstream_idle: Duration,
     pub drain: Duration,
 }
 
@@ -163,6 +164,7 @@ impl ProxyConfig {
                 idle: args.idle_timeout,
                 upstream: args.upstream_timeout,
                 upstream_connect: args.upstream_connect_timeout,
+                upstream_idle: args.upstream_idle_timeout,
                 drain: args.drain_timeout,
             },
             limits: Limits { max_header_size: args.max_header_size, max_connections: args.max_connections },

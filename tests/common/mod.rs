@@ -86,6 +86,8 @@ pub fn pattern_checksum(len: u64) -> u64 {
 #[derive(Default)]
 pub struct UpstreamLog {
     pub connections: AtomicUsize,
+    /// Connections that have ended, from either side.
+    pub closed: AtomicUsize,
     pub requests: Mutex<Vec<SeenRequest>>,
 }
 
@@ -136,11 +138,13 @@ impl Upstream {
                 task_log.connections.fetch_add(1, Ordering::SeqCst);
                 let log = task_log.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(req, log.clone()));
+                    let service_log = log.clone();
+                    let service = service_fn(move |req| handle(req, service_log.clone()));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), service)
                         .with_upgrades()
                         .await;
+                    log.closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
