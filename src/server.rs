@@ -27,7 +27,7 @@ use crate::admin::{AdminServer, ProxyAdmin};
 use crate::cli::ProxyArgs;
 use crate::config::{CertSource, ProxyConfig};
 use crate::metrics::{metrics, HandshakeFailure};
-use crate::proxy::upstream::{self, UpstreamClient};
+use crate::proxy::upstream::UpstreamPool;
 use crate::proxy::ConnectionContext;
 use crate::proxy_protocol::{self, ProxyHeaderError};
 use crate::reload::{LiveState, Reloader};
@@ -319,7 +319,7 @@ impl Worker {
     }
 
     async fn accept_loop(&self, listener: &TcpListener) {
-        let mut pool = WorkerPool::default();
+        let mut pools = WorkerPool::default();
         let mut last_full_warning: Option<tokio::time::Instant> = None;
         loop {
             let (tcp, peer) = tokio::select! {
@@ -352,32 +352,34 @@ impl Worker {
             let _ = tcp.set_nodelay(true);
             // Both snapshots are read once here: this connection keeps them for its whole life.
             let snapshot = self.live.serving.load_full();
-            let client = pool.client_for(&snapshot.config);
+            let upstream = pools.pool_for(&snapshot.config);
             let acceptor = TlsAcceptor::from(self.live.tls.server_config());
             let access_log = self.access_log.clone();
-            let serving = Serving { acceptor, snapshot, client, access_log };
+            let serving = Serving { acceptor, snapshot, upstream, access_log };
             tokio::spawn(serve_connection(tcp, peer, serving, self.shutdown.clone(), permit));
         }
     }
 }
 
-/// The worker's upstream client, kept across config reloads while its pool settings stay the
-/// same, so that a reload does not throw away warm keep-alive connections.
+/// The worker's upstream pool, kept across config reloads while the upstream and the pool's
+/// settings stay the same, so that a reload does not throw away warm keep-alive connections.
 #[derive(Default)]
 struct WorkerPool {
-    /// The connect and idle timeouts the client was built with.
-    current: Option<((Duration, Duration), UpstreamClient)>,
+    /// The upstream, connect and idle timeouts the pool was built with.
+    current: Option<(PoolSettings, UpstreamPool)>,
 }
 
+type PoolSettings = (crate::config::Upstream, Duration, Duration);
+
 impl WorkerPool {
-    fn client_for(&mut self, config: &ProxyConfig) -> UpstreamClient {
-        let settings = (config.timeouts.upstream_connect, config.timeouts.upstream_idle);
+    fn pool_for(&mut self, config: &ProxyConfig) -> UpstreamPool {
+        let settings = (config.upstream.clone(), config.timeouts.upstream_connect, config.timeouts.upstream_idle);
         match &self.current {
-            Some((built_with, client)) if *built_with == settings => client.clone(),
+            Some((built_with, pool)) if *built_with == settings => pool.clone(),
             _ => {
-                let client = upstream::client(config);
-                self.current = Some((settings, client.clone()));
-                client
+                let pool = UpstreamPool::new(config);
+                self.current = Some((settings, pool.clone()));
+                pool
             }
         }
     }
@@ -387,7 +389,7 @@ impl WorkerPool {
 struct Serving {
     acceptor: TlsAcceptor,
     snapshot: Arc<ServingSnapshot>,
-    client: UpstreamClient,
+    upstream: UpstreamPool,
     access_log: Option<Arc<AccessLog>>,
 }
 
@@ -398,7 +400,7 @@ async fn serve_connection(
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
-    let Serving { acceptor, snapshot, client, access_log } = serving;
+    let Serving { acceptor, snapshot, upstream, access_log } = serving;
     let timeouts = &snapshot.config.timeouts;
     let _open = metrics().connection_opened();
     // The PROXY header and the TLS handshake share one deadline: a balancer writes its header
@@ -472,7 +474,7 @@ async fn serve_connection(
     });
     let activity = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
-    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), client, peer, client_subject, access_log));
+    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), upstream, peer, client_subject, access_log));
     let service = service_fn(move |request| {
         let context = context.clone();
         async move { Ok::<_, std::convert::Infallible>(context.forward(request).await) }

@@ -118,6 +118,25 @@ async fn upstream_connections_are_pooled_and_kept_alive() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn upstream_closing_its_connections_fails_no_request() {
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--workers", "1"]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    for round in 0..20 {
+        let (status, _, body) = conn.get("/close").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "closing\n"), "round {round}");
+        // The pooled connection the app just closed is not handed to this request.
+        assert_eq!(conn.get("/").await.0, StatusCode::OK, "round {round}");
+    }
+    let log = upstream.log.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the app to see its 20 closes", Duration::from_secs(10), || log.closed.load(Ordering::SeqCst) >= 20)
+    })
+    .await
+    .unwrap();
+    assert!(upstream.log.connections.load(Ordering::SeqCst) >= 21, "each close costs a new connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn idle_upstream_connections_are_closed_after_the_upstream_idle_timeout() {
     let (upstream, pki, sidecar) =
         proxy_in_front_of_upstream(&["--workers", "1", "--upstream-idle-timeout", "300ms"]).await;

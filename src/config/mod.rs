@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::Uri;
 
 use crate::cli::ProxyArgs;
@@ -20,6 +20,8 @@ use crate::tls::{CertPair, ClientAuth, TlsInputs};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     authority: Authority,
+    /// The authority as a header value, made once.
+    host_header: http::HeaderValue,
 }
 
 impl Upstream {
@@ -27,15 +29,16 @@ impl Upstream {
         &self.authority
     }
 
-    /// The absolute URI the pooled client needs to pick a connection; it sends origin-form.
-    /// Reuses the original path bytes (a reference-count bump, no copy).
-    pub fn request_uri(&self, original: &Uri) -> Result<Uri, http::uri::InvalidUriParts> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query =
-            Some(original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
-        Uri::from_parts(parts)
+    /// The origin-form target sent upstream: the client's path and query, whatever form the
+    /// client used (an HTTP/2 request carries scheme and authority too). Reuses the original
+    /// path bytes (a reference-count bump, no copy).
+    pub fn request_uri(&self, original: &Uri) -> Uri {
+        Uri::from(original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))
+    }
+
+    /// The Host field for a request that came without one.
+    pub fn host_header(&self) -> http::HeaderValue {
+        self.host_header.clone()
     }
 }
 
@@ -75,7 +78,8 @@ pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
     } else {
         format!("{authority}:80").parse().map_err(|e| format!("`{s}`: {e}"))?
     };
-    Ok(Upstream { authority })
+    let host_header = http::HeaderValue::from_str(authority.as_str()).map_err(|e| format!("`{s}`: {e}"))?;
+    Ok(Upstream { authority, host_header })
 }
 
 /// Treatment of X-Forwarded-* headers that arrive from the client.
@@ -281,12 +285,15 @@ mod tests {
     }
 
     #[test]
-    fn request_uri_keeps_path_and_query() {
+    fn request_uri_is_origin_form_with_path_and_query() {
         let up = parse_upstream("http://127.0.0.1:8080").unwrap();
-        let uri = up.request_uri(&"/a/b?c=d".parse().unwrap()).unwrap();
-        assert_eq!(uri.to_string(), "http://127.0.0.1:8080/a/b?c=d");
-        let uri = up.request_uri(&"https://example.com".parse().unwrap()).unwrap();
-        assert_eq!(uri.to_string(), "http://127.0.0.1:8080/");
+        let uri = up.request_uri(&"/a/b?c=d".parse().unwrap());
+        assert_eq!(uri.to_string(), "/a/b?c=d");
+        let uri = up.request_uri(&"https://example.com/x?y".parse().unwrap());
+        assert_eq!(uri.to_string(), "/x?y");
+        let uri = up.request_uri(&"https://example.com".parse().unwrap());
+        assert_eq!(uri.to_string(), "/");
+        assert_eq!(up.host_header(), "127.0.0.1:8080");
     }
 
     fn config_from(argv: &[&str]) -> ProxyConfig {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
+use http::header::{CONTENT_TYPE, HOST};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -19,14 +19,14 @@ use hyper_util::rt::TokioIo;
 use crate::access_log::{AccessLog, ConnectionFacts, PendingEntry};
 use crate::config::ProxyConfig;
 use crate::metrics::{metrics, UpstreamFailure};
-use upstream::UpstreamClient;
+use upstream::UpstreamPool;
 
-pub use body::ProxyBody;
+pub use body::{ProxyBody, UpstreamBody};
 
 /// Everything one client connection needs to forward its requests, fixed when it was accepted.
 pub struct ConnectionContext {
     pub config: Arc<ProxyConfig>,
-    pub client: UpstreamClient,
+    pub pool: UpstreamPool,
     pub peer: SocketAddr,
     /// The peer's IP, formatted once per connection rather than once per request.
     peer_ip: HeaderValue,
@@ -38,7 +38,7 @@ pub struct ConnectionContext {
 impl ConnectionContext {
     pub fn new(
         config: Arc<ProxyConfig>,
-        client: UpstreamClient,
+        pool: UpstreamPool,
         peer: SocketAddr,
         client_subject: Option<String>,
         access_log: Option<(Arc<AccessLog>, ConnectionFacts)>,
@@ -46,7 +46,7 @@ impl ConnectionContext {
         let peer_ip =
             HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let client_subject = client_subject.and_then(|s| HeaderValue::from_str(&s).ok());
-        ConnectionContext { config, client, peer, peer_ip, client_subject, access_log }
+        ConnectionContext { config, pool, peer, peer_ip, client_subject, access_log }
     }
 
     /// Forwards `request` to the upstream and returns its response, or the proxy's own error
@@ -89,24 +89,26 @@ impl ConnectionContext {
         if let Some(subject) = &self.client_subject {
             parts.headers.insert(headers::X_CLIENT_CERT_SUBJECT, subject.clone());
         }
-        parts.uri = match self.config.upstream.request_uri(&parts.uri) {
-            Ok(uri) => uri,
-            Err(_) => {
-                return plain_response(StatusCode::BAD_REQUEST, "400 Bad Request: unusable request target\n".to_owned())
-            }
-        };
+        parts.uri = self.config.upstream.request_uri(&parts.uri);
         parts.version = Version::HTTP_11;
+        // An HTTP/1.0 client may send no Host; HTTP/1.1 requires one.
+        if !parts.headers.contains_key(HOST) {
+            parts.headers.insert(HOST, self.config.upstream.host_header());
+        }
         let method = parts.method.clone();
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
         let upstream = &self.config.upstream;
         let timeout = self.config.timeouts.upstream;
-        let mut response = match tokio::time::timeout(timeout, self.client.request(Request::from_parts(parts, body)))
-            .await
+        let (mut response, connection) = match tokio::time::timeout(
+            timeout,
+            self.pool.send(Request::from_parts(parts, body)),
+        )
+        .await
         {
-            Ok(Ok(response)) => response,
+            Ok(Ok(exchange)) => exchange,
             Ok(Err(error)) => {
-                let reason = upstream::describe_failure(&error);
+                let reason = error.describe();
                 tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream request failed: {reason}");
                 metrics().upstream_failure(if error.is_connect() {
                     UpstreamFailure::Connect
@@ -132,6 +134,8 @@ impl ConnectionContext {
         };
 
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some();
+        // An upgraded connection belongs to the splice, not to the pool.
+        let connection = (!switching).then_some(connection);
         if let (true, Some(client_side)) = (switching, client_upgrade) {
             let upstream_side = hyper::upgrade::on(&mut response);
             tokio::spawn(splice(client_side, upstream_side, self.peer));
@@ -140,7 +144,7 @@ impl ConnectionContext {
         // An intermediary speaks its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 app must
         // not downgrade, and so close, the client's keep-alive connection.
         *response.version_mut() = client_version;
-        response.map(ProxyBody::Upstream)
+        response.map(|body| ProxyBody::Upstream(UpstreamBody::new(body, connection)))
     }
 }
 

@@ -124,6 +124,7 @@ impl Upstream {
     /// - `/slow/{ms}`: answers after `ms` milliseconds
     /// - `/bytes/{n}`: streams n bytes of the test pattern
     /// - `/count` (any method): reads the body as a stream, answers "count sum"
+    /// - `/close`: answers, then closes its connection (`Connection: close`)
     /// - `/hop`: answers with hop-by-hop headers that a proxy must strip
     /// - `/ws`: WebSocket echo
     /// - anything else: 200 "hello from upstream"
@@ -171,6 +172,7 @@ async fn handle(mut req: Request<Incoming>, log: Arc<UpstreamLog>) -> Result<Res
             let (count, sum) = drain_body(req.into_body()).await;
             Response::new(full(format!("{count} {sum}")))
         }
+        ["close"] => Response::builder().header("connection", "close").body(full("closing\n")).unwrap(),
         ["hop"] => Response::builder()
             .header("connection", "keep-alive, x-upstream-private")
             .header("keep-alive", "timeout=5")
