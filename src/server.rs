@@ -373,11 +373,18 @@ type PoolSettings = (crate::config::Upstream, Duration, Duration);
 
 impl WorkerPool {
     fn pool_for(&mut self, config: &ProxyConfig) -> UpstreamPool {
-        let settings = (config.upstream.clone(), config.timeouts.upstream_connect, config.timeouts.upstream_idle);
+        let timeouts = &config.timeouts;
         match &self.current {
-            Some((built_with, pool)) if *built_with == settings => pool.clone(),
+            Some(((upstream, connect, idle), pool))
+                if *upstream == config.upstream
+                    && *connect == timeouts.upstream_connect
+                    && *idle == timeouts.upstream_idle =>
+            {
+                pool.clone()
+            }
             _ => {
                 let pool = UpstreamPool::new(config);
+                let settings = (config.upstream.clone(), timeouts.upstream_connect, timeouts.upstream_idle);
                 self.current = Some((settings, pool.clone()));
                 pool
             }

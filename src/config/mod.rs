@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery};
+use http::uri::Authority;
 use http::Uri;
 
 use crate::cli::ProxyArgs;
@@ -27,13 +27,6 @@ pub struct Upstream {
 impl Upstream {
     pub fn authority(&self) -> &Authority {
         &self.authority
-    }
-
-    /// The origin-form target sent upstream: the client's path and query, whatever form the
-    /// client used (an HTTP/2 request carries scheme and authority too). Reuses the original
-    /// path bytes (a reference-count bump, no copy).
-    pub fn request_uri(&self, original: &Uri) -> Uri {
-        Uri::from(original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))
     }
 
     /// The Host field for a request that came without one.
@@ -285,15 +278,9 @@ mod tests {
     }
 
     #[test]
-    fn request_uri_is_origin_form_with_path_and_query() {
-        let up = parse_upstream("http://127.0.0.1:8080").unwrap();
-        let uri = up.request_uri(&"/a/b?c=d".parse().unwrap());
-        assert_eq!(uri.to_string(), "/a/b?c=d");
-        let uri = up.request_uri(&"https://example.com/x?y".parse().unwrap());
-        assert_eq!(uri.to_string(), "/x?y");
-        let uri = up.request_uri(&"https://example.com".parse().unwrap());
-        assert_eq!(uri.to_string(), "/");
-        assert_eq!(up.host_header(), "127.0.0.1:8080");
+    fn host_header_is_the_upstream_authority_with_its_port() {
+        assert_eq!(parse_upstream("http://127.0.0.1:8080").unwrap().host_header(), "127.0.0.1:8080");
+        assert_eq!(parse_upstream("http://app").unwrap().host_header(), "app:80");
     }
 
     fn config_from(argv: &[&str]) -> ProxyConfig {

@@ -89,7 +89,7 @@ impl ConnectionContext {
         if let Some(subject) = &self.client_subject {
             parts.headers.insert(headers::X_CLIENT_CERT_SUBJECT, subject.clone());
         }
-        parts.uri = self.config.upstream.request_uri(&parts.uri);
+        parts.uri = headers::origin_form(&parts.uri);
         parts.version = Version::HTTP_11;
         // An HTTP/1.0 client may send no Host; HTTP/1.1 requires one.
         if !parts.headers.contains_key(HOST) {
