@@ -23,3 +23,4 @@ pub mod server;
 pub mod shutdown;
 pub mod sync;
 pub mod tls;
+pub mod transport;

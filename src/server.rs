@@ -32,6 +32,7 @@ use crate::proxy::ConnectionContext;
 use crate::proxy_protocol::{self, ProxyHeaderError};
 use crate::reload::{LiveState, Reloader};
 use crate::tls::{self, TlsContext, TlsError, TlsState};
+use crate::transport::TlsSocket;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -465,7 +466,7 @@ async fn serve_connection(
     };
     // A handshake in progress holds no request: shutdown abandons it rather than waiting.
     let handshake = tokio::select! {
-        handshake = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => handshake,
+        handshake = tokio::time::timeout_at(deadline, acceptor.accept(TlsSocket::new(tcp))) => handshake,
         _ = shutdown.cancelled() => return,
     };
     let stream = match handshake {
