@@ -311,23 +311,6 @@ fn check_warns_about_a_certificate_that_expires_within_30_days() {
     assert!(warnings[0].contains("expires in 9 days") || warnings[0].contains("expires in 10 days"), "{run:?}");
 }
 
-/// Sockets in LISTEN state on `port` (IPv4 and IPv6), from /proc/net.
-fn listeners_on(port: u16) -> usize {
-    let mut count = 0;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else { continue };
-            let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) && *state == "0A" {
-                count += 1;
-            }
-        }
-    }
-    count
-}
-
 #[test]
 fn check_binds_no_port_and_contacts_no_upstream() {
     let pki = TestPki::new();

@@ -118,6 +118,33 @@ async fn upstream_connections_are_pooled_and_kept_alive() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn each_worker_listens_on_the_port_and_a_second_proxy_is_refused_it() {
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--workers", "3"]).await;
+    let port = sidecar.addr.port();
+    assert_eq!(listeners_on(port), 3, "one listening socket per worker");
+    // The workers' SO_REUSEPORT group must not take in another process that asks for the port.
+    let leaf = pki.issue("second");
+    let (listen, url) = (sidecar.addr.to_string(), upstream.url());
+    let args: Vec<String> = ["proxy", "--listen", &listen, "--upstream", &url, "--cert", leaf.cert.to_str().unwrap()]
+        .into_iter()
+        .chain(["--key", leaf.key.to_str().unwrap()])
+        .map(String::from)
+        .collect();
+    let (code, output) =
+        tokio::task::spawn_blocking(move || run_to_exit(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+            .await
+            .unwrap();
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains(&format!("cannot listen on {listen}: Address already in use")), "{output}");
+    assert_eq!(listeners_on(port), 3, "the refused proxy left nothing listening");
+    // New connections are spread over the three sockets; every one is served.
+    for round in 0..24 {
+        let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), round % 2 == 0).await;
+        assert_eq!(conn.get("/").await.0, StatusCode::OK, "connection {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn upstream_closing_its_connections_fails_no_request() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--workers", "1"]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
