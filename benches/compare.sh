@@ -463,7 +463,7 @@ VERDICTS=()
 
 names=(keepalive "h1 keep-alive" h2 "h2" handshake "handshake" big "1 MiB")
 LEGEND="h1 keep-alive: wrk -t2 -c64 on /, HTTP/1.1 keep-alive. h2: h2load -t2 -c64 -m10 on / (floor: h2c).
-handshake: wrk -t2 -c16 -H 'Connection: close', a full TLS handshake per request. 1 MiB: wrk -t2 -c16 on /big.
+handshake: wrk -t2 -c16 -H 'Connection: close', a new TLS handshake per request (wrk resumes its TLS 1.3 session: PSK + X25519, no signature). 1 MiB: wrk -t2 -c16 on /big.
 memory: RSS summed over the proxy's processes; per-connection KB = (RSS with N idle keep-alive TLS
 connections - RSS before) / N, on freshly started proxies."
 declare -A cpu_target=([keepalive]=0.75 [h2]=0.75 [handshake]=0.55 [big]=0.8)

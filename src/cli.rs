@@ -382,8 +382,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_ACCESS_LOG_FORMAT", value_enum, default_value = "combined", value_name = "FORMAT")]
     pub access_log_format: crate::access_log::AccessLogFormat,
 
-    /// Worker threads serving connections, each with its own event loop and upstream pool
-    /// [default: one per CPU]
+    /// Worker threads serving connections, each with its own event loop, listening socket
+    /// (SO_REUSEPORT: the kernel spreads new connections) and upstream pool [default: one per CPU]
     #[arg(long, env = "SIDECAR_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
