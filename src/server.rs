@@ -283,21 +283,25 @@ fn bind_workers(
     if addr.port() != 0 {
         // Another process's SO_REUSEPORT group (a second sidecar, say) would otherwise be joined
         // silently and share our traffic: a socket without the option must be able to bind.
-        listening_socket(addr, false).map_err(err)?;
+        bound_socket(addr, false).map_err(err)?;
     }
-    let first = listening_socket(addr, true).map_err(err)?;
+    let first = bound_socket(addr, true).map_err(err)?;
     let local_addr = first.local_addr().map_err(err)?;
-    let backlog = backlog.clamp(128, 4096);
-    let mut listeners = vec![first.listen(backlog).map_err(err)?.into_std().map_err(err)?];
+    let mut sockets = vec![first];
     for _ in 1..workers.max(1) {
         // Same port as the first, also when `addr` asked for an ephemeral one.
-        let socket = listening_socket(local_addr, true).map_err(err)?;
-        listeners.push(socket.listen(backlog).map_err(err)?.into_std().map_err(err)?);
+        sockets.push(bound_socket(local_addr, true).map_err(err)?);
     }
+    let backlog = backlog.clamp(128, 4096);
+    let listeners = sockets
+        .into_iter()
+        .map(|socket| socket.listen(backlog)?.into_std())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(err)?;
     Ok((listeners, local_addr))
 }
 
-fn listening_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpSocket> {
+fn bound_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(reuse_port)?;
@@ -377,7 +381,8 @@ impl Worker {
             let access_log = self.access_log.clone();
             let serving = Serving { acceptor, snapshot, upstream, access_log };
             // Boxed: the connection future is kilobytes, and tokio moves a spawned future by value
-            // through several calls (callgrind: 60k instructions of memcpy per connection).
+            // through several calls (callgrind: 78k fewer instructions per connection boxed,
+            // nearly all memcpy).
             tokio::spawn(Box::pin(serve_connection(tcp, peer, serving, self.shutdown.clone(), permit)));
         }
     }

@@ -125,11 +125,9 @@ async fn each_worker_listens_on_the_port_and_a_second_proxy_is_refused_it() {
     // The workers' SO_REUSEPORT group must not take in another process that asks for the port.
     let leaf = pki.issue("second");
     let (listen, url) = (sidecar.addr.to_string(), upstream.url());
-    let args: Vec<String> = ["proxy", "--listen", &listen, "--upstream", &url, "--cert", leaf.cert.to_str().unwrap()]
-        .into_iter()
-        .chain(["--key", leaf.key.to_str().unwrap()])
-        .map(String::from)
-        .collect();
+    let (cert, key) = (leaf.cert.to_str().unwrap(), leaf.key.to_str().unwrap());
+    let args: Vec<String> =
+        ["proxy", "--listen", &listen, "--upstream", &url, "--cert", cert, "--key", key].map(String::from).into();
     let (code, output) =
         tokio::task::spawn_blocking(move || run_to_exit(&args.iter().map(String::as_str).collect::<Vec<_>>()))
             .await
