@@ -177,22 +177,8 @@ fn non_loopback_admin_without_token_is_refused_at_start() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_turns_503_at_once_on_sigterm_while_requests_drain() {
-    let upstream = Upstream::start().await;
-    let pki = TestPki::new();
-    let leaf = pki.issue("leaf");
-    let url = upstream.url();
-    let mut sidecar = Sidecar::start(&[
-        "--upstream",
-        &url,
-        "--cert",
-        leaf.cert.to_str().unwrap(),
-        "--key",
-        leaf.key.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-        "--shutdown-delay",
-        "0s",
-    ]);
+    let (upstream, pki, mut sidecar) =
+        proxy_in_front_of_upstream(&["--admin", "127.0.0.1:0", "--shutdown-delay", "0s"]).await;
     let addr = sidecar.admin_addr();
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     let in_flight = tokio::spawn(async move { conn.get("/slow/1500").await });

@@ -252,14 +252,10 @@ async fn without_the_flag_a_header_is_not_accepted_and_plain_clients_work() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_environment_variable_turns_it_on() {
-    let upstream = Upstream::start().await;
-    let pki = TestPki::new();
-    let leaf = pki.issue("leaf");
-    let url = upstream.url();
-    let args = ["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
-    let sidecar = Sidecar::start_with(&args, |cmd| {
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream_with(&[], |cmd| {
         cmd.env("SIDECAR_PROXY_PROTOCOL", "true");
-    });
+    })
+    .await;
     let ca = pki.ca_pem.as_bytes();
     assert!(tls_connect(sidecar.addr, client_config(ca, &[b"http/1.1"]), "localhost").await.is_err());
     assert_eq!(forwarded_for(&upstream, sidecar.addr, &v2_tcp4(&[]), ca, true).await, "203.0.113.7");

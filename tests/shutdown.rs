@@ -52,22 +52,9 @@ struct Setup {
 }
 
 async fn setup(extra: &[&str], configure: impl FnOnce(&mut std::process::Command)) -> Setup {
-    let upstream = Upstream::start().await;
-    let pki = TestPki::new();
-    let leaf = pki.issue("leaf");
-    let url = upstream.url();
-    let mut args = vec![
-        "--upstream",
-        &url,
-        "--cert",
-        leaf.cert.to_str().unwrap(),
-        "--key",
-        leaf.key.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-    ];
+    let mut args = vec!["--admin", "127.0.0.1:0"];
     args.extend_from_slice(extra);
-    let sidecar = Sidecar::start_with(&args, configure);
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream_with(&args, configure).await;
     Setup { upstream, pki, sidecar }
 }
 

@@ -500,20 +500,7 @@ async fn client_of_a_removed_ca_cannot_resume_its_old_session() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_client_ca_a_claimed_subject_never_reaches_the_upstream() {
     for policy in ["overwrite", "trust"] {
-        let upstream = Upstream::start().await;
-        let pki = TestPki::new();
-        let leaf = pki.issue("leaf");
-        let url = upstream.url();
-        let sidecar = Sidecar::start(&[
-            "--upstream",
-            &url,
-            "--cert",
-            s(&leaf.cert),
-            "--key",
-            s(&leaf.key),
-            "--forwarded-headers",
-            policy,
-        ]);
+        let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--forwarded-headers", policy]).await;
         let config = no_resumption(client_config(pki.ca_pem.as_bytes(), H1));
         let result = attempt(
             sidecar.addr,

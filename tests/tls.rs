@@ -78,13 +78,7 @@ struct Served {
 }
 
 async fn serve(extra: &[&str]) -> Served {
-    let upstream = Upstream::start().await;
-    let pki = TestPki::new();
-    let leaf = pki.issue("leaf");
-    let url = upstream.url();
-    let mut args = vec!["--upstream", &url, "--cert", s(&leaf.cert), "--key", s(&leaf.key)];
-    args.extend_from_slice(extra);
-    let sidecar = Sidecar::start(&args);
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(extra).await;
     Served { upstream, pki, sidecar }
 }
 

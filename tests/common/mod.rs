@@ -503,13 +503,21 @@ pub fn run_to_exit(args: &[&str]) -> (i32, String) {
 
 /// An upstream, a test PKI and a sidecar in front of the upstream with a leaf of that PKI.
 pub async fn proxy_in_front_of_upstream(extra: &[&str]) -> (Upstream, TestPki, Sidecar) {
+    proxy_in_front_of_upstream_with(extra, |_| {}).await
+}
+
+/// The same, with the sidecar's command adjusted first (environment variables, say).
+pub async fn proxy_in_front_of_upstream_with(
+    extra: &[&str],
+    configure: impl FnOnce(&mut Command),
+) -> (Upstream, TestPki, Sidecar) {
     let upstream = Upstream::start().await;
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
     let url = upstream.url();
     let mut args = vec!["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let sidecar = Sidecar::start(&args);
+    let sidecar = Sidecar::start_with(&args, configure);
     (upstream, pki, sidecar)
 }
 
