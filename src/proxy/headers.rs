@@ -15,10 +15,10 @@ pub const X_CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-
 const HTTPS: HeaderValue = HeaderValue::from_static("https");
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
 
-/// Fields that describe one connection, never the message, so a proxy must not pass them on.
+/// Fields that describe one connection, never the message, so a proxy must not pass them on
+/// (`Connection` itself is handled apart, as it also names others).
 fn is_hop_by_hop(name: &str) -> bool {
-    matches!(name, "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade")
-        || name.starts_with("proxy-")
+    matches!(name, "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade") || name.starts_with("proxy-")
 }
 
 /// Which fields that only the proxy may assert are removed from a message.
@@ -34,12 +34,11 @@ pub enum ClientClaims {
 
 impl ClientClaims {
     fn strips(self, name: &str) -> bool {
-        let identity = name == X_CLIENT_CERT_SUBJECT.as_str();
-        let forwarding = name.starts_with("x-forwarded-") || name == "forwarded";
+        let identity = || name == X_CLIENT_CERT_SUBJECT.as_str();
         match self {
             ClientClaims::Keep => false,
-            ClientClaims::StripIdentity => identity,
-            ClientClaims::StripAll => identity || forwarding,
+            ClientClaims::StripIdentity => identity(),
+            ClientClaims::StripAll => identity() || name.starts_with("x-forwarded-") || name == "forwarded",
         }
     }
 }
@@ -53,24 +52,48 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
-/// Removes hop-by-hop fields, and the client claims that `claims` names.
-/// With `keep_upgrade` the `Upgrade` field survives and `Connection: upgrade` is set again, so
-/// that a protocol switch reaches the other side. Allocates only when something is removed.
+/// True when a `Connection` line carries `close`: hyper's HTTP/1 server then closes the
+/// connection after its response, whatever else the lines say.
+pub fn asks_to_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))))
+}
+
+/// Removes hop-by-hop fields, the fields `Connection` names, and the client claims that
+/// `claims` names. With `keep_upgrade` the `Upgrade` field survives and `Connection: upgrade` is
+/// set again, so that a protocol switch reaches the other side.
+///
+/// Runs twice per request, so it allocates only when it finds something to remove besides
+/// `Connection` itself: the usual `Connection: keep-alive` costs one pass over the names and one
+/// removal.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, claims: ClientClaims) {
+    let mut connection = false;
     let mut doomed: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(CONNECTION) {
-        let Ok(list) = value.to_str() else { continue };
-        for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                doomed.push(name);
-            }
-        }
-    }
     for name in headers.keys() {
         let s = name.as_str();
-        if is_hop_by_hop(s) || claims.strips(s) {
+        if *name == CONNECTION {
+            connection = true;
+        } else if is_hop_by_hop(s) || claims.strips(s) {
             doomed.push(name.clone());
         }
+    }
+    if connection {
+        for value in headers.get_all(CONNECTION) {
+            let Ok(list) = value.to_str() else { continue };
+            for token in list.split(',').map(str::trim) {
+                // The usual tokens name hop-by-hop fields, already found by name above.
+                let known = token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("upgrade");
+                if known || token.is_empty() || !headers.contains_key(token) {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    doomed.push(name);
+                }
+            }
+        }
+        headers.remove(CONNECTION);
     }
     for name in &doomed {
         if !(keep_upgrade && name == UPGRADE) {
@@ -93,14 +116,16 @@ pub fn prepare_request(parts: &mut Parts, peer_ip: &HeaderValue, policy: Forward
     strip_hop_by_hop(headers, upgrade, claims);
 
     // HTTP/2 carries the host in :authority; an HTTP/1.1 upstream needs it as Host.
-    if !headers.contains_key(HOST) {
-        if let Some(authority) = parts.uri.authority() {
-            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                headers.insert(HOST, value);
+    let host = match headers.get(HOST) {
+        Some(host) => Some(host.clone()),
+        None => {
+            let authority = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            if let Some(value) = &authority {
+                headers.insert(HOST, value.clone());
             }
+            authority
         }
-    }
-    let host = headers.get(HOST).cloned();
+    };
 
     match policy {
         ForwardedPolicy::Overwrite => {
@@ -196,6 +221,18 @@ mod tests {
         }
         assert_eq!(p.headers["x-kept"], "1");
         assert_eq!(p.headers["host"], "example.com");
+    }
+
+    #[test]
+    fn every_connection_line_is_honoured() {
+        let mut headers = HeaderMap::new();
+        headers.append(CONNECTION, HeaderValue::from_static("close, X-One"));
+        headers.append(CONNECTION, HeaderValue::from_static(" ,x-two"));
+        for name in ["x-one", "x-two", "x-kept"] {
+            headers.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut headers, false, ClientClaims::Keep);
+        assert_eq!(headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]
