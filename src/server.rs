@@ -15,7 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -54,7 +54,7 @@ pub enum StartError {
 pub struct ServingSnapshot {
     pub config: Arc<ProxyConfig>,
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<BoxingExecutor>,
 }
 
 impl ServingSnapshot {
@@ -69,9 +69,25 @@ impl ServingSnapshot {
             // about 5% less CPU queued).
             .writev(true)
             .keep_alive(true);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        let mut http2 = http2::Builder::new(BoxingExecutor);
         http2.timer(TokioTimer::new()).max_header_list_size(config.limits.max_header_size).keep_alive_interval(None);
         ServingSnapshot { config: Arc::new(config), http1, http2 }
+    }
+}
+
+/// Spawns each HTTP/2 stream's future on the current runtime, boxed first. The future holds the
+/// whole forwarding state (kilobytes); boxed, it is moved once into the heap instead of being
+/// copied through every layer of `tokio::spawn`.
+#[derive(Clone, Copy)]
+struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(Box::pin(future));
     }
 }
 
@@ -476,7 +492,7 @@ async fn serve_connection(
         handshake = tokio::time::timeout_at(deadline, acceptor.accept(TlsSocket::new(tcp))) => handshake,
         _ = shutdown.cancelled() => return,
     };
-    let stream = match handshake {
+    let mut stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "TLS handshake failed: {e}");
@@ -490,9 +506,11 @@ async fn serve_connection(
         }
     };
     metrics().handshake_ok();
-    let (_, session) = stream.get_ref();
+    stream.get_mut().0.handshake_finished();
+    let (socket, session) = stream.get_ref();
     let client_subject = tls::client_subject(session.peer_certificates());
     let http2 = session.alpn_protocol() == Some(b"h2");
+    let last_response = (!http2).then(|| socket.last_response());
     let access_log = access_log.map(|log| {
         let tls_version = match session.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
@@ -508,7 +526,14 @@ async fn serve_connection(
     });
     let activity = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
-    let context = Arc::new(ConnectionContext::new(snapshot.config.clone(), upstream, peer, client_subject, access_log));
+    let context = Arc::new(ConnectionContext::new(
+        snapshot.config.clone(),
+        upstream,
+        peer,
+        client_subject,
+        access_log,
+        last_response,
+    ));
     let service = service_fn(move |request| {
         let context = context.clone();
         async move { Ok::<_, std::convert::Infallible>(context.forward(request).await) }

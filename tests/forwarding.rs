@@ -234,6 +234,28 @@ async fn large_response_streams_through_intact() {
     }
 }
 
+/// A connection's last response may be held for close_notify (src/transport.rs), but a streamed
+/// one to a request that asks to close flows as it comes: its first chunk arrives while the
+/// upstream still holds the second.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_response_to_a_closing_request_is_not_held_back() {
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let request = Request::get("/drip").header("connection", "close").body(empty()).unwrap();
+    let response = conn.send(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first chunk arrives while the upstream still holds the second")
+        .expect("a frame")
+        .expect("a good frame");
+    assert_eq!(first.data_ref().map(|d| &d[..]), Some(&b"first\n"[..]));
+    upstream.log.drip.notify_one();
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect()).await.expect("the rest arrives").unwrap();
+    assert_eq!(&rest.to_bytes()[..], b"second\n");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_gib_upload_streams_without_growing_memory() {
     let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;

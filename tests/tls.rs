@@ -828,3 +828,48 @@ async fn tls12_session_is_resumed() {
     assert_eq!(kind, Some(rustls::HandshakeKind::Resumed), "the second connection resumes the first session");
     assert_eq!(version, Some(rustls::ProtocolVersion::TLSv1_2));
 }
+
+/// Reads until the bytes received end with `suffix` (a whole response on a kept connection).
+async fn read_until_suffix<S: AsyncRead + Unpin>(stream: &mut S, suffix: &str, limit: Duration) -> String {
+    let mut got = Vec::new();
+    let done = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(suffix.as_bytes()) {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(done.is_ok() && text.ends_with(suffix), "no whole response within {limit:?}: {text:?}");
+    text
+}
+
+/// The proxy holds the TLS 1.3 ticket back until the first response, and a small last response
+/// until close_notify (src/transport.rs). Both still arrive: the ticket with the first response
+/// of a kept connection, the last response whole and followed by a clean close_notify (a close
+/// without one is an error to a rustls client), and the ticket resumes the next connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn held_ticket_and_last_response_arrive_and_the_close_is_clean() {
+    let served = serve(&[]).await;
+    let config = client_config(served.pki.ca_pem.as_bytes(), &[b"http/1.1"]);
+    let mut tls = tls_connect(served.sidecar.addr, config.clone(), "localhost").await.expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let first = read_until_suffix(&mut tls, HELLO, Duration::from_secs(5)).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert_eq!(tls.get_ref().1.tls13_tickets_received(), 1, "the ticket came with the first response");
+
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut last = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut last)).await.expect("closed in time");
+    read.expect("the connection ends with close_notify");
+    let last = String::from_utf8_lossy(&last);
+    assert!(last.starts_with("HTTP/1.1 200") && last.ends_with(HELLO), "{last}");
+
+    let again = tls_connect(served.sidecar.addr, config, "localhost").await.expect("TLS handshake");
+    assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+}

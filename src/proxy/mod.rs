@@ -19,7 +19,14 @@ use hyper_util::rt::TokioIo;
 use crate::access_log::{AccessLog, ConnectionFacts, PendingEntry};
 use crate::config::ProxyConfig;
 use crate::metrics::{metrics, UpstreamFailure};
+use crate::transport::LastResponse;
 use upstream::UpstreamPool;
+
+/// The largest body of a connection's last response that the client socket holds until
+/// close_notify, to send both, and the FIN, in one segment (see `transport`). A body that has
+/// not arrived yet is waited for, as nginx's response buffering does; a larger or unsized one
+/// streams as it comes.
+const HELD_LAST_RESPONSE: u64 = 16 * 1024;
 
 pub use body::{ProxyBody, UpstreamBody};
 
@@ -33,6 +40,8 @@ pub struct ConnectionContext {
     /// The verified client certificate's subject, under mutual TLS.
     client_subject: Option<HeaderValue>,
     access_log: Option<(Arc<AccessLog>, ConnectionFacts)>,
+    /// HTTP/1 connections: where a response that ends the connection is announced.
+    last_response: Option<LastResponse>,
 }
 
 impl ConnectionContext {
@@ -42,11 +51,12 @@ impl ConnectionContext {
         peer: SocketAddr,
         client_subject: Option<String>,
         access_log: Option<(Arc<AccessLog>, ConnectionFacts)>,
+        last_response: Option<LastResponse>,
     ) -> ConnectionContext {
         let peer_ip =
             HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let client_subject = client_subject.and_then(|s| HeaderValue::from_str(&s).ok());
-        ConnectionContext { config, pool, peer, peer_ip, client_subject, access_log }
+        ConnectionContext { config, pool, peer, peer_ip, client_subject, access_log, last_response }
     }
 
     /// Forwards `request` to the upstream and returns its response, or the proxy's own error
@@ -55,7 +65,15 @@ impl ConnectionContext {
         let started = std::time::Instant::now();
         let version = request.version();
         let entry = self.access_log.as_ref().map(|(log, facts)| PendingEntry::begin(log, started, *facts, &request));
+        // hyper closes the connection after answering a request that asks to close.
+        let last = self.last_response.as_ref().filter(|_| headers::asks_to_close(request.headers()));
         let response = self.forward_inner(request).await;
+        if let Some(last) = last {
+            let small = hyper::body::Body::size_hint(response.body()).exact().is_some_and(|n| n <= HELD_LAST_RESPONSE);
+            if small && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                last.announce();
+            }
+        }
         let elapsed = started.elapsed();
         metrics().request(version, response.status(), elapsed);
         let Some(mut entry) = entry else { return response };

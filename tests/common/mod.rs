@@ -89,6 +89,8 @@ pub struct UpstreamLog {
     /// Connections that have ended, from either side.
     pub closed: AtomicUsize,
     pub requests: Mutex<Vec<SeenRequest>>,
+    /// Lets `/drip` send its second chunk.
+    pub drip: tokio::sync::Notify,
 }
 
 #[derive(Clone, Debug)]
@@ -124,6 +126,7 @@ impl Upstream {
     /// - `/slow/{ms}`: answers after `ms` milliseconds
     /// - `/bytes/{n}`: streams n bytes of the test pattern
     /// - `/count` (any method): reads the body as a stream, answers "count sum"
+    /// - `/drip`: streams "first\n", then "second\n" once `log.drip` is notified
     /// - `/close`: answers, then closes its connection (`Connection: close`)
     /// - `/hop`: answers with hop-by-hop headers that a proxy must strip
     /// - `/ws`: WebSocket echo
@@ -168,6 +171,23 @@ async fn handle(mut req: Request<Incoming>, log: Arc<UpstreamLog>) -> Result<Res
             Response::new(full("slow response\n"))
         }
         ["bytes", n] => Response::new(pattern_stream(n.parse().unwrap_or(0))),
+        ["drip"] => {
+            let chunks = futures_util::stream::unfold(0, move |sent| {
+                let log = log.clone();
+                async move {
+                    let chunk = match sent {
+                        0 => "first\n",
+                        1 => {
+                            log.drip.notified().await;
+                            "second\n"
+                        }
+                        _ => return None,
+                    };
+                    Some((Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(chunk))), sent + 1))
+                }
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(chunks)))
+        }
         ["count"] => {
             let (count, sum) = drain_body(req.into_body()).await;
             Response::new(full(format!("{count} {sum}")))
