@@ -5,14 +5,16 @@
 //! is back".
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use atomic_waker::AtomicWaker;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -552,6 +554,10 @@ async fn serve_connection(
 }
 
 /// Polls a connection to its end, asking it to finish gracefully on shutdown or when idle.
+///
+/// The watch for those two is polled only when its own waker fires, not at every wake-up of the
+/// connection: polling it locks the shutdown token's mutex and checks a timer, which under
+/// `select!` cost ~800 instructions per keep-alive request (callgrind), about 2 %.
 async fn drive<C>(
     connection: C,
     graceful_shutdown: impl Fn(Pin<&mut C>),
@@ -561,26 +567,49 @@ async fn drive<C>(
 ) where
     C: std::future::Future<Output = hyper::Result<()>>,
 {
-    tokio::pin!(connection);
-    let mut closing = false;
-    loop {
+    let watch = async {
         tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, "connection ended with an error: {e}");
-                }
-                return;
-            }
-            _ = shutdown.cancelled(), if !closing => {
-                closing = true;
-                graceful_shutdown(connection.as_mut());
-            }
-            _ = idle.expired(), if !closing => {
-                tracing::debug!(%peer, "closing idle connection");
-                closing = true;
+            _ = shutdown.cancelled() => {}
+            _ = idle.expired() => tracing::debug!(%peer, "closing idle connection"),
+        }
+    };
+    tokio::pin!(connection, watch);
+    let watch_wake = Arc::new(WatchWake { woken: AtomicBool::new(true), task: AtomicWaker::new() });
+    let watch_waker = std::task::Waker::from(watch_wake.clone());
+    let mut watching = true;
+    let result = std::future::poll_fn(|cx| {
+        if watching {
+            watch_wake.task.register(cx.waker());
+            if watch_wake.woken.swap(false, Ordering::AcqRel)
+                && watch.as_mut().poll(&mut Context::from_waker(&watch_waker)).is_ready()
+            {
+                watching = false;
                 graceful_shutdown(connection.as_mut());
             }
         }
+        connection.as_mut().poll(cx)
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, "connection ended with an error: {e}");
+    }
+}
+
+/// The waker handed to a connection's watch: notes that the watch has something to say and
+/// wakes the connection's task.
+struct WatchWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for WatchWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
