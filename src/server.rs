@@ -323,6 +323,8 @@ fn bound_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpSocket
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(reuse_port)?;
+    // Accepted connections inherit it (Linux): no setsockopt per connection.
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     Ok(socket)
 }
@@ -391,7 +393,6 @@ impl Worker {
                     }
                 }
             };
-            let _ = tcp.set_nodelay(true);
             // Both snapshots are read once here: this connection keeps them for its whole life.
             let snapshot = self.live.serving.load_full();
             let upstream = pools.pool_for(&snapshot.config);
@@ -699,5 +700,19 @@ impl IdleWatch {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listening_socket() {
+        let (listeners, addr) = bind_workers("127.0.0.1:0".parse().unwrap(), 128, 1).unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        listeners[0].set_nonblocking(false).unwrap();
+        let (accepted, _) = listeners[0].accept().unwrap();
+        assert!(accepted.nodelay().unwrap(), "small responses must not wait for Nagle's algorithm");
     }
 }
