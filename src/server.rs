@@ -85,7 +85,7 @@ struct BoxingExecutor;
 
 impl<F> hyper::rt::Executor<F> for BoxingExecutor
 where
-    F: std::future::Future + Send + 'static,
+    F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     fn execute(&self, future: F) {
@@ -566,7 +566,7 @@ async fn drive<C>(
     shutdown: &CancellationToken,
     peer: SocketAddr,
 ) where
-    C: std::future::Future<Output = hyper::Result<()>>,
+    C: Future<Output = hyper::Result<()>>,
 {
     let watch = async {
         tokio::select! {

@@ -45,20 +45,21 @@ impl ClientClaims {
 
 /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE)
-        && headers
-            .get_all(CONNECTION)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+    headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
 }
 
 /// True when a `Connection` line carries `close`: hyper's HTTP/1 server then closes the
 /// connection after its response, whatever else the lines say.
 pub fn asks_to_close(headers: &HeaderMap) -> bool {
+    connection_has(headers, "close")
+}
+
+/// True when any `Connection` line lists `token` (case-insensitive, as hyper reads it).
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(CONNECTION)
         .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))))
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
 }
 
 /// Removes hop-by-hop fields, the fields `Connection` names, and the client claims that
@@ -296,6 +297,16 @@ mod tests {
         prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, true);
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["connection"], "upgrade");
+    }
+
+    #[test]
+    fn a_close_token_on_any_connection_line_asks_to_close() {
+        assert!(asks_to_close(&parts(|b| b.header("connection", "Close")).headers));
+        assert!(asks_to_close(
+            &parts(|b| b.header("connection", "keep-alive").header("connection", "te, close")).headers
+        ));
+        assert!(!asks_to_close(&parts(|b| b.header("connection", "keep-alive, closed")).headers));
+        assert!(!asks_to_close(&parts(|b| b.header("x-connection", "close")).headers));
     }
 
     #[test]
