@@ -147,13 +147,17 @@ fn peer_chain(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> V
     tls.get_ref().1.peer_certificates().expect("server certificates").iter().map(|c| c.as_ref().to_vec()).collect()
 }
 
-/// Reads until the peer closes (EOF or a reset/TLS error), returning what arrived; panics if
-/// the connection is still open after `limit`.
-async fn read_until_closed<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> Vec<u8> {
+/// Reads until the peer closes (EOF, a reset or a TLS error) or `done` holds for what arrived;
+/// returns it, and whether that happened within `limit`.
+async fn read_until<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: Duration,
+    done: impl Fn(&[u8]) -> bool,
+) -> (Vec<u8>, bool) {
     let mut got = Vec::new();
-    let closed = tokio::time::timeout(limit, async {
+    let ended = tokio::time::timeout(limit, async {
         let mut buf = [0u8; 4096];
-        loop {
+        while !done(&got) {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => got.extend_from_slice(&buf[..n]),
@@ -161,8 +165,23 @@ async fn read_until_closed<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration
         }
     })
     .await;
-    assert!(closed.is_ok(), "the proxy did not close the connection within {limit:?} (received {} bytes)", got.len());
+    (got, ended.is_ok())
+}
+
+/// Reads until the peer closes (EOF or a reset/TLS error), returning what arrived; panics if
+/// the connection is still open after `limit`.
+async fn read_until_closed<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> Vec<u8> {
+    let (got, closed) = read_until(stream, limit, |_| false).await;
+    assert!(closed, "the proxy did not close the connection within {limit:?} (received {} bytes)", got.len());
     got
+}
+
+/// Reads until the bytes received end with `suffix` (a whole response on a kept connection).
+async fn read_until_suffix<S: AsyncRead + Unpin>(stream: &mut S, suffix: &str, limit: Duration) -> String {
+    let (got, _) = read_until(stream, limit, |got| got.ends_with(suffix.as_bytes())).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(text.ends_with(suffix), "no whole response within {limit:?}: {text:?}");
+    text
 }
 
 /// A normal HTTPS GET still works and the process is still running.
@@ -827,24 +846,6 @@ async fn tls12_session_is_resumed() {
     let (kind, version) = handshake_and_get(served.sidecar.addr, config).await;
     assert_eq!(kind, Some(rustls::HandshakeKind::Resumed), "the second connection resumes the first session");
     assert_eq!(version, Some(rustls::ProtocolVersion::TLSv1_2));
-}
-
-/// Reads until the bytes received end with `suffix` (a whole response on a kept connection).
-async fn read_until_suffix<S: AsyncRead + Unpin>(stream: &mut S, suffix: &str, limit: Duration) -> String {
-    let mut got = Vec::new();
-    let done = tokio::time::timeout(limit, async {
-        let mut buf = [0u8; 4096];
-        while !got.ends_with(suffix.as_bytes()) {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&got).into_owned();
-    assert!(done.is_ok() && text.ends_with(suffix), "no whole response within {limit:?}: {text:?}");
-    text
 }
 
 /// The proxy holds the TLS 1.3 ticket back until the first response, and a small last response
