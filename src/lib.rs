@@ -1,7 +1,7 @@
 //! `sidecar`: a TLS-terminating reverse proxy that runs beside a legacy plain-HTTP app.
 //!
 //! The binary is a thin shell around this library; tests and benches drive the same code.
-// One audited exception: `memory::trim` calls glibc's malloc_trim.
+// One audited exception: `memory::collect` calls mimalloc's mi_collect.
 #![deny(unsafe_code)]
 
 pub mod access_log;

@@ -351,6 +351,8 @@ impl Worker {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::Builder::new().name(format!("sidecar-worker-{index}")).spawn(move || {
             runtime.block_on(async move {
+                // Each thread's allocator heap is its own: this worker hands back what it freed.
+                tokio::spawn(crate::memory::return_freed_memory(self.shutdown.clone()));
                 match TcpListener::from_std(listener) {
                     Ok(listener) => self.accept_loop(&listener).await,
                     Err(e) => tracing::error!("worker {index} cannot use the listening socket: {e}"),
