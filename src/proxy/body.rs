@@ -1,13 +1,16 @@
 //! The response body the proxy hands to hyper.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::net::TcpStream;
 
-use super::upstream::PooledConnection;
+use super::h1::{self, ChunkState, Decoded, Framing, ProtocolError};
+use super::upstream::{self, RequestBody, SendError, Shared, UpstreamConnection, UPSTREAM_READ_BUFFER};
 use crate::access_log::PendingEntry;
 
 /// Upstream bodies stream through untouched; the proxy's own answers are small and whole; with
@@ -20,39 +23,167 @@ pub enum ProxyBody {
     Local(Full<Bytes>),
 }
 
-/// An upstream response body; the connection it came on goes back to the pool once the body
-/// has been read to its end.
+/// Why an upstream response body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("reading the upstream response body: {0}")]
+    Io(std::io::Error),
+    #[error("upstream closed the connection in the middle of the response body")]
+    Closed,
+    #[error("upstream response body: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the client's request body failed: {0}")]
+    ClientBody(hyper::Error),
+}
+
+/// Where reading an upstream body is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    Length(u64),
+    Chunked(ChunkState),
+    UntilClose,
+    Done,
+}
+
+/// An upstream response body, read straight from its connection, which goes back to the pool
+/// once the body has been read to its end.
 pub struct UpstreamBody {
-    inner: Incoming,
-    connection: Option<PooledConnection>,
+    reading: Reading,
+    connection: Option<UpstreamConnection>,
+    /// Where the connection goes afterwards; `None` when it must not be reused.
+    pool: Option<Arc<Shared>>,
+    /// The rest of a request body the upstream answered before receiving all of.
+    pending_request: Option<Box<RequestBody>>,
+    /// A failure to report at the next poll (see `fail`).
+    failed: Option<BodyError>,
 }
 
 impl UpstreamBody {
-    /// `connection` is `None` for a connection that must not be reused (an upgraded one).
-    pub fn new(inner: Incoming, connection: Option<PooledConnection>) -> UpstreamBody {
-        UpstreamBody { inner, connection }
+    pub(super) fn empty() -> UpstreamBody {
+        UpstreamBody { reading: Reading::Done, connection: None, pool: None, pending_request: None, failed: None }
     }
 
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let poll = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = poll {
-            self.release();
+    pub(super) fn new(
+        connection: UpstreamConnection,
+        framing: Framing,
+        pool: Option<Arc<Shared>>,
+        pending_request: Option<Box<RequestBody>>,
+    ) -> UpstreamBody {
+        let reading = match framing {
+            Framing::Empty => Reading::Done,
+            Framing::Length(n) => Reading::Length(n),
+            Framing::Chunked => Reading::Chunked(ChunkState::Size),
+            Framing::UntilClose => Reading::UntilClose,
+        };
+        UpstreamBody { reading, connection: Some(connection), pool, pending_request, failed: None }
+    }
+
+    /// The connection of a 101 response, with what the upstream already sent past its head.
+    pub fn into_upgraded(mut self) -> Option<(TcpStream, Bytes)> {
+        let connection = self.connection.take()?;
+        Some((connection.tcp, connection.read_buf.freeze()))
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(error) = self.failed.take() {
+            return Poll::Ready(Some(Err(error)));
         }
-        poll
-    }
-
-    fn release(&mut self) {
-        if let Some(connection) = self.connection.take() {
-            connection.release();
+        let Some(connection) = self.connection.as_mut() else { return Poll::Ready(None) };
+        if let Some(pending) = self.pending_request.as_mut() {
+            match pending.poll_send(cx, &mut connection.tcp) {
+                Poll::Ready(Ok(())) => self.pending_request = None,
+                Poll::Ready(Err(SendError::Client(e))) => return self.fail(cx, BodyError::ClientBody(e)),
+                Poll::Ready(Err(SendError::Io(_))) => {
+                    self.pending_request = None;
+                    self.pool = None;
+                }
+                Poll::Pending => {}
+            }
+        }
+        loop {
+            let buf = &mut connection.read_buf;
+            let step = match &mut self.reading {
+                Reading::Done => Decoded::End,
+                Reading::Length(0) => Decoded::End,
+                Reading::Length(left) if !buf.is_empty() => {
+                    let n = (*left).min(buf.len() as u64);
+                    *left -= n;
+                    Decoded::Data(buf.split_to(n as usize).freeze())
+                }
+                Reading::UntilClose if !buf.is_empty() => Decoded::Data(buf.split().freeze()),
+                Reading::Length(_) | Reading::UntilClose => Decoded::More,
+                Reading::Chunked(state) => match h1::decode_chunked(state, buf, UPSTREAM_READ_BUFFER) {
+                    Ok(step) => step,
+                    Err(e) => return self.fail(cx, e.into()),
+                },
+            };
+            match step {
+                Decoded::Data(data) => {
+                    // The last bytes of a sized body: the connection is free before hyper,
+                    // which stops polling a body that reports its end, writes them.
+                    if self.reading == Reading::Length(0) {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decoded::Trailers(trailers) => {
+                    // Trailers are a body's last frame: hyper polls no further.
+                    self.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Decoded::End => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Decoded::More => {}
+            }
+            let want = match self.reading {
+                Reading::Length(left) => (left as usize).clamp(1024, UPSTREAM_READ_BUFFER),
+                _ => UPSTREAM_READ_BUFFER,
+            };
+            match ready!(connection.poll_fill(cx, want)) {
+                Ok(0) if self.reading == Reading::UntilClose => {
+                    self.pool = None;
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return self.fail(cx, BodyError::Closed),
+                Ok(_) => {}
+                Err(e) => return self.fail(cx, BodyError::Io(e)),
+            }
         }
     }
-}
 
-impl Drop for UpstreamBody {
-    // A body hyper never polls (empty, HEAD) ends here; one cut short drops its connection.
-    fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.release();
+    /// Ends the body with `error`, reported at the next poll rather than this one: hyper's
+    /// HTTP/1 server drops what it has not flushed yet when a body fails, so a failure found in
+    /// the same read as the head would otherwise lose the head too, and the client would see a
+    /// closed connection instead of a response cut short.
+    fn fail(&mut self, cx: &mut Context<'_>, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.reading = Reading::Done;
+        self.connection = None;
+        self.failed = Some(error);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// The body is complete: its connection goes back to the pool if it can be reused.
+    fn finish(&mut self) {
+        self.reading = Reading::Done;
+        let connection = self.connection.take();
+        if let (Some(connection), Some(pool), None) = (connection, self.pool.take(), &self.pending_request) {
+            upstream::release(&pool, connection);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading == Reading::Done && self.failed.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.reading {
+            Reading::Done if self.failed.is_none() => SizeHint::with_exact(0),
+            Reading::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
         }
     }
 }
@@ -80,9 +211,9 @@ impl Drop for LoggedBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(body) => body.poll_frame(cx),
             ProxyBody::Local(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
@@ -109,16 +240,16 @@ impl Body for ProxyBody {
     // Forwarded so that hyper frames the response as the upstream did (Content-Length).
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream(body) => body.inner.is_end_stream(),
-            ProxyBody::Logged(logged) => logged.inner.inner.is_end_stream(),
+            ProxyBody::Upstream(body) => body.is_end_stream(),
+            ProxyBody::Logged(logged) => logged.inner.is_end_stream(),
             ProxyBody::Local(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream(body) => body.inner.size_hint(),
-            ProxyBody::Logged(logged) => logged.inner.inner.size_hint(),
+            ProxyBody::Upstream(body) => body.size_hint(),
+            ProxyBody::Logged(logged) => logged.inner.size_hint(),
             ProxyBody::Local(body) => body.size_hint(),
         }
     }

@@ -55,7 +55,7 @@ pub fn asks_to_close(headers: &HeaderMap) -> bool {
 }
 
 /// True when any `Connection` line lists `token` (case-insensitive, as hyper reads it).
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(CONNECTION)
         .iter()

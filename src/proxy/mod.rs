@@ -2,6 +2,7 @@
 //! and splice upgraded (WebSocket) connections.
 
 pub mod body;
+pub mod h1;
 pub mod headers;
 pub mod upstream;
 
@@ -10,11 +11,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use crate::access_log::{AccessLog, ConnectionFacts, PendingEntry};
 use crate::config::ProxyConfig;
@@ -114,30 +118,13 @@ impl ConnectionContext {
             parts.headers.insert(HOST, self.config.upstream.host_header());
         }
         let method = parts.method.clone();
-        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
 
         let upstream = &self.config.upstream;
         let timeout = self.config.timeouts.upstream;
-        let (mut response, connection) = match tokio::time::timeout(
-            timeout,
-            self.pool.send(Request::from_parts(parts, body)),
-        )
-        .await
-        {
-            Ok(Ok(exchange)) => exchange,
-            Ok(Err(error)) => {
-                let reason = error.describe();
-                tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream request failed: {reason}");
-                metrics().upstream_failure(if error.is_connect() {
-                    UpstreamFailure::Connect
-                } else {
-                    UpstreamFailure::Other
-                });
-                return plain_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("502 Bad Gateway: upstream {upstream}: {reason}\n"),
-                );
-            }
+        let mut response = match tokio::time::timeout(timeout, self.pool.send(Request::from_parts(parts, body))).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return self.bad_gateway(&method, &path, &error.describe(), error.is_connect()),
             Err(_) => {
                 tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream gave no response within {timeout:?}");
                 metrics().upstream_failure(UpstreamFailure::Timeout);
@@ -151,33 +138,48 @@ impl ConnectionContext {
             }
         };
 
-        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some();
-        // An upgraded connection belongs to the splice, not to the pool.
-        let connection = (!switching).then_some(connection);
-        if let (true, Some(client_side)) = (switching, client_upgrade) {
-            let upstream_side = hyper::upgrade::on(&mut response);
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            let (Some(client_side), Some(upstream_side)) =
+                (client_upgrade, std::mem::replace(response.body_mut(), UpstreamBody::empty()).into_upgraded())
+            else {
+                let reason = h1::ProtocolError::UnexpectedUpgrade.to_string();
+                return self.bad_gateway(&method, &path, &reason, false);
+            };
             tokio::spawn(splice(client_side, upstream_side, self.peer));
         }
         headers::strip_hop_by_hop(response.headers_mut(), switching, headers::ClientClaims::Keep);
         // An intermediary speaks its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 app must
         // not downgrade, and so close, the client's keep-alive connection.
         *response.version_mut() = client_version;
-        response.map(|body| ProxyBody::Upstream(UpstreamBody::new(body, connection)))
+        response.map(ProxyBody::Upstream)
+    }
+
+    /// The 502 for a request the upstream did not answer properly, logged and counted.
+    fn bad_gateway(&self, method: &Method, path: &PathAndQuery, reason: &str, connect: bool) -> Response<ProxyBody> {
+        let upstream = &self.config.upstream;
+        tracing::warn!(peer = %self.peer, %upstream, %method, %path, "upstream request failed: {reason}");
+        metrics().upstream_failure(if connect { UpstreamFailure::Connect } else { UpstreamFailure::Other });
+        plain_response(StatusCode::BAD_GATEWAY, format!("502 Bad Gateway: upstream {upstream}: {reason}\n"))
     }
 }
 
-/// Copies bytes both ways between an upgraded client connection and the upstream's.
-async fn splice(client: OnUpgrade, upstream: OnUpgrade, peer: SocketAddr) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+/// Copies bytes both ways between an upgraded client connection and the upstream's, after
+/// what the upstream sent along with its 101.
+async fn splice(client: OnUpgrade, (mut upstream, early): (TcpStream, Bytes), peer: SocketAddr) {
+    let client = match client.await {
+        Ok(client) => client,
         Err(e) => {
             tracing::debug!(%peer, "protocol upgrade did not complete: {e}");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    let copied = async {
+        client.write_all(&early).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    };
+    if let Err(e) = copied.await {
         tracing::debug!(%peer, "upgraded connection ended: {e}");
     }
 }

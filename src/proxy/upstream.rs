@@ -1,30 +1,39 @@
-//! The keep-alive HTTP/1.1 connections to the upstream: one small pool per worker thread, and
-//! how their failures are described.
+//! The keep-alive HTTP/1.1 connections to the upstream: one small pool per worker thread, the
+//! exchange of one request and response head on them, and how their failures are described.
 //!
-//! Built on hyper's connection API rather than hyper-util's general client: the upstream is one
-//! fixed address, so there is no pool key to hash or URI to rebuild per request, and no task is
-//! spawned to wait for a connection to become reusable. Measured with callgrind, that general
-//! machinery was about a tenth of the proxy's user-space instructions per request.
+//! The upstream is one fixed address, so there is no pool key to hash or URI to rebuild per
+//! request. The exchange runs in the task serving the client (see `h1` for why), and the
+//! response body reads its connection directly (`body::UpstreamBody`).
 
-use std::error::Error as StdError;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::CONTENT_LENGTH;
+use http::{Method, Request, Response};
+use hyper::body::{Body, Incoming};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::body::UpstreamBody;
+use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
 use crate::config::ProxyConfig;
 
-/// The most one upstream read takes in (hyper's default grows to about 400 KiB). Large bodies
-/// then flow in cache-sized pieces, and a pooled connection holds at most this much: with 1 MiB
-/// responses, 64 KiB cut the proxy's CPU per response by about 12% against the default, the size
-/// nginx's tuned `proxy_buffer_size` uses too. It also bounds the upstream's response head, as
-/// that setting does in nginx.
-const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+/// The most one upstream read takes in. Large bodies then flow in cache-sized pieces, and a
+/// pooled connection holds at most this much: with 1 MiB responses, 64 KiB cut the proxy's CPU
+/// per response by about 12% against hyper's default (up to ~400 KiB), the size nginx's tuned
+/// `proxy_buffer_size` uses too. It also bounds the upstream's response head, as that setting
+/// does in nginx.
+pub(super) const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
+/// What a read for a response head makes room for: heads are small.
+const HEAD_READ: usize = 8 * 1024;
 
 /// The idle timeout is checked in this many steps: an idle connection is closed after between
 /// (STEPS-1)/STEPS and all of `--upstream-idle-timeout`, never later.
@@ -36,8 +45,16 @@ pub enum UpstreamError {
     Connect(std::io::Error),
     #[error("connect timed out after {0:?}")]
     ConnectTimeout(Duration),
+    #[error("sending the request: {0}")]
+    Send(std::io::Error),
+    #[error("reading the response: {0}")]
+    Receive(std::io::Error),
+    #[error("closed the connection without responding")]
+    Closed,
     #[error("{0}")]
-    Request(hyper::Error),
+    Protocol(#[from] ProtocolError),
+    #[error("the client's request body failed: {0}")]
+    ClientBody(hyper::Error),
 }
 
 impl UpstreamError {
@@ -46,24 +63,26 @@ impl UpstreamError {
         matches!(self, UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_))
     }
 
-    /// A short, human reason: the innermost I/O cause when there is one ("connection
-    /// refused"), else the deepest error message.
+    /// A short, human reason: the I/O cause when there is one ("connection refused"), else
+    /// what was wrong.
     pub fn describe(&self) -> String {
         match self {
-            UpstreamError::Connect(io) => describe_io(io),
+            UpstreamError::Connect(io) | UpstreamError::Send(io) | UpstreamError::Receive(io) => describe_io(io),
             UpstreamError::ConnectTimeout(_) => "connect timed out".to_owned(),
-            UpstreamError::Request(error) => {
-                let mut deepest = error.to_string();
-                let mut source = error.source();
-                while let Some(cause) = source {
-                    if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-                        return describe_io(io);
-                    }
-                    deepest = cause.to_string();
-                    source = cause.source();
-                }
-                deepest
+            other => other.to_string(),
+        }
+    }
+
+    /// True for the failures of a pooled connection the upstream had closed just as the
+    /// request went out: the upstream saw nothing, so a request can be sent again.
+    fn is_stale_connection(&self) -> bool {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        match self {
+            UpstreamError::Closed => true,
+            UpstreamError::Send(io) | UpstreamError::Receive(io) => {
+                matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
             }
+            _ => false,
         }
     }
 }
@@ -73,18 +92,19 @@ fn describe_io(io: &std::io::Error) -> String {
         std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
         std::io::ErrorKind::TimedOut => "connect timed out".to_owned(),
         std::io::ErrorKind::ConnectionReset => "connection reset by the upstream".to_owned(),
+        std::io::ErrorKind::UnexpectedEof => "closed the connection in the middle of the response".to_owned(),
         _ => io.to_string(),
     }
 }
 
-/// One worker's idle upstream connections. Cheap to clone; connections opened through it are
-/// driven by tasks on the runtime it was created on.
+/// One worker's idle upstream connections. Cheap to clone; it must be used on the runtime it
+/// was created on.
 #[derive(Clone)]
 pub struct UpstreamPool {
     shared: Arc<Shared>,
 }
 
-struct Shared {
+pub(super) struct Shared {
     host: String,
     port: u16,
     connect_timeout: Duration,
@@ -97,8 +117,153 @@ struct Shared {
 }
 
 struct IdleConnection {
-    sender: SendRequest<Incoming>,
+    connection: UpstreamConnection,
     idle_since_step: u64,
+}
+
+/// An open connection to the upstream and what has been read from it but not yet used.
+pub struct UpstreamConnection {
+    pub(super) tcp: TcpStream,
+    pub(super) read_buf: BytesMut,
+}
+
+impl UpstreamConnection {
+    /// Reads what the upstream sent into `read_buf`, making room for `want` bytes if little is
+    /// left. `Ok(0)`: the upstream closed the connection.
+    pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
+        if self.read_buf.capacity() - self.read_buf.len() < want.min(1024) {
+            self.read_buf.reserve(want);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.read_buf)
+    }
+
+    /// An idle connection can take a request if nothing arrived on it while it was idle: the
+    /// usual arrival is the upstream closing it. Costs no system call unless something did.
+    fn is_quiet(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.tcp.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            Poll::Ready(Err(_)) => false,
+        }
+    }
+
+    /// Writes the request head, then sends the body (if any) while waiting for the response
+    /// head, which it returns. A body still being sent then is left in `body`.
+    async fn exchange(
+        &mut self,
+        head: &[u8],
+        body: &mut Option<Box<RequestBody>>,
+        method: &Method,
+    ) -> Result<ResponseHead, UpstreamError> {
+        self.tcp.write_all(head).await.map_err(UpstreamError::Send)?;
+        let mut send_failed = None;
+        poll_fn(|cx| loop {
+            if let Some(pump) = body.as_mut() {
+                match pump.poll_send(cx, &mut self.tcp) {
+                    Poll::Ready(Ok(())) => *body = None,
+                    Poll::Ready(Err(SendError::Client(e))) => return Poll::Ready(Err(UpstreamError::ClientBody(e))),
+                    // The upstream may have answered and stopped reading (413): that answer
+                    // is read below, and the connection goes once it is forwarded.
+                    Poll::Ready(Err(SendError::Io(e))) => {
+                        send_failed = Some(e);
+                        *body = None;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if let Some(head) = h1::parse_response(&mut self.read_buf, method, UPSTREAM_READ_BUFFER)? {
+                return Poll::Ready(Ok(ResponseHead { keep_alive: head.keep_alive && send_failed.is_none(), ..head }));
+            }
+            match ready!(self.poll_fill(cx, HEAD_READ)) {
+                Ok(0) if self.read_buf.is_empty() => {
+                    return Poll::Ready(Err(send_failed.take().map_or(UpstreamError::Closed, UpstreamError::Send)))
+                }
+                Ok(0) => return Poll::Ready(Err(UpstreamError::Receive(std::io::ErrorKind::UnexpectedEof.into()))),
+                Ok(_) => {}
+                Err(e) => {
+                    return Poll::Ready(Err(send_failed.take().map_or(UpstreamError::Receive(e), UpstreamError::Send)))
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Why sending a request body stopped.
+pub(super) enum SendError {
+    Client(hyper::Error),
+    Io(std::io::Error),
+}
+
+/// A request body on its way to the upstream, framed as the request head announced.
+pub(super) struct RequestBody {
+    body: Incoming,
+    chunked: bool,
+    /// Framed pieces not yet written.
+    queue: VecDeque<Bytes>,
+    /// The body has ended and its last piece is queued.
+    ended: bool,
+}
+
+impl RequestBody {
+    /// Ready once the whole body is written.
+    pub(super) fn poll_send(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<Result<(), SendError>> {
+        loop {
+            while !self.queue.is_empty() {
+                let mut slices = [IoSlice::new(&[]); 8];
+                let count = slices.len().min(self.queue.len());
+                for (slice, piece) in slices.iter_mut().zip(&self.queue) {
+                    *slice = IoSlice::new(piece);
+                }
+                let mut written =
+                    ready!(Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..count])).map_err(SendError::Io)?;
+                if written == 0 {
+                    return Poll::Ready(Err(SendError::Io(std::io::ErrorKind::WriteZero.into())));
+                }
+                while written > 0 {
+                    let Some(front) = self.queue.front_mut() else { break };
+                    let n = written.min(front.len());
+                    front.advance(n);
+                    written -= n;
+                    if front.is_empty() {
+                        self.queue.pop_front();
+                    }
+                }
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if self.chunked => {
+                        self.queue.push_back(h1::chunk_header(data.len()));
+                        self.queue.push_back(data);
+                        self.queue.push_back(Bytes::from_static(b"\r\n"));
+                    }
+                    Ok(data) => self.queue.push_back(data),
+                    Err(frame) => {
+                        // Trailers end the body; only chunked framing can carry them.
+                        if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
+                            self.queue.push_back(h1::chunked_end(Some(&trailers)));
+                            self.ended = true;
+                        }
+                    }
+                },
+                None => {
+                    if self.chunked {
+                        self.queue.push_back(h1::chunked_end(None));
+                    }
+                    self.ended = true;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(SendError::Client(e))),
+            }
+        }
+    }
 }
 
 impl UpstreamPool {
@@ -119,63 +284,107 @@ impl UpstreamPool {
         UpstreamPool { shared }
     }
 
-    /// Sends `request` (origin-form URI, Host set) on an idle connection or a new one. A
-    /// request that a reused connection gave back unsent, because the upstream had just closed
-    /// it, is sent again on another connection. The returned [`PooledConnection`] goes back to
-    /// the pool when the response body has been read to its end.
-    pub async fn send(
-        &self,
-        mut request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, PooledConnection), UpstreamError> {
+    /// Sends `request` (origin-form URI, Host set, hop-by-hop fields gone) on an idle
+    /// connection or a new one, and returns the response once its head has arrived. An
+    /// idempotent request without a body that a pooled connection failed before any answer,
+    /// because the upstream had just closed it, is sent again on another connection. The
+    /// connection goes back to the pool when the response body has been read to its end.
+    pub async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (parts, body) = request.into_parts();
+        let framing = if !body.is_end_stream() {
+            if parts.headers.contains_key(CONTENT_LENGTH) {
+                RequestFraming::AsGiven
+            } else {
+                RequestFraming::Chunked
+            }
+        } else if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+            && !parts.headers.contains_key(CONTENT_LENGTH)
+        {
+            RequestFraming::ZeroLength
+        } else {
+            RequestFraming::AsGiven
+        };
+        let mut body = (!body.is_end_stream()).then(|| {
+            Box::new(RequestBody {
+                body,
+                chunked: framing == RequestFraming::Chunked,
+                queue: VecDeque::new(),
+                ended: false,
+            })
+        });
+        let replayable = body.is_none() && parts.method.is_idempotent();
+        let mut head = Vec::with_capacity(512);
+        h1::encode_request_head(&parts, framing, &mut head);
         loop {
-            let (mut sender, reused) = match self.take_idle().await {
-                Some(sender) => (sender, true),
+            let (mut connection, reused) = match self.take_idle() {
+                Some(connection) => (connection, true),
                 None => (self.connect().await?, false),
             };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let connection = PooledConnection { sender: Some(sender), pool: self.shared.clone() };
-                    return Ok((response, connection));
-                }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(UpstreamError::Request(error.into_error())),
-                },
+            match connection.exchange(&head, &mut body, &parts.method).await {
+                Ok(head) => return Ok(self.response(head, connection, body)),
+                Err(e) if reused && replayable && e.is_stale_connection() => continue,
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// The most recently used idle connection that is still open, once it is ready for a new
-    /// request (it may still be finishing the response it was returned after).
-    async fn take_idle(&self) -> Option<SendRequest<Incoming>> {
-        loop {
-            let mut sender = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?.sender;
-            if sender.is_ready() || (!sender.is_closed() && sender.ready().await.is_ok()) {
-                return Some(sender);
+    fn response(
+        &self,
+        head: ResponseHead,
+        connection: UpstreamConnection,
+        pending_body: Option<Box<RequestBody>>,
+    ) -> Response<UpstreamBody> {
+        let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        let reusable = head.keep_alive && !switching;
+        let body = if head.framing == Framing::Empty && pending_body.is_none() && !switching {
+            if reusable {
+                release(&self.shared, connection);
             }
-        }
+            UpstreamBody::empty()
+        } else {
+            let pool = reusable.then(|| self.shared.clone());
+            UpstreamBody::new(connection, head.framing, pool, pending_body)
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        response
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+    /// The most recently used idle connection that is still open and quiet.
+    fn take_idle(&self) -> Option<UpstreamConnection> {
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(IdleConnection { mut connection, .. }) = idle.pop() {
+            if connection.is_quiet() {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<UpstreamConnection, UpstreamError> {
         let shared = &self.shared;
         let tcp = tokio::time::timeout(shared.connect_timeout, TcpStream::connect((shared.host.as_str(), shared.port)))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(shared.connect_timeout))?
             .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .max_buf_size(UPSTREAM_READ_BUFFER)
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(UpstreamError::Request)?;
-        tokio::spawn(async move {
-            // Its errors reach the request that was using it; here they are only noted.
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::trace!("upstream connection ended: {e}");
-            }
-        });
-        Ok(sender)
+        Ok(UpstreamConnection { tcp, read_buf: BytesMut::new() })
     }
+}
+
+/// Back to the pool, for a connection whose response was read to its end and left nothing
+/// unread behind it.
+pub(super) fn release(pool: &Shared, mut connection: UpstreamConnection) {
+    if !connection.read_buf.is_empty() {
+        return;
+    }
+    // After a large response the buffer may be big; an idle connection need not hold it.
+    if connection.read_buf.capacity() > HEAD_READ {
+        connection.read_buf = BytesMut::new();
+    }
+    let idle_since_step = pool.step.load(Ordering::Relaxed);
+    pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(IdleConnection { connection, idle_since_step });
 }
 
 /// Closes connections idle for the whole timeout; ends when the pool is gone.
@@ -188,25 +397,8 @@ async fn close_idle_connections(pool: Weak<Shared>, step: Duration) {
         let now = shared.step.fetch_add(1, Ordering::Relaxed) + 1;
         let mut idle = shared.idle.lock().unwrap_or_else(|e| e.into_inner());
         if !idle.is_empty() {
-            // Dropping the sender ends the connection's task, which closes the socket.
-            idle.retain(|c| now - c.idle_since_step < IDLE_STEPS && !c.sender.is_closed());
-        }
-    }
-}
-
-/// The connection a response came on, held by its body.
-pub struct PooledConnection {
-    sender: Option<SendRequest<Incoming>>,
-    pool: Arc<Shared>,
-}
-
-impl PooledConnection {
-    /// Back to the pool, for a response read to its end. A connection whose response was cut
-    /// short (the client went away) or upgraded is dropped instead, which closes it.
-    pub fn release(mut self) {
-        if let Some(sender) = self.sender.take().filter(|s| !s.is_closed()) {
-            let idle_since_step = self.pool.step.load(Ordering::Relaxed);
-            self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(IdleConnection { sender, idle_since_step });
+            // Dropping a connection closes its socket.
+            idle.retain(|c| now - c.idle_since_step < IDLE_STEPS);
         }
     }
 }

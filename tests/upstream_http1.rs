@@ -1,0 +1,277 @@
+//! The proxy's HTTP/1.1 client against an upstream that answers with exact bytes: every way a
+//! response body can be delimited, interim responses, malformed answers, and connections the
+//! upstream closes. The upstream is a raw TCP listener, so nothing between the test and the
+//! proxy normalizes what is on the wire.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// What the scripted upstream does after one response.
+#[derive(Clone, Copy, PartialEq)]
+enum After {
+    KeepOpen,
+    Close,
+}
+
+/// A raw HTTP/1.1 upstream: for each request head it reads (bodies are read by Content-Length
+/// only), `script` gives the exact response bytes, keyed by the request line.
+struct ScriptedUpstream {
+    url: String,
+    connections: Arc<AtomicUsize>,
+    /// The request heads it received, in order.
+    heads: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ScriptedUpstream {
+    async fn start(script: fn(&str) -> (Vec<u8>, After)) -> ScriptedUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (count, seen) = (connections.clone(), heads.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let Some(end) = read_head(&mut tcp, &mut buf).await else { return };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        while buf.len() < length {
+                            let mut chunk = [0u8; 4096];
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..length);
+                        seen.lock().unwrap().push(head.clone());
+                        let (response, after) = script(head.lines().next().unwrap_or(""));
+                        if tcp.write_all(&response).await.is_err() || after == After::Close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedUpstream { url, connections, heads, task }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn last_head(&self) -> String {
+        self.heads.lock().unwrap().last().cloned().expect("the upstream saw a request")
+    }
+}
+
+/// Reads until a complete request head is in `buf`; returns its length. `None`: closed.
+async fn read_head(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(at + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn script(request_line: &str) -> (Vec<u8>, After) {
+    let path = request_line.split(' ').nth(1).unwrap_or("/");
+    let keep = |text: &str| (text.as_bytes().to_vec(), After::KeepOpen);
+    match path {
+        "/chunked" => keep(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n\
+             6\r\nhello \r\n6;ext=1\r\nworld!\r\n0\r\nx-checksum: 42\r\n\r\n",
+        ),
+        "/until-close" => {
+            (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nread me to the end".to_vec(), After::Close)
+        }
+        "/http10" => (b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nold ok".to_vec(), After::Close),
+        "/early-hints" => keep(
+            "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n\
+             HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+        ),
+        "/head" => keep("HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"),
+        "/no-content" => keep("HTTP/1.1 204 No Content\r\n\r\n"),
+        "/ambiguous" => keep("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        "/two-lengths" => keep("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"),
+        "/garbage" => (b"this is not HTTP\r\n\r\n".to_vec(), After::Close),
+        "/bad-chunk" => keep("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n"),
+        "/huge-head" => keep(&format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(70 * 1024))),
+        "/short" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this".to_vec(), After::Close),
+        "/unasked-upgrade" => keep("HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"),
+        // Answers with keep-alive semantics, then closes anyway: an idle pooled connection dies.
+        "/then-close" => (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbye\n".to_vec(), After::Close),
+        _ => keep("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"),
+    }
+}
+
+async fn proxy_in_front_of(upstream: &ScriptedUpstream) -> (TestPki, Sidecar) {
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let args = [
+        "--upstream",
+        &upstream.url,
+        "--cert",
+        leaf.cert.to_str().unwrap(),
+        "--key",
+        leaf.key.to_str().unwrap(),
+        "--workers",
+        "1",
+    ];
+    let sidecar = Sidecar::start(&args);
+    (pki, sidecar)
+}
+
+/// GET `path`: status and body.
+async fn get(conn: &mut HttpsConnection, path: &str) -> (StatusCode, String) {
+    let (status, _, body) = conn.get(path).await;
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunked_responses_reach_both_protocols_with_their_trailers() {
+    let upstream = ScriptedUpstream::start(script).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    for http2 in [false, true] {
+        let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
+        let request = Request::get("/chunked").header("te", "trailers").body(empty()).unwrap();
+        let response = conn.send(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        assert_eq!(&collected.to_bytes()[..], b"hello world!", "http2={http2}");
+        if http2 {
+            assert_eq!(trailers.expect("trailers over HTTP/2")["x-checksum"], "42");
+        }
+        // The next answer on the same upstream connection is not desynchronized.
+        assert_eq!(get(&mut conn, "/").await, (StatusCode::OK, "ok\n".to_owned()));
+    }
+    assert_eq!(upstream.connections(), 1, "chunked responses leave the upstream connection reusable");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_delimited_by_close_arrive_whole_and_the_connection_is_not_reused() {
+    let upstream = ScriptedUpstream::start(script).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    assert_eq!(get(&mut conn, "/until-close").await, (StatusCode::OK, "read me to the end".to_owned()));
+    assert_eq!(get(&mut conn, "/http10").await, (StatusCode::OK, "old ok".to_owned()));
+    assert_eq!(get(&mut conn, "/").await, (StatusCode::OK, "ok\n".to_owned()));
+    assert_eq!(upstream.connections(), 3, "each close-delimited or HTTP/1.0 answer costs its connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interim_and_bodiless_responses_keep_the_connection_in_step() {
+    let upstream = ScriptedUpstream::start(script).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    assert_eq!(get(&mut conn, "/early-hints").await, (StatusCode::OK, "final".to_owned()));
+    // HEAD: the length describes the body a GET would get, and no body follows.
+    let response = conn.send(Request::head("/head").body(empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-length"], "1234");
+    assert_eq!(get(&mut conn, "/no-content").await, (StatusCode::NO_CONTENT, String::new()));
+    assert_eq!(get(&mut conn, "/").await, (StatusCode::OK, "ok\n".to_owned()));
+    assert_eq!(upstream.connections(), 1, "none of these ends the upstream connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_responses_give_502_naming_the_fault_and_are_not_reused() {
+    let upstream = ScriptedUpstream::start(script).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let cases = [
+        ("/ambiguous", "both Transfer-Encoding and Content-Length"),
+        ("/two-lengths", "invalid Content-Length"),
+        ("/garbage", "malformed response head"),
+        ("/huge-head", "response head larger than 65536 bytes"),
+        ("/unasked-upgrade", "switched protocols without being asked to"),
+    ];
+    for (round, (path, reason)) in cases.iter().enumerate() {
+        let (status, body) = get(&mut conn, path).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}: {body}");
+        assert!(body.contains(reason), "{path}: the 502 names the fault: {body}");
+        sidecar.logs.wait_for(reason, Duration::from_secs(5));
+        // A refused answer's connection is closed: the next request gets a fresh one.
+        assert_eq!(get(&mut conn, "/").await, (StatusCode::OK, "ok\n".to_owned()), "after {path}");
+        assert_eq!(upstream.connections(), round + 2, "after {path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_cut_short_fails_the_response_and_the_proxy_keeps_serving() {
+    let upstream = ScriptedUpstream::start(script).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    for (path, http2) in [("/short", false), ("/bad-chunk", false), ("/short", true), ("/bad-chunk", true)] {
+        let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
+        let response = conn.send(Request::get(path).body(empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "the head was good");
+        assert!(response.into_body().collect().await.is_err(), "{path} (http2={http2}): the client sees the cut");
+        let mut fresh = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
+        assert_eq!(get(&mut fresh, "/").await, (StatusCode::OK, "ok\n".to_owned()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_connection_the_upstream_closed_is_never_handed_a_request() {
+    let upstream = ScriptedUpstream::start(script).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    for round in 0..20 {
+        // Keep-alive by its headers, closed by the upstream right after.
+        assert_eq!(get(&mut conn, "/then-close").await, (StatusCode::OK, "bye\n".to_owned()), "round {round}");
+        assert_eq!(get(&mut conn, "/").await, (StatusCode::OK, "ok\n".to_owned()), "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_bodies_are_framed_for_the_upstream() {
+    let upstream = ScriptedUpstream::start(script).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    // An empty POST says so with a zero length, as an upstream may insist on a length.
+    let response = conn.send(Request::post("/empty-post").body(empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let head = upstream.last_head().to_ascii_lowercase();
+    assert!(head.starts_with("post /empty-post http/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\ncontent-length: 0\r\n"), "{head}");
+    // A sized body keeps its length; the scripted upstream reads exactly that many bytes.
+    let response = conn.send(Request::post("/sized").body(full("twelve bytes")).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let head = upstream.last_head().to_ascii_lowercase();
+    assert!(head.contains("\r\ncontent-length: 12\r\n") && !head.contains("transfer-encoding"), "{head}");
+    assert_eq!(get(&mut conn, "/").await, (StatusCode::OK, "ok\n".to_owned()));
+    assert_eq!(upstream.connections(), 1);
+}
