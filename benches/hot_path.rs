@@ -1,15 +1,18 @@
 //! Micro-benchmarks of the work the proxy does for every request, outside of I/O and TLS:
-//! rewriting the request head, building the upstream URI, and loading the config snapshot.
+//! rewriting the request head, building the upstream URI, loading the config snapshot, and
+//! writing the request head to and parsing the response head from the upstream.
 //!
 //! Run: `cargo bench --bench hot_path` (quick: `-- --warm-up-time 1 --measurement-time 2`).
 //! Each iteration gets a freshly built browser-like request head from `iter_batched`, so only
 //! the rewrite itself is timed, not building its input.
 
 use arc_swap::ArcSwap;
+use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::request::Parts;
-use http::{HeaderValue, Request, Uri, Version};
+use http::{HeaderValue, Method, Request, Uri, Version};
 use sidecar::config::{parse_upstream, ForwardedPolicy};
+use sidecar::proxy::h1::{encode_request_head, parse_response, RequestFraming};
 use sidecar::proxy::headers::{origin_form, prepare_request, strip_hop_by_hop, ClientClaims};
 use std::hint::black_box;
 
@@ -67,22 +70,15 @@ fn forwarded_head() -> Parts {
     parts
 }
 
-/// An upstream's response head as hyper's client hands it over (nginx serving a small file).
+/// An upstream's response head (nginx serving a small file), as it comes on the wire.
+const RESPONSE_WIRE: &str = "HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 06:00:00 GMT\r\n\
+    Content-Type: text/html\r\nContent-Length: 13\r\nLast-Modified: Tue, 24 Nov 2026 20:00:00 GMT\r\n\
+    Connection: keep-alive\r\nETag: \"6743a000-d\"\r\nAccept-Ranges: bytes\r\n\r\n";
+
+/// The same head as the proxy's parser hands it over.
 fn response_head() -> http::HeaderMap {
-    let mut headers = http::HeaderMap::new();
-    for (name, value) in [
-        ("server", "nginx/1.22.1"),
-        ("date", "Wed, 25 Nov 2026 06:00:00 GMT"),
-        ("content-type", "text/html"),
-        ("content-length", "13"),
-        ("last-modified", "Tue, 24 Nov 2026 20:00:00 GMT"),
-        ("connection", "keep-alive"),
-        ("etag", "\"6743a000-d\""),
-        ("accept-ranges", "bytes"),
-    ] {
-        headers.append(name, HeaderValue::from_static(value));
-    }
-    headers
+    let mut wire = BytesMut::from(RESPONSE_WIRE);
+    parse_response(&mut wire, &Method::GET, 64 * 1024).unwrap().unwrap().headers
 }
 
 /// Stand-in for the serving snapshot the server loads per connection/request.
@@ -161,5 +157,27 @@ fn snapshot_load(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, head_rewrite, upstream_uri, snapshot_load);
+fn upstream_wire(c: &mut Criterion) {
+    c.bench_function("h1/parse_response", |b| {
+        b.iter_batched(
+            || BytesMut::from(RESPONSE_WIRE),
+            |mut wire| {
+                parse_response(&mut wire, black_box(&Method::GET), 64 * 1024).map(|head| head.map(|h| h.headers))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let mut parts = http1_head();
+    prepare_request(&mut parts, &PEER, ForwardedPolicy::Overwrite, false);
+    parts.uri = origin_form(&parts.uri);
+    let mut out = Vec::with_capacity(1024);
+    c.bench_function("h1/encode_request_head", |b| {
+        b.iter(|| {
+            encode_request_head(black_box(&parts), RequestFraming::AsGiven, &mut out);
+            out.len()
+        })
+    });
+}
+
+criterion_group!(benches, head_rewrite, upstream_uri, snapshot_load, upstream_wire);
 criterion_main!(benches);

@@ -22,6 +22,9 @@ enum After {
     Close,
 }
 
+/// How many `GET /together` requests the scripted upstream holds until all have arrived.
+const TOGETHER: usize = 5;
+
 /// A raw HTTP/1.1 upstream: for each request head it reads (bodies are read by Content-Length
 /// only), `script` gives the exact response bytes, keyed by the request line.
 struct ScriptedUpstream {
@@ -45,11 +48,12 @@ impl ScriptedUpstream {
         let connections = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let (count, seen) = (connections.clone(), heads.clone());
+        let together = Arc::new(tokio::sync::Barrier::new(TOGETHER));
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut tcp, _)) = listener.accept().await else { continue };
                 count.fetch_add(1, Ordering::SeqCst);
-                let seen = seen.clone();
+                let (seen, together) = (seen.clone(), together.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -72,7 +76,11 @@ impl ScriptedUpstream {
                         }
                         buf.drain(..length);
                         seen.lock().unwrap().push(head.clone());
-                        let (response, after) = script(head.lines().next().unwrap_or(""));
+                        let request_line = head.lines().next().unwrap_or("");
+                        if request_line.starts_with("GET /together ") {
+                            together.wait().await;
+                        }
+                        let (response, after) = script(request_line);
                         if tcp.write_all(&response).await.is_err() || after == After::Close {
                             return;
                         }
@@ -133,6 +141,8 @@ fn script(request_line: &str) -> (Vec<u8>, After) {
         "/unasked-upgrade" => keep("HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"),
         // Answers with keep-alive semantics, then closes anyway: an idle pooled connection dies.
         "/then-close" => (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbye\n".to_vec(), After::Close),
+        // Closes without answering, as an app that crashes on this request would.
+        "/drop" => (Vec::new(), After::Close),
         _ => keep("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"),
     }
 }
@@ -274,4 +284,26 @@ async fn request_bodies_are_framed_for_the_upstream() {
     assert!(head.contains("\r\ncontent-length: 12\r\n") && !head.contains("transfer-encoding"), "{head}");
     assert_eq!(get(&mut conn, "/").await, (StatusCode::OK, "ok\n".to_owned()));
     assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_upstream_drops_is_sent_again_once_not_once_per_pooled_connection() {
+    let upstream = ScriptedUpstream::start(script).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let mut conns = Vec::new();
+    for _ in 0..TOGETHER {
+        conns.push(HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await);
+    }
+    // Requests the upstream holds until all have arrived: each needs its own upstream
+    // connection, and all of them are idle in the pool afterwards.
+    let answers = futures_util::future::join_all(conns.iter_mut().map(|conn| get(conn, "/together"))).await;
+    assert!(answers.iter().all(|a| a.0 == StatusCode::OK), "{answers:?}");
+    assert_eq!(upstream.connections(), TOGETHER);
+
+    let (status, body) = get(&mut conns[0], "/drop").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("closed the connection without responding"), "{body}");
+    let drops = upstream.heads.lock().unwrap().iter().filter(|h| h.starts_with("GET /drop ")).count();
+    assert_eq!(drops, 2, "sent on a pooled connection, then once more on a new one");
+    assert_eq!(upstream.connections(), TOGETHER + 1);
 }

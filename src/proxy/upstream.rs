@@ -287,7 +287,7 @@ impl UpstreamPool {
     /// Sends `request` (origin-form URI, Host set, hop-by-hop fields gone) on an idle
     /// connection or a new one, and returns the response once its head has arrived. An
     /// idempotent request without a body that a pooled connection failed before any answer,
-    /// because the upstream had just closed it, is sent again on another connection. The
+    /// because the upstream had just closed it, is sent once more, on a new connection. The
     /// connection goes back to the pool when the response body has been read to its end.
     pub async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (parts, body) = request.into_parts();
@@ -315,17 +315,20 @@ impl UpstreamPool {
         let replayable = body.is_none() && parts.method.is_idempotent();
         let mut head = Vec::with_capacity(512);
         h1::encode_request_head(&parts, framing, &mut head);
-        loop {
-            let (mut connection, reused) = match self.take_idle() {
-                Some(connection) => (connection, true),
-                None => (self.connect().await?, false),
-            };
-            match connection.exchange(&head, &mut body, &parts.method).await {
-                Ok(head) => return Ok(self.response(head, connection, body)),
-                Err(e) if reused && replayable && e.is_stale_connection() => continue,
-                Err(e) => return Err(e),
+        let (mut connection, reused) = match self.take_idle() {
+            Some(connection) => (connection, true),
+            None => (self.connect().await?, false),
+        };
+        let result = match connection.exchange(&head, &mut body, &parts.method).await {
+            // Once, and on a new connection: an upstream that drops this request for its own
+            // reasons must not see it again from every pooled connection.
+            Err(e) if reused && replayable && e.is_stale_connection() => {
+                connection = self.connect().await?;
+                connection.exchange(&head, &mut body, &parts.method).await
             }
-        }
+            other => other,
+        };
+        Ok(self.response(result?, connection, body))
     }
 
     fn response(
