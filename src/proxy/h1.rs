@@ -12,12 +12,11 @@
 //! chunk is refused, and its connection is closed, never reused.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use std::mem::MaybeUninit;
 
-use super::headers::connection_has;
+use super::headers;
 
 /// The most header fields a response head may carry (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -99,12 +98,19 @@ pub struct ResponseHead {
 
 /// Parses the final response head at the start of `buf`, consuming it; interim (1xx) responses
 /// before it are consumed and dropped, except 101, which is final. `None`: more bytes needed.
+///
+/// The returned fields are the ones the client gets: hop-by-hop fields (RFC 9110 §7.6.1) and
+/// the fields `Connection` names are left out as they are read, rather than inserted and then
+/// removed. A 101 keeps them all, for the protocol switch (see `headers::strip_hop_by_hop`).
 pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
     max_head: usize,
 ) -> Result<Option<ResponseHead>, ProtocolError> {
     loop {
+        if buf.is_empty() {
+            return Ok(None);
+        }
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut []);
         let parsed =
@@ -128,14 +134,24 @@ pub fn parse_response(
             continue;
         }
         let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-        // Where each field lies in the head, so that the values can share its bytes.
+        let fields = Fields::read(response.headers)?;
+        let framing = fields.framing(status, method)?;
+        let keep_alive = framing != Framing::UntilClose
+            && if version == Version::HTTP_10 { fields.connection_keep_alive } else { !fields.connection_close };
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+
+        // Where each forwarded field lies in the head, so that the values can share its bytes.
         let base = buf.as_ptr() as usize;
         let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        let count = response.headers.len();
-        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+        let mut count = 0;
+        for field in response.headers.iter() {
+            if !switching && fields.is_hop_by_hop(field.name) {
+                continue;
+            }
             let name = field.name.as_ptr() as usize - base;
             let value = field.value.as_ptr() as usize - base;
-            *span = (name as u32, field.name.len() as u32, value as u32, field.value.len() as u32);
+            spans[count] = (name as u32, field.name.len() as u32, value as u32, field.value.len() as u32);
+            count += 1;
         }
         let head = buf.split_to(head_len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
@@ -147,57 +163,87 @@ pub fn parse_response(
                 .map_err(|_| ProtocolError::InvalidHeader)?;
             headers.append(name, value);
         }
-        let (framing, mut keep_alive) = framing(status, &headers, method)?;
-        keep_alive &= connection_persists(version, &headers);
         return Ok(Some(ResponseHead { status, headers, framing, keep_alive }));
     }
 }
 
-/// The body's framing, and whether it leaves the connection reusable.
-fn framing(status: StatusCode, headers: &HeaderMap, method: &Method) -> Result<(Framing, bool), ProtocolError> {
-    if method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((Framing::Empty, true));
-    }
-    if headers.contains_key(TRANSFER_ENCODING) {
-        if headers.contains_key(CONTENT_LENGTH) {
-            return Err(ProtocolError::AmbiguousLength);
-        }
-        let last = headers.get_all(TRANSFER_ENCODING).iter().next_back().and_then(|v| v.to_str().ok());
-        let chunked = last.and_then(|v| v.rsplit(',').next()).is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if chunked { (Framing::Chunked, true) } else { (Framing::UntilClose, false) });
-    }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let list = value.to_str().map_err(|_| ProtocolError::InvalidContentLength)?;
-        for item in list.split(',') {
-            let item = item.trim();
-            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(ProtocolError::InvalidContentLength);
-            }
-            let n: u64 = item.parse().map_err(|_| ProtocolError::InvalidContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ProtocolError::InvalidContentLength);
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(0) => (Framing::Empty, true),
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::UntilClose, false),
-    })
+/// What a response's framing and connection fields say, read from the raw head in one pass.
+#[derive(Default)]
+struct Fields<'h> {
+    transfer_encoding: bool,
+    /// The last transfer coding named is `chunked`.
+    chunked_last: bool,
+    content_length: Option<u64>,
+    connection_close: bool,
+    connection_keep_alive: bool,
+    /// Other fields `Connection` names: hop-by-hop too.
+    named: Vec<&'h str>,
 }
 
-/// HTTP/1.1 persists unless the response says `close`; HTTP/1.0 only with `keep-alive`.
-fn connection_persists(version: Version, headers: &HeaderMap) -> bool {
-    if version == Version::HTTP_10 {
-        connection_has(headers, "keep-alive")
-    } else {
-        !connection_has(headers, "close")
+impl<'h> Fields<'h> {
+    fn read(raw: &[httparse::Header<'h>]) -> Result<Fields<'h>, ProtocolError> {
+        let mut fields = Fields::default();
+        for field in raw {
+            let name = field.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                let list = std::str::from_utf8(field.value).map_err(|_| ProtocolError::InvalidContentLength)?;
+                for item in list.split(',').map(str::trim) {
+                    if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err(ProtocolError::InvalidContentLength);
+                    }
+                    let n: u64 = item.parse().map_err(|_| ProtocolError::InvalidContentLength)?;
+                    if fields.content_length.is_some_and(|l| l != n) {
+                        return Err(ProtocolError::InvalidContentLength);
+                    }
+                    fields.content_length = Some(n);
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                fields.transfer_encoding = true;
+                let last = std::str::from_utf8(field.value).ok().and_then(|v| v.rsplit(',').next());
+                fields.chunked_last = last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+            } else if name.eq_ignore_ascii_case("connection") {
+                let Ok(list) = std::str::from_utf8(field.value) else { continue };
+                for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                    if token.eq_ignore_ascii_case("close") {
+                        fields.connection_close = true;
+                    } else if token.eq_ignore_ascii_case("keep-alive") {
+                        fields.connection_keep_alive = true;
+                    } else if !token.eq_ignore_ascii_case("upgrade") {
+                        fields.named.push(token);
+                    }
+                }
+            }
+        }
+        Ok(fields)
+    }
+
+    /// The body's framing (RFC 9112 §6.3).
+    fn framing(&self, status: StatusCode, method: &Method) -> Result<Framing, ProtocolError> {
+        if method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Framing::Empty);
+        }
+        if self.transfer_encoding {
+            if self.content_length.is_some() {
+                return Err(ProtocolError::AmbiguousLength);
+            }
+            return Ok(if self.chunked_last { Framing::Chunked } else { Framing::UntilClose });
+        }
+        Ok(match self.content_length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        })
+    }
+
+    /// A field that describes the connection to the proxy, not the message.
+    fn is_hop_by_hop(&self, name: &str) -> bool {
+        name.eq_ignore_ascii_case("connection")
+            || headers::is_hop_by_hop(name)
+            || self.named.iter().any(|named| named.eq_ignore_ascii_case(name))
     }
 }
 
@@ -400,6 +446,23 @@ mod tests {
         }
         assert!(matches!(parse("HTTP/1.1 200 OK\r\nX\0: y\r\n\r\n", Method::GET), Err(ProtocolError::Head(_))));
         assert!(matches!(parse("garbage\r\n\r\n", Method::GET), Err(ProtocolError::Head(_))));
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_left_out_as_they_are_read() {
+        let text = "HTTP/1.1 200 OK\r\nServer: app\r\nConnection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\n\
+                    X-Private: secret\r\nProxy-Authenticate: Basic\r\nTrailer: x-sum\r\nContent-Length: 2\r\n\r\nok";
+        let head = parse(text, Method::GET).unwrap().unwrap();
+        let names: Vec<&str> = head.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["server", "content-length"]);
+        assert!(head.keep_alive);
+        // A protocol switch keeps them: the proxy passes Upgrade on (headers::strip_hop_by_hop).
+        let text = "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let head = parse(text, Method::GET).unwrap().unwrap();
+        assert_eq!(
+            (head.headers["connection"].as_bytes(), head.headers["upgrade"].as_bytes()),
+            (&b"Upgrade"[..], &b"websocket"[..])
+        );
     }
 
     #[test]

@@ -16,9 +16,18 @@ const HTTPS: HeaderValue = HeaderValue::from_static("https");
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
 
 /// Fields that describe one connection, never the message, so a proxy must not pass them on
-/// (`Connection` itself is handled apart, as it also names others).
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(name, "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade") || name.starts_with("proxy-")
+/// (`Connection` itself is handled apart, as it also names others). Case-insensitive: it also
+/// reads field names as they come off the wire (`h1`).
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    let is = |field: &str| name.eq_ignore_ascii_case(field);
+    let named = match name.len() {
+        2 => is("te"),
+        7 => is("trailer") || is("upgrade"),
+        10 => is("keep-alive"),
+        17 => is("transfer-encoding"),
+        _ => false,
+    };
+    named || name.as_bytes().get(..6).is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"proxy-"))
 }
 
 /// Which fields that only the proxy may assert are removed from a message.
@@ -55,7 +64,7 @@ pub fn asks_to_close(headers: &HeaderMap) -> bool {
 }
 
 /// True when any `Connection` line lists `token` (case-insensitive, as hyper reads it).
-pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(CONNECTION)
         .iter()

@@ -147,8 +147,9 @@ impl ConnectionContext {
                 return self.bad_gateway(&method, &path, &reason, false);
             };
             tokio::spawn(splice(client_side, upstream_side, self.peer));
+            // The parser left every field of a 101 in place: `Upgrade` must reach the client.
+            headers::strip_hop_by_hop(response.headers_mut(), true, headers::ClientClaims::Keep);
         }
-        headers::strip_hop_by_hop(response.headers_mut(), switching, headers::ClientClaims::Keep);
         // An intermediary speaks its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 app must
         // not downgrade, and so close, the client's keep-alive connection.
         *response.version_mut() = client_version;
