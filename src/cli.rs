@@ -25,8 +25,9 @@ use crate::config::{self, ForwardedPolicy, Upstream};
     after_help = "Quick start (self-signed dev certificate for localhost):\n  sidecar proxy --upstream http://127.0.0.1:8080\n  curl -k https://127.0.0.1:8443/"
 )]
 pub struct Cli {
-    /// Log filter: error, warn, info, debug, trace, or a tracing directive list
-    /// (RUST_LOG, when set, wins)
+    /// Log filter: error, warn, info, debug, trace (debug and trace are the proxy's own; the
+    /// libraries stay at info), or a tracing directive list such as `info,h2=debug` (RUST_LOG,
+    /// when set, wins)
     #[arg(long, global = true, env = "SIDECAR_LOG_LEVEL", default_value = "info", value_name = "FILTER")]
     pub log_level: String,
 

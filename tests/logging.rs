@@ -103,6 +103,21 @@ async fn json_process_logs_are_one_object_per_line() {
     assert_eq!(warning["path"], "/slow/1000", "structured fields are kept as fields");
 }
 
+/// `--log-level debug` raises the proxy's own lines, not its libraries': h2 alone would log
+/// every frame of every stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_level_shows_the_proxys_own_debug_lines_and_no_library_chatter() {
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--log-level", "debug"]).await;
+    let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    assert_eq!(h2.get("/").await.0, StatusCode::OK);
+    // Not TLS: the proxy says why at debug level, after the HTTP/2 exchange above.
+    let mut tcp = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    sidecar.logs.wait_for("TLS handshake failed", Duration::from_secs(5));
+    let text = sidecar.logs.text();
+    assert!(!text.contains("frame="), "h2's per-frame debug lines are not shown:\n{text}");
+}
+
 /// The access log goes to a pipe nobody reads: once the pipe and the queue are full, lines
 /// are dropped and counted, and requests go on being served at full speed.
 #[tokio::test(flavor = "multi_thread")]
