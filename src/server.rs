@@ -18,7 +18,7 @@ use atomic_waker::AtomicWaker;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -629,13 +629,26 @@ impl<T> ActivityIo<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+/// Reads what the TLS session has decrypted, one buffered chunk per call. tokio-rustls'
+/// `poll_read` goes on filling the caller's buffer after the first chunk, and between a client's
+/// requests that second attempt always finds the socket empty: a trip through rustls and tokio's
+/// readiness check for nothing, once per request (callgrind: ~2 % of the proxy's instructions
+/// per keep-alive request). The caller asks again when it wants more.
+impl<T: AsyncBufRead + Unpin> AsyncRead for ActivityIo<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if poll.is_ready() {
-            self.touch();
-        }
-        poll
+        let inner = Pin::new(&mut self.inner);
+        let read = match inner.poll_fill_buf(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Ready(Ok(data)) => {
+                let n = data.len().min(buf.remaining());
+                buf.put_slice(&data[..n]);
+                Pin::new(&mut self.inner).consume(n);
+                Ok(())
+            }
+        };
+        self.touch();
+        Poll::Ready(read)
     }
 }
 
