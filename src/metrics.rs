@@ -89,7 +89,8 @@ impl HandshakeFailure {
 pub enum UpstreamFailure {
     Connect,
     Timeout,
-    /// The connection broke, or the upstream answered with something that is not HTTP.
+    /// The connection broke, the upstream answered with something that is not HTTP, or it cut
+    /// a response body short.
     Other,
 }
 

@@ -244,11 +244,14 @@ async fn malformed_responses_give_502_naming_the_fault_and_are_not_reused() {
 async fn a_body_cut_short_fails_the_response_and_the_proxy_keeps_serving() {
     let upstream = ScriptedUpstream::start(script).await;
     let (pki, sidecar) = proxy_in_front_of(&upstream).await;
-    for (path, http2) in [("/short", false), ("/bad-chunk", false), ("/short", true), ("/bad-chunk", true)] {
+    let cases = [("/short", false), ("/bad-chunk", false), ("/short", true), ("/bad-chunk", true)];
+    for (round, (path, http2)) in cases.into_iter().enumerate() {
         let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
         let response = conn.send(Request::get(path).body(empty()).unwrap()).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "the head was good");
         assert!(response.into_body().collect().await.is_err(), "{path} (http2={http2}): the client sees the cut");
+        // Told to the operator too: the client alone saw it.
+        sidecar.logs.wait_for_nth("response cut short", round + 1, Duration::from_secs(5));
         let mut fresh = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
         assert_eq!(get(&mut fresh, "/").await, (StatusCode::OK, "ok\n".to_owned()));
     }

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use super::h1::{self, ChunkState, Decoded, Framing, ProtocolError};
 use super::upstream::{self, RequestBody, SendError, Shared, UpstreamConnection, UPSTREAM_READ_BUFFER};
 use crate::access_log::PendingEntry;
+use crate::metrics::{metrics, UpstreamFailure};
 
 /// Upstream bodies stream through untouched; the proxy's own answers are small and whole; with
 /// the access log on, an upstream body is counted and its entry written when it ends.
@@ -159,6 +160,12 @@ impl UpstreamBody {
     /// the same read as the head would otherwise lose the head too, and the client would see a
     /// closed connection instead of a response cut short.
     fn fail(&mut self, cx: &mut Context<'_>, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        // The head is already on its way to the client, so only the log and the metrics can
+        // tell an operator that the app cut a response short.
+        if !matches!(error, BodyError::ClientBody(_)) {
+            tracing::warn!("response cut short: {error}");
+            metrics().upstream_failure(UpstreamFailure::Other);
+        }
         self.reading = Reading::Done;
         self.connection = None;
         self.failed = Some(error);
