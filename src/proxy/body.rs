@@ -10,7 +10,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
 use super::h1::{self, ChunkState, Decoded, Framing, ProtocolError};
-use super::upstream::{self, RequestBody, SendError, Shared, UpstreamConnection, UPSTREAM_READ_BUFFER};
+use super::upstream::{self, RequestBody, Shared, UpstreamConnection, UPSTREAM_READ_BUFFER};
 use crate::access_log::PendingEntry;
 use crate::metrics::{metrics, UpstreamFailure};
 
@@ -90,16 +90,10 @@ impl UpstreamBody {
             return Poll::Ready(Some(Err(error)));
         }
         let Some(connection) = self.connection.as_mut() else { return Poll::Ready(None) };
-        if let Some(pending) = self.pending_request.as_mut() {
-            match pending.poll_send(cx, &mut connection.tcp) {
-                Poll::Ready(Ok(())) => self.pending_request = None,
-                Poll::Ready(Err(SendError::Client(e))) => return self.fail(cx, BodyError::ClientBody(e)),
-                Poll::Ready(Err(SendError::Io(_))) => {
-                    self.pending_request = None;
-                    self.pool = None;
-                }
-                Poll::Pending => {}
-            }
+        match RequestBody::poll_pending(&mut self.pending_request, cx, &mut connection.tcp) {
+            Ok(None) => {}
+            Ok(Some(_)) => self.pool = None,
+            Err(e) => return self.fail(cx, BodyError::ClientBody(e)),
         }
         loop {
             let buf = &mut connection.read_buf;

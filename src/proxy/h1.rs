@@ -62,18 +62,23 @@ pub fn encode_request_head(parts: &Parts, framing: RequestFraming, out: &mut Vec
     out.push(b' ');
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    encode_fields(&parts.headers, out);
     match framing {
         RequestFraming::AsGiven => {}
         RequestFraming::ZeroLength => out.extend_from_slice(b"content-length: 0\r\n"),
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Writes each field as a `name: value` line: a head's, or a chunked body's trailers.
+fn encode_fields(fields: &HeaderMap, out: &mut Vec<u8>) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// How a response body is delimited (RFC 9112 §6.3).
@@ -347,12 +352,7 @@ pub fn chunk_header(len: usize) -> Bytes {
 pub fn chunked_end(trailers: Option<&HeaderMap>) -> Bytes {
     let Some(trailers) = trailers else { return Bytes::from_static(b"0\r\n\r\n") };
     let mut out = b"0\r\n".to_vec();
-    for (name, value) in trailers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    encode_fields(trailers, &mut out);
     out.extend_from_slice(b"\r\n");
     Bytes::from(out)
 }

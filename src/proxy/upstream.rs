@@ -162,18 +162,12 @@ impl UpstreamConnection {
         self.tcp.write_all(head).await.map_err(UpstreamError::Send)?;
         let mut send_failed = None;
         poll_fn(|cx| loop {
-            if let Some(pump) = body.as_mut() {
-                match pump.poll_send(cx, &mut self.tcp) {
-                    Poll::Ready(Ok(())) => *body = None,
-                    Poll::Ready(Err(SendError::Client(e))) => return Poll::Ready(Err(UpstreamError::ClientBody(e))),
-                    // The upstream may have answered and stopped reading (413): that answer
-                    // is read below, and the connection goes once it is forwarded.
-                    Poll::Ready(Err(SendError::Io(e))) => {
-                        send_failed = Some(e);
-                        *body = None;
-                    }
-                    Poll::Pending => {}
-                }
+            match RequestBody::poll_pending(body, cx, &mut self.tcp) {
+                Ok(None) => {}
+                // The upstream may have answered and stopped reading (413): that answer is
+                // read below, and the connection goes once it is forwarded.
+                Ok(Some(e)) => send_failed = Some(e),
+                Err(e) => return Poll::Ready(Err(UpstreamError::ClientBody(e))),
             }
             if let Some(head) = h1::parse_response(&mut self.read_buf, method, UPSTREAM_READ_BUFFER)? {
                 return Poll::Ready(Ok(ResponseHead { keep_alive: head.keep_alive && send_failed.is_none(), ..head }));
@@ -194,7 +188,7 @@ impl UpstreamConnection {
 }
 
 /// Why sending a request body stopped.
-pub(super) enum SendError {
+enum SendError {
     Client(hyper::Error),
     Io(std::io::Error),
 }
@@ -210,8 +204,27 @@ pub(super) struct RequestBody {
 }
 
 impl RequestBody {
+    /// Sends more of `pending`, if there is any, and drops it once it is done. `Ok(Some(_))`:
+    /// the upstream stopped taking it (dropped too; the connection must not be reused).
+    /// `Err`: the client's body failed.
+    pub(super) fn poll_pending(
+        pending: &mut Option<Box<RequestBody>>,
+        cx: &mut Context<'_>,
+        tcp: &mut TcpStream,
+    ) -> Result<Option<std::io::Error>, hyper::Error> {
+        let Some(body) = pending.as_mut() else { return Ok(None) };
+        let stopped = match body.poll_send(cx, tcp) {
+            Poll::Pending => return Ok(None),
+            Poll::Ready(Ok(())) => None,
+            Poll::Ready(Err(SendError::Io(e))) => Some(e),
+            Poll::Ready(Err(SendError::Client(e))) => return Err(e),
+        };
+        *pending = None;
+        Ok(stopped)
+    }
+
     /// Ready once the whole body is written.
-    pub(super) fn poll_send(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<Result<(), SendError>> {
+    fn poll_send(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<Result<(), SendError>> {
         loop {
             while !self.queue.is_empty() {
                 let mut slices = [IoSlice::new(&[]); 8];
@@ -291,7 +304,8 @@ impl UpstreamPool {
     /// connection goes back to the pool when the response body has been read to its end.
     pub async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (parts, body) = request.into_parts();
-        let framing = if !body.is_end_stream() {
+        let has_body = !body.is_end_stream();
+        let framing = if has_body {
             if parts.headers.contains_key(CONTENT_LENGTH) {
                 RequestFraming::AsGiven
             } else {
@@ -304,7 +318,7 @@ impl UpstreamPool {
         } else {
             RequestFraming::AsGiven
         };
-        let mut body = (!body.is_end_stream()).then(|| {
+        let mut body = has_body.then(|| {
             Box::new(RequestBody {
                 body,
                 chunked: framing == RequestFraming::Chunked,
