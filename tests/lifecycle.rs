@@ -6,8 +6,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -15,7 +13,7 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 // ---------------------------------------------------------------------------------------------
@@ -38,19 +36,6 @@ async fn setup_with(extra: &[&str], configure: impl FnOnce(&mut std::process::Co
     let pki = TestPki::new();
     let sidecar = start_sidecar(&upstream.url(), &pki, extra, configure);
     Setup { upstream, pki, sidecar }
-}
-
-fn start_sidecar(
-    upstream: &str,
-    pki: &TestPki,
-    extra: &[&str],
-    configure: impl FnOnce(&mut std::process::Command),
-) -> Sidecar {
-    let leaf = pki.issue("leaf");
-    let mut args =
-        vec!["--upstream", upstream, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Sidecar::start_with(&args, configure)
 }
 
 fn cert_args(pki: &TestPki) -> (String, String) {
@@ -949,55 +934,21 @@ fn no_subcommand_is_a_usage_error() {
 // 11. Resilience to a misbehaving upstream.
 // ---------------------------------------------------------------------------------------------
 
-/// A hand-written HTTP/1.1 upstream: requests under `/broken` get a head promising 100 bytes,
-/// 5 bytes, and a closed connection; anything else gets a complete keep-alive response.
-async fn flaky_upstream() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let count = connections.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let head_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-                    buf.drain(..head_end);
-                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                    if path.starts_with("/broken") {
-                        let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort").await;
-                        let _ = tcp.flush().await;
-                        return; // drops the socket mid-body
-                    }
-                    let body = "healthy\n";
-                    let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-                    if tcp.write_all(response.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, connections, task)
+/// Requests under `/broken` get a head promising 100 bytes, 5 bytes, and a closed connection;
+/// anything else gets a complete keep-alive response.
+fn flaky_script(request_line: &str) -> (Vec<u8>, After) {
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    if path.starts_with("/broken") {
+        return (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort".to_vec(), After::Close);
+    }
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nhealthy\n".to_vec(), After::KeepOpen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upstream_dying_mid_response_breaks_only_that_response() {
-    let (addr, connections, upstream_task) = flaky_upstream().await;
+    let upstream = ScriptedUpstream::start(flaky_script).await;
     let pki = TestPki::new();
-    let mut sidecar = start_sidecar(&format!("http://{addr}"), &pki, &[], |_| {});
+    let mut sidecar = start_sidecar(&upstream.url, &pki, &[], |_| {});
 
     for http2 in [false, true] {
         let (mut conn, _task) = open_watched(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
@@ -1023,8 +974,7 @@ async fn upstream_dying_mid_response_breaks_only_that_response() {
         let (status, _, body) = conn.get("/fine").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "healthy\n"), "http2={http2}: the next request is served");
     }
-    assert!(connections.load(Ordering::SeqCst) >= 2, "each broken response costs an upstream connection");
-    upstream_task.abort();
+    assert!(upstream.connections() >= 2, "each broken response costs an upstream connection");
 }
 
 /// clap's `requires` sees only the command line: a certificate from the config file without

@@ -5,114 +5,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-/// What the scripted upstream does after one response.
-#[derive(Clone, Copy, PartialEq)]
-enum After {
-    KeepOpen,
-    Close,
-}
-
-/// How many `GET /together` requests the scripted upstream holds until all have arrived.
-const TOGETHER: usize = 5;
-
-/// A raw HTTP/1.1 upstream: for each request head it reads (bodies are read by Content-Length
-/// only), `script` gives the exact response bytes, keyed by the request line.
-struct ScriptedUpstream {
-    url: String,
-    connections: Arc<AtomicUsize>,
-    /// The request heads it received, in order.
-    heads: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ScriptedUpstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl ScriptedUpstream {
-    async fn start(script: fn(&str) -> (Vec<u8>, After)) -> ScriptedUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let connections = Arc::new(AtomicUsize::new(0));
-        let heads = Arc::new(Mutex::new(Vec::new()));
-        let (count, seen) = (connections.clone(), heads.clone());
-        let together = Arc::new(tokio::sync::Barrier::new(TOGETHER));
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut tcp, _)) = listener.accept().await else { continue };
-                count.fetch_add(1, Ordering::SeqCst);
-                let (seen, together) = (seen.clone(), together.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        let Some(end) = read_head(&mut tcp, &mut buf).await else { return };
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
-                        let length = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
-                            })
-                            .and_then(|v| v.parse::<usize>().ok())
-                            .unwrap_or(0);
-                        while buf.len() < length {
-                            let mut chunk = [0u8; 4096];
-                            match tcp.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        buf.drain(..length);
-                        seen.lock().unwrap().push(head.clone());
-                        let request_line = head.lines().next().unwrap_or("");
-                        if request_line.starts_with("GET /together ") {
-                            together.wait().await;
-                        }
-                        let (response, after) = script(request_line);
-                        if tcp.write_all(&response).await.is_err() || after == After::Close {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        ScriptedUpstream { url, connections, heads, task }
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-
-    fn last_head(&self) -> String {
-        self.heads.lock().unwrap().last().cloned().expect("the upstream saw a request")
-    }
-}
-
-/// Reads until a complete request head is in `buf`; returns its length. `None`: closed.
-async fn read_head(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
-    loop {
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Some(at + 4);
-        }
-        let mut chunk = [0u8; 4096];
-        match tcp.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
 
 fn script(request_line: &str) -> (Vec<u8>, After) {
     let path = request_line.split(' ').nth(1).unwrap_or("/");
@@ -147,20 +44,9 @@ fn script(request_line: &str) -> (Vec<u8>, After) {
     }
 }
 
-async fn proxy_in_front_of(upstream: &ScriptedUpstream) -> (TestPki, Sidecar) {
+fn proxy_in_front_of(upstream: &ScriptedUpstream) -> (TestPki, Sidecar) {
     let pki = TestPki::new();
-    let leaf = pki.issue("leaf");
-    let args = [
-        "--upstream",
-        &upstream.url,
-        "--cert",
-        leaf.cert.to_str().unwrap(),
-        "--key",
-        leaf.key.to_str().unwrap(),
-        "--workers",
-        "1",
-    ];
-    let sidecar = Sidecar::start(&args);
+    let sidecar = start_sidecar(&upstream.url, &pki, &["--workers", "1"], |_| {});
     (pki, sidecar)
 }
 
@@ -173,7 +59,7 @@ async fn get(conn: &mut HttpsConnection, path: &str) -> (StatusCode, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn chunked_responses_reach_both_protocols_with_their_trailers() {
     let upstream = ScriptedUpstream::start(script).await;
-    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream);
     for http2 in [false, true] {
         let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
         let request = Request::get("/chunked").header("te", "trailers").body(empty()).unwrap();
@@ -194,7 +80,7 @@ async fn chunked_responses_reach_both_protocols_with_their_trailers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bodies_delimited_by_close_arrive_whole_and_the_connection_is_not_reused() {
     let upstream = ScriptedUpstream::start(script).await;
-    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream);
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     assert_eq!(get(&mut conn, "/until-close").await, (StatusCode::OK, "read me to the end".to_owned()));
     assert_eq!(get(&mut conn, "/http10").await, (StatusCode::OK, "old ok".to_owned()));
@@ -205,7 +91,7 @@ async fn bodies_delimited_by_close_arrive_whole_and_the_connection_is_not_reused
 #[tokio::test(flavor = "multi_thread")]
 async fn interim_and_bodiless_responses_keep_the_connection_in_step() {
     let upstream = ScriptedUpstream::start(script).await;
-    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream);
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     assert_eq!(get(&mut conn, "/early-hints").await, (StatusCode::OK, "final".to_owned()));
     // HEAD: the length describes the body a GET would get, and no body follows.
@@ -220,7 +106,7 @@ async fn interim_and_bodiless_responses_keep_the_connection_in_step() {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_responses_give_502_naming_the_fault_and_are_not_reused() {
     let upstream = ScriptedUpstream::start(script).await;
-    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream);
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     let cases = [
         ("/ambiguous", "both Transfer-Encoding and Content-Length"),
@@ -243,7 +129,7 @@ async fn malformed_responses_give_502_naming_the_fault_and_are_not_reused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_cut_short_fails_the_response_and_the_proxy_keeps_serving() {
     let upstream = ScriptedUpstream::start(script).await;
-    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream);
     let cases = [("/short", false), ("/bad-chunk", false), ("/short", true), ("/bad-chunk", true)];
     for (round, (path, http2)) in cases.into_iter().enumerate() {
         let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
@@ -260,7 +146,7 @@ async fn a_body_cut_short_fails_the_response_and_the_proxy_keeps_serving() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_connection_the_upstream_closed_is_never_handed_a_request() {
     let upstream = ScriptedUpstream::start(script).await;
-    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream);
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     for round in 0..20 {
         // Keep-alive by its headers, closed by the upstream right after.
@@ -272,7 +158,7 @@ async fn an_idle_connection_the_upstream_closed_is_never_handed_a_request() {
 #[tokio::test(flavor = "multi_thread")]
 async fn request_bodies_are_framed_for_the_upstream() {
     let upstream = ScriptedUpstream::start(script).await;
-    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream);
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     // An empty POST says so with a zero length, as an upstream may insist on a length.
     let response = conn.send(Request::post("/empty-post").body(empty()).unwrap()).await.unwrap();
@@ -292,7 +178,7 @@ async fn request_bodies_are_framed_for_the_upstream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_the_upstream_drops_is_sent_again_once_not_once_per_pooled_connection() {
     let upstream = ScriptedUpstream::start(script).await;
-    let (pki, sidecar) = proxy_in_front_of(&upstream).await;
+    let (pki, sidecar) = proxy_in_front_of(&upstream);
     let mut conns = Vec::new();
     for _ in 0..TOGETHER {
         conns.push(HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await);

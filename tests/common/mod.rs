@@ -19,6 +19,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -521,6 +522,119 @@ pub fn run_to_exit(args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
+// ---------------------------------------------------------------------------------------------
+// A scripted upstream: exact bytes on the wire, for what a well-behaved app never sends.
+// ---------------------------------------------------------------------------------------------
+
+/// What the scripted upstream does after one response.
+#[derive(Clone, Copy, PartialEq)]
+pub enum After {
+    KeepOpen,
+    Close,
+}
+
+/// How many `GET /together` requests the scripted upstream holds until all have arrived.
+pub const TOGETHER: usize = 5;
+
+/// A raw HTTP/1.1 upstream: for each request head it reads (bodies are read by Content-Length
+/// only), `script` gives the exact response bytes, keyed by the request line.
+pub struct ScriptedUpstream {
+    pub url: String,
+    connections: Arc<AtomicUsize>,
+    /// The request heads it received, in order.
+    pub heads: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ScriptedUpstream {
+    pub async fn start(script: fn(&str) -> (Vec<u8>, After)) -> ScriptedUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (count, seen) = (connections.clone(), heads.clone());
+        let together = Arc::new(tokio::sync::Barrier::new(TOGETHER));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let (seen, together) = (seen.clone(), together.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let Some(end) = read_head(&mut tcp, &mut buf).await else { return };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        while buf.len() < length {
+                            let mut chunk = [0u8; 4096];
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..length);
+                        seen.lock().unwrap().push(head.clone());
+                        let request_line = head.lines().next().unwrap_or("");
+                        if request_line.starts_with("GET /together ") {
+                            together.wait().await;
+                        }
+                        let (response, after) = script(request_line);
+                        if tcp.write_all(&response).await.is_err() || after == After::Close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedUpstream { url, connections, heads, task }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn last_head(&self) -> String {
+        self.heads.lock().unwrap().last().cloned().expect("the upstream saw a request")
+    }
+}
+
+/// Reads until a complete request head is in `buf`; returns its length. `None`: closed.
+async fn read_head(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(at + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// `sidecar proxy` in front of `upstream` (a URL) with a fresh leaf of `pki`, `extra` flags and
+/// the command adjusted by `configure`.
+pub fn start_sidecar(upstream: &str, pki: &TestPki, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Sidecar {
+    let leaf = pki.issue("leaf");
+    let mut args =
+        vec!["--upstream", upstream, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Sidecar::start_with(&args, configure)
+}
+
 /// An upstream, a test PKI and a sidecar in front of the upstream with a leaf of that PKI.
 pub async fn proxy_in_front_of_upstream(extra: &[&str]) -> (Upstream, TestPki, Sidecar) {
     proxy_in_front_of_upstream_with(extra, |_| {}).await
@@ -533,11 +647,7 @@ pub async fn proxy_in_front_of_upstream_with(
 ) -> (Upstream, TestPki, Sidecar) {
     let upstream = Upstream::start().await;
     let pki = TestPki::new();
-    let leaf = pki.issue("leaf");
-    let url = upstream.url();
-    let mut args = vec!["--upstream", &url, "--cert", leaf.cert.to_str().unwrap(), "--key", leaf.key.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let sidecar = Sidecar::start_with(&args, configure);
+    let sidecar = start_sidecar(&upstream.url(), &pki, extra, configure);
     (upstream, pki, sidecar)
 }
 
