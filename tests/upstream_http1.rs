@@ -152,6 +152,11 @@ async fn an_idle_connection_the_upstream_closed_is_never_handed_a_request() {
         // Keep-alive by its headers, closed by the upstream right after.
         assert_eq!(get(&mut conn, "/then-close").await, (StatusCode::OK, "bye\n".to_owned()), "round {round}");
         assert_eq!(get(&mut conn, "/").await, (StatusCode::OK, "ok\n".to_owned()), "round {round}");
+        // A POST is never sent twice, so only the check before reuse keeps it off the closed
+        // connection.
+        assert_eq!(get(&mut conn, "/then-close").await, (StatusCode::OK, "bye\n".to_owned()), "round {round}");
+        let post = conn.send(Request::post("/").body(empty()).unwrap()).await.unwrap();
+        assert_eq!(post.status(), StatusCode::OK, "round {round}: a POST after the upstream closed");
     }
 }
 
