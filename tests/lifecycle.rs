@@ -238,6 +238,31 @@ async fn client_that_sends_nothing_after_the_tls_handshake_is_cut_off_by_the_hea
     assert!(took >= Duration::from_millis(400), "closed after {took:?}, before the 500ms header-read timeout");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_outlasting_the_header_read_timeout_complete_and_keep_their_connection() {
+    // The timeout covers the wait for a request head only: neither an app that is slow to
+    // answer nor a response body that pauses counts against it.
+    let s = setup(&["--header-read-timeout", "300ms"]).await;
+    let mut conn = HttpsConnection::open(s.sidecar.addr, s.pki.ca_pem.as_bytes(), false).await;
+    let (status, _, body) = conn.get("/slow/1000").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "slow response\n"), "a response head slower than the timeout");
+
+    let response = conn.send(Request::get("/drip").body(empty()).unwrap()).await.expect("the /drip response head");
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("a first chunk").expect("the first chunk").into_data().unwrap();
+    assert_eq!(&first[..], b"first\n");
+    // Three times the timeout with the body paused: there is nothing to wait for but time.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    s.upstream.log.drip.notify_one();
+    let rest = body.collect().await.expect("the rest of a body that paused longer than the timeout").to_bytes();
+    assert_eq!(&rest[..], b"second\n");
+
+    // Both were served on one connection, which is still open for the next request.
+    let (status, _, _) = conn.get("/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.upstream.log.requests.lock().unwrap().len(), 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Idle timeout.
 // ---------------------------------------------------------------------------------------------

@@ -7,18 +7,14 @@
 use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use atomic_waker::AtomicWaker;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -35,6 +31,9 @@ use crate::proxy_protocol::{self, ProxyHeaderError};
 use crate::reload::{LiveState, Reloader};
 use crate::tls::{self, TlsContext, TlsError, TlsState};
 use crate::transport::TlsSocket;
+use watch::{drive, ActivityIo, ConnectionWatch, Requests, ResponseBody};
+
+mod watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -63,8 +62,8 @@ impl ServingSnapshot {
     pub fn new(config: ProxyConfig) -> ServingSnapshot {
         let mut http1 = http1::Builder::new();
         http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.timeouts.header_read)
+            // The header-read timeout is the connection watch's (see `watch`), not hyper's.
+            .header_read_timeout(None)
             .max_buf_size(config.limits.max_header_size as usize)
             // Queued, not flattened: rustls seals a vectored write of head and body into one
             // record anyway, and flattening copied every body byte once more (1 MiB responses:
@@ -539,182 +538,28 @@ async fn serve_connection(
         access_log,
         last_response,
     ));
+    // ALPN decides the protocol (RFC 9113 §3.2: HTTP/2 over TLS is negotiated, never sniffed),
+    // so the header-read timeout runs from the first byte; without ALPN it is HTTP/1.1.
+    let requests = (!http2).then(|| Arc::new(Requests::default()));
+    let watch = ConnectionWatch::new(
+        timeouts.idle,
+        activity,
+        requests.clone().map(|requests| (timeouts.header_read, requests)),
+    );
     let service = service_fn(move |request| {
         let context = context.clone();
-        async move { Ok::<_, std::convert::Infallible>(context.forward(request).await) }
+        let open = requests.as_ref().map(Requests::open);
+        async move {
+            let response = context.forward(request).await;
+            Ok::<_, std::convert::Infallible>(response.map(|body| ResponseBody { body, _open: open }))
+        }
     });
-    let idle = IdleWatch::new(timeouts.idle, activity);
-
-    // ALPN decides the protocol (RFC 9113 §3.2: HTTP/2 over TLS is negotiated, never sniffed),
-    // so hyper's header-read timer runs from the first byte; without ALPN it is HTTP/1.1.
     if http2 {
         let connection = snapshot.http2.serve_connection(io, service);
-        drive(connection, |c| c.graceful_shutdown(), idle, &shutdown, peer).await;
+        drive(connection, |c| c.graceful_shutdown(), watch, &shutdown, peer).await;
     } else {
         let connection = snapshot.http1.serve_connection(io, service).with_upgrades();
-        drive(connection, |c| c.graceful_shutdown(), idle, &shutdown, peer).await;
-    }
-}
-
-/// Polls a connection to its end, asking it to finish gracefully on shutdown or when idle.
-///
-/// The watch for those two is polled only when its own waker fires, not at every wake-up of the
-/// connection: polling it locks the shutdown token's mutex and checks a timer, which under
-/// `select!` cost ~800 instructions per keep-alive request (callgrind), about 2 %.
-async fn drive<C>(
-    connection: C,
-    graceful_shutdown: impl Fn(Pin<&mut C>),
-    mut idle: IdleWatch,
-    shutdown: &CancellationToken,
-    peer: SocketAddr,
-) where
-    C: Future<Output = hyper::Result<()>>,
-{
-    let watch = async {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = idle.expired() => tracing::debug!(%peer, "closing idle connection"),
-        }
-    };
-    tokio::pin!(connection, watch);
-    let watch_wake = Arc::new(WatchWake { woken: AtomicBool::new(true), task: AtomicWaker::new() });
-    let watch_waker = std::task::Waker::from(watch_wake.clone());
-    let mut watching = true;
-    let result = std::future::poll_fn(|cx| {
-        if watching {
-            watch_wake.task.register(cx.waker());
-            if watch_wake.woken.swap(false, Ordering::AcqRel)
-                && watch.as_mut().poll(&mut Context::from_waker(&watch_waker)).is_ready()
-            {
-                watching = false;
-                graceful_shutdown(connection.as_mut());
-            }
-        }
-        connection.as_mut().poll(cx)
-    })
-    .await;
-    if let Err(e) = result {
-        tracing::debug!(%peer, "connection ended with an error: {e}");
-    }
-}
-
-/// The waker handed to a connection's watch: notes that the watch has something to say and
-/// wakes the connection's task.
-struct WatchWake {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl std::task::Wake for WatchWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-/// Counts I/O operations so an idle connection can be noticed without a clock read per byte.
-struct ActivityIo<T> {
-    inner: T,
-    activity: Arc<AtomicU64>,
-}
-
-impl<T> ActivityIo<T> {
-    fn touch(&self) {
-        // Single writer: a relaxed load and store, not a locked read-modify-write.
-        self.activity.store(self.activity.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
-    }
-}
-
-/// Reads what the TLS session has decrypted, one buffered chunk per call. tokio-rustls'
-/// `poll_read` goes on filling the caller's buffer after the first chunk, and between a client's
-/// requests that second attempt always finds the socket empty: a trip through rustls and tokio's
-/// readiness check for nothing, once per request (callgrind: ~2 % of the proxy's instructions
-/// per keep-alive request). The caller asks again when it wants more.
-impl<T: AsyncBufRead + Unpin> AsyncRead for ActivityIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let inner = Pin::new(&mut self.inner);
-        let read = match inner.poll_fill_buf(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Ready(Ok(data)) => {
-                let n = data.len().min(buf.remaining());
-                buf.put_slice(&data[..n]);
-                Pin::new(&mut self.inner).consume(n);
-                Ok(())
-            }
-        };
-        self.touch();
-        Poll::Ready(read)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if poll.is_ready() {
-            self.touch();
-        }
-        poll
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if poll.is_ready() {
-            self.touch();
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Resolves once the activity counter has not moved for `timeout` (checked at quarter steps,
-/// so a connection closes between 1x and 1.25x the timeout after its last byte).
-struct IdleWatch {
-    timeout: Duration,
-    activity: Arc<AtomicU64>,
-    tick: tokio::time::Interval,
-}
-
-impl IdleWatch {
-    fn new(timeout: Duration, activity: Arc<AtomicU64>) -> IdleWatch {
-        let step = (timeout / 4).max(Duration::from_millis(10));
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + step, step);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        IdleWatch { timeout, activity, tick }
-    }
-
-    async fn expired(&mut self) {
-        let mut seen = self.activity.load(Ordering::Relaxed);
-        let mut quiet_since = tokio::time::Instant::now();
-        loop {
-            let now = self.tick.tick().await;
-            let current = self.activity.load(Ordering::Relaxed);
-            if current != seen {
-                seen = current;
-                quiet_since = now;
-            } else if now.duration_since(quiet_since) >= self.timeout {
-                return;
-            }
-        }
+        drive(connection, |c| c.graceful_shutdown(), watch, &shutdown, peer).await;
     }
 }
 
