@@ -87,8 +87,8 @@ fn head_rewrite(c: &mut Criterion) {
             b.iter_batched(
                 build,
                 |mut parts| {
-                    prepare_request(&mut parts, &PEER, black_box(policy), false);
-                    parts
+                    let added = prepare_request(&mut parts, &PEER, black_box(policy), false);
+                    (parts, added)
                 },
                 BatchSize::SmallInput,
             )
@@ -131,10 +131,10 @@ fn snapshot_load(c: &mut Criterion) {
             http1_head,
             |mut parts| {
                 let config = snapshot.load();
-                prepare_request(&mut parts, &PEER, config.policy, false);
+                let added = prepare_request(&mut parts, &PEER, config.policy, false);
                 parts.uri = origin_form(&parts.uri);
                 parts.version = Version::HTTP_11;
-                parts
+                (parts, added)
             },
             BatchSize::SmallInput,
         )
@@ -153,12 +153,12 @@ fn upstream_wire(c: &mut Criterion) {
         )
     });
     let mut parts = http1_head();
-    prepare_request(&mut parts, &PEER, ForwardedPolicy::Overwrite, false);
+    let added = prepare_request(&mut parts, &PEER, ForwardedPolicy::Overwrite, false);
     parts.uri = origin_form(&parts.uri);
     let mut out = Vec::with_capacity(1024);
     c.bench_function("h1/encode_request_head", |b| {
         b.iter(|| {
-            encode_request_head(black_box(&parts), RequestFraming::AsGiven, &mut out);
+            encode_request_head(black_box(&parts), &added, RequestFraming::AsGiven, &mut out);
             out.len()
         })
     });

@@ -65,6 +65,28 @@ async fn trust_mode_appends_to_client_forwarded_for() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn http10_request_without_host_reaches_the_upstream_with_the_upstreams_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
+    let mut tls =
+        tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    tls.write_all(b"GET /old HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    // HTTP/1.0 without keep-alive: the proxy closes once it has answered.
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut response)).await.unwrap().ok();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.0 200") && response.ends_with("hello from upstream\n"), "{response}");
+
+    let seen = upstream.last_request();
+    let h = header_map(&seen.headers);
+    assert_eq!((seen.version, seen.uri.as_str()), (http::Version::HTTP_11, "/old"));
+    assert_eq!(h["host"], upstream.addr.to_string(), "HTTP/1.1 needs a Host: the upstream's own");
+    assert_eq!(seen.headers.get_all("host").iter().count(), 1);
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert!(!h.contains_key("x-forwarded-host"), "the client named no host: {h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn http2_requests_reach_the_upstream_as_http1_with_host() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;

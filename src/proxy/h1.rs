@@ -16,7 +16,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use std::mem::MaybeUninit;
 
-use super::headers;
+use super::headers::{self, AddedFields};
 
 /// The most header fields a response head may carry (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -54,15 +54,18 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Writes `parts` as an HTTP/1.1 request head into `out`, with the framing field `framing`
-/// calls for.
-pub fn encode_request_head(parts: &Parts, framing: RequestFraming, out: &mut Vec<u8>) {
+/// Writes `parts` as an HTTP/1.1 request head into `out`, the client's fields first, then the
+/// proxy's `added` ones and the framing field `framing` calls for.
+pub fn encode_request_head(parts: &Parts, added: &AddedFields, framing: RequestFraming, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     encode_fields(&parts.headers, out);
+    for (name, value) in added.iter() {
+        encode_field(name, value, out);
+    }
     match framing {
         RequestFraming::AsGiven => {}
         RequestFraming::ZeroLength => out.extend_from_slice(b"content-length: 0\r\n"),
@@ -74,11 +77,15 @@ pub fn encode_request_head(parts: &Parts, framing: RequestFraming, out: &mut Vec
 /// Writes each field as a `name: value` line: a head's, or a chunked body's trailers.
 fn encode_fields(fields: &HeaderMap, out: &mut Vec<u8>) {
     for (name, value) in fields {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(name.as_str(), value, out);
     }
+}
+
+fn encode_field(name: &str, value: &HeaderValue, out: &mut Vec<u8>) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// How a response body is delimited (RFC 9112 §6.3).
@@ -366,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn request_head_is_origin_form_with_the_fields_as_given() {
+    fn request_head_is_origin_form_with_the_fields_as_given_then_the_added_ones() {
         let (mut parts, ()) = http::Request::post("http://example.com/a?b=1")
             .header("host", "example.com")
             .header("x-one", "1")
@@ -374,11 +381,17 @@ mod tests {
             .unwrap()
             .into_parts();
         parts.uri = "/a?b=1".parse().unwrap();
+        let added = AddedFields {
+            forwarded_for: Some(HeaderValue::from_static("192.0.2.7")),
+            client_subject: Some(HeaderValue::from_static("CN=client")),
+            ..AddedFields::default()
+        };
         let mut out = Vec::new();
-        encode_request_head(&parts, RequestFraming::Chunked, &mut out);
+        encode_request_head(&parts, &added, RequestFraming::Chunked, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\nx-one: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+            "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\nx-one: 1\r\nx-forwarded-for: 192.0.2.7\r\n\
+             x-client-cert-subject: CN=client\r\ntransfer-encoding: chunked\r\n\r\n"
         );
     }
 

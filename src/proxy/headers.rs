@@ -115,9 +115,43 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, claims: Cli
     }
 }
 
+/// The fields the proxy adds to a request. They are written after the client's own rather
+/// than inserted into its map: the map hyper builds is sized for the client's fields, and
+/// inserting three or four more grew and rehashed it (callgrind: ~1.1k of a keep-alive
+/// request's 26.5k instructions).
+#[derive(Debug, Default, Clone)]
+pub struct AddedFields {
+    pub host: Option<HeaderValue>,
+    pub forwarded_for: Option<HeaderValue>,
+    pub forwarded_proto: Option<HeaderValue>,
+    pub forwarded_host: Option<HeaderValue>,
+    pub client_subject: Option<HeaderValue>,
+}
+
+impl AddedFields {
+    /// The fields to write, as `(name, value)`.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
+        [
+            ("host", &self.host),
+            ("x-forwarded-for", &self.forwarded_for),
+            ("x-forwarded-proto", &self.forwarded_proto),
+            ("x-forwarded-host", &self.forwarded_host),
+            ("x-client-cert-subject", &self.client_subject),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.as_ref().map(|value| (name, value)))
+    }
+}
+
 /// Rewrites a client request's head for the upstream: keeps Host (from :authority for HTTP/2),
-/// strips hop-by-hop fields and sets X-Forwarded-For/-Proto/-Host according to `policy`.
-pub fn prepare_request(parts: &mut Parts, peer_ip: &HeaderValue, policy: ForwardedPolicy, upgrade: bool) {
+/// strips hop-by-hop fields, and returns the X-Forwarded-For/-Proto/-Host fields that `policy`
+/// calls for, with Host when the head has none.
+pub fn prepare_request(
+    parts: &mut Parts,
+    peer_ip: &HeaderValue,
+    policy: ForwardedPolicy,
+    upgrade: bool,
+) -> AddedFields {
     let headers = &mut parts.headers;
     let claims = match policy {
         ForwardedPolicy::Overwrite => ClientClaims::StripAll,
@@ -125,37 +159,38 @@ pub fn prepare_request(parts: &mut Parts, peer_ip: &HeaderValue, policy: Forward
     };
     strip_hop_by_hop(headers, upgrade, claims);
 
+    let mut added = AddedFields::default();
     // HTTP/2 carries the host in :authority; an HTTP/1.1 upstream needs it as Host.
     let host = match headers.get(HOST) {
         Some(host) => Some(host.clone()),
         None => {
-            let authority = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-            if let Some(value) = &authority {
-                headers.insert(HOST, value.clone());
-            }
-            authority
+            added.host = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            added.host.clone()
         }
     };
 
     match policy {
         ForwardedPolicy::Overwrite => {
-            headers.insert(X_FORWARDED_FOR, peer_ip.clone());
-            headers.insert(X_FORWARDED_PROTO, HTTPS);
-            if let Some(host) = host {
-                headers.insert(X_FORWARDED_HOST, host);
-            }
+            added.forwarded_for = Some(peer_ip.clone());
+            added.forwarded_proto = Some(HTTPS);
+            added.forwarded_host = host;
         }
         ForwardedPolicy::Trust => {
-            let chain = append_forwarded_for(headers, peer_ip);
-            headers.insert(X_FORWARDED_FOR, chain);
-            if !headers.contains_key(X_FORWARDED_PROTO) {
-                headers.insert(X_FORWARDED_PROTO, HTTPS);
+            if headers.contains_key(X_FORWARDED_FOR) {
+                added.forwarded_for = Some(append_forwarded_for(headers, peer_ip));
+                headers.remove(X_FORWARDED_FOR);
+            } else {
+                added.forwarded_for = Some(peer_ip.clone());
             }
-            if let (false, Some(host)) = (headers.contains_key(X_FORWARDED_HOST), host) {
-                headers.insert(X_FORWARDED_HOST, host);
+            if !headers.contains_key(X_FORWARDED_PROTO) {
+                added.forwarded_proto = Some(HTTPS);
+            }
+            if !headers.contains_key(X_FORWARDED_HOST) {
+                added.forwarded_host = host;
             }
         }
     }
+    added
 }
 
 /// The origin-form target sent upstream: the client's path and query, whatever form the client
@@ -193,6 +228,14 @@ mod tests {
 
     const PEER: HeaderValue = HeaderValue::from_static("192.0.2.7");
 
+    /// `prepare_request`, with the added fields appended to the head's, as the upstream sees them.
+    fn prepare(p: &mut Parts, policy: ForwardedPolicy, upgrade: bool) {
+        let added = prepare_request(p, &PEER, policy, upgrade);
+        for (name, value) in added.iter() {
+            p.headers.append(name, value.clone());
+        }
+    }
+
     #[test]
     fn origin_form_keeps_path_and_query_only() {
         assert_eq!(origin_form(&"/a/b?c=d".parse().unwrap()).to_string(), "/a/b?c=d");
@@ -215,7 +258,7 @@ mod tests {
                 .header("x-kept", "1")
                 .header("host", "example.com")
         });
-        prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, false);
+        prepare(&mut p, ForwardedPolicy::Overwrite, false);
         for gone in [
             "connection",
             "keep-alive",
@@ -255,7 +298,7 @@ mod tests {
                 .header("forwarded", "for=6.6.6.6")
                 .header("host", "app.local:8443")
         });
-        prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, false);
+        prepare(&mut p, ForwardedPolicy::Overwrite, false);
         assert_eq!(p.headers["x-forwarded-for"], "192.0.2.7");
         assert_eq!(p.headers["x-forwarded-proto"], "https");
         assert_eq!(p.headers["x-forwarded-host"], "app.local:8443");
@@ -268,7 +311,7 @@ mod tests {
     fn client_identity_claims_are_stripped_under_every_policy() {
         for policy in [ForwardedPolicy::Overwrite, ForwardedPolicy::Trust] {
             let mut p = parts(|b| b.header("x-client-cert-subject", "CN=admin"));
-            prepare_request(&mut p, &PEER, policy, false);
+            prepare(&mut p, policy, false);
             assert!(!p.headers.contains_key("x-client-cert-subject"), "{policy:?}");
         }
         let mut response = HeaderMap::new();
@@ -285,7 +328,7 @@ mod tests {
                 .header("x-forwarded-proto", "http")
                 .header("host", "h")
         });
-        prepare_request(&mut p, &PEER, ForwardedPolicy::Trust, false);
+        prepare(&mut p, ForwardedPolicy::Trust, false);
         assert_eq!(p.headers["x-forwarded-for"], "203.0.113.1, 198.51.100.2, 192.0.2.7");
         assert_eq!(p.headers["x-forwarded-proto"], "http");
         assert_eq!(p.headers["x-forwarded-host"], "h");
@@ -294,7 +337,7 @@ mod tests {
     #[test]
     fn http2_authority_becomes_host() {
         let mut p = parts(|b| b.uri("https://example.com:8443/x").version(http::Version::HTTP_2));
-        prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, false);
+        prepare(&mut p, ForwardedPolicy::Overwrite, false);
         assert_eq!(p.headers["host"], "example.com:8443");
         assert_eq!(p.headers["x-forwarded-host"], "example.com:8443");
     }
@@ -303,7 +346,7 @@ mod tests {
     fn upgrade_survives_when_switching_protocols() {
         let mut p = parts(|b| b.header("connection", "Upgrade").header("upgrade", "websocket").header("host", "h"));
         assert!(wants_upgrade(&p.headers));
-        prepare_request(&mut p, &PEER, ForwardedPolicy::Overwrite, true);
+        prepare(&mut p, ForwardedPolicy::Overwrite, true);
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["connection"], "upgrade");
     }

@@ -107,22 +107,23 @@ impl ConnectionContext {
             .then(|| hyper::upgrade::on(&mut request));
 
         let (mut parts, body) = request.into_parts();
-        headers::prepare_request(&mut parts, &self.peer_ip, self.config.forwarded, client_upgrade.is_some());
-        if let Some(subject) = &self.client_subject {
-            parts.headers.insert(headers::X_CLIENT_CERT_SUBJECT, subject.clone());
-        }
+        let mut added =
+            headers::prepare_request(&mut parts, &self.peer_ip, self.config.forwarded, client_upgrade.is_some());
+        added.client_subject.clone_from(&self.client_subject);
         parts.uri = headers::origin_form(&parts.uri);
         parts.version = Version::HTTP_11;
         // An HTTP/1.0 client may send no Host; HTTP/1.1 requires one.
-        if !parts.headers.contains_key(HOST) {
-            parts.headers.insert(HOST, self.config.upstream.host_header());
+        if added.host.is_none() && !parts.headers.contains_key(HOST) {
+            added.host = Some(self.config.upstream.host_header());
         }
         let method = parts.method.clone();
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
 
         let upstream = &self.config.upstream;
         let timeout = self.config.timeouts.upstream;
-        let mut response = match tokio::time::timeout(timeout, self.pool.send(Request::from_parts(parts, body))).await {
+        let mut response = match tokio::time::timeout(timeout, self.pool.send(Request::from_parts(parts, body), &added))
+            .await
+        {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => return self.bad_gateway(&method, &path, &error.describe(), error.is_connect()),
             Err(_) => {

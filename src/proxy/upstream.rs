@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
 use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
+use super::headers::AddedFields;
 use crate::config::ProxyConfig;
 
 /// The most one upstream read takes in. Large bodies then flow in cache-sized pieces, and a
@@ -297,12 +298,17 @@ impl UpstreamPool {
         UpstreamPool { shared }
     }
 
-    /// Sends `request` (origin-form URI, Host set, hop-by-hop fields gone) on an idle
+    /// Sends `request` (origin-form URI, hop-by-hop fields gone) with the proxy's `added`
+    /// fields (Host among them, if `request` has none) on an idle
     /// connection or a new one, and returns the response once its head has arrived. An
     /// idempotent request without a body that a pooled connection failed before any answer,
     /// because the upstream had just closed it, is sent once more, on a new connection. The
     /// connection goes back to the pool when the response body has been read to its end.
-    pub async fn send(&self, request: Request<Incoming>) -> Result<Response<UpstreamBody>, UpstreamError> {
+    pub async fn send(
+        &self,
+        request: Request<Incoming>,
+        added: &AddedFields,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (parts, body) = request.into_parts();
         let has_body = !body.is_end_stream();
         let framing = if has_body {
@@ -328,7 +334,7 @@ impl UpstreamPool {
         });
         let replayable = body.is_none() && parts.method.is_idempotent();
         let mut head = Vec::with_capacity(512);
-        h1::encode_request_head(&parts, framing, &mut head);
+        h1::encode_request_head(&parts, added, framing, &mut head);
         let (mut connection, reused) = match self.take_idle() {
             Some(connection) => (connection, true),
             None => (self.connect().await?, false),
