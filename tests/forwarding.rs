@@ -232,14 +232,22 @@ async fn dead_upstream_gives_502_naming_the_cause_and_the_proxy_keeps_serving() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_upstream_gives_504_after_the_upstream_timeout() {
-    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--upstream-timeout", "300ms"]).await;
-    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
-    let (status, _, body) = conn.get("/slow/3000").await;
-    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(body.contains("300ms"), "{body}");
-    // Within the timeout the same route answers.
-    let (status, _, _) = conn.get("/slow/10").await;
-    assert_eq!(status, StatusCode::OK);
+    let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--upstream-timeout", "300ms"]).await;
+    for http2 in [false, true] {
+        let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
+        let asked = std::time::Instant::now();
+        let (status, _, body) = conn.get("/slow/3000").await;
+        let took = asked.elapsed();
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "http2={http2}");
+        assert!(body.contains("300ms"), "{body}");
+        // Never early; the pool's clock may add up to a quarter.
+        assert!(took >= Duration::from_millis(300), "http2={http2}: 504 after {took:?}, before the 300ms timeout");
+        assert!(took < Duration::from_millis(1500), "http2={http2}: 504 only after {took:?}");
+        // Within the timeout the same route answers.
+        let (status, _, _) = conn.get("/slow/10").await;
+        assert_eq!(status, StatusCode::OK, "http2={http2}");
+    }
+    assert_eq!(upstream.log.requests.lock().unwrap().len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -24,7 +24,7 @@ use crate::access_log::{AccessLog, ConnectionFacts, PendingEntry};
 use crate::config::ProxyConfig;
 use crate::metrics::{metrics, UpstreamFailure};
 use crate::transport::LastResponse;
-use upstream::UpstreamPool;
+use upstream::{UpstreamError, UpstreamPool};
 
 /// The largest body of a connection's last response that the client socket holds until
 /// close_notify, to send both, and the FIN, in one segment (see `transport`). A body that has
@@ -119,14 +119,10 @@ impl ConnectionContext {
         let method = parts.method.clone();
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
 
-        let upstream = &self.config.upstream;
-        let timeout = self.config.timeouts.upstream;
-        let mut response = match tokio::time::timeout(timeout, self.pool.send(Request::from_parts(parts, body), &added))
-            .await
-        {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => return self.bad_gateway(&method, &path, &error.describe(), error.is_connect()),
-            Err(_) => {
+        let mut response = match self.pool.send(Request::from_parts(parts, body), &added).await {
+            Ok(response) => response,
+            Err(UpstreamError::Timeout(timeout)) => {
+                let upstream = &self.config.upstream;
                 tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream gave no response within {timeout:?}");
                 metrics().upstream_failure(UpstreamFailure::Timeout);
                 return plain_response(
@@ -137,6 +133,7 @@ impl ConnectionContext {
                     ),
                 );
             }
+            Err(error) => return self.bad_gateway(&method, &path, &error.describe(), error.is_connect()),
         };
 
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;

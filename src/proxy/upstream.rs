@@ -6,7 +6,7 @@
 //! response body reads its connection directly (`body::UpstreamBody`).
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +18,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response};
 use hyper::body::{Body, Incoming};
+use slab::Slab;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -36,9 +37,13 @@ pub(super) const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 /// What a read for a response head makes room for: heads are small.
 const HEAD_READ: usize = 8 * 1024;
 
-/// The idle timeout is checked in this many steps: an idle connection is closed after between
-/// (STEPS-1)/STEPS and all of `--upstream-idle-timeout`, never later.
-const IDLE_STEPS: u64 = 4;
+/// The pool's clock ticks at least this many times per `--upstream-idle-timeout`: an idle
+/// connection is closed after between (STEPS-1)/STEPS and all of it, never later.
+const IDLE_STEPS: u32 = 4;
+
+/// ...and at least this many times per `--upstream-timeout`: a request that has had no
+/// response head for that long fails between 1x and 1.25x of it.
+const TIMEOUT_STEPS: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -52,6 +57,8 @@ pub enum UpstreamError {
     Receive(std::io::Error),
     #[error("closed the connection without responding")]
     Closed,
+    #[error("gave no response within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
     #[error("the client's request body failed: {0}")]
@@ -112,9 +119,76 @@ pub(super) struct Shared {
     /// Most recently used last: reuse takes from the end, so warm connections stay warm and
     /// the ones a burst left over age out at the front.
     idle: Mutex<Vec<IdleConnection>>,
-    /// Advanced by the reaper every idle-timeout step; stamps when a connection went idle
-    /// without a clock read per request.
+    /// The pool's clock, advanced by its task (`run_clock`) every tick: stamps when a
+    /// connection went idle and when a request's wait for its response head started, without
+    /// a clock read or a timer per request.
     step: AtomicU64,
+    /// Ticks after which an idle connection is closed.
+    idle_steps: u64,
+    /// `--upstream-timeout`, and the ticks it lasts (rounded up).
+    timeout: Duration,
+    timeout_steps: u64,
+    /// Requests waiting for a response head. Registering a tokio timer for each and dropping
+    /// it again was 0.9k of a keep-alive request's 25k instructions (callgrind).
+    waiting: Mutex<Slab<Waiting>>,
+}
+
+/// A request waiting for its response head, as the pool's clock sees it.
+struct Waiting {
+    /// The tick at which it has waited for the whole timeout.
+    expires_at_step: u64,
+    waker: Option<Waker>,
+    expired: bool,
+}
+
+/// A request's deadline for its response head, and its place in the pool's `waiting` table
+/// once it has had to wait.
+struct HeadDeadline<'a> {
+    shared: &'a Shared,
+    /// The tick at which it has waited for the whole timeout. The tick under way may be nearly
+    /// over when it starts: one more makes the wait at least the timeout.
+    expires_at_step: u64,
+    key: Option<usize>,
+}
+
+impl<'a> HeadDeadline<'a> {
+    fn start(shared: &'a Shared) -> HeadDeadline<'a> {
+        let expires_at_step = shared.step.load(Ordering::Relaxed) + shared.timeout_steps + 1;
+        HeadDeadline { shared, expires_at_step, key: None }
+    }
+
+    /// True once the clock has passed the deadline; until then the clock wakes `cx` when it does.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut waiting = lock(&self.shared.waiting);
+        let Some(key) = self.key else {
+            let entry =
+                Waiting { expires_at_step: self.expires_at_step, waker: Some(cx.waker().clone()), expired: false };
+            self.key = Some(waiting.insert(entry));
+            return false;
+        };
+        let Some(entry) = waiting.get_mut(key) else { return false };
+        if entry.expired {
+            return true;
+        }
+        if !entry.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+            entry.waker = Some(cx.waker().clone());
+        }
+        false
+    }
+}
+
+impl Drop for HeadDeadline<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            lock(&self.shared.waiting).try_remove(key);
+        }
+    }
+}
+
+/// The pool is one worker's: its locks are never contended, and a panic elsewhere leaves
+/// their data as valid as it was.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct IdleConnection {
@@ -281,21 +355,46 @@ impl RequestBody {
 }
 
 impl UpstreamPool {
-    /// Must be called within a Tokio runtime: it starts the task that closes idle connections.
+    /// Must be called within a Tokio runtime: it starts the pool's clock, the task that
+    /// closes idle connections and times out requests.
     pub fn new(config: &ProxyConfig) -> UpstreamPool {
         let authority = config.upstream.authority();
         // `[::1]` in a URL is `::1` to the resolver.
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+        let timeouts = &config.timeouts;
+        let tick =
+            (timeouts.upstream_idle / IDLE_STEPS).min(timeouts.upstream / TIMEOUT_STEPS).max(Duration::from_millis(5));
+        let ticks = |d: Duration| d.as_nanos().div_ceil(tick.as_nanos()) as u64;
         let shared = Arc::new(Shared {
             host,
             port: authority.port_u16().unwrap_or(80),
-            connect_timeout: config.timeouts.upstream_connect,
+            connect_timeout: timeouts.upstream_connect,
             idle: Mutex::new(Vec::new()),
             step: AtomicU64::new(0),
+            idle_steps: (timeouts.upstream_idle.as_nanos() / tick.as_nanos()).max(1) as u64,
+            timeout: timeouts.upstream,
+            timeout_steps: ticks(timeouts.upstream),
+            waiting: Mutex::new(Slab::new()),
         });
-        let step = (config.timeouts.upstream_idle / IDLE_STEPS as u32).max(Duration::from_millis(5));
-        tokio::spawn(close_idle_connections(Arc::downgrade(&shared), step));
+        tokio::spawn(run_clock(Arc::downgrade(&shared), tick));
         UpstreamPool { shared }
+    }
+
+    /// `send_now`, failing with `UpstreamError::Timeout` when no response head has come
+    /// within `--upstream-timeout`.
+    pub async fn send(
+        &self,
+        request: Request<Incoming>,
+        added: &AddedFields,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let mut deadline = HeadDeadline::start(&self.shared);
+        let mut exchange = std::pin::pin!(self.send_now(request, added));
+        poll_fn(|cx| match exchange.as_mut().poll(cx) {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending if deadline.poll_expired(cx) => Poll::Ready(Err(UpstreamError::Timeout(self.shared.timeout))),
+            Poll::Pending => Poll::Pending,
+        })
+        .await
     }
 
     /// Sends `request` (origin-form URI, hop-by-hop fields gone) with the proxy's `added`
@@ -304,7 +403,7 @@ impl UpstreamPool {
     /// idempotent request without a body that a pooled connection failed before any answer,
     /// because the upstream had just closed it, is sent once more, on a new connection. The
     /// connection goes back to the pool when the response body has been read to its end.
-    pub async fn send(
+    async fn send_now(
         &self,
         request: Request<Incoming>,
         added: &AddedFields,
@@ -376,7 +475,7 @@ impl UpstreamPool {
 
     /// The most recently used idle connection that is still open and quiet.
     fn take_idle(&self) -> Option<UpstreamConnection> {
-        let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = lock(&self.shared.idle);
         while let Some(IdleConnection { mut connection, .. }) = idle.pop() {
             if connection.is_quiet() {
                 return Some(connection);
@@ -407,21 +506,32 @@ pub(super) fn release(pool: &Shared, mut connection: UpstreamConnection) {
         connection.read_buf = BytesMut::new();
     }
     let idle_since_step = pool.step.load(Ordering::Relaxed);
-    pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(IdleConnection { connection, idle_since_step });
+    lock(&pool.idle).push(IdleConnection { connection, idle_since_step });
 }
 
-/// Closes connections idle for the whole timeout; ends when the pool is gone.
-async fn close_idle_connections(pool: Weak<Shared>, step: Duration) {
-    let mut tick = tokio::time::interval(step);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// The pool's clock: every tick closes the connections idle for the whole idle timeout and
+/// fails the requests that have waited for a response head for the whole timeout. Ends when
+/// the pool is gone.
+async fn run_clock(pool: Weak<Shared>, tick: Duration) {
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        ticks.tick().await;
         let Some(shared) = pool.upgrade() else { return };
         let now = shared.step.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut idle = shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = lock(&shared.idle);
         if !idle.is_empty() {
             // Dropping a connection closes its socket.
-            idle.retain(|c| now - c.idle_since_step < IDLE_STEPS);
+            idle.retain(|c| now - c.idle_since_step < shared.idle_steps);
+        }
+        drop(idle);
+        for (_, waiting) in lock(&shared.waiting).iter_mut() {
+            if !waiting.expired && now >= waiting.expires_at_step {
+                waiting.expired = true;
+                if let Some(waker) = waiting.waker.take() {
+                    waker.wake();
+                }
+            }
         }
     }
 }

@@ -412,26 +412,28 @@ impl Worker {
 /// settings stay the same, so that a reload does not throw away warm keep-alive connections.
 #[derive(Default)]
 struct WorkerPool {
-    /// The upstream, connect and idle timeouts the pool was built with.
+    /// The upstream, and the connect, idle and response timeouts the pool was built with.
     current: Option<(PoolSettings, UpstreamPool)>,
 }
 
-type PoolSettings = (crate::config::Upstream, Duration, Duration);
+type PoolSettings = (crate::config::Upstream, Duration, Duration, Duration);
 
 impl WorkerPool {
     fn pool_for(&mut self, config: &ProxyConfig) -> UpstreamPool {
         let timeouts = &config.timeouts;
         match &self.current {
-            Some(((upstream, connect, idle), pool))
+            Some(((upstream, connect, idle, timeout), pool))
                 if *upstream == config.upstream
                     && *connect == timeouts.upstream_connect
-                    && *idle == timeouts.upstream_idle =>
+                    && *idle == timeouts.upstream_idle
+                    && *timeout == timeouts.upstream =>
             {
                 pool.clone()
             }
             _ => {
                 let pool = UpstreamPool::new(config);
-                let settings = (config.upstream.clone(), timeouts.upstream_connect, timeouts.upstream_idle);
+                let settings =
+                    (config.upstream.clone(), timeouts.upstream_connect, timeouts.upstream_idle, timeouts.upstream);
                 self.current = Some((settings, pool.clone()));
                 pool
             }
