@@ -2,8 +2,6 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
 use http::request::Parts;
-use http::uri::PathAndQuery;
-use http::Uri;
 
 use crate::config::ForwardedPolicy;
 
@@ -193,13 +191,6 @@ pub fn prepare_request(
     added
 }
 
-/// The origin-form target sent upstream: the client's path and query, whatever form the client
-/// used (an HTTP/2 request carries scheme and authority too). Reuses the original path bytes (a
-/// reference-count bump, no copy).
-pub fn origin_form(original: &Uri) -> Uri {
-    Uri::from(original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))
-}
-
 /// `existing, ..., peer` with every X-Forwarded-For line the client sent folded into one.
 fn append_forwarded_for(headers: &HeaderMap, peer_ip: &HeaderValue) -> HeaderValue {
     let mut chain: Vec<u8> = Vec::new();
@@ -234,13 +225,6 @@ mod tests {
         for (name, value) in added.iter() {
             p.headers.append(name, value.clone());
         }
-    }
-
-    #[test]
-    fn origin_form_keeps_path_and_query_only() {
-        assert_eq!(origin_form(&"/a/b?c=d".parse().unwrap()).to_string(), "/a/b?c=d");
-        assert_eq!(origin_form(&"https://example.com/x?y".parse().unwrap()).to_string(), "/x?y");
-        assert_eq!(origin_form(&"https://example.com".parse().unwrap()).to_string(), "/");
     }
 
     #[test]

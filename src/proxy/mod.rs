@@ -110,20 +110,18 @@ impl ConnectionContext {
         let mut added =
             headers::prepare_request(&mut parts, &self.peer_ip, self.config.forwarded, client_upgrade.is_some());
         added.client_subject.clone_from(&self.client_subject);
-        parts.uri = headers::origin_form(&parts.uri);
-        parts.version = Version::HTTP_11;
         // An HTTP/1.0 client may send no Host; HTTP/1.1 requires one.
         if added.host.is_none() && !parts.headers.contains_key(HOST) {
             added.host = Some(self.config.upstream.host_header());
         }
-        let method = parts.method.clone();
-        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
 
-        let mut response = match self.pool.send(Request::from_parts(parts, body), &added).await {
+        let mut response = match self.pool.send(&parts, body, &added).await {
             Ok(response) => response,
             Err(UpstreamError::Timeout(timeout)) => {
                 let upstream = &self.config.upstream;
-                tracing::warn!(peer = %self.peer, %upstream, %method, path = %path, "upstream gave no response within {timeout:?}");
+                let method = &parts.method;
+                tracing::warn!(peer = %self.peer, %upstream, %method, path, "upstream gave no response within {timeout:?}");
                 metrics().upstream_failure(UpstreamFailure::Timeout);
                 return plain_response(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -133,7 +131,7 @@ impl ConnectionContext {
                     ),
                 );
             }
-            Err(error) => return self.bad_gateway(&method, &path, &error.describe(), error.is_connect()),
+            Err(error) => return self.bad_gateway(&parts.method, path, &error.describe(), error.is_connect()),
         };
 
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -142,7 +140,7 @@ impl ConnectionContext {
                 (client_upgrade, std::mem::replace(response.body_mut(), UpstreamBody::empty()).into_upgraded())
             else {
                 let reason = h1::ProtocolError::UnexpectedUpgrade.to_string();
-                return self.bad_gateway(&method, &path, &reason, false);
+                return self.bad_gateway(&parts.method, path, &reason, false);
             };
             tokio::spawn(splice(client_side, upstream_side, self.peer));
             // The parser left every field of a 101 in place: `Upgrade` must reach the client.
@@ -155,9 +153,9 @@ impl ConnectionContext {
     }
 
     /// The 502 for a request the upstream did not answer properly, logged and counted.
-    fn bad_gateway(&self, method: &Method, path: &PathAndQuery, reason: &str, connect: bool) -> Response<ProxyBody> {
+    fn bad_gateway(&self, method: &Method, path: &str, reason: &str, connect: bool) -> Response<ProxyBody> {
         let upstream = &self.config.upstream;
-        tracing::warn!(peer = %self.peer, %upstream, %method, %path, "upstream request failed: {reason}");
+        tracing::warn!(peer = %self.peer, %upstream, %method, path, "upstream request failed: {reason}");
         metrics().upstream_failure(if connect { UpstreamFailure::Connect } else { UpstreamFailure::Other });
         plain_response(StatusCode::BAD_GATEWAY, format!("502 Bad Gateway: upstream {upstream}: {reason}\n"))
     }

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
-use http::{Method, Request, Response};
+use http::request::Parts;
+use http::{Method, Response};
 use hyper::body::{Body, Incoming};
 use slab::Slab;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -384,11 +385,12 @@ impl UpstreamPool {
     /// within `--upstream-timeout`.
     pub async fn send(
         &self,
-        request: Request<Incoming>,
+        parts: &Parts,
+        body: Incoming,
         added: &AddedFields,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut deadline = HeadDeadline::start(&self.shared);
-        let mut exchange = std::pin::pin!(self.send_now(request, added));
+        let mut exchange = std::pin::pin!(self.send_now(parts, body, added));
         poll_fn(|cx| match exchange.as_mut().poll(cx) {
             Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending if deadline.poll_expired(cx) => Poll::Ready(Err(UpstreamError::Timeout(self.shared.timeout))),
@@ -397,18 +399,19 @@ impl UpstreamPool {
         .await
     }
 
-    /// Sends `request` (origin-form URI, hop-by-hop fields gone) with the proxy's `added`
-    /// fields (Host among them, if `request` has none) on an idle
-    /// connection or a new one, and returns the response once its head has arrived. An
+    /// Sends the request head `parts` (hop-by-hop fields gone; its target goes in origin
+    /// form) with the proxy's `added` fields (Host among them, if `parts` has none), and
+    /// `body`, on an idle connection or a new one, and returns the response once its head
+    /// has arrived. An
     /// idempotent request without a body that a pooled connection failed before any answer,
     /// because the upstream had just closed it, is sent once more, on a new connection. The
     /// connection goes back to the pool when the response body has been read to its end.
     async fn send_now(
         &self,
-        request: Request<Incoming>,
+        parts: &Parts,
+        body: Incoming,
         added: &AddedFields,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (parts, body) = request.into_parts();
         let has_body = !body.is_end_stream();
         let framing = if has_body {
             if parts.headers.contains_key(CONTENT_LENGTH) {
@@ -433,7 +436,7 @@ impl UpstreamPool {
         });
         let replayable = body.is_none() && parts.method.is_idempotent();
         let mut head = Vec::with_capacity(512);
-        h1::encode_request_head(&parts, added, framing, &mut head);
+        h1::encode_request_head(parts, added, framing, &mut head);
         let (mut connection, reused) = match self.take_idle() {
             Some(connection) => (connection, true),
             None => (self.connect().await?, false),
