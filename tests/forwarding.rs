@@ -87,6 +87,34 @@ async fn http10_request_without_host_reaches_the_upstream_with_the_upstreams_hos
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_goes_away_mid_request_closes_the_apps_connection() {
+    // The app is still working on the request when its client gives up: the proxy must tell
+    // the app (its connection closes) rather than keep it busy until the upstream timeout.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_url = format!("http://{}", app.local_addr().unwrap());
+    let pki = TestPki::new();
+    let sidecar = start_sidecar(&app_url, &pki, &[], |_| {});
+    let mut tls =
+        tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    tls.write_all(b"GET /report HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let (mut upstream, _) = tokio::time::timeout(Duration::from_secs(5), app.accept()).await.unwrap().unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(upstream.read(&mut byte).await.unwrap(), 1, "the request head reaches the app");
+        head.push(byte[0]);
+    }
+    drop(tls);
+    let mut rest = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), upstream.read(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the app's connection must close once the client is gone (the upstream timeout is 60 s): {read:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn http2_requests_reach_the_upstream_as_http1_with_host() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
