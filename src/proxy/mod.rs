@@ -118,17 +118,14 @@ impl ConnectionContext {
 
         let mut response = match self.pool.send(&parts, body, &added).await {
             Ok(response) => response,
-            Err(UpstreamError::Timeout(timeout)) => {
+            Err(error @ UpstreamError::Timeout(timeout)) => {
                 let upstream = &self.config.upstream;
                 let method = &parts.method;
                 tracing::warn!(peer = %self.peer, %upstream, %method, path, "upstream gave no response within {timeout:?}");
                 metrics().upstream_failure(UpstreamFailure::Timeout);
                 return plain_response(
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "504 Gateway Timeout: upstream {upstream} gave no response within {}\n",
-                        humantime::format_duration(timeout)
-                    ),
+                    format!("504 Gateway Timeout: upstream {upstream} {error}\n"),
                 );
             }
             Err(error) => return self.bad_gateway(&parts.method, path, &error.describe(), error.is_connect()),
