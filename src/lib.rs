@@ -24,3 +24,10 @@ pub mod shutdown;
 pub mod sync;
 pub mod tls;
 pub mod transport;
+
+/// Locks `mutex` even when a thread panicked while holding it. The crate's mutexes guard plain
+/// values (statuses, idle lists, task handles, session state) that a panic leaves as valid as
+/// the last assignment did; refusing them would turn one panic into a panic per caller.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -459,7 +459,7 @@ impl TlsContext {
     /// they were made under: when those change, start afresh (a client of a removed CA must
     /// not get back in by resuming). Server-certificate reloads keep sessions resumable.
     fn resumption_for(&self, client_auth: u64) -> Result<Resumption, TlsError> {
-        let mut current = self.resumption.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = crate::lock(&self.resumption);
         if current.client_auth != client_auth {
             *current = Resumption::new(client_auth)?;
         }

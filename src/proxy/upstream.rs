@@ -27,6 +27,7 @@ use super::body::UpstreamBody;
 use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
 use super::headers::AddedFields;
 use crate::config::ProxyConfig;
+use crate::lock;
 
 /// The most one upstream read takes in. Large bodies then flow in cache-sized pieces, and a
 /// pooled connection holds at most this much: with 1 MiB responses, 64 KiB cut the proxy's CPU
@@ -184,12 +185,6 @@ impl Drop for HeadDeadline<'_> {
             lock(&self.shared.waiting).try_remove(key);
         }
     }
-}
-
-/// The pool is one worker's: its locks are never contended, and a panic elsewhere leaves
-/// their data as valid as it was.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct IdleConnection {

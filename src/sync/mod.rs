@@ -127,14 +127,11 @@ impl SyncManager {
     }
 
     pub fn statuses(&self) -> Vec<DestStatus> {
-        self.destinations.iter().map(|d| d.status.lock().unwrap_or_else(|e| e.into_inner()).clone()).collect()
+        self.destinations.iter().map(|d| crate::lock(&d.status).clone()).collect()
     }
 
     pub fn status(&self, name: &str) -> Option<DestStatus> {
-        self.destinations
-            .iter()
-            .find(|d| d.name == name)
-            .map(|d| d.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        self.destinations.iter().find(|d| d.name == name).map(|d| crate::lock(&d.status).clone())
     }
 
     pub fn history(&self, name: &str) -> Option<Vec<Version>> {
@@ -170,7 +167,7 @@ impl SyncManager {
 
     /// Waits (at most `limit`) for the tasks to end after shutdown.
     pub async fn stopped(&self, limit: Duration) {
-        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *crate::lock(&self.tasks));
         let _ = tokio::time::timeout(limit, async {
             for task in tasks {
                 let _ = task.await;

@@ -122,7 +122,7 @@ impl Worker {
     }
 
     fn update(&self, f: impl FnOnce(&mut DestStatus)) {
-        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut status = crate::lock(&self.status);
         f(&mut status);
     }
 
@@ -588,7 +588,7 @@ impl Worker {
         );
         let revision = format!("rollback to version {} ({})", version.id, version.revision);
         let outcome = self.apply(Fetched { content: content.into(), revision }, Origin::Rollback).await;
-        let state = self.status.lock().unwrap_or_else(|e| e.into_inner()).state;
+        let state = crate::lock(&self.status).state;
         Ok(RollbackReport {
             name: self.spec.name.clone(),
             version,
