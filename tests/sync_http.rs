@@ -146,7 +146,7 @@ async fn consul_blocking_queries_follow_the_index_reset_it_when_it_goes_back_and
         server.set(Some("c2"), 9);
         wait_for_content(&dest, "c2", T);
         assert!(started.elapsed() < Duration::from_secs(5), "the blocked query answered at the change");
-        assert_eq!(sync.wait_state("app.conf", "synced", T)["source_revision"], "index 9");
+        sync.wait_revision("app.conf", "index 9", T);
 
         // The index goes backwards (a restored snapshot): start over from 0.
         let seen = server.requests().len();

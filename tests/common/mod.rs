@@ -1035,6 +1035,25 @@ impl SyncProcess {
         self.status(name)["state"].as_str().unwrap_or("").to_owned()
     }
 
+    /// Waits for `name` to be synced at the source's `revision`. A file already synced shows
+    /// its new contents a moment before the status names their revision (the rename comes
+    /// first), so a new version is waited for by its revision, not by the first synced status.
+    pub fn wait_revision(&self, name: &str, revision: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.status(name);
+            if last["state"] == "synced" && last["source_revision"] == revision {
+                return last;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sync {name} not synced at {revision} within {timeout:?}: {last:#}\nlog:\n{}",
+                self.proc.logs.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
