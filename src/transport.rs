@@ -85,6 +85,12 @@ impl TlsSocket {
         self.last_response.clone()
     }
 
+    /// Nothing can be read now: no held bytes wait to be sent by a read, and the socket is not
+    /// readable (the task is woken when it is).
+    pub fn poll_nothing_to_read(&self, cx: &mut Context<'_>) -> bool {
+        (self.held.is_empty() || !self.last_response.announced()) && self.tcp.poll_read_ready(cx).is_pending()
+    }
+
     fn holds(&self, bufs: &[IoSlice<'_>]) -> bool {
         let ticket = self.handshaking && bufs.first().and_then(|b| b.first()) == Some(&APPLICATION_DATA);
         ticket || self.last_response.announced()

@@ -115,6 +115,32 @@ async fn a_client_that_goes_away_mid_request_closes_the_apps_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_in_two_tls_records_of_one_write_are_both_answered() {
+    // Both records arrive in one read, so the second request waits decrypted inside the TLS
+    // session while the socket has nothing more: it must be served without more bytes coming.
+    use std::io::Write;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
+    let mut tls =
+        tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
+    let session = &mut tls.get_mut().1;
+    session.writer().write_all(b"GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    session.writer().write_all(b"GET /second HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    tls.flush().await.unwrap();
+    let mut received = Vec::new();
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        while received.windows(20).filter(|w| *w == b"hello from upstream\n").count() < 2 {
+            let mut chunk = [0u8; 4096];
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the proxy closed the connection: {}", String::from_utf8_lossy(&received));
+            received.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "only this came back: {}", String::from_utf8_lossy(&received));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn http2_requests_reach_the_upstream_as_http1_with_host() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;

@@ -111,13 +111,35 @@ impl<T> ActivityIo<T> {
     }
 }
 
+/// A stream that can tell, cheaply, that a read would find nothing.
+pub(super) trait NothingToRead {
+    /// `true`: nothing is buffered and the socket is not readable; the task is woken when it is.
+    fn poll_nothing_to_read(&self, cx: &mut Context<'_>) -> bool;
+}
+
+impl NothingToRead for tokio_rustls::server::TlsStream<crate::transport::TlsSocket> {
+    fn poll_nothing_to_read(&self, cx: &mut Context<'_>) -> bool {
+        let (socket, session) = self.get_ref();
+        // No decrypted bytes wait, and no close_notify has come (its EOF is for the read to say).
+        session.wants_read() && socket.poll_nothing_to_read(cx)
+    }
+}
+
 /// Reads what the TLS session has decrypted, one buffered chunk per call. tokio-rustls'
 /// `poll_read` goes on filling the caller's buffer after the first chunk, and between a client's
 /// requests that second attempt always finds the socket empty: a trip through rustls and tokio's
 /// readiness check for nothing, once per request (callgrind: ~2 % of the proxy's instructions
 /// per keep-alive request). The caller asks again when it wants more.
-impl<T: AsyncBufRead + Unpin> AsyncRead for ActivityIo<T> {
+///
+/// A read that would find nothing ends at the socket's readiness, before tokio-rustls and
+/// rustls are entered: hyper makes one such read per request, watching for the client going
+/// away while the app answers (callgrind: keep-alive 23.3k → 23.0k instructions per request,
+/// HTTP/2 32.8k → 32.7k).
+impl<T: AsyncBufRead + NothingToRead + Unpin> AsyncRead for ActivityIo<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.inner.poll_nothing_to_read(cx) {
+            return Poll::Pending;
+        }
         let inner = Pin::new(&mut self.inner);
         let read = match inner.poll_fill_buf(cx) {
             Poll::Pending => return Poll::Pending,
