@@ -18,6 +18,9 @@
 # Environment (all optional):
 #   DUR=8            seconds per measured run (a WARM-second unmeasured run precedes each)
 #   WARM=1
+#   ROUNDS=1         measured runs per proxy and load scenario, taken in turn (nginx, sidecar,
+#                    floor, nginx, ...); the table shows the median round by CPU per request,
+#                    errors summed over all rounds, and each round's CPU figure
 #   IDLE_CONNS=10000 idle TLS connections held for the per-connection memory figure
 #   BENCH_UPSTREAM_PORT=18080 BENCH_UPSTREAM_H2C_PORT=18081 BENCH_NGINX_PORT=18443
 #   BENCH_SIDECAR_PORT=18444   fixed loopback ports; without them, the next free port from these
@@ -29,6 +32,7 @@ set -euo pipefail
 
 DUR=${DUR:-8}
 WARM=${WARM:-1}
+ROUNDS=${ROUNDS:-1}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=${BENCH_OUT:-$ROOT/bench-results}
@@ -168,6 +172,7 @@ fmt() { printf "%.${2:-1}f" "$1"; }
 # ---------------------------------------------------------------------------------------------
 # Setup
 
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS=$ROUNDS: a positive whole number, please"
 install_tools
 TICK=$(getconf CLK_TCK)
 # The proxies and the idle-connection client each hold IDLE_CONNS sockets (plus a few).
@@ -301,7 +306,7 @@ start_proxies() {  # start_proxies NGINX_CONF_NAME
     sleep 1  # let nginx's workers settle before the idle reading
 }
 
-say "upstream :$UP (h2c :$UP_H2C), nginx :$NGX, sidecar :$SC ($SIDECAR_BIN); nginx $NGINX_VERSION; DUR=${DUR}s"
+say "upstream :$UP (h2c :$UP_H2C), nginx :$NGX, sidecar :$SC ($SIDECAR_BIN); nginx $NGINX_VERSION; DUR=${DUR}s, ROUNDS=$ROUNDS"
 start_nginx upstream; UP_MAIN=$NGINX_PID
 wait_http "http://127.0.0.1:$UP/"
 start_proxies nginx-sidecar
@@ -385,20 +390,58 @@ measure() {
 
 url_of() { case $1 in nginx) echo "https://127.0.0.1:$NGX" ;; sidecar) echo "https://127.0.0.1:$SC" ;; floor) echo "http://127.0.0.1:$UP" ;; esac; }
 
+# One measured run of a scenario for WHO.
+keepalive_run() { measure keepalive "$1" wrk -t2 -c64 "$(url_of "$1")/"; }
+h2_run() {
+    local url; url=$(url_of "$1")/; [ "$1" = floor ] && url=http://127.0.0.1:$UP_H2C/
+    measure h2 "$1" h2load -t2 -c64 -m10 "$url"
+}
+handshake_run() { measure handshake "$1" wrk -t2 -c16 -H "Connection: close" "$(url_of "$1")/"; }
+big_run() { measure big "$1" wrk -t2 -c16 "$(url_of "$1")/big"; }
+
+FIELDS=(rps p50 p99 err reqs cpu hwm)
+# settle SCENARIO WHO: the median round by CPU per request stands for WHO; errors add up over
+# the rounds, peak RSS is the highest, and every round's CPU figure is kept for the table.
+settle() {
+    local s=$1 who=$2 n f median errs=0 hwm=0 cpus=""
+    for ((n = 1; n <= ROUNDS; n++)); do
+        cpus+="${R[$s.$who.r$n.cpu]} "
+        errs=$((errs + ${R[$s.$who.r$n.err]:-0}))
+        [ "${R[$s.$who.r$n.hwm]:-0}" -gt "$hwm" ] && hwm=${R[$s.$who.r$n.hwm]}
+    done
+    median=$(for ((n = 1; n <= ROUNDS; n++)); do echo "${R[$s.$who.r$n.cpu]} $n"; done |
+        sort -g | awk -v m=$(((ROUNDS + 1) / 2)) 'NR == m { print $2 }')
+    for f in "${FIELDS[@]}"; do R[$s.$who.$f]=${R[$s.$who.r$median.$f]}; done
+    R[$s.$who.err]=$errs
+    R[$s.$who.hwm]=$hwm
+    R[$s.$who.cpus]=${cpus% }
+}
+
+# in_rounds SCENARIO: ROUNDS rounds of nginx, the sidecar and the floor in turn, so that a
+# slow stretch of the machine falls on both proxies alike.
+in_rounds() {
+    local round who f
+    for ((round = 1; round <= ROUNDS; round++)); do
+        [ "$ROUNDS" -gt 1 ] && say "  round $round of $ROUNDS"
+        for who in nginx sidecar floor; do
+            "${1}_run" "$who"
+            for f in "${FIELDS[@]}"; do R[$1.$who.r$round.$f]=${R[$1.$who.$f]}; done
+        done
+    done
+    for who in nginx sidecar floor; do settle "$1" "$who"; done
+}
+
 say "scenario keepalive: wrk -t2 -c64"
-for who in nginx sidecar floor; do measure keepalive $who wrk -t2 -c64 "$(url_of $who)/"; done
+in_rounds keepalive
 
 say "scenario h2: h2load -t2 -c64 -m10"
-for who in nginx sidecar floor; do
-    url=$(url_of $who)/; [ $who = floor ] && url=http://127.0.0.1:$UP_H2C/
-    measure h2 $who h2load -t2 -c64 -m10 "$url"
-done
+in_rounds h2
 
 say "scenario handshake: wrk -t2 -c16 -H 'Connection: close'"
-for who in nginx sidecar floor; do measure handshake $who wrk -t2 -c16 -H "Connection: close" "$(url_of $who)/"; done
+in_rounds handshake
 
 say "scenario big: wrk -t2 -c16 /big (1 MiB)"
-for who in nginx sidecar floor; do measure big $who wrk -t2 -c16 "$(url_of $who)/big"; done
+in_rounds big
 
 for who in nginx sidecar; do
     mapfile -t pids < <(pids_of "$(main_of $who)")
@@ -480,6 +523,9 @@ for ((i = 0; i < ${#names[@]}; i += 2)); do
     r=$(ratio "${R[$s.sidecar.cpu]}" "${R[$s.nginx.cpu]}"); t=${cpu_target[$s]}; v=$(verdict "$r" "<=" "$t")
     row "$title" "CPU us/req" "${R[$s.nginx.cpu]}" "${R[$s.sidecar.cpu]}" "$r" "${R[$s.floor.cpu]}" "ratio <= $t" "$v"
     VERDICTS+=("$title CPU/request <= $t x nginx|$r|$v")
+    if [ "$ROUNDS" -gt 1 ]; then
+        row "$title" "CPU us/req, each round" "${R[$s.nginx.cpus]}" "${R[$s.sidecar.cpus]}" "-" "${R[$s.floor.cpus]}"
+    fi
     row "$title" "peak RSS (MB)" "$(mb "${R[$s.nginx.hwm]}")" "$(mb "${R[$s.sidecar.hwm]}")" "$(ratio "${R[$s.sidecar.hwm]}" "${R[$s.nginx.hwm]}")" "-"
     e_label="errors (socket, non-2xx)"; [ $s = h2 ] && e_label="errors (failed, errored, non-2xx)"
     if [ "$s" = keepalive ] || [ "$s" = h2 ]; then
@@ -535,7 +581,7 @@ MD="$OUT_DIR/compare-$DATE.md"
     echo "# sidecar vs nginx, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "Host: $(nproc) cores, $(uname -r); nginx $NGINX_VERSION; wrk and h2load on the same cores."
-    echo "DUR=${DUR}s per run (after a ${WARM}s warm-up); sidecar: \`$SIDECAR_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))."
+    echo "DUR=${DUR}s per run (after a ${WARM}s warm-up), ROUNDS=$ROUNDS (the median round by CPU per request is shown); sidecar: \`$SIDECAR_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))."
     echo "CPU = utime+stime(+children) of the proxy's processes per completed request; RSS summed over them."
     echo "The floor is the upstream reached directly in plaintext (its CPU column is the app's own)."
     echo
