@@ -19,8 +19,8 @@
 #   DUR=8            seconds per measured run (a WARM-second unmeasured run precedes each)
 #   WARM=1
 #   ROUNDS=1         measured runs per proxy and load scenario, taken in turn (nginx, sidecar,
-#                    floor, nginx, ...); the table shows the median round by CPU per request,
-#                    errors summed over all rounds, and each round's CPU figure
+#                    floor, nginx, ...); the table shows each figure's median over the rounds,
+#                    errors summed over them, and each round's CPU (and keep-alive p99) figure
 #   IDLE_CONNS=10000 idle TLS connections held for the per-connection memory figure
 #   BENCH_UPSTREAM_PORT=18080 BENCH_UPSTREAM_H2C_PORT=18081 BENCH_NGINX_PORT=18443
 #   BENCH_SIDECAR_PORT=18444   fixed loopback ports; without them, the next free port from these
@@ -400,21 +400,22 @@ handshake_run() { measure handshake "$1" wrk -t2 -c16 -H "Connection: close" "$(
 big_run() { measure big "$1" wrk -t2 -c16 "$(url_of "$1")/big"; }
 
 FIELDS=(rps p50 p99 err reqs cpu hwm)
-# settle SCENARIO WHO: the median round by CPU per request stands for WHO; errors add up over
-# the rounds, peak RSS is the highest, and every round's CPU figure is kept for the table.
+# settle SCENARIO WHO: over the rounds, the median of each of requests/s, latencies and CPU per
+# request, the sum of the errors and the highest peak RSS; each round's CPU and p99 are kept
+# for the table.
 settle() {
-    local s=$1 who=$2 n f median errs=0 hwm=0 cpus=""
+    local s=$1 who=$2 n f values errs=0 hwm=0
+    for f in rps p50 p99 reqs cpu; do
+        values=$(for ((n = 1; n <= ROUNDS; n++)); do echo "${R[$s.$who.r$n.$f]}"; done)
+        R[$s.$who.$f]=$(sort -g <<<"$values" | awk -v m=$(((ROUNDS + 1) / 2)) 'NR == m')
+        R[$s.$who.$f.rounds]=$(paste -sd' ' <<<"$values")
+    done
     for ((n = 1; n <= ROUNDS; n++)); do
-        cpus+="${R[$s.$who.r$n.cpu]} "
         errs=$((errs + ${R[$s.$who.r$n.err]:-0}))
         [ "${R[$s.$who.r$n.hwm]:-0}" -gt "$hwm" ] && hwm=${R[$s.$who.r$n.hwm]}
     done
-    median=$(for ((n = 1; n <= ROUNDS; n++)); do echo "${R[$s.$who.r$n.cpu]} $n"; done |
-        sort -g | awk -v m=$(((ROUNDS + 1) / 2)) 'NR == m { print $2 }')
-    for f in "${FIELDS[@]}"; do R[$s.$who.$f]=${R[$s.$who.r$median.$f]}; done
     R[$s.$who.err]=$errs
     R[$s.$who.hwm]=$hwm
-    R[$s.$who.cpus]=${cpus% }
 }
 
 # in_rounds SCENARIO: ROUNDS rounds of nginx, the sidecar and the floor in turn, so that a
@@ -524,7 +525,8 @@ for ((i = 0; i < ${#names[@]}; i += 2)); do
     row "$title" "CPU us/req" "${R[$s.nginx.cpu]}" "${R[$s.sidecar.cpu]}" "$r" "${R[$s.floor.cpu]}" "ratio <= $t" "$v"
     VERDICTS+=("$title CPU/request <= $t x nginx|$r|$v")
     if [ "$ROUNDS" -gt 1 ]; then
-        row "$title" "CPU us/req, each round" "${R[$s.nginx.cpus]}" "${R[$s.sidecar.cpus]}" "-" "${R[$s.floor.cpus]}"
+        row "$title" "CPU us/req, each round" "${R[$s.nginx.cpu.rounds]}" "${R[$s.sidecar.cpu.rounds]}" "-" "${R[$s.floor.cpu.rounds]}"
+        [ "$s" = keepalive ] && row "$title" "p99 (ms), each round" "${R[$s.nginx.p99.rounds]}" "${R[$s.sidecar.p99.rounds]}" "-" "${R[$s.floor.p99.rounds]}"
     fi
     row "$title" "peak RSS (MB)" "$(mb "${R[$s.nginx.hwm]}")" "$(mb "${R[$s.sidecar.hwm]}")" "$(ratio "${R[$s.sidecar.hwm]}" "${R[$s.nginx.hwm]}")" "-"
     e_label="errors (socket, non-2xx)"; [ $s = h2 ] && e_label="errors (failed, errored, non-2xx)"
@@ -581,7 +583,7 @@ MD="$OUT_DIR/compare-$DATE.md"
     echo "# sidecar vs nginx, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "Host: $(nproc) cores, $(uname -r); nginx $NGINX_VERSION; wrk and h2load on the same cores."
-    echo "DUR=${DUR}s per run (after a ${WARM}s warm-up), ROUNDS=$ROUNDS (the median round by CPU per request is shown); sidecar: \`$SIDECAR_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))."
+    echo "DUR=${DUR}s per run (after a ${WARM}s warm-up), ROUNDS=$ROUNDS (each figure is the median over the rounds); sidecar: \`$SIDECAR_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))."
     echo "CPU = utime+stime(+children) of the proxy's processes per completed request; RSS summed over them."
     echo "The floor is the upstream reached directly in plaintext (its CPU column is the app's own)."
     echo
