@@ -1039,31 +1039,33 @@ impl SyncProcess {
     /// its new contents a moment before the status names their revision (the rename comes
     /// first), so a new version is waited for by its revision, not by the first synced status.
     pub fn wait_revision(&self, name: &str, revision: &str, timeout: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let last = self.status(name);
-            if last["state"] == "synced" && last["source_revision"] == revision {
-                return last;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sync {name} not synced at {revision} within {timeout:?}: {last:#}\nlog:\n{}",
-                self.proc.logs.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_status(name, &format!("synced at {revision}"), timeout, |s| {
+            s["state"] == "synced" && s["source_revision"] == revision
+        })
     }
 
     pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_status(name, state, timeout, |s| s["state"] == state)
+    }
+
+    /// Polls `name`'s status until `done` holds; on timeout the panic shows the last status
+    /// and the log.
+    fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
             let last = self.status(name);
-            if last["state"] == state {
+            if done(&last) {
                 return last;
             }
             assert!(
                 Instant::now() < deadline,
-                "sync {name} not {state} within {timeout:?}: {last:#}\nlog:\n{}",
+                "sync {name} not {what} within {timeout:?}: {last:#}\nlog:\n{}",
                 self.proc.logs.text()
             );
             std::thread::sleep(Duration::from_millis(20));
