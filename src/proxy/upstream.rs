@@ -360,7 +360,6 @@ impl UpstreamPool {
         let timeouts = &config.timeouts;
         let tick =
             (timeouts.upstream_idle / IDLE_STEPS).min(timeouts.upstream / TIMEOUT_STEPS).max(Duration::from_millis(5));
-        let ticks = |d: Duration| d.as_nanos().div_ceil(tick.as_nanos()) as u64;
         let shared = Arc::new(Shared {
             host,
             port: authority.port_u16().unwrap_or(80),
@@ -369,7 +368,8 @@ impl UpstreamPool {
             step: AtomicU64::new(0),
             idle_steps: (timeouts.upstream_idle.as_nanos() / tick.as_nanos()).max(1) as u64,
             timeout: timeouts.upstream,
-            timeout_steps: ticks(timeouts.upstream),
+            // Rounded up, so that a request never fails early.
+            timeout_steps: timeouts.upstream.as_nanos().div_ceil(tick.as_nanos()) as u64,
             waiting: Mutex::new(Slab::new()),
         });
         tokio::spawn(run_clock(Arc::downgrade(&shared), tick));
@@ -397,8 +397,7 @@ impl UpstreamPool {
     /// Sends the request head `parts` (hop-by-hop fields gone; its target goes in origin
     /// form) with the proxy's `added` fields (Host among them, if `parts` has none), and
     /// `body`, on an idle connection or a new one, and returns the response once its head
-    /// has arrived. An
-    /// idempotent request without a body that a pooled connection failed before any answer,
+    /// has arrived. An idempotent request without a body that a pooled connection failed before any answer,
     /// because the upstream had just closed it, is sent once more, on a new connection. The
     /// connection goes back to the pool when the response body has been read to its end.
     async fn send_now(
