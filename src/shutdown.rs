@@ -1,5 +1,9 @@
 //! Process-wide shutdown: one token, cancelled by SIGTERM or SIGINT, handed to every task.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -25,4 +29,29 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
         std::process::exit(1);
     });
     Ok(token)
+}
+
+/// The next connection on `listener`, or `None` once `stop` is cancelled. A failed accept (out
+/// of file descriptors or similar) is logged, naming the listener `what` if given, and tried
+/// again after a pause instead of spinning.
+pub async fn accept_until(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    what: Option<&str>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    match what {
+                        Some(what) => tracing::warn!("{what}: accept failed: {e}"),
+                        None => tracing::warn!("accept failed: {e}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.cancelled() => return None,
+        }
+    }
 }

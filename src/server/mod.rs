@@ -367,18 +367,7 @@ impl Worker {
         let mut pools = WorkerPool::default();
         let mut last_full_warning: Option<tokio::time::Instant> = None;
         loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // Out of file descriptors or similar: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = self.shutdown.cancelled() => return,
-            };
+            let Some((tcp, peer)) = crate::shutdown::accept_until(listener, &self.shutdown, None).await else { return };
             let permit = match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
