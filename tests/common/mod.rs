@@ -579,10 +579,8 @@ impl ScriptedUpstream {
                             .and_then(|v| v.parse::<usize>().ok())
                             .unwrap_or(0);
                         while buf.len() < length {
-                            let mut chunk = [0u8; 4096];
-                            match tcp.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            if !read_more(&mut tcp, &mut buf).await {
+                                return;
                             }
                         }
                         buf.drain(..length);
@@ -617,10 +615,20 @@ async fn read_head(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option
         if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             return Some(at + 4);
         }
-        let mut chunk = [0u8; 4096];
-        match tcp.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        if !read_more(tcp, buf).await {
+            return None;
+        }
+    }
+}
+
+/// Reads what has come into `buf`; false once the connection is closed (or failed).
+async fn read_more(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
+    match tcp.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
         }
     }
 }
