@@ -617,6 +617,7 @@ pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCo
 }
 
 fn run_proxy(args: ProxyArgs, argv: Vec<OsString>) -> ExitCode {
+    crate::open_files::raise_soft_limit();
     // This thread runs signals, reloads and the admin API; connections run on worker threads.
     let runtime = match current_thread_runtime() {
         Ok(rt) => rt,

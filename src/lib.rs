@@ -14,6 +14,7 @@ pub mod devcert;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod open_files;
 pub mod plain_http;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -26,7 +26,7 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     loop {
-        let Some((tcp, _)) = crate::shutdown::accept_until(&listener, &stop, Some(what)).await else { return };
+        let Some((tcp, _)) = crate::shutdown::accept_until(&listener, &stop, what).await else { return };
         let handle = handle.clone();
         let connection = http.serve_connection(
             TokioIo::new(tcp),

@@ -32,21 +32,27 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
 }
 
 /// The next connection on `listener`, or `None` once `stop` is cancelled. A failed accept (out
-/// of file descriptors or similar) is logged, naming the listener `what` if given, and tried
-/// again after a pause instead of spinning.
+/// of file descriptors or similar) is logged, naming the listener `what` and its address, and
+/// tried again after a pause instead of spinning; a run of failures is logged every 10 seconds.
 pub async fn accept_until(
     listener: &TcpListener,
     stop: &CancellationToken,
-    what: Option<&str>,
+    what: &str,
 ) -> Option<(TcpStream, SocketAddr)> {
+    let mut last_warning: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => return Some(pair),
                 Err(e) => {
-                    match what {
-                        Some(what) => tracing::warn!("{what}: accept failed: {e}"),
-                        None => tracing::warn!("accept failed: {e}"),
+                    let now = tokio::time::Instant::now();
+                    if last_warning.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10)) {
+                        last_warning = Some(now);
+                        let on = listener.local_addr().map(|a| format!(" on {a}")).unwrap_or_default();
+                        match crate::open_files::accept_error_hint(&e) {
+                            Some(hint) => tracing::warn!("{what}{on}: accept failed: {e}: {hint}"),
+                            None => tracing::warn!("{what}{on}: accept failed: {e}"),
+                        }
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

@@ -367,7 +367,10 @@ impl Worker {
         let mut pools = WorkerPool::default();
         let mut last_full_warning: Option<tokio::time::Instant> = None;
         loop {
-            let Some((tcp, peer)) = crate::shutdown::accept_until(listener, &self.shutdown, None).await else { return };
+            let Some((tcp, peer)) = crate::shutdown::accept_until(listener, &self.shutdown, "HTTPS listener").await
+            else {
+                return;
+            };
             let permit = match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {

@@ -1,0 +1,45 @@
+//! The proxy's open-file limit. Every client connection holds a descriptor and its upstream
+//! connection another, so the soft limit that shells and service managers often start processes
+//! with (1024) caps a proxy at a few hundred clients while the hard limit allows far more. As
+//! nginx's `worker_rlimit_nofile` and Go's runtime do, the proxy raises its soft limit to the
+//! hard one at start; the proxy role starts no child processes that could inherit it.
+
+use rustix::io::Errno;
+use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+/// Linux refuses an unlimited RLIMIT_NOFILE; this is the kernel's default `fs.nr_open`.
+const UNLIMITED_FALLBACK: u64 = 1 << 20;
+
+/// Raises the soft open-file limit to the hard one, and says so at debug level; a refusal is a
+/// warning, since the proxy then runs out of descriptors sooner than its operator expects.
+pub fn raise_soft_limit() {
+    let limit = getrlimit(Resource::Nofile);
+    let Some(soft) = limit.current else { return };
+    let target = limit.maximum.unwrap_or(UNLIMITED_FALLBACK);
+    if soft >= target {
+        tracing::debug!("open-file limit {soft} (the hard limit)");
+        return;
+    }
+    match setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: limit.maximum }) {
+        Ok(()) => tracing::debug!("open-file limit raised from {soft} to the hard limit {target}"),
+        Err(e) => tracing::warn!(
+            "cannot raise the open-file limit from {soft} to the hard limit {target}: {e}; each client holds up to two"
+        ),
+    }
+}
+
+/// What an operator can do about a failed accept, when the failure is a descriptor limit.
+pub fn accept_error_hint(error: &std::io::Error) -> Option<String> {
+    match Errno::from_io_error(error)? {
+        Errno::MFILE => Some(match getrlimit(Resource::Nofile).current {
+            Some(soft) => format!(
+                "the proxy holds its limit of {soft} open files; new clients wait in the listen queue until \
+                 connections close (raise the hard limit: `ulimit -Hn`, systemd's LimitNOFILE=, the container's \
+                 nofile ulimit)"
+            ),
+            None => "the proxy holds as many open files as the kernel allows (fs.nr_open)".to_owned(),
+        }),
+        Errno::NFILE => Some("the system's open-file table is full (fs.file-max)".to_owned()),
+        _ => None,
+    }
+}
