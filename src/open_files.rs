@@ -23,7 +23,9 @@ pub fn raise_soft_limit() {
     match setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: limit.maximum }) {
         Ok(()) => tracing::debug!("open-file limit raised from {soft} to the hard limit {target}"),
         Err(e) => tracing::warn!(
-            "cannot raise the open-file limit from {soft} to the hard limit {target}: {e}; each client holds up to two"
+            "cannot raise the open-file limit from {soft} to the hard limit {target}: {e}; with a descriptor for \
+             each client and one for its app connection, about {} clients fit",
+            soft / 2
         ),
     }
 }
