@@ -106,6 +106,7 @@ pub struct Metrics {
     handshake_failures: [Counter; 8],
     handshake_failures_family: Family<Labels1, Counter>,
     access_log_dropped: Counter,
+    accept_failures: Counter,
 }
 
 /// The process's metrics.
@@ -139,12 +140,18 @@ impl Metrics {
             handshake_failures,
             handshake_failures_family,
             access_log_dropped: Counter::default(),
+            accept_failures: Counter::default(),
         }
     }
 
     /// An access-log line lost because the writer could not keep up.
     pub fn access_log_dropped(&self) {
         self.access_log_dropped.inc();
+    }
+
+    /// A listener's accept failed (out of file descriptors or the like).
+    pub fn accept_failed(&self) {
+        self.accept_failures.inc();
     }
 
     /// One request answered (by the upstream or by the proxy itself), with the time until its
@@ -221,6 +228,11 @@ pub fn registry(live: Option<Arc<LiveState>>, sync: Option<Arc<SyncManager>>) ->
         "Access-log lines dropped because the writer could not keep up",
         m.access_log_dropped.clone(),
     );
+    registry.register(
+        "accept_failures",
+        "Failed accepts on the proxy's listeners: out of file descriptors (see max_fds) or the like",
+        m.accept_failures.clone(),
+    );
     registry.register_collector(Box::new(LiveCollector { live, sync }));
     registry
 }
@@ -280,6 +292,21 @@ fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(
 
 impl Collector for LiveCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // As Prometheus clients' process_open_fds and process_max_fds: alert before accepts fail.
+        if let Some(open) = crate::open_files::open_count() {
+            let gauge =
+                encoder.encode_descriptor("open_fds", "File descriptors the process holds", None, MetricType::Gauge)?;
+            ConstGauge::new(open as f64).encode(gauge)?;
+        }
+        if let Some(max) = crate::open_files::soft_limit() {
+            let help = "The process's open-file limit (soft RLIMIT_NOFILE)";
+            ConstGauge::new(max as f64).encode(encoder.encode_descriptor(
+                "max_fds",
+                help,
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
         if let Some(live) = &self.live {
             let now = time::OffsetDateTime::now_utc();
             let tls = live.tls.current();

@@ -30,10 +30,20 @@ pub fn raise_soft_limit() {
     }
 }
 
+/// The soft open-file limit now; `None` when unlimited.
+pub fn soft_limit() -> Option<u64> {
+    getrlimit(Resource::Nofile).current
+}
+
+/// How many descriptors the process holds (Linux: /proc/self/fd, less the one reading it).
+pub fn open_count() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(|entries| entries.count().saturating_sub(1))
+}
+
 /// What an operator can do about a failed accept, when the failure is a descriptor limit.
 pub fn accept_error_hint(error: &std::io::Error) -> Option<String> {
     match Errno::from_io_error(error)? {
-        Errno::MFILE => Some(match getrlimit(Resource::Nofile).current {
+        Errno::MFILE => Some(match soft_limit() {
             Some(soft) => format!(
                 "the proxy holds its limit of {soft} open files; new clients wait in the listen queue until \
                  connections close (raise the hard limit: `ulimit -Hn`, systemd's LimitNOFILE=, the container's \

@@ -45,6 +45,7 @@ pub async fn accept_until(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => return Some(pair),
                 Err(e) => {
+                    crate::metrics::metrics().accept_failed();
                     let now = tokio::time::Instant::now();
                     if last_warning.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10)) {
                         last_warning = Some(now);

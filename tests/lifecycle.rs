@@ -594,8 +594,9 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn out_of_file_descriptors_new_clients_wait_open_ones_are_served_and_all_are_once_some_close() {
-    let s = setup_with(&[], with_open_file_limit(64, 64)).await;
+    let s = setup_with(&["--admin", "127.0.0.1:0"], with_open_file_limit(64, 64)).await;
     let (addr, ca) = (s.sidecar.addr, s.pki.ca_pem.as_bytes());
+    let admin = s.sidecar.admin_addr();
     let (mut early, _early_task) = open_watched(addr, ca, false).await;
     assert_eq!(early.get("/").await.0, StatusCode::OK);
 
@@ -620,6 +621,18 @@ async fn out_of_file_descriptors_new_clients_wait_open_ones_are_served_and_all_a
         .await
         .expect("a new client is served once descriptors are free");
     assert_eq!(status, StatusCode::OK);
+
+    // The admin API, out of descriptors too until now, shows what happened.
+    let sample = |metrics: &str, name: &str| -> Option<f64> {
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    let mut metrics = String::new();
+    wait_until("the last of the flood to be closed", Duration::from_secs(5), || {
+        metrics = http_exchange(admin, "GET", "/metrics", &[], "").map(|(_, body)| body).unwrap_or_default();
+        sample(&metrics, "sidecar_open_fds").is_some_and(|open| open < 64.0)
+    });
+    assert!(sample(&metrics, "sidecar_accept_failures_total").is_some_and(|n| n >= 1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "sidecar_max_fds"), Some(64.0), "{metrics}");
 }
 
 // ---------------------------------------------------------------------------------------------
