@@ -1,7 +1,8 @@
 //! `sidecar`: a TLS-terminating reverse proxy that runs beside a legacy plain-HTTP app.
 //!
 //! The binary is a thin shell around this library; tests and benches drive the same code.
-// One audited exception: `memory::collect` calls mimalloc's mi_collect.
+// Two audited exceptions: `memory::collect` calls mimalloc's mi_collect, and
+// `open_files::started_with_for` sets a child's open-file limit between fork and exec.
 #![deny(unsafe_code)]
 
 pub mod access_log;

@@ -2,13 +2,20 @@
 //! connection another, so the soft limit that shells and service managers often start processes
 //! with (1024) caps a proxy at a few hundred clients while the hard limit allows far more. As
 //! nginx's `worker_rlimit_nofile` and Go's runtime do, the proxy raises its soft limit to the
-//! hard one at start; the proxy role starts no child processes that could inherit it.
+//! hard one at start. Commands it runs (a sync table's `exec` or `check-cmd`) get the limit the
+//! proxy was started with, as Go's runtime gives its children: a program may still use select(),
+//! which fails on descriptors above 1023.
+
+use std::sync::OnceLock;
 
 use rustix::io::Errno;
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 
 /// Linux refuses an unlimited RLIMIT_NOFILE; this is the kernel's default `fs.nr_open`.
 const UNLIMITED_FALLBACK: u64 = 1 << 20;
+
+/// The limit the process started with, once it has been raised.
+static STARTED_WITH: OnceLock<Rlimit> = OnceLock::new();
 
 /// Raises the soft open-file limit to the hard one, and says so at debug level; a refusal is a
 /// warning, since the proxy then runs out of descriptors sooner than its operator expects.
@@ -21,12 +28,26 @@ pub fn raise_soft_limit() {
         return;
     }
     match setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: limit.maximum }) {
-        Ok(()) => tracing::debug!("open-file limit raised from {soft} to the hard limit {target}"),
+        Ok(()) => {
+            let _ = STARTED_WITH.set(limit);
+            tracing::debug!("open-file limit raised from {soft} to the hard limit {target}")
+        }
         Err(e) => tracing::warn!(
             "cannot raise the open-file limit from {soft} to the hard limit {target}: {e}; with a descriptor for \
              each client and one for its app connection, about {} clients fit",
             soft / 2
         ),
+    }
+}
+
+/// Makes `command` start with the open-file limit the proxy started with, if it was raised.
+pub fn started_with_for(command: &mut tokio::process::Command) {
+    let Some(&limit) = STARTED_WITH.get() else { return };
+    // SAFETY: the closure runs in the forked child before exec; it makes one system call
+    // (rustix's, no libc state), allocates nothing and takes no lock.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(move || setrlimit(Resource::Nofile, limit).map_err(Into::into));
     }
 }
 

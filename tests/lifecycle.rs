@@ -558,34 +558,9 @@ async fn max_connections_holds_further_clients_in_the_backlog_until_one_closes()
 // 6b. The open-file limit.
 // ---------------------------------------------------------------------------------------------
 
-/// Starts the sidecar with these RLIMIT_NOFILE limits, as a shell's `ulimit -n` would.
-fn with_open_file_limit(soft: u64, hard: u64) -> impl FnOnce(&mut std::process::Command) {
-    move |cmd| {
-        use std::os::unix::process::CommandExt;
-        let limit = rustix::process::Rlimit { current: Some(soft), maximum: Some(hard) };
-        // SAFETY: the closure runs in the forked child before exec; it makes one system call
-        // and allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).map_err(Into::into)
-            })
-        };
-    }
-}
-
-/// The soft and hard "Max open files" of a process, from /proc.
-fn open_file_limits(pid: u32) -> (String, String) {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("/proc/PID/limits lists open files");
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    (fields[3].to_owned(), fields[4].to_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() {
-    // Lowering the hard limit needs no privilege; 4096 is what a 1024-soft shell often has.
-    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(4096).min(4096);
-    assert!(hard > 256, "this test needs a hard open-file limit above 256, not {hard}");
+    let hard = hard_open_file_limit_for_a_child();
     let s = setup_with(&[], with_open_file_limit(256, hard)).await;
     assert_eq!(open_file_limits(s.sidecar.pid()), (hard.to_string(), hard.to_string()));
     let mut conn = HttpsConnection::open(s.sidecar.addr, s.pki.ca_pem.as_bytes(), false).await;

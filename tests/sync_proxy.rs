@@ -72,6 +72,38 @@ async fn the_proxy_runs_sync_tables_and_reloads_a_synced_certificate() {
     assert_eq!(conn.get("/").await.0, http::StatusCode::OK);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_of_sync_tables_get_the_open_file_limit_the_proxy_started_with() {
+    let hard = hard_open_file_limit_for_a_child();
+    let upstream = Upstream::start().await;
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest, seen) = (dir.path().join("source.json"), dir.path().join("app.json"), dir.path().join("seen"));
+    write(&source, "{\"v\": 1}");
+    let config = dir.path().join("sidecar.toml");
+    write(
+        &config,
+        &format!(
+            "[proxy]\nupstream = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [[sync]]\nsource = \"{}\"\ndest = \"{}\"\nrequire-source = true\nmin-quiet = \"20ms\"\n\
+             check-cmd = \"test -s {{}} && ulimit -S -n > {}\"\n",
+            upstream.url(),
+            leaf.cert.display(),
+            leaf.key.display(),
+            source.display(),
+            dest.display(),
+            seen.display(),
+        ),
+    );
+    let sidecar = Sidecar::start_with(&["--config", config.to_str().unwrap()], with_open_file_limit(256, hard));
+    // The proxy raised its own limit; the check command, run before it listened
+    // (require-source), got the one the proxy was started with.
+    assert_eq!(open_file_limits(sidecar.pid()), (hard.to_string(), hard.to_string()));
+    assert_eq!(read_text(&dest), "{\"v\": 1}", "{}", sidecar.logs.text());
+    assert_eq!(read_text(&seen).trim(), "256");
+}
+
 #[test]
 fn bad_sync_tables_stop_the_start_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,7 @@ pub enum ShellFailure {
 pub async fn run(script: &str, envs: &[(&str, &std::ffi::OsStr)], timeout: Duration) -> Result<(), ShellFailure> {
     let mut command = tokio::process::Command::new("sh");
     command.arg("-c").arg(script).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    crate::open_files::started_with_for(&mut command);
     for (key, value) in envs {
         command.env(key, value);
     }
