@@ -274,6 +274,11 @@ fn gauge_family<L: prometheus_client::encoding::EncodeLabelSet>(
     Ok(())
 }
 
+/// A gauge without labels.
+fn plain_gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
 fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -294,18 +299,10 @@ impl Collector for LiveCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // As Prometheus clients' process_open_fds and process_max_fds: alert before accepts fail.
         if let Some(open) = crate::open_files::open_count() {
-            let gauge =
-                encoder.encode_descriptor("open_fds", "File descriptors the process holds", None, MetricType::Gauge)?;
-            ConstGauge::new(open as f64).encode(gauge)?;
+            plain_gauge(&mut encoder, "open_fds", "File descriptors the process holds", open as f64)?;
         }
         if let Some(max) = crate::open_files::soft_limit() {
-            let help = "The process's open-file limit (soft RLIMIT_NOFILE)";
-            ConstGauge::new(max as f64).encode(encoder.encode_descriptor(
-                "max_fds",
-                help,
-                None,
-                MetricType::Gauge,
-            )?)?;
+            plain_gauge(&mut encoder, "max_fds", "The process's open-file limit (soft RLIMIT_NOFILE)", max as f64)?;
         }
         if let Some(live) = &self.live {
             let now = time::OffsetDateTime::now_utc();

@@ -397,9 +397,10 @@ impl UpstreamPool {
     /// Sends the request head `parts` (hop-by-hop fields gone; its target goes in origin
     /// form) with the proxy's `added` fields (Host among them, if `parts` has none), and
     /// `body`, on an idle connection or a new one, and returns the response once its head
-    /// has arrived. An idempotent request without a body that a pooled connection failed before any answer,
-    /// because the upstream had just closed it, is sent once more, on a new connection. The
-    /// connection goes back to the pool when the response body has been read to its end.
+    /// has arrived. An idempotent request without a body that a pooled connection failed
+    /// before any answer, because the upstream had just closed it, is sent once more, on a new
+    /// connection. The connection goes back to the pool when the response body has been read
+    /// to its end.
     async fn send_now(
         &self,
         parts: &Parts,
