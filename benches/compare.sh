@@ -197,11 +197,13 @@ UP=$BENCH_UPSTREAM_PORT UP_H2C=$BENCH_UPSTREAM_H2C_PORT NGX=$BENCH_NGINX_PORT SC
 
 WORK=$(mktemp -d /tmp/sidecar-bench.XXXXXX)
 chmod 755 "$WORK"  # nginx workers run as an unprivileged user when started as root
-mkdir -p "$WORK/tmp"
+# The certificate has a directory of its own, as a mounted Secret does: the sidecar watches it,
+# and the logs and tool outputs written in $WORK would otherwise be events it has to look at.
+mkdir -p "$WORK/tmp" "$WORK/tls"
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
     -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-    -keyout "$WORK/ec.key" -out "$WORK/ec.crt" 2>/dev/null || die "openssl could not make the certificate"
+    -keyout "$WORK/tls/ec.key" -out "$WORK/tls/ec.crt" 2>/dev/null || die "openssl could not make the certificate"
 head -c 1048576 /dev/urandom >"$WORK/big.bin"
 chmod 644 "$WORK/big.bin"
 
@@ -258,8 +260,8 @@ http {
   server {
     listen 127.0.0.1:$NGX ssl$H2_LISTEN reuseport backlog=4096;
     $H2_ON
-    ssl_certificate     $WORK/ec.crt;
-    ssl_certificate_key $WORK/ec.key;
+    ssl_certificate     $WORK/tls/ec.crt;
+    ssl_certificate_key $WORK/tls/ec.key;
     location / {
       proxy_pass http://app;
       proxy_http_version 1.1;
@@ -292,7 +294,7 @@ start_sidecar() {  # sets SIDECAR_PID
     # accepting for the default 5 s, which outlasted cleanup's wait (it then got SIGKILL).
     # shellcheck disable=SC2086
     "$SIDECAR_BIN" proxy --upstream "http://127.0.0.1:$UP" --listen "127.0.0.1:$SC" \
-        --cert "$WORK/ec.crt" --key "$WORK/ec.key" --log-level warn --shutdown-delay 0s ${SIDECAR_ARGS:-} \
+        --cert "$WORK/tls/ec.crt" --key "$WORK/tls/ec.key" --log-level warn --shutdown-delay 0s ${SIDECAR_ARGS:-} \
         >>"$WORK/sidecar.log" 2>&1 &
     SIDECAR_PID=$!
     STARTED+=("$SIDECAR_PID")

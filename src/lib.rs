@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod devca;
 pub mod devcert;
+pub mod file_watch;
 pub mod logging;
 pub mod memory;
 pub mod metrics;

@@ -6,16 +6,16 @@
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ProxyConfig;
+use crate::file_watch::{parent_dir, DirectoryWatch};
 use crate::server::ServingSnapshot;
 use crate::tls::{TlsContext, TlsSnapshot, TlsState};
 
@@ -74,7 +74,7 @@ pub struct Reloader {
     receiver: mpsc::UnboundedReceiver<Trigger>,
     requests: mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>,
     request_receiver: mpsc::UnboundedReceiver<oneshot::Sender<ReloadOutcome>>,
-    watcher: Option<notify::RecommendedWatcher>,
+    watch: Option<DirectoryWatch>,
     watched_dirs: BTreeSet<PathBuf>,
     hangup: Option<tokio::signal::unix::Signal>,
 }
@@ -99,7 +99,7 @@ impl Reloader {
             receiver,
             requests,
             request_receiver,
-            watcher: None,
+            watch: None,
             watched_dirs: BTreeSet::new(),
             hangup,
         };
@@ -204,46 +204,29 @@ impl Reloader {
         Ok(Some(new))
     }
 
-    /// Watches the directories holding every input file (a watch on the directory sees
-    /// rename-over by editors and Kubernetes' `..data` symlink swap; a watch on the file would
-    /// follow the old inode).
+    /// Watches the directories holding every input file (see `file_watch`).
     fn rewatch(&mut self) {
         let running = self.live.serving.load();
         let mut files = running.config.tls_inputs().files();
         files.extend(running.config.config_file.clone());
         let dirs: BTreeSet<PathBuf> = files.iter().map(|f| parent_dir(f)).collect();
-        if dirs == self.watched_dirs && self.watcher.is_some() {
+        if dirs == self.watched_dirs && self.watch.is_some() {
             return;
         }
         let names: BTreeSet<OsString> = files.iter().filter_map(|f| f.file_name().map(OsStr::to_owned)).collect();
         let triggers = self.triggers.clone();
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            if matches!(event.kind, EventKind::Access(_)) {
-                return;
+        match DirectoryWatch::new(&dirs, names, move || {
+            let _ = triggers.send(Trigger::FileChange);
+        }) {
+            Ok((watch, failed)) => {
+                for (dir, e) in failed {
+                    tracing::error!("cannot watch {} for changes ({e}); reload with SIGHUP instead", dir.display());
+                }
+                self.watch = Some(watch);
+                self.watched_dirs = dirs;
             }
-            let relevant = event
-                .paths
-                .iter()
-                .any(|p| p.file_name().is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b"..")));
-            if relevant {
-                let _ = triggers.send(Trigger::FileChange);
-            }
-        });
-        let mut watcher = match watcher {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!("cannot watch files for changes ({e}); reload with SIGHUP instead");
-                return;
-            }
-        };
-        for dir in &dirs {
-            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-                tracing::error!("cannot watch {} for changes ({e}); reload with SIGHUP instead", dir.display());
-            }
+            Err(e) => tracing::error!("cannot watch files for changes ({e}); reload with SIGHUP instead"),
         }
-        self.watcher = Some(watcher);
-        self.watched_dirs = dirs;
     }
 
     /// Runs until `shutdown`: watches files and listens for SIGHUP. File changes are
@@ -300,13 +283,6 @@ impl ReloadHandle {
         let (reply, outcome) = oneshot::channel();
         self.0.send(reply).ok()?;
         outcome.await.ok()
-    }
-}
-
-fn parent_dir(file: &Path) -> PathBuf {
-    match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
     }
 }
 

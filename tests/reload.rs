@@ -92,6 +92,100 @@ async fn rename_over_swaps_the_certificate_and_open_connections_keep_working() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn certificate_files_rewritten_in_place_are_seen() {
+    // `cp new.pem tls.crt` and `cat > tls.crt` keep the inode: no rename for the watch to see,
+    // only the write, and the close that ends it.
+    let f = start(&[]).await;
+    let second = f.pki.issue("second");
+    std::fs::write(f.dir.path().join("tls.key"), std::fs::read(&second.key).unwrap()).unwrap();
+    std::fs::write(f.dir.path().join("tls.crt"), std::fs::read(&second.cert).unwrap()).unwrap();
+    let latency = wait_until_served(f.sidecar.addr, &f.pki.ca_pem, &leaf_der(&second.cert), Instant::now()).await;
+    eprintln!("in-place rewrite visible after {latency:?}");
+    f.sidecar.logs.wait_for(&format!("serial {}", second.serial), Duration::from_secs(5));
+    drop(f.upstream);
+}
+
+/// The masks of the inotify watches `pid` holds, from /proc/PID/fdinfo.
+fn inotify_watch_masks(pid: u32) -> Vec<u32> {
+    let mut masks = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        if std::fs::read_link(fd.path()).is_ok_and(|target| target.to_string_lossy().contains("inotify")) {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()));
+            for word in info.unwrap_or_default().split_whitespace() {
+                if let Some(hex) = word.strip_prefix("mask:") {
+                    masks.push(u32::from_str_radix(hex, 16).unwrap());
+                }
+            }
+        }
+    }
+    masks
+}
+
+/// Context switches of the process's file-watching thread so far.
+fn watcher_thread_switches(pid: u32) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("notify-rs") {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+            return status
+                .lines()
+                .filter(|l| l.contains("voluntary_ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum();
+        }
+    }
+    panic!("no notify-rs thread in /proc/{pid}/task");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_to_other_files_beside_the_certificate_do_not_wake_the_proxy() {
+    // A log written next to the certificate (an app's, a load generator's) used to wake the
+    // watcher thread at every write(), with an inotify event for each write and each open.
+    const IN_ACCESS: u32 = 0x1;
+    const IN_MODIFY: u32 = 0x2;
+    const IN_CLOSE_WRITE: u32 = 0x8;
+    const IN_CLOSE_NOWRITE: u32 = 0x10;
+    const IN_OPEN: u32 = 0x20;
+    const IN_MOVED_TO: u32 = 0x80;
+    const IN_CREATE: u32 = 0x100;
+    let f = start(&[]).await;
+    let masks = inotify_watch_masks(f.sidecar.pid());
+    assert_eq!(masks.len(), 1, "one watch, on the certificates' directory: {masks:x?}");
+    let mask = masks[0];
+    assert_eq!(
+        mask & (IN_ACCESS | IN_MODIFY | IN_OPEN | IN_CLOSE_NOWRITE),
+        0,
+        "mask {mask:#x} asks for reads and writes"
+    );
+    assert_eq!(
+        mask & (IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE),
+        IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE,
+        "mask {mask:#x}"
+    );
+
+    use std::io::Write;
+    let mut logs = [
+        std::fs::File::create(f.dir.path().join("a.log")).unwrap(),
+        std::fs::File::create(f.dir.path().join("b.log")).unwrap(),
+    ];
+    let mut client = HttpsConnection::open(f.sidecar.addr, f.pki.ca_pem.as_bytes(), false).await;
+    let before = watcher_thread_switches(f.sidecar.pid());
+    // As an app logs what it serves: a line per request, to alternate files so that inotify
+    // cannot merge an event into the one before.
+    for i in 0..400 {
+        assert_eq!(client.get("/").await.0, StatusCode::OK);
+        logs[i % 2].write_all(format!("request {i}\n").as_bytes()).unwrap();
+    }
+    // What does concern it still gets through, after everything before it in the queue.
+    let second = f.pki.issue("second");
+    install_pair(&second, f.dir.path());
+    wait_until_served(f.sidecar.addr, &f.pki.ca_pem, &leaf_der(&second.cert), Instant::now()).await;
+    let woken = watcher_thread_switches(f.sidecar.pid()) - before;
+    assert!(woken < 30, "the watcher thread woke {woken} times for 400 writes to other files and one swap");
+    drop(f.upstream);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn kubernetes_data_symlink_swap_is_seen() {
     // The layout kubelet gives a mounted Secret: files are symlinks through `..data`, which is
     // itself a symlink to a timestamped directory, swapped atomically by a rename.

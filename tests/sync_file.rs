@@ -254,6 +254,29 @@ fn a_configmap_data_symlink_swap_is_seen() {
 }
 
 #[test]
+fn a_source_file_rewritten_in_place_is_seen() {
+    // `cat > source.json` keeps the inode: the watch sees only the close that ends the write.
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.json");
+    write(&source, "{\"gen\": 1}");
+    let dest = dir.path().join("app.json");
+    let sync = SyncProcess::start(&[
+        "--source",
+        s(&source),
+        "--dest",
+        s(&dest),
+        "--poll-interval",
+        "1h",
+        "--min-quiet",
+        "50ms",
+    ]);
+    wait_for_content(&dest, "{\"gen\": 1}", T);
+    write(&source, "{\"gen\": 2}");
+    wait_for_content(&dest, "{\"gen\": 2}", Duration::from_secs(5));
+    sync.wait_state("app.json", "synced", T);
+}
+
+#[test]
 fn invalid_empty_too_large_and_check_failing_versions_are_refused_and_the_file_kept() {
     let dir = tempfile::tempdir().unwrap();
     let (source, dest) = (dir.path().join("source.json"), dir.path().join("app.json"));

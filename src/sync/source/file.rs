@@ -1,16 +1,15 @@
-//! A local file, such as a key of a mounted ConfigMap. Its directory is watched, not the file:
-//! Kubernetes updates a ConfigMap volume by swapping the `..data` symlink, and editors replace
-//! files by rename, both of which a watch on the file's old inode would miss. It is also
-//! re-read every `--poll-interval`, in case an event is lost.
+//! A local file, such as a key of a mounted ConfigMap. Its directory is watched (see
+//! `file_watch`), and it is also re-read every `--poll-interval`, in case an event is lost.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
+use crate::file_watch::{parent_dir, DirectoryWatch};
 use crate::sync::spec::SyncSpec;
 use crate::sync::write::content_hash;
 
@@ -43,37 +42,25 @@ impl FileSource {
 
     pub async fn run(mut self, out: Outbox) {
         let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
-        let dir = match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                if !matches!(event.kind, EventKind::Access(_)) {
-                    let _ = events_tx.send(());
-                }
-            }
-        });
+        let dirs = BTreeSet::from([parent_dir(&self.path)]);
+        let names = self.path.file_name().map(|n| BTreeSet::from([n.to_owned()])).unwrap_or_default();
+        let every = humantime::format_duration(self.interval);
         // Kept alive for the loop; without it, polling alone still works.
-        let _watcher = match watcher {
-            Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
-                Ok(()) => Some(w),
-                Err(e) => {
+        let _watch = match DirectoryWatch::new(&dirs, names, move || {
+            let _ = events_tx.send(());
+        }) {
+            Ok((watch, failed)) => {
+                for (dir, e) in failed {
                     tracing::warn!(
-                        "cannot watch {} ({e}); reading {} every {}",
+                        "cannot watch {} ({e}); reading {} every {every}",
                         dir.display(),
-                        self.path.display(),
-                        humantime::format_duration(self.interval)
+                        self.path.display()
                     );
-                    None
                 }
-            },
+                Some(watch)
+            }
             Err(e) => {
-                tracing::warn!(
-                    "cannot watch files ({e}); reading {} every {}",
-                    self.path.display(),
-                    humantime::format_duration(self.interval)
-                );
+                tracing::warn!("cannot watch files ({e}); reading {} every {every}", self.path.display());
                 None
             }
         };

@@ -1,0 +1,68 @@
+//! Watching the directories of input files (certificates, the proxy's config, a synced file).
+//!
+//! A directory is watched, not the file: editors replace a file by rename and Kubernetes
+//! updates a mounted Secret or ConfigMap by swapping its `..data` symlink, both of which a
+//! watch on the file's old inode would miss.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use notify::{EventKindMask, RecommendedWatcher, RecursiveMode, Watcher};
+
+/// The events that can change what a name in the directory holds: creation, removal, renames,
+/// attributes, and on Linux the close that ends a write. Not each write() and open() in the
+/// directory: a log beside a certificate made inotify wake the watcher thread at every line.
+fn change_kinds() -> EventKindMask {
+    let kinds = EventKindMask::CREATE | EventKindMask::REMOVE | EventKindMask::MODIFY_NAME | EventKindMask::MODIFY_META;
+    if cfg!(target_os = "linux") {
+        // inotify reports IN_CLOSE_WRITE; an in-place writer is done when it closes.
+        kinds | EventKindMask::ACCESS_CLOSE
+    } else {
+        // kqueue and FSEvents have no close event; a write is all they report.
+        kinds | EventKindMask::MODIFY_DATA
+    }
+}
+
+/// Watches `dirs` and calls `on_change` for each event naming one of `names` or a name that
+/// starts with `..` (Kubernetes' `..data` and the timestamped directory it points to).
+pub struct DirectoryWatch {
+    _watcher: RecommendedWatcher,
+}
+
+impl DirectoryWatch {
+    /// Fails only when no watcher can be made; a directory that cannot be watched is returned
+    /// with its error, and the others are watched.
+    pub fn new(
+        dirs: &BTreeSet<PathBuf>,
+        names: BTreeSet<OsString>,
+        on_change: impl Fn() + Send + 'static,
+    ) -> notify::Result<(DirectoryWatch, Vec<(PathBuf, notify::Error)>)> {
+        let handler = move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            let named = event
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b"..")));
+            if named {
+                on_change();
+            }
+        };
+        let mut watcher = RecommendedWatcher::new(handler, notify::Config::default().with_event_kinds(change_kinds()))?;
+        let mut failed = Vec::new();
+        for dir in dirs {
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                failed.push((dir.clone(), e));
+            }
+        }
+        Ok((DirectoryWatch { _watcher: watcher }, failed))
+    }
+}
+
+/// The directory holding `file`: `.` for a bare file name.
+pub fn parent_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
