@@ -28,13 +28,14 @@ fn change_kinds() -> EventKindMask {
 /// starts with `..` (Kubernetes' `..data` and the timestamped directory it points to).
 pub struct DirectoryWatch {
     _watcher: RecommendedWatcher,
+    dirs: BTreeSet<PathBuf>,
 }
 
 impl DirectoryWatch {
     /// Fails only when no watcher can be made; a directory that cannot be watched is returned
     /// with its error, and the others are watched.
     pub fn new(
-        dirs: &BTreeSet<PathBuf>,
+        dirs: BTreeSet<PathBuf>,
         names: BTreeSet<OsString>,
         on_change: impl Fn() + Send + 'static,
     ) -> notify::Result<(DirectoryWatch, Vec<(PathBuf, notify::Error)>)> {
@@ -50,12 +51,17 @@ impl DirectoryWatch {
         };
         let mut watcher = RecommendedWatcher::new(handler, notify::Config::default().with_event_kinds(change_kinds()))?;
         let mut failed = Vec::new();
-        for dir in dirs {
+        for dir in &dirs {
             if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
                 failed.push((dir.clone(), e));
             }
         }
-        Ok((DirectoryWatch { _watcher: watcher }, failed))
+        Ok((DirectoryWatch { _watcher: watcher, dirs }, failed))
+    }
+
+    /// The directories asked for, those that could not be watched included.
+    pub fn dirs(&self) -> &BTreeSet<PathBuf> {
+        &self.dirs
     }
 }
 

@@ -75,7 +75,6 @@ pub struct Reloader {
     requests: mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>,
     request_receiver: mpsc::UnboundedReceiver<oneshot::Sender<ReloadOutcome>>,
     watch: Option<DirectoryWatch>,
-    watched_dirs: BTreeSet<PathBuf>,
     hangup: Option<tokio::signal::unix::Signal>,
 }
 
@@ -92,17 +91,7 @@ impl Reloader {
                 None
             }
         };
-        let mut reloader = Reloader {
-            live,
-            argv,
-            triggers,
-            receiver,
-            requests,
-            request_receiver,
-            watch: None,
-            watched_dirs: BTreeSet::new(),
-            hangup,
-        };
+        let mut reloader = Reloader { live, argv, triggers, receiver, requests, request_receiver, watch: None, hangup };
         reloader.rewatch();
         reloader
     }
@@ -210,12 +199,12 @@ impl Reloader {
         let mut files = running.config.tls_inputs().files();
         files.extend(running.config.config_file.clone());
         let dirs: BTreeSet<PathBuf> = files.iter().map(|f| parent_dir(f)).collect();
-        if dirs == self.watched_dirs && self.watch.is_some() {
+        if self.watch.as_ref().is_some_and(|w| w.dirs() == &dirs) {
             return;
         }
         let names: BTreeSet<OsString> = files.iter().filter_map(|f| f.file_name().map(OsStr::to_owned)).collect();
         let triggers = self.triggers.clone();
-        match DirectoryWatch::new(&dirs, names, move || {
+        match DirectoryWatch::new(dirs, names, move || {
             let _ = triggers.send(Trigger::FileChange);
         }) {
             Ok((watch, failed)) => {
@@ -223,7 +212,6 @@ impl Reloader {
                     tracing::error!("cannot watch {} for changes ({e}); reload with SIGHUP instead", dir.display());
                 }
                 self.watch = Some(watch);
-                self.watched_dirs = dirs;
             }
             Err(e) => tracing::error!("cannot watch files for changes ({e}); reload with SIGHUP instead"),
         }

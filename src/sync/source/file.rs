@@ -46,7 +46,7 @@ impl FileSource {
         let names = self.path.file_name().map(|n| BTreeSet::from([n.to_owned()])).unwrap_or_default();
         let every = humantime::format_duration(self.interval);
         // Kept alive for the loop; without it, polling alone still works.
-        let _watch = match DirectoryWatch::new(&dirs, names, move || {
+        let _watch = match DirectoryWatch::new(dirs, names, move || {
             let _ = events_tx.send(());
         }) {
             Ok((watch, failed)) => {
