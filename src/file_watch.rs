@@ -29,6 +29,7 @@ fn change_kinds() -> EventKindMask {
 pub struct DirectoryWatch {
     _watcher: RecommendedWatcher,
     dirs: BTreeSet<PathBuf>,
+    names: BTreeSet<OsString>,
 }
 
 impl DirectoryWatch {
@@ -39,12 +40,13 @@ impl DirectoryWatch {
         names: BTreeSet<OsString>,
         on_change: impl Fn() + Send + 'static,
     ) -> notify::Result<(DirectoryWatch, Vec<(PathBuf, notify::Error)>)> {
+        let wanted = names.clone();
         let handler = move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
             let named = event
                 .paths
                 .iter()
-                .any(|p| p.file_name().is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b"..")));
+                .any(|p| p.file_name().is_some_and(|n| wanted.contains(n) || n.as_encoded_bytes().starts_with(b"..")));
             if named {
                 on_change();
             }
@@ -56,12 +58,13 @@ impl DirectoryWatch {
                 failed.push((dir.clone(), e));
             }
         }
-        Ok((DirectoryWatch { _watcher: watcher, dirs }, failed))
+        Ok((DirectoryWatch { _watcher: watcher, dirs, names }, failed))
     }
 
-    /// The directories asked for, those that could not be watched included.
-    pub fn dirs(&self) -> &BTreeSet<PathBuf> {
-        &self.dirs
+    /// Whether this watch was made for these directories (those that could not be watched
+    /// included) and these names.
+    pub fn is_for(&self, dirs: &BTreeSet<PathBuf>, names: &BTreeSet<OsString>) -> bool {
+        self.dirs == *dirs && self.names == *names
     }
 }
 

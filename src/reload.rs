@@ -199,10 +199,11 @@ impl Reloader {
         let mut files = running.config.tls_inputs().files();
         files.extend(running.config.config_file.clone());
         let dirs: BTreeSet<PathBuf> = files.iter().map(|f| parent_dir(f)).collect();
-        if self.watch.as_ref().is_some_and(|w| w.dirs() == &dirs) {
+        let names: BTreeSet<OsString> = files.iter().filter_map(|f| f.file_name().map(OsStr::to_owned)).collect();
+        // The names too: a config that renames a file in the same directory keeps the directory.
+        if self.watch.as_ref().is_some_and(|w| w.is_for(&dirs, &names)) {
             return;
         }
-        let names: BTreeSet<OsString> = files.iter().filter_map(|f| f.file_name().map(OsStr::to_owned)).collect();
         let triggers = self.triggers.clone();
         match DirectoryWatch::new(dirs, names, move || {
             let _ = triggers.send(Trigger::FileChange);

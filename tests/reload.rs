@@ -350,6 +350,37 @@ async fn wait_until_reaches(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn certificate_files_renamed_by_the_config_are_watched_under_their_new_names() {
+    // The config moves the certificate to other names in the same directory: the watch on that
+    // directory stays, and what it listens for must follow the names.
+    let upstream = Upstream::start().await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config_for = |name: &str| {
+        let (cert, key) = (dir.path().join(format!("{name}.crt")), dir.path().join(format!("{name}.key")));
+        let extra = format!("cert = \"{}\"\nkey = \"{}\"\nreload-debounce = \"20ms\"", cert.display(), key.display());
+        config_toml(&upstream.url(), &extra)
+    };
+    let install_as = |pair: &IssuedCert, name: &str| {
+        rename_over(&pair.key, dir.path(), &format!("{name}.key"));
+        rename_over(&pair.cert, dir.path(), &format!("{name}.crt"));
+    };
+    install_as(&pki.issue("first"), "a");
+    write_config(dir.path(), &config_for("a"));
+    let sidecar = Sidecar::start(&["--config", dir.path().join("sidecar.toml").to_str().unwrap()]);
+
+    let second = pki.issue("second");
+    install_as(&second, "b");
+    write_config(dir.path(), &config_for("b"));
+    wait_until_served(sidecar.addr, &pki.ca_pem, &leaf_der(&second.cert), Instant::now()).await;
+
+    let third = pki.issue("third");
+    install_as(&third, "b");
+    wait_until_served(sidecar.addr, &pki.ca_pem, &leaf_der(&third.cert), Instant::now()).await;
+    drop(upstream);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn config_file_reload_applies_to_new_connections_and_refuses_bad_files() {
     let (a, b) = (Upstream::start().await, Upstream::start().await);
     let pki = TestPki::new();
