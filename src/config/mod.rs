@@ -30,8 +30,8 @@ impl Upstream {
     }
 
     /// The Host field for a request that came without one.
-    pub fn host_header(&self) -> http::HeaderValue {
-        self.host_header.clone()
+    pub fn host_header(&self) -> &http::HeaderValue {
+        &self.host_header
     }
 }
 

@@ -50,7 +50,7 @@ enum Reading {
 /// once the body has been read to its end.
 pub struct UpstreamBody {
     reading: Reading,
-    connection: Option<UpstreamConnection>,
+    connection: Option<Box<UpstreamConnection>>,
     /// Where the connection goes afterwards; `None` when it must not be reused.
     pool: Option<Arc<Shared>>,
     /// The rest of a request body the upstream answered before receiving all of.
@@ -65,7 +65,7 @@ impl UpstreamBody {
     }
 
     pub(super) fn new(
-        connection: UpstreamConnection,
+        connection: Box<UpstreamConnection>,
         framing: Framing,
         pool: Option<Arc<Shared>>,
         pending_request: Option<Box<RequestBody>>,
@@ -81,7 +81,7 @@ impl UpstreamBody {
 
     /// The connection of a 101 response, with what the upstream already sent past its head.
     pub fn into_upgraded(mut self) -> Option<(TcpStream, Bytes)> {
-        let connection = self.connection.take()?;
+        let connection = *self.connection.take()?;
         Some((connection.tcp, connection.read_buf.freeze()))
     }
 

@@ -118,6 +118,7 @@ pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
     max_head: usize,
+    reader: &mut HeadReader,
 ) -> Result<Option<ResponseHead>, ProtocolError> {
     loop {
         if buf.is_empty() {
@@ -152,34 +153,70 @@ pub fn parse_response(
             && if version == Version::HTTP_10 { fields.connection_keep_alive } else { !fields.connection_close };
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
 
-        // Where each forwarded field lies in the head, so that the values can share its bytes.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        let mut count = 0;
-        for field in response.headers.iter() {
-            if !switching && fields.is_hop_by_hop(field.name) {
+        let mut spans = std::mem::take(&mut reader.spans);
+        spans.clear();
+        for (index, field) in response.headers.iter().enumerate() {
+            if !switching && fields.is_hop_by_hop(index, field.name) {
                 continue;
             }
             let name = field.name.as_ptr() as usize - base;
             let value = field.value.as_ptr() as usize - base;
-            spans[count] = (name as u32, field.name.len() as u32, value as u32, field.value.len() as u32);
-            count += 1;
+            spans.push((name as u32, field.name.len() as u32, value as u32, field.value.len() as u32));
         }
         let head = buf.split_to(head_len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(name, name_len, value, value_len) in &spans[..count] {
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for (index, &(name, name_len, value, value_len)) in spans.iter().enumerate() {
             let (name, value) = (name as usize, value as usize);
-            let name = HeaderName::from_bytes(&head[name..name + name_len as usize])
-                .map_err(|_| ProtocolError::InvalidHeader)?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len as usize))
-                .map_err(|_| ProtocolError::InvalidHeader)?;
+            let name = reader.name(index, &head[name..name + name_len as usize])?;
+            let value = head.slice(value..value + value_len as usize);
+            // SAFETY: httparse admits in a field value exactly the bytes a `HeaderValue` may
+            // hold (HTAB, SP to `~`, obs-text), which is what hyper relies on for the same call.
+            #[allow(unsafe_code)]
+            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
             headers.append(name, value);
         }
+        reader.spans = spans;
         return Ok(Some(ResponseHead { status, headers, framing, keep_alive }));
     }
 }
 
-/// What a response's framing and connection fields say, read from the raw head in one pass.
+/// What an upstream connection keeps from one response head to the next.
+#[derive(Debug, Default)]
+pub struct HeadReader {
+    /// The names of the last response's forwarded fields, as written and as parsed. An app
+    /// sends the same fields in the same order on every response, so each field's name is
+    /// compared with the one at its place last time and parsed only when it differs
+    /// (`HeaderName::from_bytes` lowercases and matches every name: ~120 instructions a field).
+    names: Vec<(Box<[u8]>, HeaderName)>,
+    /// Where each forwarded field of the head being read lies in it (name offset and length,
+    /// value offset and length), so that the values can share its bytes. Kept to be reused: a
+    /// fresh array the size of `MAX_HEADERS` was zeroed for every response.
+    spans: Vec<(u32, u32, u32, u32)>,
+}
+
+impl HeadReader {
+    /// Most field names remembered per connection.
+    const NAMES: usize = 32;
+
+    fn name(&mut self, index: usize, raw: &[u8]) -> Result<HeaderName, ProtocolError> {
+        match self.names.get(index) {
+            Some((seen, name)) if **seen == *raw => return Ok(name.clone()),
+            _ => {}
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| ProtocolError::InvalidHeader)?;
+        let entry = (Box::from(raw), name.clone());
+        if let Some(slot) = self.names.get_mut(index) {
+            *slot = entry;
+        } else if index == self.names.len() && index < HeadReader::NAMES {
+            self.names.push(entry);
+        }
+        Ok(name)
+    }
+}
+
+/// What a response's framing and connection fields say, read from the raw head in one pass,
+/// which also marks the fields that are hop-by-hop by name.
 #[derive(Default)]
 struct Fields<'h> {
     transfer_encoding: bool,
@@ -189,42 +226,51 @@ struct Fields<'h> {
     connection_close: bool,
     connection_keep_alive: bool,
     /// Other fields `Connection` names: hop-by-hop too.
-    named: Vec<&'h str>,
+    named: Vec<&'h [u8]>,
+    /// Bit `i`: field `i` is hop-by-hop by its own name.
+    hop_by_hop: u128,
 }
+
+const _: () = assert!(MAX_HEADERS <= u128::BITS as usize);
 
 impl<'h> Fields<'h> {
     fn read(raw: &[httparse::Header<'h>]) -> Result<Fields<'h>, ProtocolError> {
         let mut fields = Fields::default();
-        for field in raw {
-            let name = field.name;
-            if name.eq_ignore_ascii_case("content-length") {
-                let list = std::str::from_utf8(field.value).map_err(|_| ProtocolError::InvalidContentLength)?;
-                for item in list.split(',').map(str::trim) {
-                    if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                        return Err(ProtocolError::InvalidContentLength);
+        for (index, field) in raw.iter().enumerate() {
+            let (name, value) = (field.name.as_bytes(), field.value);
+            let hop_by_hop = match name.len() {
+                14 if name.eq_ignore_ascii_case(b"content-length") => {
+                    for item in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                        let n = parse_decimal(item).ok_or(ProtocolError::InvalidContentLength)?;
+                        if fields.content_length.is_some_and(|l| l != n) {
+                            return Err(ProtocolError::InvalidContentLength);
+                        }
+                        fields.content_length = Some(n);
                     }
-                    let n: u64 = item.parse().map_err(|_| ProtocolError::InvalidContentLength)?;
-                    if fields.content_length.is_some_and(|l| l != n) {
-                        return Err(ProtocolError::InvalidContentLength);
-                    }
-                    fields.content_length = Some(n);
+                    false
                 }
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                fields.transfer_encoding = true;
-                let last = std::str::from_utf8(field.value).ok().and_then(|v| v.rsplit(',').next());
-                fields.chunked_last = last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-            } else if name.eq_ignore_ascii_case("connection") {
-                let Ok(list) = std::str::from_utf8(field.value) else { continue };
-                for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                    if token.eq_ignore_ascii_case("close") {
-                        fields.connection_close = true;
-                    } else if token.eq_ignore_ascii_case("keep-alive") {
-                        fields.connection_keep_alive = true;
-                    } else if !token.eq_ignore_ascii_case("upgrade") {
-                        fields.named.push(token);
-                    }
+                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                    fields.transfer_encoding = true;
+                    let last = value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
+                    fields.chunked_last = last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+                    true
                 }
-            }
+                10 if name.eq_ignore_ascii_case(b"connection") => {
+                    let tokens = value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+                    for token in tokens.filter(|t| !t.is_empty()) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            fields.connection_close = true;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            fields.connection_keep_alive = true;
+                        } else if !token.eq_ignore_ascii_case(b"upgrade") {
+                            fields.named.push(token);
+                        }
+                    }
+                    true
+                }
+                _ => headers::is_hop_by_hop(field.name),
+            };
+            fields.hop_by_hop |= u128::from(hop_by_hop) << index;
         }
         Ok(fields)
     }
@@ -251,12 +297,24 @@ impl<'h> Fields<'h> {
         })
     }
 
-    /// A field that describes the connection to the proxy, not the message.
-    fn is_hop_by_hop(&self, name: &str) -> bool {
-        name.eq_ignore_ascii_case("connection")
-            || headers::is_hop_by_hop(name)
-            || self.named.iter().any(|named| named.eq_ignore_ascii_case(name))
+    /// Field `index`, called `name`, describes the connection to the proxy, not the message.
+    fn is_hop_by_hop(&self, index: usize, name: &str) -> bool {
+        self.hop_by_hop & (1 << index) != 0
+            || self.named.iter().any(|named| named.eq_ignore_ascii_case(name.as_bytes()))
     }
+}
+
+/// A Content-Length value: digits only (no sign, no space), and no overflow.
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// One step of reading a body out of the buffered bytes.
@@ -369,7 +427,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, method: Method) -> Result<Option<ResponseHead>, ProtocolError> {
-        parse_response(&mut BytesMut::from(text), &method, 64 * 1024)
+        parse_response(&mut BytesMut::from(text), &method, 64 * 1024, &mut HeadReader::default())
     }
 
     #[test]
@@ -402,7 +460,7 @@ mod tests {
     #[test]
     fn a_complete_head_is_consumed_and_the_body_left() {
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello");
-        let head = parse_response(&mut buf, &Method::GET, 1024).unwrap().unwrap();
+        let head = parse_response(&mut buf, &Method::GET, 1024, &mut HeadReader::default()).unwrap().unwrap();
         assert_eq!(head.status, StatusCode::OK);
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.keep_alive);
@@ -414,18 +472,21 @@ mod tests {
     fn a_partial_head_asks_for_more_until_the_limit() {
         assert!(parse("HTTP/1.1 200 OK\r\nContent-Le", Method::GET).unwrap().is_none());
         let long = format!("HTTP/1.1 200 OK\r\nX-Big: {}", "a".repeat(2000));
-        let error = parse_response(&mut BytesMut::from(long.as_str()), &Method::GET, 1024).unwrap_err();
+        let error = parse_response(&mut BytesMut::from(long.as_str()), &Method::GET, 1024, &mut HeadReader::default())
+            .unwrap_err();
         assert!(matches!(error, ProtocolError::HeadTooLarge(1024)), "{error}");
         // Also when the whole oversized head arrived in one read.
         let complete = format!("{long}\r\n\r\n");
-        let error = parse_response(&mut BytesMut::from(complete.as_str()), &Method::GET, 1024).unwrap_err();
+        let error =
+            parse_response(&mut BytesMut::from(complete.as_str()), &Method::GET, 1024, &mut HeadReader::default())
+                .unwrap_err();
         assert!(matches!(error, ProtocolError::HeadTooLarge(1024)), "{error}");
     }
 
     #[test]
     fn interim_responses_are_skipped_but_101_is_final() {
         let mut buf = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n");
-        let head = parse_response(&mut buf, &Method::POST, 1024).unwrap().unwrap();
+        let head = parse_response(&mut buf, &Method::POST, 1024, &mut HeadReader::default()).unwrap().unwrap();
         assert_eq!((head.status, head.framing), (StatusCode::NO_CONTENT, Framing::Empty));
         assert!(buf.is_empty());
         let head =
@@ -480,6 +541,34 @@ mod tests {
             (head.headers["connection"].as_bytes(), head.headers["upgrade"].as_bytes()),
             (&b"Upgrade"[..], &b"websocket"[..])
         );
+    }
+
+    #[test]
+    fn names_remembered_from_the_last_response_are_used_only_where_they_match() {
+        let mut reader = HeadReader::default();
+        let mut fields = |text: &str| {
+            let head = parse_response(&mut BytesMut::from(text), &Method::GET, 1024, &mut reader).unwrap().unwrap();
+            head.headers.iter().map(|(n, v)| format!("{n}={}", v.to_str().unwrap())).collect::<Vec<_>>()
+        };
+        let first = "HTTP/1.1 200 OK\r\nServer: a\r\nX-One: 1\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(fields(first), ["server=a", "x-one=1", "content-length=0"]);
+        assert_eq!(fields(first), ["server=a", "x-one=1", "content-length=0"]);
+        // Other names, other cases and other places than last time are parsed anew.
+        let second = "HTTP/1.1 200 OK\r\nSERVER: b\r\nX-Two: 2\r\nX-One: 1\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(fields(second), ["server=b", "x-two=2", "x-one=1", "content-length=0"]);
+        assert_eq!(fields(first), ["server=a", "x-one=1", "content-length=0"]);
+        let invalid = "HTTP/1.1 200 OK\r\nServer: a\r\nX-One: 1\r\nContent-Length: 0\r\nX\0: y\r\n\r\n";
+        assert!(parse_response(&mut BytesMut::from(invalid), &Method::GET, 1024, &mut reader).is_err());
+    }
+
+    #[test]
+    fn a_length_listed_more_than_once_counts_if_it_agrees() {
+        let head = parse("HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", Method::GET).unwrap().unwrap();
+        assert_eq!(head.framing, Framing::Length(2));
+        let head = parse("HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n", Method::GET);
+        assert_eq!(head.unwrap().unwrap().framing, Framing::Length(u64::MAX));
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551616\r\n\r\n", Method::GET).is_err());
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: 2,\r\n\r\n", Method::GET).is_err());
     }
 
     #[test]

@@ -50,23 +50,34 @@ impl ClientClaims {
     }
 }
 
-/// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
+/// What a request's `Connection` lines ask for, read once per request (case-insensitive, as
+/// hyper reads them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    /// `close`: hyper's HTTP/1 server closes the connection after the response, whatever else
+    /// the lines say.
+    pub close: bool,
+    /// `upgrade`: with an `Upgrade` field, the request asks to switch protocols.
+    upgrade: bool,
 }
 
-/// True when a `Connection` line carries `close`: hyper's HTTP/1 server then closes the
-/// connection after its response, whatever else the lines say.
-pub fn asks_to_close(headers: &HeaderMap) -> bool {
-    connection_has(headers, "close")
-}
+impl ConnectionOptions {
+    pub fn of(headers: &HeaderMap) -> ConnectionOptions {
+        let mut options = ConnectionOptions::default();
+        for value in headers.get_all(CONNECTION) {
+            let Ok(list) = value.to_str() else { continue };
+            for token in list.split(',').map(str::trim) {
+                options.close |= token.eq_ignore_ascii_case("close");
+                options.upgrade |= token.eq_ignore_ascii_case("upgrade");
+            }
+        }
+        options
+    }
 
-/// True when any `Connection` line lists `token` (case-insensitive, as hyper reads it).
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+    /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
+    pub fn wants_upgrade(self, headers: &HeaderMap) -> bool {
+        self.upgrade && headers.contains_key(UPGRADE)
+    }
 }
 
 /// Removes hop-by-hop fields, the fields `Connection` names, and the client claims that
@@ -141,12 +152,14 @@ impl AddedFields {
     }
 }
 
-/// Rewrites a client request's head for the upstream: keeps Host (from :authority for HTTP/2),
-/// strips hop-by-hop fields, and returns the X-Forwarded-For/-Proto/-Host fields that `policy`
-/// calls for, with Host when the head has none.
+/// Rewrites a client request's head for the upstream: keeps Host (from :authority for HTTP/2,
+/// else `upstream_host`, as an HTTP/1.0 client may send none), strips hop-by-hop fields, and
+/// returns the X-Forwarded-For/-Proto/-Host fields that `policy` calls for, with Host when the
+/// head has none.
 pub fn prepare_request(
     parts: &mut Parts,
     peer_ip: &HeaderValue,
+    upstream_host: &HeaderValue,
     policy: ForwardedPolicy,
     upgrade: bool,
 ) -> AddedFields {
@@ -162,8 +175,9 @@ pub fn prepare_request(
     let host = match headers.get(HOST) {
         Some(host) => Some(host.clone()),
         None => {
-            added.host = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-            added.host.clone()
+            let authority = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            added.host = Some(authority.clone().unwrap_or_else(|| upstream_host.clone()));
+            authority
         }
     };
 
@@ -218,10 +232,11 @@ mod tests {
     }
 
     const PEER: HeaderValue = HeaderValue::from_static("192.0.2.7");
+    const UPSTREAM_HOST: HeaderValue = HeaderValue::from_static("127.0.0.1:8080");
 
     /// `prepare_request`, with the added fields appended to the head's, as the upstream sees them.
     fn prepare(p: &mut Parts, policy: ForwardedPolicy, upgrade: bool) {
-        let added = prepare_request(p, &PEER, policy, upgrade);
+        let added = prepare_request(p, &PEER, &UPSTREAM_HOST, policy, upgrade);
         for (name, value) in added.iter() {
             p.headers.append(name, value.clone());
         }
@@ -329,7 +344,7 @@ mod tests {
     #[test]
     fn upgrade_survives_when_switching_protocols() {
         let mut p = parts(|b| b.header("connection", "Upgrade").header("upgrade", "websocket").header("host", "h"));
-        assert!(wants_upgrade(&p.headers));
+        assert!(ConnectionOptions::of(&p.headers).wants_upgrade(&p.headers));
         prepare(&mut p, ForwardedPolicy::Overwrite, true);
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["connection"], "upgrade");
@@ -337,19 +352,18 @@ mod tests {
 
     #[test]
     fn a_close_token_on_any_connection_line_asks_to_close() {
-        assert!(asks_to_close(&parts(|b| b.header("connection", "Close")).headers));
-        assert!(asks_to_close(
-            &parts(|b| b.header("connection", "keep-alive").header("connection", "te, close")).headers
-        ));
-        assert!(!asks_to_close(&parts(|b| b.header("connection", "keep-alive, closed")).headers));
-        assert!(!asks_to_close(&parts(|b| b.header("x-connection", "close")).headers));
+        let asks_to_close = |p: Parts| ConnectionOptions::of(&p.headers).close;
+        assert!(asks_to_close(parts(|b| b.header("connection", "Close"))));
+        assert!(asks_to_close(parts(|b| b.header("connection", "keep-alive").header("connection", "te, close"))));
+        assert!(!asks_to_close(parts(|b| b.header("connection", "keep-alive, closed"))));
+        assert!(!asks_to_close(parts(|b| b.header("x-connection", "close"))));
     }
 
     #[test]
     fn upgrade_needs_both_fields() {
-        let p = parts(|b| b.header("upgrade", "websocket"));
-        assert!(!wants_upgrade(&p.headers));
-        let p = parts(|b| b.header("connection", "keep-alive"));
-        assert!(!wants_upgrade(&p.headers));
+        let wants_upgrade = |p: Parts| ConnectionOptions::of(&p.headers).wants_upgrade(&p.headers);
+        assert!(!wants_upgrade(parts(|b| b.header("upgrade", "websocket"))));
+        assert!(!wants_upgrade(parts(|b| b.header("connection", "keep-alive"))));
+        assert!(wants_upgrade(parts(|b| b.header("connection", "keep-alive, Upgrade").header("upgrade", "h2c"))));
     }
 }

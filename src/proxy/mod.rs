@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST};
+use http::header::CONTENT_TYPE;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
@@ -69,9 +69,10 @@ impl ConnectionContext {
         let started = std::time::Instant::now();
         let version = request.version();
         let entry = self.access_log.as_ref().map(|(log, facts)| PendingEntry::begin(log, started, *facts, &request));
+        let options = headers::ConnectionOptions::of(request.headers());
         // hyper closes the connection after answering a request that asks to close.
-        let last = self.last_response.as_ref().filter(|_| headers::asks_to_close(request.headers()));
-        let response = self.forward_inner(request).await;
+        let last = self.last_response.as_ref().filter(|_| options.close);
+        let response = self.forward_inner(request, options).await;
         if let Some(last) = last {
             let small = hyper::body::Body::size_hint(response.body()).exact().is_some_and(|n| n <= HELD_LAST_RESPONSE);
             if small && response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -95,7 +96,11 @@ impl ConnectionContext {
         })
     }
 
-    async fn forward_inner(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward_inner(
+        &self,
+        mut request: Request<Incoming>,
+        options: headers::ConnectionOptions,
+    ) -> Response<ProxyBody> {
         if request.method() == Method::CONNECT {
             return plain_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -103,17 +108,18 @@ impl ConnectionContext {
             );
         }
         let client_version = request.version();
-        let client_upgrade = (request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers()))
+        let client_upgrade = (request.version() == Version::HTTP_11 && options.wants_upgrade(request.headers()))
             .then(|| hyper::upgrade::on(&mut request));
 
         let (mut parts, body) = request.into_parts();
-        let mut added =
-            headers::prepare_request(&mut parts, &self.peer_ip, self.config.forwarded, client_upgrade.is_some());
+        let mut added = headers::prepare_request(
+            &mut parts,
+            &self.peer_ip,
+            self.config.upstream.host_header(),
+            self.config.forwarded,
+            client_upgrade.is_some(),
+        );
         added.client_subject.clone_from(&self.client_subject);
-        // An HTTP/1.0 client may send no Host; HTTP/1.1 requires one.
-        if added.host.is_none() && !parts.headers.contains_key(HOST) {
-            added.host = Some(self.config.upstream.host_header());
-        }
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
 
         let mut response = match self.pool.send(&parts, body, &added).await {

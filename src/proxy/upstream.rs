@@ -188,14 +188,22 @@ impl Drop for HeadDeadline<'_> {
 }
 
 struct IdleConnection {
-    connection: UpstreamConnection,
+    connection: Box<UpstreamConnection>,
     idle_since_step: u64,
 }
 
 /// An open connection to the upstream and what has been read from it but not yet used.
+///
+/// Kept boxed (`Box<UpstreamConnection>`): it moves out of the pool, into the response body and
+/// back for every request, and by value those moves were `memcpy` calls (callgrind: ~120
+/// instructions per keep-alive request at 80 bytes, ~300 at 104).
 pub struct UpstreamConnection {
     pub(super) tcp: TcpStream,
     pub(super) read_buf: BytesMut,
+    /// The request head being sent, reused from one request to the next.
+    request_head: Vec<u8>,
+    /// What the last response head left to read the next one faster.
+    head_reader: h1::HeadReader,
 }
 
 impl UpstreamConnection {
@@ -222,15 +230,17 @@ impl UpstreamConnection {
         }
     }
 
-    /// Writes the request head, then sends the body (if any) while waiting for the response
-    /// head, which it returns. A body still being sent then is left in `body`.
+    /// Writes the request head `parts` and `added` make, then sends the body (if any) while
+    /// waiting for the response head, which it returns. A body still being sent then is left
+    /// in `body`.
     async fn exchange(
         &mut self,
-        head: &[u8],
+        (parts, added, framing): (&Parts, &AddedFields, RequestFraming),
         body: &mut Option<Box<RequestBody>>,
-        method: &Method,
     ) -> Result<ResponseHead, UpstreamError> {
-        self.tcp.write_all(head).await.map_err(UpstreamError::Send)?;
+        h1::encode_request_head(parts, added, framing, &mut self.request_head);
+        self.tcp.write_all(&self.request_head).await.map_err(UpstreamError::Send)?;
+        let method = &parts.method;
         let mut send_failed = None;
         poll_fn(|cx| loop {
             match RequestBody::poll_pending(body, cx, &mut self.tcp) {
@@ -240,7 +250,9 @@ impl UpstreamConnection {
                 Ok(Some(e)) => send_failed = Some(e),
                 Err(e) => return Poll::Ready(Err(UpstreamError::ClientBody(e))),
             }
-            if let Some(head) = h1::parse_response(&mut self.read_buf, method, UPSTREAM_READ_BUFFER)? {
+            if let Some(head) =
+                h1::parse_response(&mut self.read_buf, method, UPSTREAM_READ_BUFFER, &mut self.head_reader)?
+            {
                 return Poll::Ready(Ok(ResponseHead { keep_alive: head.keep_alive && send_failed.is_none(), ..head }));
             }
             match ready!(self.poll_fill(cx, HEAD_READ)) {
@@ -430,18 +442,17 @@ impl UpstreamPool {
             })
         });
         let replayable = body.is_none() && parts.method.is_idempotent();
-        let mut head = Vec::with_capacity(512);
-        h1::encode_request_head(parts, added, framing, &mut head);
         let (mut connection, reused) = match self.take_idle() {
             Some(connection) => (connection, true),
             None => (self.connect().await?, false),
         };
-        let result = match connection.exchange(&head, &mut body, &parts.method).await {
+        let head = (parts, added, framing);
+        let result = match connection.exchange(head, &mut body).await {
             // Once, and on a new connection: an upstream that drops this request for its own
             // reasons must not see it again from every pooled connection.
             Err(e) if reused && replayable && e.is_stale_connection() => {
                 connection = self.connect().await?;
-                connection.exchange(&head, &mut body, &parts.method).await
+                connection.exchange(head, &mut body).await
             }
             other => other,
         };
@@ -451,7 +462,7 @@ impl UpstreamPool {
     fn response(
         &self,
         head: ResponseHead,
-        connection: UpstreamConnection,
+        connection: Box<UpstreamConnection>,
         pending_body: Option<Box<RequestBody>>,
     ) -> Response<UpstreamBody> {
         let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -472,7 +483,7 @@ impl UpstreamPool {
     }
 
     /// The most recently used idle connection that is still open and quiet.
-    fn take_idle(&self) -> Option<UpstreamConnection> {
+    fn take_idle(&self) -> Option<Box<UpstreamConnection>> {
         let mut idle = lock(&self.shared.idle);
         while let Some(IdleConnection { mut connection, .. }) = idle.pop() {
             if connection.is_quiet() {
@@ -482,26 +493,35 @@ impl UpstreamPool {
         None
     }
 
-    async fn connect(&self) -> Result<UpstreamConnection, UpstreamError> {
+    async fn connect(&self) -> Result<Box<UpstreamConnection>, UpstreamError> {
         let shared = &self.shared;
         let tcp = tokio::time::timeout(shared.connect_timeout, TcpStream::connect((shared.host.as_str(), shared.port)))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(shared.connect_timeout))?
             .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        Ok(UpstreamConnection { tcp, read_buf: BytesMut::new() })
+        Ok(Box::new(UpstreamConnection {
+            tcp,
+            read_buf: BytesMut::new(),
+            request_head: Vec::with_capacity(512),
+            head_reader: h1::HeadReader::default(),
+        }))
     }
 }
 
 /// Back to the pool, for a connection whose response was read to its end and left nothing
 /// unread behind it.
-pub(super) fn release(pool: &Shared, mut connection: UpstreamConnection) {
+pub(super) fn release(pool: &Shared, mut connection: Box<UpstreamConnection>) {
     if !connection.read_buf.is_empty() {
         return;
     }
-    // After a large response the buffer may be big; an idle connection need not hold it.
+    // After a large response (or request head) the buffer may be big; an idle connection
+    // need not hold it.
     if connection.read_buf.capacity() > HEAD_READ {
         connection.read_buf = BytesMut::new();
+    }
+    if connection.request_head.capacity() > HEAD_READ {
+        connection.request_head = Vec::new();
     }
     let idle_since_step = pool.step.load(Ordering::Relaxed);
     lock(&pool.idle).push(IdleConnection { connection, idle_since_step });
