@@ -65,14 +65,71 @@ impl ConnectionContext {
 
     /// Forwards `request` to the upstream and returns its response, or the proxy's own error
     /// response. Never fails: every failure becomes a status code the client can act on.
-    pub async fn forward(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
         let version = request.version();
         let entry = self.access_log.as_ref().map(|(log, facts)| PendingEntry::begin(log, started, *facts, &request));
         let options = headers::ConnectionOptions::of(request.headers());
         // hyper closes the connection after answering a request that asks to close.
         let last = self.last_response.as_ref().filter(|_| options.close);
-        let response = self.forward_inner(request, options).await;
+        // One future for the whole exchange, rather than a helper's: the request and the response
+        // (~250 bytes each) were moved into and out of it by value, as `memcpy` calls.
+        let response = 'response: {
+            if request.method() == Method::CONNECT {
+                break 'response plain_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "405 Method Not Allowed: CONNECT is not proxied\n".to_owned(),
+                );
+            }
+            let client_version = request.version();
+            let client_upgrade = (request.version() == Version::HTTP_11 && options.wants_upgrade(request.headers()))
+                .then(|| hyper::upgrade::on(&mut request));
+
+            let (mut parts, body) = request.into_parts();
+            let mut added = headers::prepare_request(
+                &mut parts,
+                &self.peer_ip,
+                self.config.upstream.host_header(),
+                self.config.forwarded,
+                client_upgrade.is_some(),
+            );
+            added.client_subject.clone_from(&self.client_subject);
+            let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+
+            let mut response = match self.pool.send(&parts, body, &added).await {
+                Ok(response) => response,
+                Err(error @ UpstreamError::Timeout(timeout)) => {
+                    let upstream = &self.config.upstream;
+                    let method = &parts.method;
+                    tracing::warn!(peer = %self.peer, %upstream, %method, path, "upstream gave no response within {timeout:?}");
+                    metrics().upstream_failure(UpstreamFailure::Timeout);
+                    break 'response plain_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("504 Gateway Timeout: upstream {upstream} {error}\n"),
+                    );
+                }
+                Err(error) => {
+                    break 'response self.bad_gateway(&parts.method, path, &error.describe(), error.is_connect())
+                }
+            };
+
+            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if switching {
+                let (Some(client_side), Some(upstream_side)) =
+                    (client_upgrade, std::mem::replace(response.body_mut(), UpstreamBody::empty()).into_upgraded())
+                else {
+                    let reason = h1::ProtocolError::UnexpectedUpgrade.to_string();
+                    break 'response self.bad_gateway(&parts.method, path, &reason, false);
+                };
+                tokio::spawn(splice(client_side, upstream_side, self.peer));
+                // The parser left every field of a 101 in place: `Upgrade` must reach the client.
+                headers::strip_hop_by_hop(response.headers_mut(), true, headers::ClientClaims::Keep);
+            }
+            // An intermediary speaks its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 app must
+            // not downgrade, and so close, the client's keep-alive connection.
+            *response.version_mut() = client_version;
+            response.map(ProxyBody::Upstream)
+        };
         if let Some(last) = last {
             let small = hyper::body::Body::size_hint(response.body()).exact().is_some_and(|n| n <= HELD_LAST_RESPONSE);
             if small && response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -94,65 +151,6 @@ impl ConnectionContext {
                 local
             }
         })
-    }
-
-    async fn forward_inner(
-        &self,
-        mut request: Request<Incoming>,
-        options: headers::ConnectionOptions,
-    ) -> Response<ProxyBody> {
-        if request.method() == Method::CONNECT {
-            return plain_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "405 Method Not Allowed: CONNECT is not proxied\n".to_owned(),
-            );
-        }
-        let client_version = request.version();
-        let client_upgrade = (request.version() == Version::HTTP_11 && options.wants_upgrade(request.headers()))
-            .then(|| hyper::upgrade::on(&mut request));
-
-        let (mut parts, body) = request.into_parts();
-        let mut added = headers::prepare_request(
-            &mut parts,
-            &self.peer_ip,
-            self.config.upstream.host_header(),
-            self.config.forwarded,
-            client_upgrade.is_some(),
-        );
-        added.client_subject.clone_from(&self.client_subject);
-        let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-
-        let mut response = match self.pool.send(&parts, body, &added).await {
-            Ok(response) => response,
-            Err(error @ UpstreamError::Timeout(timeout)) => {
-                let upstream = &self.config.upstream;
-                let method = &parts.method;
-                tracing::warn!(peer = %self.peer, %upstream, %method, path, "upstream gave no response within {timeout:?}");
-                metrics().upstream_failure(UpstreamFailure::Timeout);
-                return plain_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("504 Gateway Timeout: upstream {upstream} {error}\n"),
-                );
-            }
-            Err(error) => return self.bad_gateway(&parts.method, path, &error.describe(), error.is_connect()),
-        };
-
-        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if switching {
-            let (Some(client_side), Some(upstream_side)) =
-                (client_upgrade, std::mem::replace(response.body_mut(), UpstreamBody::empty()).into_upgraded())
-            else {
-                let reason = h1::ProtocolError::UnexpectedUpgrade.to_string();
-                return self.bad_gateway(&parts.method, path, &reason, false);
-            };
-            tokio::spawn(splice(client_side, upstream_side, self.peer));
-            // The parser left every field of a 101 in place: `Upgrade` must reach the client.
-            headers::strip_hop_by_hop(response.headers_mut(), true, headers::ClientClaims::Keep);
-        }
-        // An intermediary speaks its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 app must
-        // not downgrade, and so close, the client's keep-alive connection.
-        *response.version_mut() = client_version;
-        response.map(ProxyBody::Upstream)
     }
 
     /// The 502 for a request the upstream did not answer properly, logged and counted.
