@@ -64,12 +64,9 @@ pub struct ConnectionOptions {
 impl ConnectionOptions {
     pub fn of(headers: &HeaderMap) -> ConnectionOptions {
         let mut options = ConnectionOptions::default();
-        for value in headers.get_all(CONNECTION) {
-            let Ok(list) = value.to_str() else { continue };
-            for token in list.split(',').map(str::trim) {
-                options.close |= token.eq_ignore_ascii_case("close");
-                options.upgrade |= token.eq_ignore_ascii_case("upgrade");
-            }
+        for token in connection_tokens(headers) {
+            options.close |= token.eq_ignore_ascii_case("close");
+            options.upgrade |= token.eq_ignore_ascii_case("upgrade");
         }
         options
     }
@@ -78,6 +75,15 @@ impl ConnectionOptions {
     pub fn wants_upgrade(self, headers: &HeaderMap) -> bool {
         self.upgrade && headers.contains_key(UPGRADE)
     }
+}
+
+/// The tokens of every `Connection` line, trimmed (lines that are not text are skipped).
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .into_iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|list| list.split(',').map(str::trim))
 }
 
 /// Removes hop-by-hop fields, the fields `Connection` names, and the client claims that
@@ -99,17 +105,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, claims: Cli
         }
     }
     if connection {
-        for value in headers.get_all(CONNECTION) {
-            let Ok(list) = value.to_str() else { continue };
-            for token in list.split(',').map(str::trim) {
-                // The usual tokens name hop-by-hop fields, already found by name above.
-                let known = token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("upgrade");
-                if known || token.is_empty() || !headers.contains_key(token) {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                    doomed.push(name);
-                }
+        for token in connection_tokens(headers) {
+            // The usual tokens name hop-by-hop fields, already found by name above.
+            let known = token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("upgrade");
+            if known || token.is_empty() || !headers.contains_key(token) {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                doomed.push(name);
             }
         }
         headers.remove(CONNECTION);
