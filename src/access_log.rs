@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, StatusCode, Version};
 
+use crate::metrics::metrics;
+
 /// Lines waiting for the writer; beyond this they are dropped.
 const QUEUE: usize = 16 * 1024;
 
@@ -33,7 +35,7 @@ pub enum AccessLogTarget {
     File(PathBuf),
 }
 
-pub fn parse_target(s: &str) -> Result<AccessLogTarget, String> {
+pub(crate) fn parse_target(s: &str) -> Result<AccessLogTarget, String> {
     Ok(match s {
         "" => return Err("empty; use off, stdout, stderr or a file path".into()),
         "off" => AccessLogTarget::Off,
@@ -44,7 +46,7 @@ pub fn parse_target(s: &str) -> Result<AccessLogTarget, String> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum AccessLogError {
+pub(crate) enum AccessLogError {
     #[error("cannot open access log {}: {source}", path.display())]
     Open { path: PathBuf, source: std::io::Error },
     #[error("cannot start the access log writer: {0}")]
@@ -53,14 +55,14 @@ pub enum AccessLogError {
 
 /// A handle to the writer thread; cloned into every connection.
 #[derive(Clone)]
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     queue: SyncSender<String>,
     format: AccessLogFormat,
 }
 
 impl AccessLog {
     /// `None` for `off`.
-    pub fn open(target: &AccessLogTarget, format: AccessLogFormat) -> Result<Option<AccessLog>, AccessLogError> {
+    pub(crate) fn open(target: &AccessLogTarget, format: AccessLogFormat) -> Result<Option<AccessLog>, AccessLogError> {
         let out: Box<dyn Write + Send> = match target {
             AccessLogTarget::Off => return Ok(None),
             AccessLogTarget::Stdout => Box::new(std::io::stdout()),
@@ -99,14 +101,14 @@ fn write_lines(lines: Receiver<String>, out: Box<dyn Write + Send>) {
 
 /// Per-connection facts an entry needs.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnectionFacts {
-    pub client: IpAddr,
-    pub tls_version: &'static str,
-    pub alpn: &'static str,
+pub(crate) struct ConnectionFacts {
+    pub(crate) client: IpAddr,
+    pub(crate) tls_version: &'static str,
+    pub(crate) alpn: &'static str,
 }
 
 /// An entry begun when a request arrives and written when its response body ends.
-pub struct PendingEntry {
+pub(crate) struct PendingEntry {
     log: Arc<AccessLog>,
     started: Instant,
     facts: ConnectionFacts,
@@ -115,14 +117,14 @@ pub struct PendingEntry {
     version: Version,
     referer: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     /// Until the upstream's response head arrived; `None` when the proxy answered itself.
-    pub upstream_time: Option<Duration>,
-    pub bytes: u64,
+    pub(crate) upstream_time: Option<Duration>,
+    pub(crate) bytes: u64,
 }
 
 impl PendingEntry {
-    pub fn begin<B>(
+    pub(crate) fn begin<B>(
         log: &Arc<AccessLog>,
         started: Instant,
         facts: ConnectionFacts,
@@ -148,13 +150,13 @@ impl PendingEntry {
     }
 
     /// Formats the line and queues it; never waits.
-    pub fn finish(self) {
+    pub(crate) fn finish(self) {
         let line = match self.log.format {
             AccessLogFormat::Combined => self.combined(),
             AccessLogFormat::Json => self.json(),
         };
         if let Err(TrySendError::Full(_)) = self.log.queue.try_send(line) {
-            crate::metrics::metrics().access_log_dropped();
+            metrics().access_log_dropped();
         }
     }
 

@@ -7,10 +7,8 @@
 //! years and reused by later runs; each run issues a fresh leaf (ECDSA P-256, about a year,
 //! serverAuth). Keys are written 0600, every file atomically.
 
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 
 use rcgen::{
@@ -21,13 +19,13 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use time::{Duration, OffsetDateTime};
 
-use crate::devcert::write_file_atomically;
+use crate::sys::atomic_file::{write_atomic, FileMode, WriteError};
 use crate::tls::{load_cert_pair, CertInfo, TlsError};
 
 /// What `sidecar cert` issues for when no name is given: what a browser on this machine uses.
-pub const DEFAULT_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
-pub const CA_CERT_FILE: &str = "ca.pem";
-pub const CA_KEY_FILE: &str = "ca-key.pem";
+pub(crate) const DEFAULT_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+pub(crate) const CA_CERT_FILE: &str = "ca.pem";
+pub(crate) const CA_KEY_FILE: &str = "ca-key.pem";
 const CA_ORGANIZATION: &str = "sidecar development CA";
 const CA_VALID_DAYS: i64 = 3650;
 const LEAF_VALID_DAYS: i64 = 365;
@@ -37,13 +35,13 @@ const BACKDATE: Duration = Duration::days(1);
 const MAX_COMMON_NAME: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
-pub enum DevCaError {
+pub(crate) enum DevCaError {
     #[error("`{name}` is not a host name (such as localhost, app.test or *.app.test) or an IP address")]
     BadName { name: String },
     #[error("cannot create directory {}: {source}", path.display())]
     CreateDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Write(#[from] WriteError),
     #[error("{} exists but {} does not: remove it to make a new CA, or use another --dir", present.display(), missing.display())]
     HalfCa { present: PathBuf, missing: PathBuf },
     #[error("the development CA {} is unusable: {reason}; remove {} and {} to make a new one, or use another --dir", cert.display(), cert.display(), key.display())]
@@ -59,53 +57,37 @@ pub enum DevCaError {
 }
 
 /// The development CA, loaded or just made, ready to sign.
-pub struct DevCa {
-    pub cert_path: PathBuf,
-    pub key_path: PathBuf,
-    pub info: CertInfo,
-    pub der: CertificateDer<'static>,
+pub(crate) struct DevCa {
+    pub(crate) cert_path: PathBuf,
+    pub(crate) key_path: PathBuf,
+    pub(crate) info: CertInfo,
+    pub(crate) der: CertificateDer<'static>,
     /// Made by this run (it must be trusted before its certificates are accepted).
-    pub created: bool,
+    pub(crate) created: bool,
     /// The CA this run replaced because it had expired, by its expiry.
-    pub replaced_expired: Option<String>,
+    pub(crate) replaced_expired: Option<String>,
     issuer: Issuer<'static, KeyPair>,
 }
 
 /// A leaf certificate issued by the CA and written to disk.
-pub struct Issued {
-    pub cert_path: PathBuf,
-    pub key_path: PathBuf,
-    pub info: CertInfo,
-    pub names: Vec<String>,
+pub(crate) struct Issued {
+    pub(crate) cert_path: PathBuf,
+    pub(crate) key_path: PathBuf,
+    pub(crate) info: CertInfo,
+    pub(crate) names: Vec<String>,
 }
 
-/// `sidecar cert`: make or reuse the CA in `--dir`, issue a certificate for NAMES, and say how to
-/// use and trust them.
-pub fn main(args: &crate::cli::CertArgs) -> ExitCode {
-    let dir = args.dir.clone().unwrap_or_else(crate::devcert::default_state_dir);
-    // Absolute, so that the commands printed below work from any directory.
-    let dir = std::path::absolute(&dir).unwrap_or(dir);
+/// Makes or reuses the CA in `dir` and issues a certificate for `names` (checked first).
+pub(crate) fn ensure_ca_and_issue(dir: &Path, names: &[String]) -> Result<(DevCa, Issued), DevCaError> {
     let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let result = check_names(&args.names).and_then(|names| {
-        let ca = ensure_ca(&provider, &dir)?;
-        let leaf = issue(&provider, &ca, &dir, &names)?;
-        Ok((ca, leaf))
-    });
-    match result {
-        Ok((ca, leaf)) => {
-            // A closed stdout (`sidecar cert | head -1`) is no reason to fail: the files are written.
-            let _ = std::io::stdout().lock().write_all(instructions(&ca, &leaf).as_bytes());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("sidecar: error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    let names = check_names(names)?;
+    let ca = ensure_ca(&provider, dir)?;
+    let leaf = issue(&provider, &ca, dir, &names)?;
+    Ok((ca, leaf))
 }
 
 /// Validates NAMES (host names, `*.` wildcards, IP addresses) and drops repeats.
-pub fn check_names(names: &[String]) -> Result<Vec<String>, DevCaError> {
+pub(crate) fn check_names(names: &[String]) -> Result<Vec<String>, DevCaError> {
     let mut checked: Vec<String> = Vec::new();
     for name in names {
         let bad = || DevCaError::BadName { name: name.clone() };
@@ -130,7 +112,7 @@ pub fn check_names(names: &[String]) -> Result<Vec<String>, DevCaError> {
 /// Reuses the CA in `dir` when both its files are there and valid; makes one when neither is,
 /// or when the old one has expired. Anything else is an error rather than a silent
 /// replacement: the old CA may be trusted somewhere, and replacing it would break that.
-pub fn ensure_ca(provider: &CryptoProvider, dir: &Path) -> Result<DevCa, DevCaError> {
+pub(crate) fn ensure_ca(provider: &CryptoProvider, dir: &Path) -> Result<DevCa, DevCaError> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
     match (cert_path.exists(), key_path.exists()) {
@@ -215,7 +197,7 @@ fn load_ca(cert_path: PathBuf, key_path: PathBuf, info: CertInfo) -> Result<DevC
 
 /// Issues a new leaf for `names`, checks it against the CA as a client would, and writes it as
 /// `<first name>[+N].pem` and `...-key.pem` (mkcert's naming).
-pub fn issue(provider: &CryptoProvider, ca: &DevCa, dir: &Path, names: &[String]) -> Result<Issued, DevCaError> {
+pub(crate) fn issue(provider: &CryptoProvider, ca: &DevCa, dir: &Path, names: &[String]) -> Result<Issued, DevCaError> {
     let first = names.first().ok_or_else(|| DevCaError::BadName { name: String::new() })?;
     let mut params = CertificateParams::new(names.to_vec())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -279,7 +261,7 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DevCaError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| DevCaError::CreateDir { path: dir.to_owned(), source })?;
     }
-    write_file_atomically(path, bytes, mode).map_err(|source| DevCaError::Write { path: path.to_owned(), source })
+    Ok(write_atomic(path, bytes, FileMode::Exactly(mode))?)
 }
 
 /// `localhost+2` for localhost, 127.0.0.1 and ::1; characters unfit for a file name replaced.
@@ -325,7 +307,7 @@ fn sh(path: &Path) -> String {
 }
 
 /// What `sidecar cert` prints: what was written, how to use it, how to trust the CA.
-pub fn instructions(ca: &DevCa, leaf: &Issued) -> String {
+pub(crate) fn instructions(ca: &DevCa, leaf: &Issued) -> String {
     let ca_pem = sh(&ca.cert_path);
     let mut out = String::new();
     let mut line = |s: String| {

@@ -1,36 +1,44 @@
-//! `sidecar`: a TLS-terminating reverse proxy that runs beside a legacy plain-HTTP app.
+//! `sidecar`: a TLS-terminating reverse proxy that runs beside a legacy plain-HTTP app, and a
+//! config sync that keeps the app's files in step with a config store.
 //!
-//! The binary is a thin shell around this library; tests and benches drive the same code.
-// Two audited exceptions: `memory::collect` calls mimalloc's mi_collect, and
-// `open_files::started_with_for` sets a child's open-file limit between fork and exec.
+//! The binary is a thin shell around [`app::main`]; tests and benches drive the same code.
+//!
+//! Modules are layered; each imports only from its own layer or below, and
+//! `tests/layering.rs` keeps it so (top to bottom):
+//!
+//! | layer | modules | job |
+//! |---|---|---|
+//! | process | `app` | subcommand dispatch, runtimes, signals, exit codes, printing |
+//! | input and control | `cli`, `admin` | clap and the TOML file into runtime settings; the admin API and scrape-time metrics |
+//! | serving | `server` | listeners, workers, connections, live state, reload, redirect |
+//! | engines | `proxy`, `sync` | forwarding one request; keeping one file in step with its source |
+//! | settings | `config`, `access_log`, `devca` | the proxy's runtime config; the access log; the development CA |
+//! | protocols | `tls`, `devcert`, `transport`, `proxy_protocol` | rustls and certificates; sockets; the PROXY header |
+//! | OS glue | `sys` | shutdown, open files, memory, file watches, logging, a plain-HTTP listener, atomic writes |
+//! | counters | `metrics` | process-wide counters; imports nothing from the crate |
+//!
+//! The public surface is what the binary, the integration tests and the benches use: [`app::main`];
+//! [`cli`]'s argument types and parser (the deployment tests read manifests through them);
+//! [`sync::spec`] and [`sync::hash`]; and the per-request header and HTTP/1.1 code the
+//! `hot_path` bench times ([`proxy::h1`], [`proxy::headers`], [`config::parse_upstream`]).
+//! Everything else is `pub(crate)`.
+// Three audited exceptions: `sys::memory::collect` calls mimalloc's mi_collect,
+// `sys::open_files::started_with_for` sets a child's open-file limit between fork and exec, and
+// `proxy::h1` takes header values httparse has validated without checking them again.
 #![deny(unsafe_code)]
 
-pub mod access_log;
-pub mod admin;
-pub mod check;
+mod access_log;
+mod admin;
+pub mod app;
 pub mod cli;
 pub mod config;
-pub mod devca;
-pub mod devcert;
-pub mod file_watch;
-pub mod logging;
-pub mod memory;
-pub mod metrics;
-pub mod open_files;
-pub mod plain_http;
+mod devca;
+mod devcert;
+mod metrics;
 pub mod proxy;
-pub mod proxy_protocol;
-pub mod redirect;
-pub mod reload;
-pub mod server;
-pub mod shutdown;
+mod proxy_protocol;
+mod server;
 pub mod sync;
-pub mod tls;
-pub mod transport;
-
-/// Locks `mutex` even when a thread panicked while holding it. The crate's mutexes guard plain
-/// values (statuses, idle lists, task handles, session state) that a panic leaves as valid as
-/// the last assignment did; refusing them would turn one panic into a panic per caller.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+mod sys;
+mod tls;
+mod transport;

@@ -1,5 +1,5 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
-    sidecar::cli::main()
+    sidecar::app::main()
 }

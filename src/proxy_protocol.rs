@@ -13,25 +13,25 @@ use tokio::net::TcpStream;
 
 /// Longest v1 header, CRLF included (the spec's bound: "PROXY TCP6" with two full-length IPv6
 /// addresses and two 5-digit ports).
-pub const V1_MAX_LEN: usize = 107;
+pub(crate) const V1_MAX_LEN: usize = 107;
 /// Shortest valid header of either version: `PROXY UNKNOWN\r\n`. Reading this many bytes up
 /// front never takes a byte past a valid header.
 const MIN_LEN: usize = 15;
 /// The 12 bytes that open every v2 header; chosen by the spec never to start valid HTTP or TLS.
-pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+pub(crate) const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// Signature, version/command, family/transport and the 16-bit length of what follows.
 const V2_FIXED_LEN: usize = 16;
 /// Most bytes a v2 header may take, fixed part and TLVs included. The length field allows
 /// 64 KiB; balancers send a few hundred bytes at most, and a connection must not be able to make
 /// us read (before any TLS) more than this.
-pub const V2_MAX_LEN: usize = 4096;
+pub(crate) const V2_MAX_LEN: usize = 4096;
 /// v2 address blocks: two addresses, then two ports.
 const V2_INET_LEN: usize = 4 + 4 + 2 + 2;
 const V2_INET6_LEN: usize = 16 + 16 + 2 + 2;
 
 /// What a valid header says about the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Header {
+pub(crate) enum Header {
     /// The balancer relays a TCP connection from `source` (the client) to `destination`.
     Proxied { source: SocketAddr, destination: SocketAddr },
     /// v2 `LOCAL`: the balancer's own connection (a health check); the socket's peer stands.
@@ -43,7 +43,7 @@ pub enum Header {
 
 impl Header {
     /// The address to treat as the client: the relayed source, or the socket's `peer`.
-    pub fn client_addr(&self, peer: SocketAddr) -> SocketAddr {
+    pub(crate) fn client_addr(&self, peer: SocketAddr) -> SocketAddr {
         match self {
             Header::Proxied { source, .. } => *source,
             Header::Local | Header::Unknown => peer,
@@ -52,7 +52,7 @@ impl Header {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyHeaderError {
+pub(crate) enum ProxyHeaderError {
     #[error("reading the PROXY header failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("the connection closed after {received} byte(s), before the PROXY header was complete")]
@@ -88,7 +88,7 @@ pub enum ProxyHeaderError {
 /// Reads one PROXY header (v1 or v2) from the start of `tcp` and no byte more.
 ///
 /// Not bounded in time here: the caller puts it under the handshake deadline.
-pub async fn read_header(tcp: &mut TcpStream) -> Result<Header, ProxyHeaderError> {
+pub(crate) async fn read_header(tcp: &mut TcpStream) -> Result<Header, ProxyHeaderError> {
     // Big enough for a whole v1 line, and for v2's fixed part and addresses (52 bytes).
     let mut buf = [0u8; V1_MAX_LEN];
     fill(tcp, &mut buf[..MIN_LEN], 0).await?;
@@ -145,7 +145,7 @@ async fn fill(tcp: &mut TcpStream, buf: &mut [u8], before: usize) -> Result<(), 
 }
 
 /// Parses a whole v1 line, `PROXY ` to CRLF included.
-pub fn parse_v1(line: &[u8]) -> Result<Header, ProxyHeaderError> {
+pub(crate) fn parse_v1(line: &[u8]) -> Result<Header, ProxyHeaderError> {
     use ProxyHeaderError::*;
     if line.len() > V1_MAX_LEN {
         return Err(V1TooLong);
@@ -296,7 +296,8 @@ impl V2Prelude {
 
 /// Parses a whole v2 header held in memory (fixed part, addresses, TLVs) and returns it with
 /// the number of bytes it takes; what follows in `bytes` is not looked at.
-pub fn parse_v2(bytes: &[u8]) -> Result<(Header, usize), ProxyHeaderError> {
+#[cfg(test)]
+fn parse_v2(bytes: &[u8]) -> Result<(Header, usize), ProxyHeaderError> {
     let prelude =
         V2Prelude::parse(bytes.get(..V2_FIXED_LEN).ok_or(ProxyHeaderError::Truncated { received: bytes.len() })?)?;
     let total = V2_FIXED_LEN + prelude.len;

@@ -26,11 +26,13 @@ use rustls::{SupportedCipherSuite, Tls13CipherSuite};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::sys::lock;
+
 /// ALPN protocols offered, in server preference order.
-pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("cannot read {what} {}: {source}", path.display())]
     Read { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("certificate file {} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)", path.display())]
@@ -57,11 +59,11 @@ pub enum TlsError {
 
 /// What a person wants to know about the certificate being served.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertInfo {
-    pub subject: String,
-    pub serial: String,
-    pub not_after: OffsetDateTime,
-    pub dns_names: Vec<String>,
+pub(crate) struct CertInfo {
+    pub(crate) subject: String,
+    pub(crate) serial: String,
+    pub(crate) not_after: OffsetDateTime,
+    pub(crate) dns_names: Vec<String>,
 }
 
 impl fmt::Display for CertInfo {
@@ -76,10 +78,10 @@ fn format_time(t: OffsetDateTime) -> String {
 
 /// A certificate chain and its key, validated: they parse, match, and are within validity.
 #[derive(Debug, Clone)]
-pub struct LoadedCert {
-    pub key: Arc<CertifiedKey>,
-    pub info: CertInfo,
-    pub cert_path: PathBuf,
+pub(crate) struct LoadedCert {
+    pub(crate) key: Arc<CertifiedKey>,
+    pub(crate) info: CertInfo,
+    pub(crate) cert_path: PathBuf,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -87,7 +89,11 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// Loads and validates a PEM chain and key from disk.
-pub fn load_cert_pair(provider: &CryptoProvider, cert_path: &Path, key_path: &Path) -> Result<LoadedCert, TlsError> {
+pub(crate) fn load_cert_pair(
+    provider: &CryptoProvider,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<LoadedCert, TlsError> {
     let cert_pem = read("certificate file", cert_path)?;
     let key_pem = read("key file", key_path)?;
     parse_cert_pair(provider, cert_path, &cert_pem, key_path, &key_pem)
@@ -95,7 +101,7 @@ pub fn load_cert_pair(provider: &CryptoProvider, cert_path: &Path, key_path: &Pa
 
 /// Validates a PEM chain and key already read. Refuses mismatched keys and certificates
 /// outside their validity, so a bad file can never replace a good one.
-pub fn parse_cert_pair(
+pub(crate) fn parse_cert_pair(
     provider: &CryptoProvider,
     cert_path: &Path,
     cert_pem: &[u8],
@@ -147,7 +153,7 @@ fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), TlsError
     Ok(())
 }
 
-pub fn cert_info(leaf: &CertificateDer<'_>) -> Result<CertInfo, String> {
+pub(crate) fn cert_info(leaf: &CertificateDer<'_>) -> Result<CertInfo, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
     let mut dns_names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -231,23 +237,23 @@ pub enum ClientAuth {
 /// A certificate file and its key file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CertPair {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 /// Every file the TLS state is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsInputs {
-    pub default: CertPair,
+pub(crate) struct TlsInputs {
+    pub(crate) default: CertPair,
     /// Extra certificates, each served for the DNS names in its own subjectAltName.
-    pub sni: Vec<CertPair>,
-    pub client_ca: Option<PathBuf>,
-    pub client_auth: ClientAuth,
+    pub(crate) sni: Vec<CertPair>,
+    pub(crate) client_ca: Option<PathBuf>,
+    pub(crate) client_auth: ClientAuth,
 }
 
 impl TlsInputs {
     /// The files a watcher should follow.
-    pub fn files(&self) -> Vec<PathBuf> {
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.default.cert.clone(), self.default.key.clone()];
         for pair in &self.sni {
             files.push(pair.cert.clone());
@@ -259,17 +265,17 @@ impl TlsInputs {
 }
 
 /// A complete, validated TLS state, ready to be swapped in.
-pub struct TlsSnapshot {
-    pub server_config: Arc<ServerConfig>,
-    pub default: LoadedCert,
-    pub sni: Vec<LoadedCert>,
-    pub client_ca: Option<PathBuf>,
+pub(crate) struct TlsSnapshot {
+    pub(crate) server_config: Arc<ServerConfig>,
+    pub(crate) default: LoadedCert,
+    pub(crate) sni: Vec<LoadedCert>,
+    pub(crate) client_ca: Option<PathBuf>,
     /// Hash of every input file's path and bytes: equal fingerprints mean nothing changed.
-    pub fingerprint: u64,
+    pub(crate) fingerprint: u64,
 }
 
 impl TlsSnapshot {
-    pub fn certs(&self) -> impl Iterator<Item = &LoadedCert> {
+    pub(crate) fn certs(&self) -> impl Iterator<Item = &LoadedCert> {
         std::iter::once(&self.default).chain(self.sni.iter())
     }
 }
@@ -295,7 +301,7 @@ impl Resumption {
 }
 
 /// State that outlives any one `ServerConfig`.
-pub struct TlsContext {
+pub(crate) struct TlsContext {
     provider: Arc<CryptoProvider>,
     resumption: std::sync::Mutex<Resumption>,
 }
@@ -383,17 +389,17 @@ impl rustls::crypto::hmac::Key for AwsLcHmacKey {
 }
 
 impl TlsContext {
-    pub fn new() -> Result<TlsContext, TlsError> {
+    pub(crate) fn new() -> Result<TlsContext, TlsError> {
         Ok(TlsContext { provider: Arc::new(provider()), resumption: std::sync::Mutex::new(Resumption::new(0)?) })
     }
 
-    pub fn provider(&self) -> &CryptoProvider {
+    pub(crate) fn provider(&self) -> &CryptoProvider {
         &self.provider
     }
 
     /// Reads every input file once, validates everything, and builds the `ServerConfig`:
     /// TLS 1.2 and 1.3 only, ALPN h2 and http/1.1, resumption by ticket and by session id.
-    pub fn build(&self, inputs: &TlsInputs) -> Result<TlsSnapshot, TlsError> {
+    pub(crate) fn build(&self, inputs: &TlsInputs) -> Result<TlsSnapshot, TlsError> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         let mut load = |pair: &CertPair| -> Result<LoadedCert, TlsError> {
             let cert_pem = read("certificate file", &pair.cert)?;
@@ -440,7 +446,7 @@ impl TlsContext {
     /// nothing built: for `sidecar check`, which reports all that is wrong in one run. Each
     /// pair goes through the same `load_cert_pair` (parse, key match, validity) and the client
     /// CA through the same verifier construction as a start or a reload.
-    pub fn check(&self, inputs: &TlsInputs) -> TlsCheck {
+    pub(crate) fn check(&self, inputs: &TlsInputs) -> TlsCheck {
         let load = |pair: &CertPair| load_cert_pair(&self.provider, &pair.cert, &pair.key);
         TlsCheck {
             default: load(&inputs.default),
@@ -459,7 +465,7 @@ impl TlsContext {
     /// they were made under: when those change, start afresh (a client of a removed CA must
     /// not get back in by resuming). Server-certificate reloads keep sessions resumable.
     fn resumption_for(&self, client_auth: u64) -> Result<Resumption, TlsError> {
-        let mut current = crate::lock(&self.resumption);
+        let mut current = lock(&self.resumption);
         if current.client_auth != client_auth {
             *current = Resumption::new(client_auth)?;
         }
@@ -491,34 +497,34 @@ impl TlsContext {
 
 /// Every TLS input validated on its own, by [`TlsContext::check`].
 #[derive(Debug)]
-pub struct TlsCheck {
-    pub default: Result<LoadedCert, TlsError>,
-    pub sni: Vec<(CertPair, Result<LoadedCert, TlsError>)>,
+pub(crate) struct TlsCheck {
+    pub(crate) default: Result<LoadedCert, TlsError>,
+    pub(crate) sni: Vec<(CertPair, Result<LoadedCert, TlsError>)>,
     /// The client CA bundle's certificates, when one is configured.
-    pub client_ca: Option<Result<Vec<CertInfo>, TlsError>>,
+    pub(crate) client_ca: Option<Result<Vec<CertInfo>, TlsError>>,
 }
 
 /// The live TLS state read by every handshake.
-pub struct TlsState {
+pub(crate) struct TlsState {
     current: ArcSwap<TlsSnapshot>,
 }
 
 impl TlsState {
-    pub fn new(snapshot: TlsSnapshot) -> TlsState {
+    pub(crate) fn new(snapshot: TlsSnapshot) -> TlsState {
         TlsState { current: ArcSwap::from_pointee(snapshot) }
     }
 
     /// What a new handshake uses; connections keep the config they were accepted with.
-    pub fn server_config(&self) -> Arc<ServerConfig> {
+    pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
         self.current.load().server_config.clone()
     }
 
-    pub fn current(&self) -> Arc<TlsSnapshot> {
+    pub(crate) fn current(&self) -> Arc<TlsSnapshot> {
         self.current.load_full()
     }
 
     /// Installs an already validated snapshot in one store, and returns it.
-    pub fn replace(&self, snapshot: TlsSnapshot) -> Arc<TlsSnapshot> {
+    pub(crate) fn replace(&self, snapshot: TlsSnapshot) -> Arc<TlsSnapshot> {
         let snapshot = Arc::new(snapshot);
         self.current.store(snapshot.clone());
         snapshot
@@ -526,7 +532,7 @@ impl TlsState {
 }
 
 /// The subject of a verified client certificate, for the upstream to see.
-pub fn client_subject(peer_certificates: Option<&[CertificateDer<'static>]>) -> Option<String> {
+pub(crate) fn client_subject(peer_certificates: Option<&[CertificateDer<'static>]>) -> Option<String> {
     let leaf = peer_certificates?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     Some(cert.subject().to_string())

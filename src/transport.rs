@@ -33,11 +33,11 @@ use tokio::net::TcpStream;
 
 /// Bytes of sealed records written per system call: two full TLS records (16 KiB of plaintext,
 /// plus header, content type and tag each). A single larger record still goes out whole.
-pub const WRITE_BATCH: usize = 2 * (16 * 1024 + 256);
+pub(crate) const WRITE_BATCH: usize = 2 * (16 * 1024 + 256);
 
 /// The most bytes held back at once: a ticket, a small response sealed in up to two records,
 /// and close_notify. A larger write goes out at once, after whatever was held.
-pub const HOLD_LIMIT: usize = WRITE_BATCH + 1024;
+pub(crate) const HOLD_LIMIT: usize = WRITE_BATCH + 1024;
 
 /// TLS record type of application data (in TLS 1.3, of every encrypted record).
 const APPLICATION_DATA: u8 = 0x17;
@@ -45,10 +45,10 @@ const APPLICATION_DATA: u8 = 0x17;
 /// Set by the request handler when the response being written is the connection's last and
 /// small, so that the socket sends it together with close_notify and the FIN.
 #[derive(Clone, Default, Debug)]
-pub struct LastResponse(Arc<AtomicBool>);
+pub(crate) struct LastResponse(Arc<AtomicBool>);
 
 impl LastResponse {
-    pub fn announce(&self) {
+    pub(crate) fn announce(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
 
@@ -59,7 +59,7 @@ impl LastResponse {
 
 /// A client connection's TCP stream, under TLS.
 #[derive(Debug)]
-pub struct TlsSocket {
+pub(crate) struct TlsSocket {
     tcp: TcpStream,
     /// Sealed records taken from rustls but not sent yet.
     held: Vec<u8>,
@@ -71,23 +71,23 @@ pub struct TlsSocket {
 }
 
 impl TlsSocket {
-    pub fn new(tcp: TcpStream) -> TlsSocket {
+    pub(crate) fn new(tcp: TcpStream) -> TlsSocket {
         TlsSocket { tcp, held: Vec::new(), handshaking: true, last_response: LastResponse::default() }
     }
 
     /// From now on only an announced last response is held.
-    pub fn handshake_finished(&mut self) {
+    pub(crate) fn handshake_finished(&mut self) {
         self.handshaking = false;
     }
 
     /// The handle through which the request handler announces the connection's last response.
-    pub fn last_response(&self) -> LastResponse {
+    pub(crate) fn last_response(&self) -> LastResponse {
         self.last_response.clone()
     }
 
     /// Nothing can be read now: no held bytes wait to be sent by a read, and the socket is not
     /// readable (the task is woken when it is).
-    pub fn poll_nothing_to_read(&self, cx: &mut Context<'_>) -> bool {
+    pub(crate) fn poll_nothing_to_read(&self, cx: &mut Context<'_>) -> bool {
         (self.held.is_empty() || !self.last_response.announced()) && self.tcp.poll_read_ready(cx).is_pending()
     }
 

@@ -491,8 +491,7 @@ fn check_pod(
                 );
                 if surface.sync.is_some() {
                     let args = effective_sync(&words);
-                    let spec =
-                        sidecar::sync::spec::SyncSpec::from_args(&args).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let spec = args.to_spec().unwrap_or_else(|e| panic!("{what}: {e}"));
                     init_syncs.push((what.clone(), spec, container));
                 }
             }
@@ -561,7 +560,7 @@ fn check_pod(
                     }
                     if surface.sync.is_some() {
                         sync_tables =
-                            sidecar::config::file::load_sync_sections(&local).unwrap_or_else(|e| panic!("{what}: {e}"));
+                            sidecar::cli::file::load_sync_sections(&local).unwrap_or_else(|e| panic!("{what}: {e}"));
                     }
                 }
                 real_binary_accepts(&words, &env, &what);
@@ -713,10 +712,8 @@ fn check_pod(
                     }
                 }
                 if !sync_tables.is_empty() {
-                    let specs: Vec<_> = sync_tables
-                        .iter()
-                        .map(|t| sidecar::sync::spec::SyncSpec::from_args(t).unwrap_or_else(|e| panic!("{what}: {e}")))
-                        .collect();
+                    let specs: Vec<_> =
+                        sync_tables.iter().map(|t| t.to_spec().unwrap_or_else(|e| panic!("{what}: {e}"))).collect();
                     sidecar::sync::spec::check_unique(&specs).unwrap_or_else(|e| panic!("{what}: {e}"));
                 }
             }
@@ -728,7 +725,7 @@ fn check_pod(
 
     // A `sync --once` init container prepares what a [[sync]] table then follows: same name
     // (so the same history and applied state), source and file.
-    let specs: Vec<_> = sync_tables.iter().map(|t| sidecar::sync::spec::SyncSpec::from_args(t).unwrap()).collect();
+    let specs: Vec<_> = sync_tables.iter().map(|t| t.to_spec().unwrap()).collect();
     for (what, init_spec, container) in init_syncs {
         let table = specs
             .iter()

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use sidecar::sync::write::content_hash;
+use sidecar::sync::hash::content_hash;
 
 const T: Duration = Duration::from_secs(30);
 

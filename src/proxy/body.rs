@@ -16,7 +16,7 @@ use crate::metrics::{metrics, UpstreamFailure};
 
 /// Upstream bodies stream through untouched; the proxy's own answers are small and whole; with
 /// the access log on, an upstream body is counted and its entry written when it ends.
-pub enum ProxyBody {
+pub(crate) enum ProxyBody {
     Upstream(UpstreamBody),
     /// Boxed: the pending entry is large, and an enum is as big as its largest variant, so
     /// inline it would grow every response body, logged or not.
@@ -26,7 +26,7 @@ pub enum ProxyBody {
 
 /// Why an upstream response body could not be read to its end.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     #[error("reading the upstream response body: {0}")]
     Io(std::io::Error),
     #[error("upstream closed the connection in the middle of the response body")]
@@ -48,7 +48,7 @@ enum Reading {
 
 /// An upstream response body, read straight from its connection, which goes back to the pool
 /// once the body has been read to its end.
-pub struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     reading: Reading,
     connection: Option<Box<UpstreamConnection>>,
     /// Where the connection goes afterwards; `None` when it must not be reused.
@@ -80,7 +80,7 @@ impl UpstreamBody {
     }
 
     /// The connection of a 101 response, with what the upstream already sent past its head.
-    pub fn into_upgraded(mut self) -> Option<(TcpStream, Bytes)> {
+    pub(crate) fn into_upgraded(mut self) -> Option<(TcpStream, Bytes)> {
         let connection = *self.connection.take()?;
         Some((connection.tcp, connection.read_buf.freeze()))
     }
@@ -191,13 +191,13 @@ impl UpstreamBody {
 
 /// An upstream body whose access-log entry is completed when it ends (or is dropped, when the
 /// client goes away mid-body).
-pub struct LoggedBody {
+pub(crate) struct LoggedBody {
     inner: UpstreamBody,
     entry: Option<PendingEntry>,
 }
 
 impl LoggedBody {
-    pub fn new(inner: UpstreamBody, entry: PendingEntry) -> LoggedBody {
+    pub(crate) fn new(inner: UpstreamBody, entry: PendingEntry) -> LoggedBody {
         LoggedBody { inner, entry: Some(entry) }
     }
 }

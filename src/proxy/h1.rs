@@ -90,7 +90,7 @@ fn encode_field(name: &str, value: &HeaderValue, out: &mut Vec<u8>) {
 
 /// How a response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     Empty,
     Length(u64),
     Chunked,
@@ -101,11 +101,11 @@ pub enum Framing {
 /// A parsed response head.
 #[derive(Debug)]
 pub struct ResponseHead {
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     pub headers: HeaderMap,
-    pub framing: Framing,
+    pub(crate) framing: Framing,
     /// The upstream keeps the connection open after this response.
-    pub keep_alive: bool,
+    pub(crate) keep_alive: bool,
 }
 
 /// Parses the final response head at the start of `buf`, consuming it; interim (1xx) responses
@@ -352,7 +352,7 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
 
 /// One step of reading a body out of the buffered bytes.
 #[derive(Debug, PartialEq)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     Data(Bytes),
     Trailers(HeaderMap),
     /// The body is complete.
@@ -363,7 +363,7 @@ pub enum Decoded {
 
 /// Where a chunked body's decoding is (RFC 9112 §7.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChunkState {
+pub(crate) enum ChunkState {
     Size,
     Data(u64),
     DataEnd,
@@ -372,7 +372,7 @@ pub enum ChunkState {
 }
 
 /// Decodes what `buf` holds of a chunked body, consuming it.
-pub fn decode_chunked(
+pub(crate) fn decode_chunked(
     state: &mut ChunkState,
     buf: &mut BytesMut,
     max_trailers: usize,
@@ -442,12 +442,12 @@ pub fn decode_chunked(
 }
 
 /// The chunk-size line for `len` bytes of data.
-pub fn chunk_header(len: usize) -> Bytes {
+pub(crate) fn chunk_header(len: usize) -> Bytes {
     Bytes::from(format!("{len:x}\r\n"))
 }
 
 /// The last chunk and the end of a chunked body, with `trailers` if any.
-pub fn chunked_end(trailers: Option<&HeaderMap>) -> Bytes {
+pub(crate) fn chunked_end(trailers: Option<&HeaderMap>) -> Bytes {
     let Some(trailers) = trailers else { return Bytes::from_static(b"0\r\n\r\n") };
     let mut out = b"0\r\n".to_vec();
     encode_fields(trailers, &mut out);

@@ -5,11 +5,11 @@ use http::request::Parts;
 
 use crate::config::ForwardedPolicy;
 
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Set from a verified client certificate under mutual TLS; never accepted from a client.
-pub const X_CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-cert-subject");
+pub(crate) const X_CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-cert-subject");
 const HTTPS: HeaderValue = HeaderValue::from_static("https");
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
 
@@ -53,16 +53,16 @@ impl ClientClaims {
 /// What a request's `Connection` lines ask for, read once per request (case-insensitive, as
 /// hyper reads them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ConnectionOptions {
+pub(crate) struct ConnectionOptions {
     /// `close`: hyper's HTTP/1 server closes the connection after the response, whatever else
     /// the lines say.
-    pub close: bool,
+    pub(crate) close: bool,
     /// `upgrade`: with an `Upgrade` field, the request asks to switch protocols.
     upgrade: bool,
 }
 
 impl ConnectionOptions {
-    pub fn of(headers: &HeaderMap) -> ConnectionOptions {
+    pub(crate) fn of(headers: &HeaderMap) -> ConnectionOptions {
         let mut options = ConnectionOptions::default();
         for token in connection_tokens(headers) {
             options.close |= token.eq_ignore_ascii_case("close");
@@ -72,7 +72,7 @@ impl ConnectionOptions {
     }
 
     /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
-    pub fn wants_upgrade(self, headers: &HeaderMap) -> bool {
+    pub(crate) fn wants_upgrade(self, headers: &HeaderMap) -> bool {
         self.upgrade && headers.contains_key(UPGRADE)
     }
 }
@@ -133,16 +133,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, claims: Cli
 /// request's 26.5k instructions).
 #[derive(Debug, Default, Clone)]
 pub struct AddedFields {
-    pub host: Option<HeaderValue>,
-    pub forwarded_for: Option<HeaderValue>,
-    pub forwarded_proto: Option<HeaderValue>,
-    pub forwarded_host: Option<HeaderValue>,
-    pub client_subject: Option<HeaderValue>,
+    pub(crate) host: Option<HeaderValue>,
+    pub(crate) forwarded_for: Option<HeaderValue>,
+    pub(crate) forwarded_proto: Option<HeaderValue>,
+    pub(crate) forwarded_host: Option<HeaderValue>,
+    pub(crate) client_subject: Option<HeaderValue>,
 }
 
 impl AddedFields {
     /// The fields to write, as `(name, value)`.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
         [
             ("host", &self.host),
             ("x-forwarded-for", &self.forwarded_for),

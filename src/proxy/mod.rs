@@ -1,10 +1,10 @@
 //! Forwarding one request: rewrite its head, send it over the pool, map failures to 502/504,
 //! and splice upgraded (WebSocket) connections.
 
-pub mod body;
+pub(crate) mod body;
 pub mod h1;
 pub mod headers;
-pub mod upstream;
+pub(crate) mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,13 +32,13 @@ use upstream::{UpstreamError, UpstreamPool};
 /// streams as it comes.
 const HELD_LAST_RESPONSE: u64 = 16 * 1024;
 
-pub use body::{ProxyBody, UpstreamBody};
+pub(crate) use body::{ProxyBody, UpstreamBody};
 
 /// Everything one client connection needs to forward its requests, fixed when it was accepted.
-pub struct ConnectionContext {
-    pub config: Arc<ProxyConfig>,
-    pub pool: UpstreamPool,
-    pub peer: SocketAddr,
+pub(crate) struct ConnectionContext {
+    pub(crate) config: Arc<ProxyConfig>,
+    pub(crate) pool: UpstreamPool,
+    pub(crate) peer: SocketAddr,
     /// The peer's IP, formatted once per connection rather than once per request.
     peer_ip: HeaderValue,
     /// The verified client certificate's subject, under mutual TLS.
@@ -49,7 +49,7 @@ pub struct ConnectionContext {
 }
 
 impl ConnectionContext {
-    pub fn new(
+    pub(crate) fn new(
         config: Arc<ProxyConfig>,
         pool: UpstreamPool,
         peer: SocketAddr,
@@ -65,7 +65,7 @@ impl ConnectionContext {
 
     /// Forwards `request` to the upstream and returns its response, or the proxy's own error
     /// response. Never fails: every failure becomes a status code the client can act on.
-    pub async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    pub(crate) async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
         let version = request.version();
         let entry = self.access_log.as_ref().map(|(log, facts)| PendingEntry::begin(log, started, *facts, &request));
@@ -182,7 +182,7 @@ async fn splice(client: OnUpgrade, (mut upstream, early): (TcpStream, Bytes), pe
     }
 }
 
-pub fn plain_response(status: StatusCode, body: String) -> Response<ProxyBody> {
+pub(crate) fn plain_response(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));

@@ -27,7 +27,7 @@ use super::body::UpstreamBody;
 use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
 use super::headers::AddedFields;
 use crate::config::ProxyConfig;
-use crate::lock;
+use crate::sys::lock;
 
 /// The most one upstream read takes in. Large bodies then flow in cache-sized pieces, and a
 /// pooled connection holds at most this much: with 1 MiB responses, 64 KiB cut the proxy's CPU
@@ -48,7 +48,7 @@ const IDLE_STEPS: u32 = 4;
 const TIMEOUT_STEPS: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     #[error("cannot connect: {0}")]
     Connect(std::io::Error),
     #[error("connect timed out after {0:?}")]
@@ -69,13 +69,13 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// True when no connection could be opened, as opposed to a failure on an open one.
-    pub fn is_connect(&self) -> bool {
+    pub(crate) fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_))
     }
 
     /// A short, human reason: the I/O cause when there is one ("connection refused"), else
     /// what was wrong.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             UpstreamError::Connect(io) | UpstreamError::Send(io) | UpstreamError::Receive(io) => describe_io(io),
             UpstreamError::ConnectTimeout(_) => "connect timed out".to_owned(),
@@ -110,7 +110,7 @@ fn describe_io(io: &std::io::Error) -> String {
 /// One worker's idle upstream connections. Cheap to clone; it must be used on the runtime it
 /// was created on.
 #[derive(Clone)]
-pub struct UpstreamPool {
+pub(crate) struct UpstreamPool {
     shared: Arc<Shared>,
 }
 
@@ -197,7 +197,7 @@ struct IdleConnection {
 /// Kept boxed (`Box<UpstreamConnection>`): it moves out of the pool, into the response body and
 /// back for every request, and by value those moves were `memcpy` calls (callgrind: ~120
 /// instructions per keep-alive request at 80 bytes, ~300 at 104).
-pub struct UpstreamConnection {
+pub(crate) struct UpstreamConnection {
     pub(super) tcp: TcpStream,
     pub(super) read_buf: BytesMut,
     /// The request head being sent, reused from one request to the next.
@@ -365,7 +365,7 @@ impl RequestBody {
 impl UpstreamPool {
     /// Must be called within a Tokio runtime: it starts the pool's clock, the task that
     /// closes idle connections and times out requests.
-    pub fn new(config: &ProxyConfig) -> UpstreamPool {
+    pub(crate) fn new(config: &ProxyConfig) -> UpstreamPool {
         let authority = config.upstream.authority();
         // `[::1]` in a URL is `::1` to the resolver.
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
@@ -390,7 +390,7 @@ impl UpstreamPool {
 
     /// `send_now`, failing with `UpstreamError::Timeout` when no response head has come
     /// within `--upstream-timeout`.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         parts: &Parts,
         body: Incoming,

@@ -4,7 +4,6 @@
 //! accepted, so the limit holds without a counter, and the drain is "wait until every permit
 //! is back".
 
-use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -12,75 +11,52 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::access_log::{AccessLog, ConnectionFacts};
-use crate::admin::{AdminServer, ProxyAdmin};
-use crate::cli::ProxyArgs;
-use crate::config::{CertSource, ProxyConfig};
+use crate::access_log::{AccessLog, AccessLogError, ConnectionFacts};
+use crate::config::{CertSource, ProxyConfig, Upstream};
+use crate::devcert::{self, DevCertError};
 use crate::metrics::{metrics, HandshakeFailure};
 use crate::proxy::upstream::UpstreamPool;
 use crate::proxy::ConnectionContext;
 use crate::proxy_protocol::{self, ProxyHeaderError};
-use crate::reload::{LiveState, Reloader};
+use crate::sys::memory::return_freed_memory;
+use crate::sys::shutdown::accept_until;
 use crate::tls::{self, TlsContext, TlsError, TlsState};
 use crate::transport::TlsSocket;
+pub(crate) use live::{LiveState, ServingSnapshot};
+use redirect::RedirectServer;
+use reload::Reloader;
+pub(crate) use reload::{ConfigSource, ReloadHandle};
 use watch::{drive, ActivityIo, ConnectionWatch, Requests, ResponseBody};
 
+mod live;
+mod redirect;
+mod reload;
 mod watch;
 
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("{0}")]
+pub(crate) enum StartError {
+    #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("{0}")]
-    DevCert(#[from] crate::devcert::DevCertError),
+    #[error(transparent)]
+    DevCert(#[from] DevCertError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("{0}")]
-    Admin(#[from] crate::admin::AdminError),
-    #[error("{0}")]
-    AccessLog(#[from] crate::access_log::AccessLogError),
-    #[error("{0}")]
-    Sync(#[from] crate::sync::SyncError),
-}
-
-/// One immutable view of how connections are served; swapped whole on reload.
-pub struct ServingSnapshot {
-    pub config: Arc<ProxyConfig>,
-    http1: http1::Builder,
-    http2: http2::Builder<BoxingExecutor>,
-}
-
-impl ServingSnapshot {
-    pub fn new(config: ProxyConfig) -> ServingSnapshot {
-        let mut http1 = http1::Builder::new();
-        http1
-            // The header-read timeout is the connection watch's (see `watch`), not hyper's.
-            .header_read_timeout(None)
-            .max_buf_size(config.limits.max_header_size as usize)
-            // Queued, not flattened: rustls seals a vectored write of head and body into one
-            // record anyway, and flattening copied every body byte once more (1 MiB responses:
-            // about 5% less CPU queued).
-            .writev(true)
-            .keep_alive(true);
-        let mut http2 = http2::Builder::new(BoxingExecutor);
-        http2.timer(TokioTimer::new()).max_header_list_size(config.limits.max_header_size).keep_alive_interval(None);
-        ServingSnapshot { config: Arc::new(config), http1, http2 }
-    }
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
 }
 
 /// Spawns each HTTP/2 stream's future on the current runtime, boxed first. The future holds the
 /// whole forwarding state (kilobytes); boxed, it is moved once into the heap instead of being
 /// copied through every layer of `tokio::spawn`.
 #[derive(Clone, Copy)]
-struct BoxingExecutor;
+pub(crate) struct BoxingExecutor;
 
 impl<F> hyper::rt::Executor<F> for BoxingExecutor
 where
@@ -93,33 +69,29 @@ where
 }
 
 /// A bound, ready proxy. `start` does everything that can fail; `run` serves until shutdown.
-pub struct ProxyServer {
+pub(crate) struct ProxyServer {
     /// One listening socket per worker, all in one `SO_REUSEPORT` group.
     listeners: Vec<std::net::TcpListener>,
     local_addr: SocketAddr,
     access_log: Option<Arc<AccessLog>>,
-    redirect: Option<crate::redirect::RedirectServer>,
-    admin: Option<AdminServer>,
+    redirect: Option<RedirectServer>,
     live: Arc<LiveState>,
     reloader: Reloader,
     shutdown: CancellationToken,
-    /// The `[[sync]]` tables of the config file, running beside the proxy.
-    sync: Option<Arc<crate::sync::SyncManager>>,
 }
 
 impl ProxyServer {
-    /// `argv`, the original command line, lets a change to the `--config` file be re-read with
-    /// flags and environment still taking precedence; without it only certificates reload.
-    /// Cancelling `shutdown` makes `run` stop accepting (after `--shutdown-delay`) and drain.
-    pub async fn start(
-        args: ProxyArgs,
-        argv: Option<Vec<OsString>>,
+    /// `config_source` reads the configuration again when the `--config` file changes; without
+    /// it only certificates reload. Cancelling `shutdown` makes `run` stop accepting (after
+    /// `--shutdown-delay`) and drain.
+    pub(crate) fn start(
+        config: ProxyConfig,
+        config_source: Option<ConfigSource>,
         shutdown: CancellationToken,
     ) -> Result<ProxyServer, StartError> {
-        let config = ProxyConfig::from_args(&args);
         let tls_context = TlsContext::new()?;
         if let CertSource::DevSelfSigned { state_dir } = &config.cert {
-            let dev = crate::devcert::ensure(tls_context.provider(), state_dir)?;
+            let dev = devcert::ensure(tls_context.provider(), state_dir)?;
             tracing::warn!(
                 "no --cert given: {} a self-signed development certificate for localhost, 127.0.0.1 and ::1 at {} (key {}); \
                  clients must trust it or skip verification (curl -k)",
@@ -135,37 +107,42 @@ impl ProxyServer {
         let redirect = match config.redirect_http {
             Some(addr) => {
                 let port = config.public_https_port.unwrap_or(local_addr.port());
-                Some(crate::redirect::RedirectServer::bind(addr, port, config.timeouts.header_read)?)
+                Some(RedirectServer::bind(addr, port, config.timeouts.header_read)?)
             }
             None => None,
         };
         let access_log = AccessLog::open(&config.access_log, config.access_log_format)?.map(Arc::new);
-        let admin = match config.admin {
-            Some(addr) => Some(AdminServer::bind(addr, config.admin_token_file.as_deref(), shutdown.clone())?),
-            None => None,
-        };
         let live = Arc::new(LiveState {
             serving: ArcSwap::from_pointee(ServingSnapshot::new(config)),
             tls: TlsState::new(tls),
             tls_context,
             stats: Default::default(),
         });
-        let reloader = Reloader::new(live.clone(), argv);
-        let sync = crate::sync::SyncManager::start_from_config_file(args.config.as_deref(), shutdown.clone()).await?;
-        Ok(ProxyServer { listeners, local_addr, access_log, redirect, admin, live, reloader, shutdown, sync })
+        let reloader = Reloader::new(live.clone(), config_source);
+        Ok(ProxyServer { listeners, local_addr, access_log, redirect, live, reloader, shutdown })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    pub fn live(&self) -> &Arc<LiveState> {
+    pub(crate) fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect.as_ref().map(RedirectServer::local_addr)
+    }
+
+    pub(crate) fn live(&self) -> &Arc<LiveState> {
         &self.live
     }
 
+    /// Asks the reloader for a reload and waits for its outcome (the admin API's `/reload`).
+    pub(crate) fn reload_handle(&self) -> ReloadHandle {
+        self.reloader.handle()
+    }
+
     /// Serves until the shutdown token is cancelled and `--shutdown-delay` has passed, then stops
-    /// accepting and drains.
-    pub async fn run(mut self) {
+    /// accepting and drains. `admin_addr`, where the admin API answers, is named in the start-up
+    /// line.
+    pub(crate) async fn run(mut self, admin_addr: Option<SocketAddr>) {
         let shutdown = self.shutdown.clone();
         let snapshot = self.live.serving.load_full();
         let config = &snapshot.config;
@@ -175,8 +152,7 @@ impl ProxyServer {
             .as_ref()
             .map(|r| format!("; redirecting http://{} to https", r.local_addr()))
             .unwrap_or_default();
-        let admin_note =
-            self.admin.as_ref().map(|a| format!("; admin API on http://{}", a.local_addr())).unwrap_or_default();
+        let admin_note = admin_addr.map(|addr| format!("; admin API on http://{addr}")).unwrap_or_default();
         let mtls_note = tls
             .client_ca
             .as_ref()
@@ -201,27 +177,13 @@ impl ProxyServer {
         let drain_timeout = config.timeouts.drain;
         drop((snapshot, tls));
 
-        // The admin API outlives the drain, so that probes see "not ready" rather than nothing.
-        let admin_stop = CancellationToken::new();
-        if let Some(mut admin) = self.admin.take() {
-            admin.set_proxy(ProxyAdmin {
-                live: self.live.clone(),
-                reload: self.reloader.handle(),
-                https_addr: self.local_addr,
-                redirect_addr: self.redirect.as_ref().map(|r| r.local_addr()),
-            });
-            if let Some(sync) = &self.sync {
-                admin.set_sync(sync.clone());
-            }
-            tokio::spawn(admin.run(admin_stop.clone()));
-        }
         // Listeners and connections stop on this token, `--shutdown-delay` after `shutdown`.
         let stop_accepting = delayed_stop(&shutdown, &self.live);
         if let Some(redirect) = self.redirect.take() {
             tokio::spawn(redirect.run(stop_accepting.clone()));
         }
         tokio::spawn(self.reloader.run(shutdown.clone()));
-        tokio::spawn(crate::memory::return_freed_memory(shutdown.clone()));
+        tokio::spawn(return_freed_memory(shutdown.clone()));
         let permits = Arc::new(Semaphore::new(max_connections as usize));
         let mut accepting = Vec::with_capacity(self.listeners.len());
         for (index, listener) in std::mem::take(&mut self.listeners).into_iter().enumerate() {
@@ -259,7 +221,6 @@ impl ProxyServer {
                 max_connections as usize - permits.available_permits()
             ),
         }
-        admin_stop.cancel();
     }
 }
 
@@ -351,7 +312,7 @@ impl Worker {
         std::thread::Builder::new().name(format!("sidecar-worker-{index}")).spawn(move || {
             runtime.block_on(async move {
                 // Each thread's allocator heap is its own: this worker hands back what it freed.
-                tokio::spawn(crate::memory::return_freed_memory(self.shutdown.clone()));
+                tokio::spawn(return_freed_memory(self.shutdown.clone()));
                 match TcpListener::from_std(listener) {
                     Ok(listener) => self.accept_loop(&listener).await,
                     Err(e) => tracing::error!("worker {index} cannot use the listening socket: {e}"),
@@ -367,8 +328,7 @@ impl Worker {
         let mut pools = WorkerPool::default();
         let mut last_full_warning: Option<tokio::time::Instant> = None;
         loop {
-            let Some((tcp, peer)) = crate::shutdown::accept_until(listener, &self.shutdown, "HTTPS listener").await
-            else {
+            let Some((tcp, peer)) = accept_until(listener, &self.shutdown, "HTTPS listener").await else {
                 return;
             };
             let permit = match self.permits.clone().try_acquire_owned() {
@@ -404,28 +364,37 @@ impl Worker {
 /// settings stay the same, so that a reload does not throw away warm keep-alive connections.
 #[derive(Default)]
 struct WorkerPool {
-    /// The upstream, and the connect, idle and response timeouts the pool was built with.
     current: Option<(PoolSettings, UpstreamPool)>,
 }
 
-type PoolSettings = (crate::config::Upstream, Duration, Duration, Duration);
+/// What an upstream pool is built with: a config that changes any of it needs a new pool.
+#[derive(PartialEq, Eq)]
+struct PoolSettings {
+    upstream: Upstream,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    response_timeout: Duration,
+}
+
+impl PoolSettings {
+    fn of(config: &ProxyConfig) -> PoolSettings {
+        let timeouts = &config.timeouts;
+        PoolSettings {
+            upstream: config.upstream.clone(),
+            connect_timeout: timeouts.upstream_connect,
+            idle_timeout: timeouts.upstream_idle,
+            response_timeout: timeouts.upstream,
+        }
+    }
+}
 
 impl WorkerPool {
     fn pool_for(&mut self, config: &ProxyConfig) -> UpstreamPool {
-        let timeouts = &config.timeouts;
+        let settings = PoolSettings::of(config);
         match &self.current {
-            Some(((upstream, connect, idle, timeout), pool))
-                if *upstream == config.upstream
-                    && *connect == timeouts.upstream_connect
-                    && *idle == timeouts.upstream_idle
-                    && *timeout == timeouts.upstream =>
-            {
-                pool.clone()
-            }
+            Some((current, pool)) if *current == settings => pool.clone(),
             _ => {
                 let pool = UpstreamPool::new(config);
-                let settings =
-                    (config.upstream.clone(), timeouts.upstream_connect, timeouts.upstream_idle, timeouts.upstream);
                 self.current = Some((settings, pool.clone()));
                 pool
             }

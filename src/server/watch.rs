@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::body::BodyError;
 use crate::proxy::ProxyBody;
+use crate::transport::TlsSocket;
 
 /// Polls a connection to its end. On shutdown or when idle it asks the connection to finish
 /// gracefully (in-flight requests complete); an HTTP/1 connection that has waited for a
@@ -117,7 +118,7 @@ pub(super) trait NothingToRead {
     fn poll_nothing_to_read(&self, cx: &mut Context<'_>) -> bool;
 }
 
-impl NothingToRead for tokio_rustls::server::TlsStream<crate::transport::TlsSocket> {
+impl NothingToRead for tokio_rustls::server::TlsStream<TlsSocket> {
     fn poll_nothing_to_read(&self, cx: &mut Context<'_>) -> bool {
         let (socket, session) = self.get_ref();
         // No decrypted bytes wait, and no close_notify has come (its EOF is for the read to say).

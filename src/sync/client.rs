@@ -20,7 +20,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("bad URL {url}: {message}")]
     Url { url: String, message: String },
     #[error("cannot connect to {peer}: {source}")]
@@ -38,20 +38,20 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    pub fn is_timeout(&self) -> bool {
+    pub(crate) fn is_timeout(&self) -> bool {
         matches!(self, ClientError::Timeout { .. })
     }
 }
 
 /// A buffered response.
 #[derive(Debug)]
-pub struct Reply {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
-pub struct HttpClient {
+pub(crate) struct HttpClient {
     tls: Option<Arc<rustls::ClientConfig>>,
     ca_file: Option<PathBuf>,
     idle: Option<(String, SendRequest<Full<Bytes>>)>,
@@ -63,7 +63,7 @@ const SYSTEM_BUNDLES: [&str; 3] =
 
 impl HttpClient {
     /// `ca_file` is read the first time an https URL is used.
-    pub fn new(ca_file: Option<&Path>) -> HttpClient {
+    pub(crate) fn new(ca_file: Option<&Path>) -> HttpClient {
         HttpClient { tls: None, ca_file: ca_file.map(Path::to_owned), idle: None }
     }
 
@@ -131,7 +131,7 @@ impl HttpClient {
 
     /// Sends `request` (absolute URI) and returns the response head; the body is left to read.
     /// The connection is not pooled: for streams.
-    pub async fn open_stream(
+    pub(crate) async fn open_stream(
         &mut self,
         request: Request<Full<Bytes>>,
         timeout: Duration,
@@ -151,7 +151,7 @@ impl HttpClient {
 
     /// Sends `request` and reads the whole response, all within `timeout`; a body over
     /// `max_body` bytes is an error (and is not read further).
-    pub async fn fetch(
+    pub(crate) async fn fetch(
         &mut self,
         request: Request<Full<Bytes>>,
         timeout: Duration,
@@ -212,7 +212,7 @@ impl HttpClient {
 }
 
 /// Reads a body up to `limit` bytes.
-pub async fn read_limited(mut body: Incoming, limit: u64, peer: &str) -> Result<Bytes, ClientError> {
+pub(crate) async fn read_limited(mut body: Incoming, limit: u64, peer: &str) -> Result<Bytes, ClientError> {
     let mut buffer = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|source| ClientError::Http { peer: peer.to_owned(), source })?;
@@ -242,13 +242,13 @@ fn origin_form(mut request: Request<Full<Bytes>>) -> Result<Request<Full<Bytes>>
 }
 
 /// host:port for messages, never credentials.
-pub fn peer_of(uri: &Uri) -> String {
+pub(crate) fn peer_of(uri: &Uri) -> String {
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or("?");
     authority.rsplit('@').next().unwrap_or(authority).to_owned()
 }
 
 /// A request with a body, ready for [`HttpClient::fetch`].
-pub fn request(method: http::Method, uri: &Uri, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+pub(crate) fn request(method: http::Method, uri: &Uri, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
     let mut request = Request::new(Full::new(body.into()));
     *request.method_mut() = method;
     *request.uri_mut() = uri.clone();

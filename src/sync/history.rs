@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::write::{write_atomic, WriteError};
+use crate::sys::atomic_file::{write_atomic, FileMode, WriteError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum HistoryError {
+pub(crate) enum HistoryError {
     #[error("cannot create history directory {}: {source}", dir.display())]
     CreateDir { dir: PathBuf, source: std::io::Error },
     #[error("history {}: {source}", path.display())]
@@ -22,7 +22,7 @@ pub enum HistoryError {
 /// What happened to a version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum VersionStatus {
+pub(crate) enum VersionStatus {
     /// Written, and the app took it (healthy, or no health check).
     Applied,
     /// Written, the app was unhealthy with it, and it was rolled back.
@@ -32,59 +32,55 @@ pub enum VersionStatus {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Version {
-    pub id: u64,
-    pub time: String,
-    pub revision: String,
-    pub hash: String,
-    pub size: u64,
-    pub status: VersionStatus,
+pub(crate) struct Version {
+    pub(crate) id: u64,
+    pub(crate) time: String,
+    pub(crate) revision: String,
+    pub(crate) hash: String,
+    pub(crate) size: u64,
+    pub(crate) status: VersionStatus,
     /// The copy's file name in the history directory.
-    pub file: String,
+    pub(crate) file: String,
 }
 
 /// `state.json`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct AppliedState {
+pub(crate) struct AppliedState {
     /// Hash of the content the app was last told about and accepted.
-    pub applied_hash: Option<String>,
-    pub applied_revision: Option<String>,
+    pub(crate) applied_hash: Option<String>,
+    pub(crate) applied_revision: Option<String>,
     /// Hashes refused after a failed health check, or set aside by a manual rollback: not
     /// applied again until the source offers something else.
     #[serde(default)]
-    pub rejected: Vec<String>,
+    pub(crate) rejected: Vec<String>,
 }
 
-pub struct History {
+pub(crate) struct History {
     dir: PathBuf,
     keep: usize,
-    pub versions: Vec<Version>,
-    pub state: AppliedState,
+    pub(crate) versions: Vec<Version>,
+    pub(crate) state: AppliedState,
 }
 
 const VERSIONS: &str = "versions.json";
 const STATE: &str = "state.json";
 
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 impl History {
     /// Opens (creating the directory); unreadable or corrupt files are logged and start empty
     /// rather than stopping the sync.
-    pub fn open(dir: &Path, keep: usize) -> Result<History, HistoryError> {
+    pub(crate) fn open(dir: &Path, keep: usize) -> Result<History, HistoryError> {
         std::fs::create_dir_all(dir).map_err(|source| HistoryError::CreateDir { dir: dir.to_owned(), source })?;
         let versions = load_json(&dir.join(VERSIONS)).unwrap_or_default();
         let state = load_json(&dir.join(STATE)).unwrap_or_default();
         Ok(History { dir: dir.to_owned(), keep, versions, state })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Keeps a copy of `content` and records it; the oldest beyond `keep` are removed.
-    pub fn record(
+    pub(crate) fn record(
         &mut self,
         content: &[u8],
         revision: &str,
@@ -104,7 +100,8 @@ impl History {
         );
         let file = format!("{id:06}-{compact}-{}", &hash[..hash.len().min(12)]);
         let path = self.dir.join(&file);
-        write_atomic(&path, content).map_err(|source| HistoryError::Write { path: path.clone(), source })?;
+        write_atomic(&path, content, FileMode::LikeExisting)
+            .map_err(|source| HistoryError::Write { path: path.clone(), source })?;
         let version = Version {
             id,
             time: now_rfc3339(),
@@ -123,30 +120,30 @@ impl History {
         Ok(version)
     }
 
-    pub fn set_status(&mut self, id: u64, status: VersionStatus) -> Result<(), HistoryError> {
+    pub(crate) fn set_status(&mut self, id: u64, status: VersionStatus) -> Result<(), HistoryError> {
         if let Some(v) = self.versions.iter_mut().find(|v| v.id == id) {
             v.status = status;
         }
         self.save_versions()
     }
 
-    pub fn content(&self, version: &Version) -> Result<Vec<u8>, HistoryError> {
+    pub(crate) fn content(&self, version: &Version) -> Result<Vec<u8>, HistoryError> {
         let path = self.dir.join(&version.file);
         std::fs::read(&path).map_err(|source| HistoryError::Read { path, source })
     }
 
     /// The newest good version whose hash is not `current` (the one before the current one).
-    pub fn previous_good(&self, current: Option<&str>) -> Option<&Version> {
+    pub(crate) fn previous_good(&self, current: Option<&str>) -> Option<&Version> {
         self.versions.iter().rev().find(|v| v.status != VersionStatus::Rejected && Some(v.hash.as_str()) != current)
     }
 
     /// The newest good version with this hash.
-    pub fn good_with_hash(&self, hash: &str) -> Option<&Version> {
+    pub(crate) fn good_with_hash(&self, hash: &str) -> Option<&Version> {
         self.versions.iter().rev().find(|v| v.status != VersionStatus::Rejected && v.hash == hash)
     }
 
     /// A version by id (`7`) or hash prefix (at least 6 hex digits).
-    pub fn find(&self, selector: &str) -> Option<&Version> {
+    pub(crate) fn find(&self, selector: &str) -> Option<&Version> {
         if let Ok(id) = selector.parse::<u64>() {
             if let Some(v) = self.versions.iter().find(|v| v.id == id) {
                 return Some(v);
@@ -158,16 +155,16 @@ impl History {
         None
     }
 
-    pub fn save_state(&self) -> Result<(), HistoryError> {
+    pub(crate) fn save_state(&self) -> Result<(), HistoryError> {
         let path = self.dir.join(STATE);
         let bytes = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
-        write_atomic(&path, &bytes).map_err(|source| HistoryError::Write { path, source })
+        write_atomic(&path, &bytes, FileMode::LikeExisting).map_err(|source| HistoryError::Write { path, source })
     }
 
     fn save_versions(&self) -> Result<(), HistoryError> {
         let path = self.dir.join(VERSIONS);
         let bytes = serde_json::to_vec_pretty(&self.versions).unwrap_or_default();
-        write_atomic(&path, &bytes).map_err(|source| HistoryError::Write { path, source })
+        write_atomic(&path, &bytes, FileMode::LikeExisting).map_err(|source| HistoryError::Write { path, source })
     }
 }
 

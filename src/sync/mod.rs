@@ -5,23 +5,21 @@
 //! hash compare, validation ([`validate`]), atomic write ([`write`]), history ([`history`]),
 //! notification ([`notify`]) and health verification with rollback and escalation
 //! ([`verify`]). [`SyncManager`] runs the destinations of one process and answers the admin
-//! API; `sidecar sync` runs one destination alone, `sidecar proxy` every `[[sync]]` table of its
-//! config file.
+//! API. This is the engine only: `app` runs it, one destination alone for `sidecar sync`, every
+//! `[[sync]]` table of the config file beside `sidecar proxy`.
 
-pub mod client;
-pub mod history;
-pub mod notify;
-pub mod shell;
-pub mod source;
+mod client;
+pub mod hash;
+pub(crate) mod history;
+mod notify;
+mod shell;
+pub(crate) mod source;
 pub mod spec;
-pub mod status;
-pub mod validate;
-pub mod verify;
-pub mod worker;
-pub mod write;
+pub(crate) mod status;
+pub(crate) mod validate;
+mod verify;
+pub(crate) mod worker;
 
-use std::path::Path;
-use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::SyncArgs;
+use crate::sys::lock;
 use history::{HistoryError, Version};
 use source::{Source, SourceError};
 use spec::{SpecError, SyncSpec};
@@ -37,11 +35,9 @@ use status::DestStatus;
 use worker::{RollbackReport, Worker, WorkerCommand};
 
 #[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error("{0}")]
+pub(crate) enum SyncError {
+    #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("{0}")]
-    File(#[from] crate::config::file::FileError),
     #[error("sync {name}: {source}")]
     History { name: String, source: HistoryError },
     #[error("sync {name}: --require-source: {source}")]
@@ -56,13 +52,13 @@ struct Destination {
 }
 
 /// The destinations of this process.
-pub struct SyncManager {
+pub(crate) struct SyncManager {
     destinations: Vec<Destination>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RollbackError {
+pub(crate) enum RollbackError {
     #[error("no sync destination named `{0}`")]
     UnknownName(String),
     #[error("{0}")]
@@ -72,24 +68,13 @@ pub enum RollbackError {
 }
 
 impl SyncManager {
-    /// The `[[sync]]` tables of the proxy's config file, started; `None` when there are none.
-    pub async fn start_from_config_file(
-        file: Option<&Path>,
-        shutdown: CancellationToken,
-    ) -> Result<Option<Arc<SyncManager>>, SyncError> {
-        let Some(file) = file else { return Ok(None) };
-        let sections = crate::config::file::load_sync_sections(file)?;
-        if sections.is_empty() {
-            return Ok(None);
-        }
-        let specs = sections.iter().map(SyncSpec::from_args).collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(SyncManager::start(specs, shutdown).await?))
-    }
-
     /// Starts every destination. With `--require-source` the source is read here first, and
     /// an unreadable one fails the start; otherwise the file on disk is kept and the source
     /// retried in the background.
-    pub async fn start(specs: Vec<SyncSpec>, shutdown: CancellationToken) -> Result<Arc<SyncManager>, SyncError> {
+    pub(crate) async fn start(
+        specs: Vec<SyncSpec>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<SyncManager>, SyncError> {
         spec::check_unique(&specs)?;
         let mut prepared = Vec::new();
         for spec in specs {
@@ -126,20 +111,20 @@ impl SyncManager {
         Ok(Arc::new(SyncManager { destinations, tasks: Mutex::new(tasks) }))
     }
 
-    pub fn statuses(&self) -> Vec<DestStatus> {
-        self.destinations.iter().map(|d| crate::lock(&d.status).clone()).collect()
+    pub(crate) fn statuses(&self) -> Vec<DestStatus> {
+        self.destinations.iter().map(|d| lock(&d.status).clone()).collect()
     }
 
-    pub fn status(&self, name: &str) -> Option<DestStatus> {
-        self.destinations.iter().find(|d| d.name == name).map(|d| crate::lock(&d.status).clone())
+    pub(crate) fn status(&self, name: &str) -> Option<DestStatus> {
+        self.destinations.iter().find(|d| d.name == name).map(|d| lock(&d.status).clone())
     }
 
-    pub fn history(&self, name: &str) -> Option<Vec<Version>> {
+    pub(crate) fn history(&self, name: &str) -> Option<Vec<Version>> {
         self.status(name).map(|s| s.history)
     }
 
     /// Reasons this process is not ready: destinations never in step with their source.
-    pub fn not_ready(&self) -> Vec<String> {
+    pub(crate) fn not_ready(&self) -> Vec<String> {
         self.statuses()
             .into_iter()
             .filter(|s| !s.synced_once)
@@ -150,7 +135,7 @@ impl SyncManager {
             .collect()
     }
 
-    pub async fn rollback(&self, name: &str, selector: Option<String>) -> Result<RollbackReport, RollbackError> {
+    pub(crate) async fn rollback(&self, name: &str, selector: Option<String>) -> Result<RollbackReport, RollbackError> {
         let destination = self
             .destinations
             .iter()
@@ -166,8 +151,8 @@ impl SyncManager {
     }
 
     /// Waits (at most `limit`) for the tasks to end after shutdown.
-    pub async fn stopped(&self, limit: Duration) {
-        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *crate::lock(&self.tasks));
+    pub(crate) async fn stopped(&self, limit: Duration) {
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&self.tasks));
         let _ = tokio::time::timeout(limit, async {
             for task in tasks {
                 let _ = task.await;
@@ -175,141 +160,4 @@ impl SyncManager {
         })
         .await;
     }
-}
-
-/// `sidecar sync`: one destination, until SIGTERM; or `--once`, or `--dry-run`.
-pub fn run_sync(args: SyncArgs) -> ExitCode {
-    // One destination needs no thread pool: file I/O goes through spawn_blocking.
-    let runtime = match crate::cli::current_thread_runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    runtime.block_on(async move {
-        let spec = match SyncSpec::from_args(&args) {
-            Ok(spec) => spec,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::from(2);
-            }
-        };
-        if args.dry_run {
-            return dry_run(&spec).await;
-        }
-        if args.once {
-            return once(spec).await;
-        }
-        let shutdown = match crate::shutdown::on_signals() {
-            Ok(token) => token,
-            Err(e) => {
-                tracing::error!("cannot install signal handlers: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        // Without a handler SIGHUP would end the process; a sync follows its sources anyway.
-        if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            tokio::spawn(async move {
-                while hangup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: nothing to reload (sync follows its sources)");
-                }
-            });
-        }
-        let admin = match args.admin {
-            Some(addr) => {
-                match crate::admin::AdminServer::bind(addr, args.admin_token_file.as_deref(), shutdown.clone()) {
-                    Ok(admin) => Some(admin),
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            }
-            None => None,
-        };
-        let manager = match SyncManager::start(vec![spec], shutdown.clone()).await {
-            Ok(manager) => manager,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::from(2);
-            }
-        };
-        let admin_stop = CancellationToken::new();
-        if let Some(mut admin) = admin {
-            admin.set_sync(manager.clone());
-            tracing::info!("admin API on http://{}", admin.local_addr());
-            tokio::spawn(admin.run(admin_stop.clone()));
-        }
-        shutdown.cancelled().await;
-        manager.stopped(Duration::from_secs(5)).await;
-        admin_stop.cancel();
-        tracing::info!("sync stopped");
-        ExitCode::SUCCESS
-    })
-}
-
-/// `--once`: read the source, apply, exit 0 when the file is in step with it, else 1.
-async fn once(spec: SyncSpec) -> ExitCode {
-    let spec = Arc::new(spec);
-    let status = Arc::new(Mutex::new(DestStatus::new(&spec.name, &spec.dest, spec.source.to_string())));
-    let mut worker = match Worker::new(spec.clone(), status) {
-        Ok(worker) => worker,
-        Err(e) => {
-            tracing::error!("sync {}: {e}", spec.name);
-            return ExitCode::from(1);
-        }
-    };
-    let fetched = match Source::new(&spec).fetch().await {
-        Ok(fetched) => fetched,
-        Err(e) => {
-            tracing::error!("sync {}: {e}; {} left as it is", spec.name, spec.dest.display());
-            return ExitCode::from(1);
-        }
-    };
-    let outcome = worker.apply_once(fetched).await;
-    tracing::info!("sync {}: {}", spec.name, outcome.describe());
-    if outcome.is_success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
-}
-
-/// `--dry-run`: read the source, check it, print a unified diff against the file on disk.
-async fn dry_run(spec: &SyncSpec) -> ExitCode {
-    let fetched = match Source::new(spec).fetch().await {
-        Ok(fetched) => fetched,
-        Err(e) => {
-            tracing::error!("sync {}: {e}", spec.name);
-            return ExitCode::from(1);
-        }
-    };
-    if let Err(e) = validate::check_content(&fetched.content, spec.validate) {
-        tracing::error!("sync {}: the source's version would be refused: {e}", spec.name);
-        return ExitCode::from(1);
-    }
-    if fetched.content.len() as u64 > spec.max_size {
-        tracing::error!("sync {}: the source's version would be refused: larger than --max-size", spec.name);
-        return ExitCode::from(1);
-    }
-    let old = std::fs::read(&spec.dest).unwrap_or_default();
-    if old == fetched.content {
-        println!(
-            "{} is in step with {} ({}): nothing would change",
-            spec.dest.display(),
-            spec.source,
-            fetched.revision
-        );
-        return ExitCode::SUCCESS;
-    }
-    let old_text = String::from_utf8_lossy(&old);
-    let new_text = String::from_utf8_lossy(&fetched.content);
-    let diff = similar::TextDiff::from_lines(old_text.as_ref(), new_text.as_ref());
-    let dest = spec.dest.display().to_string();
-    print!(
-        "{}",
-        diff.unified_diff().context_radius(3).header(&dest, &format!("{} ({})", spec.source, fetched.revision))
-    );
-    if !new_text.ends_with('\n') {
-        println!();
-    }
-    ExitCode::SUCCESS
 }

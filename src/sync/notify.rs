@@ -11,10 +11,10 @@ use rustix::process::{Pid, Signal};
 
 use super::client::{ClientError, HttpClient};
 use super::shell::{self, ShellFailure};
-use super::spec::{NotifySpec, SignalName};
+use super::spec::NotifySpec;
 
 #[derive(Debug, thiserror::Error)]
-pub enum NotifyError {
+pub(crate) enum NotifyError {
     #[error("cannot read pid file {}: {source}", path.display())]
     PidFile { path: PathBuf, source: std::io::Error },
     #[error("pid file {} does not hold a pid: {content:?}", path.display())]
@@ -37,7 +37,7 @@ pub enum NotifyError {
 
 impl NotifyError {
     /// The app's process is not there (escalation has nothing to act on).
-    pub fn is_no_process(&self) -> bool {
+    pub(crate) fn is_no_process(&self) -> bool {
         matches!(self, NotifyError::NoProcess { .. } | NotifyError::PidFile { .. })
     }
 }
@@ -45,26 +45,26 @@ impl NotifyError {
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 const RELOAD_URL_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub struct Notifier {
+pub(crate) struct Notifier {
     spec: NotifySpec,
     client: HttpClient,
 }
 
 impl Notifier {
-    pub fn new(spec: &NotifySpec, ca_file: Option<&Path>) -> Notifier {
+    pub(crate) fn new(spec: &NotifySpec, ca_file: Option<&Path>) -> Notifier {
         Notifier { spec: spec.clone(), client: HttpClient::new(ca_file) }
     }
 
-    pub fn is_configured(&self) -> bool {
+    pub(crate) fn is_configured(&self) -> bool {
         self.spec.signal.is_some() || self.spec.reload_url.is_some() || self.spec.exec.is_some()
     }
 
-    pub fn targets_process(&self) -> bool {
+    pub(crate) fn targets_process(&self) -> bool {
         self.spec.targets_process()
     }
 
     /// Every configured way, in order; the first failure is returned after all were tried.
-    pub async fn notify(&mut self, dest: &Path, hash: &str) -> Result<String, NotifyError> {
+    pub(crate) async fn notify(&mut self, dest: &Path, hash: &str) -> Result<String, NotifyError> {
         let mut done = Vec::new();
         let mut first_error = None;
         if let Some(signal) = self.spec.signal {
@@ -92,7 +92,7 @@ impl Notifier {
     }
 
     /// The app's pids now: the pid file read afresh, or a scan of /proc for the name.
-    pub fn pids(&self) -> Result<Vec<Pid>, NotifyError> {
+    pub(crate) fn pids(&self) -> Result<Vec<Pid>, NotifyError> {
         if let Some(path) = &self.spec.pid_file {
             return read_pid_file(path).map(|pid| vec![pid]);
         }
@@ -107,7 +107,7 @@ impl Notifier {
     }
 
     /// Sends `signal` to the app's processes (or their groups); returns who got it.
-    pub fn signal(&self, signal: Signal, name: &str) -> Result<String, NotifyError> {
+    pub(crate) fn signal(&self, signal: Signal, name: &str) -> Result<String, NotifyError> {
         let pids = self.pids()?;
         let mut targets = Vec::new();
         for pid in pids {
@@ -138,10 +138,6 @@ impl Notifier {
         }
         Ok(())
     }
-
-    pub fn signal_name(&self) -> Option<SignalName> {
-        self.spec.signal
-    }
 }
 
 fn read_pid_file(path: &Path) -> Result<Pid, NotifyError> {
@@ -157,7 +153,7 @@ fn read_pid_file(path: &Path) -> Result<Pid, NotifyError> {
 
 /// Processes whose comm, or the file name of argv[0] or of the first non-option argument (the
 /// script, for an interpreter), is `name`; never this process.
-pub fn pids_named(name: &str) -> Vec<Pid> {
+pub(crate) fn pids_named(name: &str) -> Vec<Pid> {
     let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     let mut pids = Vec::new();
@@ -187,7 +183,7 @@ pub fn pids_named(name: &str) -> Vec<Pid> {
 
 /// Whether the process exists and is not a zombie (a killed child of someone else that was
 /// not reaped yet is gone as far as the app is concerned).
-pub fn is_alive(pid: u32) -> bool {
+pub(crate) fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may itself hold spaces.
         Ok(stat) => stat

@@ -3,19 +3,25 @@
 
 use std::time::Duration;
 
+use crate::sys::open_files::started_with_for;
+
 /// Why a command did not succeed.
 #[derive(Debug)]
-pub enum ShellFailure {
+pub(crate) enum ShellFailure {
     Timeout,
     Spawn(std::io::Error),
     Failed { status: String, output: String },
 }
 
 /// `sh -c SCRIPT` with `envs`, no stdin; `Ok` when it exits 0 within `timeout`.
-pub async fn run(script: &str, envs: &[(&str, &std::ffi::OsStr)], timeout: Duration) -> Result<(), ShellFailure> {
+pub(crate) async fn run(
+    script: &str,
+    envs: &[(&str, &std::ffi::OsStr)],
+    timeout: Duration,
+) -> Result<(), ShellFailure> {
     let mut command = tokio::process::Command::new("sh");
     command.arg("-c").arg(script).stdin(std::process::Stdio::null()).kill_on_drop(true);
-    crate::open_files::started_with_for(&mut command);
+    started_with_for(&mut command);
     for (key, value) in envs {
         command.env(key, value);
     }
@@ -33,7 +39,7 @@ pub async fn run(script: &str, envs: &[(&str, &std::ffi::OsStr)], timeout: Durat
 }
 
 /// At most 300 bytes of `text`, on one line.
-pub fn one_line_excerpt(text: &str) -> String {
+pub(crate) fn one_line_excerpt(text: &str) -> String {
     let text = text.trim().replace('\n', "; ");
     if text.len() <= 300 {
         return text;

@@ -1,14 +1,12 @@
 //! The settings of one sync destination, validated: where the config comes from, where it goes,
-//! how the app is told, and how the result is checked. Built from `sidecar sync` flags or from a
-//! `[[sync]]` table of the config file (same names, same parsers).
+//! how the app is told, and how the result is checked. `cli` builds it from `sidecar sync` flags
+//! or from a `[[sync]]` table of the config file (same names, same parsers).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Uri;
-
-use crate::cli::SyncArgs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -60,7 +58,7 @@ fn authority_of(uri: &Uri) -> String {
 
 /// `etcd://HOST:PORT/KEY`, `consul://HOST:PORT/KEY[?wait=5m]`, `http(s)://URL`,
 /// `file:///PATH` or a plain path. `etcd+https://` and `consul+https://` speak TLS.
-pub fn parse_source(s: &str) -> Result<SourceSpec, String> {
+pub(crate) fn parse_source(s: &str) -> Result<SourceSpec, String> {
     let Some((scheme, rest)) = s.split_once("://") else {
         if s.is_empty() {
             return Err("empty source".into());
@@ -139,7 +137,7 @@ pub fn parse_source(s: &str) -> Result<SourceSpec, String> {
 }
 
 /// An `http://` or `https://` URL (for --reload-url and --health-url).
-pub fn parse_http_url(s: &str) -> Result<Uri, String> {
+pub(crate) fn parse_http_url(s: &str) -> Result<Uri, String> {
     let url: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
     match url.scheme_str() {
         Some("http" | "https") if url.authority().is_some() => Ok(url),
@@ -160,7 +158,7 @@ pub enum ValidateFormat {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SignalName {
     pub name: &'static str,
-    pub signal: rustix::process::Signal,
+    pub(crate) signal: rustix::process::Signal,
 }
 
 impl fmt::Debug for SignalName {
@@ -175,7 +173,7 @@ impl fmt::Display for SignalName {
     }
 }
 
-pub fn parse_signal(s: &str) -> Result<SignalName, String> {
+pub(crate) fn parse_signal(s: &str) -> Result<SignalName, String> {
     use rustix::process::Signal;
     let upper = s.trim().to_ascii_uppercase();
     let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
@@ -196,18 +194,18 @@ pub fn parse_signal(s: &str) -> Result<SignalName, String> {
 
 /// How the app is told about a new file. Several may be given; all are used, in this order.
 #[derive(Debug, Clone, Default)]
-pub struct NotifySpec {
-    pub pid_file: Option<PathBuf>,
-    pub process_name: Option<String>,
-    pub signal: Option<SignalName>,
-    pub process_group: bool,
-    pub reload_url: Option<Uri>,
-    pub exec: Option<String>,
+pub(crate) struct NotifySpec {
+    pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) process_name: Option<String>,
+    pub(crate) signal: Option<SignalName>,
+    pub(crate) process_group: bool,
+    pub(crate) reload_url: Option<Uri>,
+    pub(crate) exec: Option<String>,
 }
 
 impl NotifySpec {
     /// Whether any process is named to be signalled (and so could be escalated against).
-    pub fn targets_process(&self) -> bool {
+    pub(crate) fn targets_process(&self) -> bool {
         self.pid_file.is_some() || self.process_name.is_some()
     }
 }
@@ -218,88 +216,66 @@ pub struct SyncSpec {
     pub name: String,
     pub source: SourceSpec,
     pub dest: PathBuf,
-    pub notify: NotifySpec,
-    pub health_url: Option<Uri>,
-    pub health_timeout: Duration,
-    pub kill_after: Duration,
-    pub validate: Option<ValidateFormat>,
-    pub check_cmd: Option<String>,
-    pub history_dir: PathBuf,
-    pub history_keep: usize,
-    pub poll_interval: Duration,
-    pub min_quiet: Duration,
-    pub max_quiet: Duration,
-    pub max_size: u64,
-    pub source_timeout: Duration,
-    pub source_ca: Option<PathBuf>,
-    pub retry_max: Duration,
-    pub require_source: bool,
+    pub(crate) notify: NotifySpec,
+    pub(crate) health_url: Option<Uri>,
+    pub(crate) health_timeout: Duration,
+    pub(crate) kill_after: Duration,
+    pub(crate) validate: Option<ValidateFormat>,
+    pub(crate) check_cmd: Option<String>,
+    pub(crate) history_dir: PathBuf,
+    pub(crate) history_keep: usize,
+    pub(crate) poll_interval: Duration,
+    pub(crate) min_quiet: Duration,
+    pub(crate) max_quiet: Duration,
+    pub(crate) max_size: u64,
+    pub(crate) source_timeout: Duration,
+    pub(crate) source_ca: Option<PathBuf>,
+    pub(crate) retry_max: Duration,
+    pub(crate) require_source: bool,
 }
 
 impl SyncSpec {
-    pub fn from_args(args: &SyncArgs) -> Result<SyncSpec, SpecError> {
-        let file_name = args.dest.file_name().map(|n| n.to_string_lossy().into_owned());
-        let name = match (&args.name, file_name) {
-            (Some(name), _) => name.clone(),
-            (None, Some(file)) => file,
-            (None, None) => return Err(SpecError::NoFileName { name: String::new(), dest: args.dest.clone() }),
-        };
-        if args.dest.file_name().is_none() {
-            return Err(SpecError::NoFileName { name, dest: args.dest.clone() });
-        }
-        if name.is_empty()
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-            || name == "."
-            || name == ".."
-        {
-            return Err(SpecError::BadName(name));
-        }
-        if args.max_quiet < args.min_quiet {
+    /// What no single option's parser can check: the quiet window and the history size.
+    pub(crate) fn check(&self) -> Result<(), SpecError> {
+        if self.max_quiet < self.min_quiet {
             return Err(SpecError::QuietOrder {
-                name,
-                min: humantime::format_duration(args.min_quiet).to_string(),
-                max: humantime::format_duration(args.max_quiet).to_string(),
+                name: self.name.clone(),
+                min: humantime::format_duration(self.min_quiet).to_string(),
+                max: humantime::format_duration(self.max_quiet).to_string(),
             });
         }
-        if args.history_keep == 0 {
-            return Err(SpecError::HistoryKeep { name });
+        if self.history_keep == 0 {
+            return Err(SpecError::HistoryKeep { name: self.name.clone() });
         }
-        let history_dir = args.history_dir.clone().unwrap_or_else(|| default_history_dir(&args.dest, &name));
-        let signal = if args.pid_file.is_some() || args.process_name.is_some() { Some(args.signal) } else { None };
-        Ok(SyncSpec {
-            source: args.source.clone(),
-            dest: args.dest.clone(),
-            notify: NotifySpec {
-                pid_file: args.pid_file.clone(),
-                process_name: args.process_name.clone(),
-                signal,
-                process_group: args.process_group,
-                reload_url: args.reload_url.clone(),
-                exec: args.exec.clone(),
-            },
-            health_url: args.health_url.clone(),
-            health_timeout: args.health_timeout,
-            kill_after: args.kill_after,
-            validate: args.validate,
-            check_cmd: args.check_cmd.clone(),
-            history_dir,
-            history_keep: args.history_keep,
-            poll_interval: args.poll_interval,
-            min_quiet: args.min_quiet,
-            max_quiet: args.max_quiet,
-            max_size: args.max_size,
-            source_timeout: args.source_timeout,
-            source_ca: args.source_ca.clone(),
-            retry_max: args.retry_max,
-            require_source: args.require_source,
-            name,
-        })
+        Ok(())
     }
+}
+
+/// The destination's name: the one given, else the destination's file name. It must be usable
+/// in admin URLs.
+pub(crate) fn name_of(given: Option<&str>, dest: &Path) -> Result<String, SpecError> {
+    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned());
+    let name = match (given, file_name) {
+        (Some(name), _) => name.to_owned(),
+        (None, Some(file)) => file,
+        (None, None) => return Err(SpecError::NoFileName { name: String::new(), dest: dest.to_owned() }),
+    };
+    if dest.file_name().is_none() {
+        return Err(SpecError::NoFileName { name, dest: dest.to_owned() });
+    }
+    if name.is_empty()
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        || name == "."
+        || name == ".."
+    {
+        return Err(SpecError::BadName(name));
+    }
+    Ok(name)
 }
 
 /// `.sidecar-history/<name>` beside the destination: same file system (history copies and the
 /// state file survive with the destination), and no extra setting to get right.
-pub fn default_history_dir(dest: &Path, name: &str) -> PathBuf {
+pub(crate) fn default_history_dir(dest: &Path, name: &str) -> PathBuf {
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),

@@ -7,7 +7,7 @@ use super::history::{now_rfc3339, Version};
 /// Where a destination stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum SyncState {
+pub(crate) enum SyncState {
     /// Not read from the source yet.
     Starting,
     /// The file on disk is what the source holds (or what the app last accepted of it).
@@ -27,43 +27,43 @@ pub enum SyncState {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Counters {
-    pub writes: u64,
-    pub notifications: u64,
-    pub refused: u64,
-    pub rollbacks: u64,
-    pub source_errors: u64,
+pub(crate) struct Counters {
+    pub(crate) writes: u64,
+    pub(crate) notifications: u64,
+    pub(crate) refused: u64,
+    pub(crate) rollbacks: u64,
+    pub(crate) source_errors: u64,
     /// Times the app was terminated (SIGTERM, then SIGKILL) after a failed rollback.
-    pub kills: u64,
+    pub(crate) kills: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct DestStatus {
-    pub name: String,
-    pub dest: String,
-    pub source: String,
-    pub state: SyncState,
+pub(crate) struct DestStatus {
+    pub(crate) name: String,
+    pub(crate) dest: String,
+    pub(crate) source: String,
+    pub(crate) state: SyncState,
     /// SHA-256 of the file on disk.
-    pub current_hash: Option<String>,
+    pub(crate) current_hash: Option<String>,
     /// The source's revision of the version on disk.
-    pub source_revision: Option<String>,
+    pub(crate) source_revision: Option<String>,
     /// Last time the source was read and the file found or made in step with it.
-    pub last_sync: Option<String>,
+    pub(crate) last_sync: Option<String>,
     /// Last time the file was written.
-    pub last_change: Option<String>,
-    pub last_error: Option<String>,
-    pub last_error_time: Option<String>,
+    pub(crate) last_change: Option<String>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) last_error_time: Option<String>,
     /// Whether the destination has been in step with its source at least once (readiness).
-    pub synced_once: bool,
+    pub(crate) synced_once: bool,
     /// Hashes not applied again until the source offers something else.
-    pub rejected: Vec<String>,
-    pub counters: Counters,
+    pub(crate) rejected: Vec<String>,
+    pub(crate) counters: Counters,
     #[serde(skip)]
-    pub history: Vec<Version>,
+    pub(crate) history: Vec<Version>,
 }
 
 impl DestStatus {
-    pub fn new(name: &str, dest: &std::path::Path, source: String) -> DestStatus {
+    pub(crate) fn new(name: &str, dest: &std::path::Path, source: String) -> DestStatus {
         DestStatus {
             name: name.to_owned(),
             dest: dest.display().to_string(),
@@ -82,13 +82,13 @@ impl DestStatus {
         }
     }
 
-    pub fn error(&mut self, state: SyncState, message: String) {
+    pub(crate) fn error(&mut self, state: SyncState, message: String) {
         self.state = state;
         self.last_error = Some(message);
         self.last_error_time = Some(now_rfc3339());
     }
 
-    pub fn synced(&mut self) {
+    pub(crate) fn synced(&mut self) {
         self.state = SyncState::Synced;
         self.synced_once = true;
         self.last_sync = Some(now_rfc3339());

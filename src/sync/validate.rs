@@ -8,7 +8,7 @@ use super::shell::{self, ShellFailure};
 use super::spec::ValidateFormat;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ValidateError {
+pub(crate) enum ValidateError {
     #[error("the source gave an empty value")]
     Empty,
     #[error("not valid {format}: {message}")]
@@ -24,7 +24,7 @@ pub enum ValidateError {
 /// How long a check command may run.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub fn check_content(content: &[u8], format: Option<ValidateFormat>) -> Result<(), ValidateError> {
+pub(crate) fn check_content(content: &[u8], format: Option<ValidateFormat>) -> Result<(), ValidateError> {
     if content.iter().all(u8::is_ascii_whitespace) {
         return Err(ValidateError::Empty);
     }
@@ -48,7 +48,7 @@ pub fn check_content(content: &[u8], format: Option<ValidateFormat>) -> Result<(
 }
 
 /// Runs `sh -c CMD` with `{}` replaced by the (quoted) candidate path.
-pub async fn run_check(cmd: &str, candidate: &Path) -> Result<(), ValidateError> {
+pub(crate) async fn run_check(cmd: &str, candidate: &Path) -> Result<(), ValidateError> {
     let quoted = shell_quote(&candidate.to_string_lossy());
     let script = if cmd.contains("{}") { cmd.replace("{}", &quoted) } else { format!("{cmd} {quoted}") };
     shell::run(&script, &[], CHECK_TIMEOUT).await.map_err(|failure| match failure {
@@ -59,7 +59,7 @@ pub async fn run_check(cmd: &str, candidate: &Path) -> Result<(), ValidateError>
 }
 
 /// Single-quotes for sh.
-pub fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 

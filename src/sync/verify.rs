@@ -13,18 +13,18 @@ use tokio::time::Instant;
 use super::client::{self, HttpClient};
 use super::notify::{is_alive, Notifier};
 
-pub struct Verifier {
+pub(crate) struct Verifier {
     url: Option<Uri>,
     timeout: Duration,
     client: HttpClient,
 }
 
 impl Verifier {
-    pub fn new(url: Option<Uri>, timeout: Duration, ca_file: Option<&std::path::Path>) -> Verifier {
+    pub(crate) fn new(url: Option<Uri>, timeout: Duration, ca_file: Option<&std::path::Path>) -> Verifier {
         Verifier { url, timeout, client: HttpClient::new(ca_file) }
     }
 
-    pub fn is_configured(&self) -> bool {
+    pub(crate) fn is_configured(&self) -> bool {
         self.url.is_some()
     }
 
@@ -34,7 +34,7 @@ impl Verifier {
     }
 
     /// `Ok` once healthy for the settle period; `Err(last reason)` at the timeout.
-    pub async fn wait_healthy(&mut self) -> Result<(), String> {
+    pub(crate) async fn wait_healthy(&mut self) -> Result<(), String> {
         let Some(url) = self.url.clone() else { return Ok(()) };
         let settle = self.settle();
         let step = (settle / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
@@ -71,7 +71,7 @@ impl Verifier {
 
 /// SIGTERM to the app, then SIGKILL after `kill_after` if it is still there. Returns what was
 /// done, for the log and the status.
-pub async fn escalate(notifier: &Notifier, kill_after: Duration) -> String {
+pub(crate) async fn escalate(notifier: &Notifier, kill_after: Duration) -> String {
     let pids = match notifier.pids() {
         Ok(pids) if !pids.is_empty() => pids,
         Ok(_) => return "no process is named to terminate (--pid-file or --process-name)".into(),

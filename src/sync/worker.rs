@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::hash::{content_hash, file_hash};
 use super::history::{now_rfc3339, History, HistoryError, Version, VersionStatus};
 use super::notify::{Notifier, NotifyError};
 use super::source::{Backoff, Fetched, SourceMsg};
@@ -17,25 +18,26 @@ use super::spec::SyncSpec;
 use super::status::{DestStatus, SyncState};
 use super::validate;
 use super::verify::{self, Verifier};
-use super::write::{self, content_hash, file_hash};
+use crate::sys::atomic_file::{self, FileMode};
+use crate::sys::lock;
 
 /// Requests from the admin API.
-pub enum WorkerCommand {
+pub(crate) enum WorkerCommand {
     Rollback { selector: Option<String>, reply: oneshot::Sender<Result<RollbackReport, String>> },
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct RollbackReport {
-    pub name: String,
-    pub version: Version,
-    pub ok: bool,
-    pub outcome: String,
-    pub state: SyncState,
+pub(crate) struct RollbackReport {
+    pub(crate) name: String,
+    pub(crate) version: Version,
+    pub(crate) ok: bool,
+    pub(crate) outcome: String,
+    pub(crate) state: SyncState,
 }
 
 /// What one attempt to apply a value did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Already in step: nothing written, nobody signalled.
     Unchanged,
     /// Written (or confirmed), the app notified and, if checked, healthy.
@@ -49,11 +51,11 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn is_success(&self) -> bool {
+    pub(crate) fn is_success(&self) -> bool {
         matches!(self, Outcome::Unchanged | Outcome::Applied)
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Outcome::Unchanged => "already in step; nothing written".into(),
             Outcome::Applied => "applied".into(),
@@ -72,7 +74,7 @@ enum Origin {
     Rollback,
 }
 
-pub struct Worker {
+pub(crate) struct Worker {
     spec: Arc<SyncSpec>,
     status: Arc<Mutex<DestStatus>>,
     history: History,
@@ -93,7 +95,7 @@ fn short(hash: &str) -> &str {
 }
 
 impl Worker {
-    pub fn new(spec: Arc<SyncSpec>, status: Arc<Mutex<DestStatus>>) -> Result<Worker, HistoryError> {
+    pub(crate) fn new(spec: Arc<SyncSpec>, status: Arc<Mutex<DestStatus>>) -> Result<Worker, HistoryError> {
         let history = History::open(&spec.history_dir, spec.history_keep)?;
         let notifier = Notifier::new(&spec.notify, spec.source_ca.as_deref());
         let verifier = Verifier::new(spec.health_url.clone(), spec.health_timeout, spec.source_ca.as_deref());
@@ -122,7 +124,7 @@ impl Worker {
     }
 
     fn update(&self, f: impl FnOnce(&mut DestStatus)) {
-        let mut status = crate::lock(&self.status);
+        let mut status = lock(&self.status);
         f(&mut status);
     }
 
@@ -143,7 +145,7 @@ impl Worker {
         self.update(|s| s.history = versions);
     }
 
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         mut source: mpsc::Receiver<SourceMsg>,
         mut commands: mpsc::Receiver<WorkerCommand>,
@@ -233,7 +235,7 @@ impl Worker {
     }
 
     /// Applies `value` if it differs from what the app has: the numbered steps of a change.
-    pub async fn apply_once(&mut self, value: Fetched) -> Outcome {
+    pub(crate) async fn apply_once(&mut self, value: Fetched) -> Outcome {
         self.started = true;
         self.latest = Some(value.clone());
         self.apply(value, Origin::Source).await
@@ -375,7 +377,8 @@ impl Worker {
     async fn write(&mut self, content: &bytes::Bytes, hash: &str) -> Result<(), Outcome> {
         let dest = self.spec.dest.clone();
         let bytes = content.clone();
-        let prepared = tokio::task::spawn_blocking(move || write::prepare(&dest, &bytes)).await;
+        let prepared =
+            tokio::task::spawn_blocking(move || atomic_file::prepare(&dest, &bytes, FileMode::LikeExisting)).await;
         let candidate = match prepared {
             Ok(Ok(candidate)) => candidate,
             Ok(Err(e)) => return Err(self.write_failed(e.to_string())),
@@ -490,7 +493,9 @@ impl Worker {
             }
         };
         let dest: PathBuf = self.spec.dest.clone();
-        let written = tokio::task::spawn_blocking(move || write::write_atomic(&dest, &content)).await;
+        let written =
+            tokio::task::spawn_blocking(move || atomic_file::write_atomic(&dest, &content, FileMode::LikeExisting))
+                .await;
         if let Some(e) = match written {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
@@ -588,7 +593,7 @@ impl Worker {
         );
         let revision = format!("rollback to version {} ({})", version.id, version.revision);
         let outcome = self.apply(Fetched { content: content.into(), revision }, Origin::Rollback).await;
-        let state = crate::lock(&self.status).state;
+        let state = lock(&self.status).state;
         Ok(RollbackReport {
             name: self.spec.name.clone(),
             version,

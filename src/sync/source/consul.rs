@@ -12,7 +12,7 @@ use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::client::{self, ClientError, HttpClient};
 use crate::sync::spec::SyncSpec;
 
-pub struct ConsulSource {
+pub(crate) struct ConsulSource {
     client: HttpClient,
     base: Uri,
     key: String,
@@ -31,7 +31,7 @@ enum Answer {
 }
 
 impl ConsulSource {
-    pub fn new(spec: &SyncSpec, base: &Uri, key: &str, wait: Duration, extra_query: &str) -> ConsulSource {
+    pub(crate) fn new(spec: &SyncSpec, base: &Uri, key: &str, wait: Duration, extra_query: &str) -> ConsulSource {
         ConsulSource {
             client: HttpClient::new(spec.source_ca.as_deref()),
             base: base.clone(),
@@ -62,7 +62,7 @@ impl ConsulSource {
         })
     }
 
-    pub async fn fetch(&mut self) -> Result<Fetched, SourceError> {
+    pub(crate) async fn fetch(&mut self) -> Result<Fetched, SourceError> {
         self.index = 0;
         match self.query(false).await? {
             Answer::Value { fetched } => Ok(fetched),
@@ -118,7 +118,7 @@ impl ConsulSource {
         }
     }
 
-    pub async fn run(mut self, out: Outbox) {
+    pub(crate) async fn run(mut self, out: Outbox) {
         let mut backoff = Backoff::new(self.retry_max);
         loop {
             let started = tokio::time::Instant::now();

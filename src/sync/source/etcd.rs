@@ -19,7 +19,7 @@ use crate::sync::spec::SyncSpec;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-pub struct EtcdSource {
+pub(crate) struct EtcdSource {
     client: HttpClient,
     /// A second client for checks made while the watch holds its own connection.
     watch_client: HttpClient,
@@ -54,7 +54,7 @@ fn int(v: &Value) -> Option<i64> {
 }
 
 impl EtcdSource {
-    pub fn new(spec: &SyncSpec, base: &Uri, key: &str) -> EtcdSource {
+    pub(crate) fn new(spec: &SyncSpec, base: &Uri, key: &str) -> EtcdSource {
         EtcdSource {
             client: HttpClient::new(spec.source_ca.as_deref()),
             watch_client: HttpClient::new(spec.source_ca.as_deref()),
@@ -127,7 +127,7 @@ impl EtcdSource {
         Ok(Range { value, revision })
     }
 
-    pub async fn fetch(&mut self) -> Result<Fetched, SourceError> {
+    pub(crate) async fn fetch(&mut self) -> Result<Fetched, SourceError> {
         let range = self.range(false).await?;
         match range.value {
             Some((content, modified)) => Ok(Fetched { content, revision: format!("revision {modified}") }),
@@ -135,7 +135,7 @@ impl EtcdSource {
         }
     }
 
-    pub async fn run(mut self, out: Outbox) {
+    pub(crate) async fn run(mut self, out: Outbox) {
         let mut backoff = Backoff::new(self.retry_max);
         // The last revision up to which every change of the key has been seen.
         let mut revision: Option<i64> = None;

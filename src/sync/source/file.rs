@@ -9,11 +9,12 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
-use crate::file_watch::{parent_dir, DirectoryWatch};
+use crate::sync::hash::content_hash;
 use crate::sync::spec::SyncSpec;
-use crate::sync::write::content_hash;
+use crate::sys::file_watch::DirectoryWatch;
+use crate::sys::parent_dir;
 
-pub struct FileSource {
+pub(crate) struct FileSource {
     path: PathBuf,
     interval: Duration,
     max_size: u64,
@@ -24,7 +25,7 @@ pub struct FileSource {
 const SETTLE: Duration = Duration::from_millis(50);
 
 impl FileSource {
-    pub fn new(spec: &SyncSpec, path: &Path) -> FileSource {
+    pub(crate) fn new(spec: &SyncSpec, path: &Path) -> FileSource {
         FileSource {
             path: path.to_owned(),
             interval: spec.poll_interval,
@@ -33,14 +34,14 @@ impl FileSource {
         }
     }
 
-    pub async fn fetch(&mut self) -> Result<Fetched, SourceError> {
+    pub(crate) async fn fetch(&mut self) -> Result<Fetched, SourceError> {
         let path = self.path.clone();
         let max = self.max_size;
         let read = tokio::task::spawn_blocking(move || read_file(&path, max)).await;
         read.unwrap_or_else(|e| Err(SourceError::File { path: self.path.clone(), source: std::io::Error::other(e) }))
     }
 
-    pub async fn run(mut self, out: Outbox) {
+    pub(crate) async fn run(mut self, out: Outbox) {
         let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
         let dirs = BTreeSet::from([parent_dir(&self.path)]);
         let names = self.path.file_name().map(|n| BTreeSet::from([n.to_owned()])).unwrap_or_default();

@@ -7,11 +7,11 @@ use http::header::{ETAG, IF_NONE_MATCH};
 use http::{HeaderValue, Method, StatusCode, Uri};
 
 use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
-use crate::sync::client::{self, HttpClient};
+use crate::sync::client::{self, ClientError, HttpClient};
+use crate::sync::hash::short_hash;
 use crate::sync::spec::SyncSpec;
-use crate::sync::write::short_hash;
 
-pub struct HttpSource {
+pub(crate) struct HttpSource {
     client: HttpClient,
     url: Uri,
     etag: Option<HeaderValue>,
@@ -28,7 +28,7 @@ enum Poll {
 }
 
 impl HttpSource {
-    pub fn new(spec: &SyncSpec, url: &Uri) -> HttpSource {
+    pub(crate) fn new(spec: &SyncSpec, url: &Uri) -> HttpSource {
         HttpSource {
             client: HttpClient::new(spec.source_ca.as_deref()),
             url: url.clone(),
@@ -40,7 +40,7 @@ impl HttpSource {
         }
     }
 
-    pub async fn fetch(&mut self) -> Result<Fetched, SourceError> {
+    pub(crate) async fn fetch(&mut self) -> Result<Fetched, SourceError> {
         self.etag = None;
         match self.poll().await? {
             Poll::Changed(fetched) => Ok(fetched),
@@ -60,7 +60,7 @@ impl HttpSource {
         let peer = client::peer_of(&self.url);
         let what = self.url.path().to_owned();
         let reply = self.client.fetch(request, self.timeout, self.max_size).await.map_err(|e| match e {
-            crate::sync::client::ClientError::TooLarge { limit, .. } => {
+            ClientError::TooLarge { limit, .. } => {
                 SourceError::TooLarge { peer: peer.clone(), what: what.clone(), limit }
             }
             other => SourceError::Client(other),
@@ -80,7 +80,7 @@ impl HttpSource {
         }
     }
 
-    pub async fn run(mut self, out: Outbox) {
+    pub(crate) async fn run(mut self, out: Outbox) {
         let mut backoff = Backoff::new(self.retry_max);
         loop {
             let wait = match self.poll().await {

@@ -3,10 +3,10 @@
 //! what it sees to the destination's worker, and retries on its own with capped exponential
 //! backoff and jitter.
 
-pub mod consul;
-pub mod etcd;
-pub mod file;
-pub mod http;
+pub(crate) mod consul;
+pub(crate) mod etcd;
+pub(crate) mod file;
+pub(crate) mod http;
 
 use std::time::Duration;
 
@@ -19,15 +19,15 @@ use super::spec::{SourceSpec, SyncSpec};
 
 /// One read of the source.
 #[derive(Debug, Clone)]
-pub struct Fetched {
-    pub content: Bytes,
+pub(crate) struct Fetched {
+    pub(crate) content: Bytes,
     /// The source's own version: etcd mod_revision, X-Consul-Index, ETag, file mtime.
-    pub revision: String,
+    pub(crate) revision: String,
 }
 
 /// What a running source tells the worker.
 #[derive(Debug)]
-pub enum SourceMsg {
+pub(crate) enum SourceMsg {
     /// A value read from the source (possibly the same as before).
     Value(Fetched),
     /// The source answered and nothing changed (a heartbeat: the destination is in sync).
@@ -37,7 +37,7 @@ pub enum SourceMsg {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub(crate) enum SourceError {
     #[error("{0}")]
     Client(#[from] ClientError),
     #[error("{peer} answered {status} for {what}")]
@@ -55,13 +55,13 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    pub fn is_timeout(&self) -> bool {
+    pub(crate) fn is_timeout(&self) -> bool {
         matches!(self, SourceError::Client(e) if e.is_timeout())
     }
 }
 
 /// A configured source.
-pub enum Source {
+pub(crate) enum Source {
     Etcd(etcd::EtcdSource),
     Http(http::HttpSource),
     Consul(consul::ConsulSource),
@@ -69,7 +69,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn new(spec: &SyncSpec) -> Source {
+    pub(crate) fn new(spec: &SyncSpec) -> Source {
         match &spec.source {
             SourceSpec::Etcd { base, key } => Source::Etcd(etcd::EtcdSource::new(spec, base, key)),
             SourceSpec::Http { url } => Source::Http(http::HttpSource::new(spec, url)),
@@ -80,7 +80,7 @@ impl Source {
         }
     }
 
-    pub async fn fetch(&mut self) -> Result<Fetched, SourceError> {
+    pub(crate) async fn fetch(&mut self) -> Result<Fetched, SourceError> {
         match self {
             Source::Etcd(s) => s.fetch().await,
             Source::Http(s) => s.fetch().await,
@@ -90,7 +90,7 @@ impl Source {
     }
 
     /// Follows the source until `shutdown`, or until the worker is gone.
-    pub async fn run(self, tx: mpsc::Sender<SourceMsg>, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, tx: mpsc::Sender<SourceMsg>, shutdown: CancellationToken) {
         let out = Outbox { tx, shutdown };
         match self {
             Source::Etcd(s) => s.run(out).await,
@@ -102,26 +102,26 @@ impl Source {
 }
 
 /// The sending side of a running source, with the shutdown it must obey.
-pub struct Outbox {
+pub(crate) struct Outbox {
     tx: mpsc::Sender<SourceMsg>,
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl Outbox {
     /// `false` when the source should stop (shutdown, or the worker is gone).
-    pub async fn send(&self, msg: SourceMsg) -> bool {
+    pub(crate) async fn send(&self, msg: SourceMsg) -> bool {
         tokio::select! {
             sent = self.tx.send(msg) => sent.is_ok(),
             _ = self.shutdown.cancelled() => false,
         }
     }
 
-    pub async fn error(&self, error: &SourceError, stalled: bool) -> bool {
+    pub(crate) async fn error(&self, error: &SourceError, stalled: bool) -> bool {
         self.send(SourceMsg::Error { message: error.to_string(), stalled }).await
     }
 
     /// Sleeps `d`; `false` when shutdown came first.
-    pub async fn sleep(&self, d: Duration) -> bool {
+    pub(crate) async fn sleep(&self, d: Duration) -> bool {
         tokio::select! {
             _ = tokio::time::sleep(d) => true,
             _ = self.shutdown.cancelled() => false,
@@ -131,7 +131,7 @@ impl Outbox {
 
 /// Capped exponential backoff with jitter: 200ms, 400ms, … up to `cap`, each drawn uniformly
 /// from its upper half so that many sidecars do not retry in step.
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     cap: Duration,
     seed: u64,
@@ -140,17 +140,17 @@ pub struct Backoff {
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(200);
 
-    pub fn new(cap: Duration) -> Backoff {
+    pub(crate) fn new(cap: Duration) -> Backoff {
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         Backoff { next: Self::FIRST.min(cap), cap, seed: u64::from(nanos) ^ (u64::from(std::process::id()) << 32) | 1 }
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = Self::FIRST.min(self.cap);
     }
 
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         // xorshift64: enough randomness for jitter, no dependency.
         self.seed ^= self.seed << 13;
         self.seed ^= self.seed >> 7;

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, CommandFactory, FromArgMatches};
 
+use super::{Cli, SyncArgs};
+
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     #[error("cannot read config file {}: {source}", path.display())]
@@ -25,28 +27,26 @@ pub enum FileError {
 
 /// A value from the file for one option.
 #[derive(Debug)]
-pub struct FileDefault {
-    pub id: String,
-    /// The key as written in the file.
-    pub key: String,
-    pub values: Vec<String>,
+pub(crate) struct FileDefault {
+    pub(crate) id: String,
+    pub(crate) values: Vec<String>,
     /// A top-level option (such as `--log-level`) rather than one of `proxy`'s own.
-    pub global: bool,
+    pub(crate) global: bool,
 }
 
 /// The `[proxy]` defaults of a file together with every problem found in it.
 #[derive(Debug)]
-pub struct ProxyDefaults {
-    pub defaults: Vec<FileDefault>,
+pub(crate) struct ProxyDefaults {
+    pub(crate) defaults: Vec<FileDefault>,
     /// In the order the proxy meets them; the proxy stops at the first.
-    pub problems: Vec<FileError>,
+    pub(crate) problems: Vec<FileError>,
     /// How many `[[sync]]` tables the file has (0 when they are unusable: that is a problem).
-    pub sync_tables: usize,
+    pub(crate) sync_tables: usize,
 }
 
 /// Reads the file and returns a default for each key of `[proxy]`.
 /// Keys are long option names; `snake_case` is accepted as well as `kebab-case`.
-pub fn load_proxy_defaults(path: &Path) -> Result<Vec<FileDefault>, FileError> {
+pub(crate) fn load_proxy_defaults(path: &Path) -> Result<Vec<FileDefault>, FileError> {
     let found = read_proxy_defaults(path)?;
     match found.problems.into_iter().next() {
         Some(first) => Err(first),
@@ -57,13 +57,13 @@ pub fn load_proxy_defaults(path: &Path) -> Result<Vec<FileDefault>, FileError> {
 /// Like [`load_proxy_defaults`], but goes on after a bad table or key and collects every
 /// problem, for `sidecar check`. Only an unreadable file or broken TOML stops it, since then
 /// there is nothing more to look at.
-pub fn read_proxy_defaults(path: &Path) -> Result<ProxyDefaults, FileError> {
+pub(crate) fn read_proxy_defaults(path: &Path) -> Result<ProxyDefaults, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| FileError::Parse { path: path.to_owned(), message: one_line(&text, &e) })?;
 
-    let command = crate::cli::Cli::command();
+    let command = Cli::command();
     let proxy = command.find_subcommand("proxy").expect("the proxy subcommand is defined in cli.rs");
     let mut defaults = Vec::new();
     let mut problems = Vec::new();
@@ -102,14 +102,14 @@ pub fn read_proxy_defaults(path: &Path) -> Result<ProxyDefaults, FileError> {
                 problems.push(FileError::BadValue { path: path.to_owned(), key });
                 continue;
             };
-            defaults.push(FileDefault { id: arg.get_id().to_string(), key, values, global });
+            defaults.push(FileDefault { id: arg.get_id().to_string(), values, global });
         }
     }
     Ok(ProxyDefaults { defaults, problems, sync_tables })
 }
 
 /// Reads the file and returns the options of each `[[sync]]` table, in file order.
-pub fn load_sync_sections(path: &Path) -> Result<Vec<crate::cli::SyncArgs>, FileError> {
+pub fn load_sync_sections(path: &Path) -> Result<Vec<SyncArgs>, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
     let table: toml::Table = text
         .parse()
@@ -120,13 +120,12 @@ pub fn load_sync_sections(path: &Path) -> Result<Vec<crate::cli::SyncArgs>, File
 /// Options that belong to the process, not to one destination: refused in a [[sync]] table.
 const PROCESS_ONLY: [&str; 4] = ["admin", "admin-token-file", "once", "dry-run"];
 
-fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<crate::cli::SyncArgs>, FileError> {
+fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<SyncArgs>, FileError> {
     let Some(value) = table.get("sync") else { return Ok(Vec::new()) };
     let toml::Value::Array(items) = value else { return Err(FileError::SyncNotArray { path: path.to_owned() }) };
     // The same option definitions as `sidecar sync`, without environment variables: one
     // SIDECAR_SYNC_SOURCE cannot mean the same thing for every table.
-    let mut command =
-        crate::cli::SyncArgs::augment_args(clap::Command::new("sync").no_binary_name(true).disable_help_flag(true));
+    let mut command = SyncArgs::augment_args(clap::Command::new("sync").no_binary_name(true).disable_help_flag(true));
     let ids: Vec<clap::Id> = command.get_arguments().map(|a| a.get_id().clone()).collect();
     for id in ids {
         command = command.mut_arg(id, |a| a.env(None));
@@ -157,9 +156,7 @@ fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<crate
         }
         let matches =
             command.clone().try_get_matches_from(&argv).map_err(|e| fail(first_error_line(&e.to_string())))?;
-        sections.push(
-            crate::cli::SyncArgs::from_arg_matches(&matches).map_err(|e| fail(first_error_line(&e.to_string())))?,
-        );
+        sections.push(SyncArgs::from_arg_matches(&matches).map_err(|e| fail(first_error_line(&e.to_string())))?);
     }
     Ok(sections)
 }
@@ -220,7 +217,7 @@ mod tests {
         );
         assert!(problems[0].contains("unknown table [extra]"), "{problems:?}");
         assert_eq!(found.defaults.len(), 1, "the good key is still read");
-        assert_eq!(found.defaults[0].key, "listen");
+        assert_eq!(found.defaults[0].id, "listen");
         let first = load_proxy_defaults(&path).unwrap_err().to_string();
         assert_eq!(first, problems[0], "the proxy stops at the first problem, as before");
     }

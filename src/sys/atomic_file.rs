@@ -1,6 +1,7 @@
-//! Atomic replacement of a file: a temp file in the same directory is written, fsynced and
-//! given the old file's mode and owner, then renamed over the destination, and the directory is
-//! fsynced. A crash at any point leaves either the old or the new file whole (rename is atomic
+//! Atomic replacement of a file, the one writer of the crate (synced config files, their
+//! history, the development certificates and CA): a temp file in the same directory is written,
+//! fsynced and given its mode (the old file's mode and owner, or a fixed mode such as 0600 for a
+//! key), then renamed over the destination, and the directory is fsynced. A crash at any point leaves either the old or the new file whole (rename is atomic
 //! within one file system; the directory fsync makes the rename itself durable).
 //!
 //! The temp file exists as a [`Candidate`] before it is committed, so that `--check-cmd` can
@@ -12,8 +13,10 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::parent_dir;
+
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
+pub(crate) enum WriteError {
     #[error("cannot create a temp file beside {}: {source}", dest.display())]
     Create { dest: PathBuf, source: std::io::Error },
     #[error("cannot write {}: {source}", path.display())]
@@ -24,33 +27,10 @@ pub enum WriteError {
     SyncDir { dir: PathBuf, source: std::io::Error },
 }
 
-/// SHA-256 of `data`, lower-case hex.
-pub fn content_hash(data: &[u8]) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The first 12 hex digits of the hash, for names and logs.
-pub fn short_hash(data: &[u8]) -> String {
-    content_hash(data)[..12].to_owned()
-}
-
-/// The hash of the file at `path`; `None` when it does not exist or cannot be read.
-pub fn file_hash(path: &Path) -> Option<String> {
-    std::fs::read(path).ok().map(|bytes| content_hash(&bytes))
-}
-
-fn parent_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// A fully written, fsynced temp file waiting to be renamed over `dest`. Removed on drop
 /// unless committed.
 #[derive(Debug)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     temp: PathBuf,
     dest: PathBuf,
     committed: bool,
@@ -58,19 +38,19 @@ pub struct Candidate {
 
 impl Candidate {
     /// The temp file: same directory and extension as the destination.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.temp
     }
 
     /// Renames the temp file over the destination and makes the rename durable.
-    pub fn commit(mut self) -> Result<(), WriteError> {
+    pub(crate) fn commit(mut self) -> Result<(), WriteError> {
         std::fs::rename(&self.temp, &self.dest).map_err(|source| WriteError::Rename {
             temp: self.temp.clone(),
             dest: self.dest.clone(),
             source,
         })?;
         self.committed = true;
-        let dir = parent_of(&self.dest);
+        let dir = parent_dir(&self.dest);
         File::open(&dir).and_then(|d| d.sync_all()).map_err(|source| WriteError::SyncDir { dir, source })
     }
 }
@@ -83,11 +63,21 @@ impl Drop for Candidate {
     }
 }
 
-/// Writes `content` to a new temp file beside `dest`, with `dest`'s mode and owner when it
-/// exists (0644 otherwise), and fsyncs it.
-pub fn prepare(dest: &Path, content: &[u8]) -> Result<Candidate, WriteError> {
+/// The mode and owner the new file gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileMode {
+    /// The replaced file's mode and owner (0644 and the writer's own for a new file): an app's
+    /// config stays readable by whoever could read it.
+    LikeExisting,
+    /// This mode from the first byte, whatever the umask: a key is never readable by others,
+    /// not even briefly.
+    Exactly(u32),
+}
+
+/// Writes `content` to a new temp file beside `dest`, with the mode `mode` says, and fsyncs it.
+pub(crate) fn prepare(dest: &Path, content: &[u8], mode: FileMode) -> Result<Candidate, WriteError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = parent_of(dest);
+    let dir = parent_dir(dest);
     let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
     // A leading dot keeps it out of globs; the destination's name last keeps its extension
     // for --check-cmd tools that look at it.
@@ -96,8 +86,14 @@ pub fn prepare(dest: &Path, content: &[u8]) -> Result<Candidate, WriteError> {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let existing = std::fs::metadata(dest).ok();
-    let mode = existing.as_ref().map(|m| m.mode() & 0o7777).unwrap_or(0o644);
+    let existing = match mode {
+        FileMode::LikeExisting => std::fs::metadata(dest).ok(),
+        FileMode::Exactly(_) => None,
+    };
+    let mode = match mode {
+        FileMode::LikeExisting => existing.as_ref().map(|m| m.mode() & 0o7777).unwrap_or(0o644),
+        FileMode::Exactly(mode) => mode,
+    };
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -130,8 +126,8 @@ pub fn prepare(dest: &Path, content: &[u8]) -> Result<Candidate, WriteError> {
 }
 
 /// `prepare` then `commit`: for files with no check to run in between.
-pub fn write_atomic(dest: &Path, content: &[u8]) -> Result<(), WriteError> {
-    prepare(dest, content)?.commit()
+pub(crate) fn write_atomic(dest: &Path, content: &[u8], mode: FileMode) -> Result<(), WriteError> {
+    prepare(dest, content, mode)?.commit()
 }
 
 #[cfg(test)]
@@ -144,7 +140,7 @@ mod tests {
         let dest = dir.path().join("app.conf");
         std::fs::write(&dest, "old").unwrap();
         std::fs::set_permissions(&dest, Permissions::from_mode(0o640)).unwrap();
-        write_atomic(&dest, b"new").unwrap();
+        write_atomic(&dest, b"new", FileMode::LikeExisting).unwrap();
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "new");
         assert_eq!(std::fs::metadata(&dest).unwrap().mode() & 0o777, 0o640);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -154,7 +150,7 @@ mod tests {
     fn an_uncommitted_candidate_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("x.json");
-        let candidate = prepare(&dest, b"{}").unwrap();
+        let candidate = prepare(&dest, b"{}", FileMode::LikeExisting).unwrap();
         assert!(candidate.path().to_string_lossy().ends_with("-x.json"));
         assert!(candidate.path().exists());
         let temp = candidate.path().to_owned();
@@ -163,8 +159,14 @@ mod tests {
     }
 
     #[test]
-    fn hashes_are_sha256() {
-        assert_eq!(content_hash(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        assert_eq!(short_hash(b"abc"), "ba7816bf8f01");
+    fn an_exact_mode_holds_whatever_the_old_file_had() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("key.pem");
+        std::fs::write(&dest, "old").unwrap();
+        std::fs::set_permissions(&dest, Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&dest, b"secret", FileMode::Exactly(0o600)).unwrap();
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "secret");
+        assert_eq!(std::fs::metadata(&dest).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

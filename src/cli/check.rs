@@ -1,8 +1,8 @@
 //! `sidecar check`: validates what `sidecar proxy` would be started with (flags, environment,
 //! the `--config` file, and every file they name) without starting anything, and reports every
-//! problem at once rather than the first.
+//! problem at once rather than the first. `app` prints the [`Report`].
 //!
-//! The proxy's parse ([`crate::cli::parse_from`]) stops at the first bad value, which is right
+//! The proxy's parse ([`super::parse_from`]) stops at the first bad value, which is right
 //! for a start but makes fixing a config a loop of one error per run. Here the command line is
 //! read with every value taken as a plain string, each option's winning value (flag >
 //! environment > file, as for the proxy) is then run through that option's own clap value
@@ -16,19 +16,21 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use clap::builder::{Resettable, ValueParser};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Command, CommandFactory, FromArgMatches, ValueEnum};
 use time::OffsetDateTime;
 
-use crate::cli::{Cli, ProxyArgs};
+use super::file::read_proxy_defaults;
+use super::{parse_from, Cli, CliError, ProxyArgs};
+use crate::admin;
 use crate::config::{CertSource, ProxyConfig, Upstream};
+use crate::devcert;
 use crate::tls::{CertInfo, LoadedCert, TlsContext};
 
 /// A certificate closer than this to its expiry is reported as a warning.
-pub const EXPIRY_WARNING_DAYS: i64 = 30;
+pub(crate) const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// Stands in for a missing or invalid upstream (already reported as a problem) so that the
 /// rest of the configuration can still be checked through the proxy's own `ProxyConfig`. It is
@@ -37,36 +39,11 @@ const STAND_IN_UPSTREAM: &str = "--upstream=http://upstream.invalid:1";
 
 /// The outcome of a check: problems make the proxy refuse to start (exit 2); warnings do not.
 #[derive(Debug, Default)]
-pub struct Report {
-    pub problems: Vec<String>,
-    pub warnings: Vec<String>,
+pub(crate) struct Report {
+    pub(crate) problems: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     /// What the proxy would run with, one item per line, printed after "OK".
-    pub summary: Vec<String>,
-}
-
-/// Runs the check and prints it: the summary on stdout, warnings and problems on stderr.
-pub fn main(argv: &[OsString]) -> ExitCode {
-    let report = match run(argv) {
-        Ok(report) => report,
-        // A malformed command line (unknown flag, missing value): clap's usual usage error.
-        Err(e) => e.exit(),
-    };
-    for warning in &report.warnings {
-        eprintln!("warning: {warning}");
-    }
-    if report.problems.is_empty() {
-        println!("OK: `sidecar proxy` would start with this configuration (nothing was started)");
-        for line in &report.summary {
-            println!("  {line}");
-        }
-        return ExitCode::SUCCESS;
-    }
-    for problem in &report.problems {
-        eprintln!("error: {problem}");
-    }
-    let n = report.problems.len();
-    eprintln!("sidecar check: {n} problem{} found; `sidecar proxy` would not start", if n == 1 { "" } else { "s" });
-    ExitCode::from(2)
+    pub(crate) summary: Vec<String>,
 }
 
 /// Where an option's value came from, for naming it in a problem.
@@ -144,7 +121,7 @@ fn raw_values(matches: &ArgMatches, id: &str) -> Vec<OsString> {
 
 /// Checks the configuration `argv` (a full `sidecar check ...` command line) describes.
 /// `Err` only for a command line clap cannot read at all.
-pub fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
+pub(crate) fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
     let strict = Cli::command();
     let options = options(&strict);
     let matches = lenient(strict).try_get_matches_from(argv)?;
@@ -161,7 +138,7 @@ pub fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
     let mut file_values: HashMap<String, Vec<String>> = HashMap::new();
     let mut sync_tables = 0;
     if let Some(path) = &config_path {
-        match crate::config::file::read_proxy_defaults(path) {
+        match read_proxy_defaults(path) {
             Ok(found) => {
                 report.problems.extend(found.problems.iter().map(ToString::to_string));
                 sync_tables = found.sync_tables;
@@ -231,7 +208,7 @@ pub fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
             "{given} is given without {missing}: give --cert and --key together (or neither, for the development certificate)"
         ));
     }
-    let config = ProxyConfig::from_args(&args);
+    let config = args.to_config();
     if let Some(path) = &config.config_file {
         report.summary.push(format!("config file {}", path.display()));
     }
@@ -257,9 +234,9 @@ pub fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
 
     // The proxy's own parse as the last word: `check` must never pass what `proxy` refuses.
     if report.problems.is_empty() {
-        if let Err(e) = crate::cli::parse_from(argv.iter().cloned()) {
+        if let Err(e) = parse_from(argv.iter().cloned()) {
             report.problems.push(match e {
-                crate::cli::CliError::Usage(e) => error_line(&e),
+                CliError::Usage(e) => error_line(&e),
                 other => other.to_string(),
             });
         }
@@ -304,7 +281,7 @@ fn check_tls(config: &ProxyConfig, report: &mut Report) {
     match (&config.cert, checked.default) {
         (CertSource::Files { .. }, Ok(cert)) => cert_line(report, "cert       ", &cert),
         (CertSource::Files { .. }, Err(e)) => report.problems.push(e.to_string()),
-        (CertSource::DevSelfSigned { .. }, Ok(cert)) if crate::devcert::is_reusable(&cert) => {
+        (CertSource::DevSelfSigned { .. }, Ok(cert)) if devcert::is_reusable(&cert) => {
             cert_line(report, "cert        development certificate", &cert)
         }
         // The proxy makes (or renews) it at start; nothing is wrong, and check writes nothing.
@@ -367,7 +344,7 @@ fn check_listeners(config: &ProxyConfig, report: &mut Report) {
         report.summary.push(format!("redirect    http://{addr} -> https (not bound by check)"));
     }
     if let Some(addr) = config.admin {
-        match crate::admin::settings(addr, config.admin_token_file.as_deref()) {
+        match admin::settings(addr, config.admin_token_file.as_deref()) {
             Ok(token) => report.summary.push(format!(
                 "admin       http://{addr} ({}; not bound by check)",
                 if token.is_some() { "bearer token required for changes" } else { "loopback, no token" }

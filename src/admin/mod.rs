@@ -18,10 +18,14 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::reload::{LiveState, ReloadHandle};
+use crate::server::{LiveState, ReloadHandle};
+use crate::sync::{RollbackError, SyncManager};
+use crate::sys::plain_http;
+
+mod metrics;
 
 #[derive(Debug, thiserror::Error)]
-pub enum AdminError {
+pub(crate) enum AdminError {
     #[error("cannot listen on {addr} for the admin API: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot read admin token file {}: {source}", path.display())]
@@ -35,31 +39,31 @@ pub enum AdminError {
 }
 
 /// What the admin API reports on and acts upon for the proxy role.
-pub struct ProxyAdmin {
-    pub live: Arc<LiveState>,
-    pub reload: ReloadHandle,
-    pub https_addr: SocketAddr,
-    pub redirect_addr: Option<SocketAddr>,
+pub(crate) struct ProxyAdmin {
+    pub(crate) live: Arc<LiveState>,
+    pub(crate) reload: ReloadHandle,
+    pub(crate) https_addr: SocketAddr,
+    pub(crate) redirect_addr: Option<SocketAddr>,
 }
 
-pub struct AdminState {
+pub(crate) struct AdminState {
     started: Instant,
     token: Option<String>,
     /// Cancelled when shutdown starts: from then on the process reports not ready.
     shutdown: CancellationToken,
-    pub proxy: Option<ProxyAdmin>,
-    pub sync: Option<Arc<crate::sync::SyncManager>>,
+    pub(crate) proxy: Option<ProxyAdmin>,
+    pub(crate) sync: Option<Arc<SyncManager>>,
     /// Built at the first scrape, once proxy and sync are known.
     metrics: std::sync::OnceLock<prometheus_client::registry::Registry>,
 }
 
-pub struct AdminServer {
+pub(crate) struct AdminServer {
     listener: TcpListener,
     state: Arc<AdminState>,
 }
 
 /// Reads the bearer token: the file's content with surrounding white space trimmed.
-pub fn read_token(path: &Path) -> Result<String, AdminError> {
+pub(crate) fn read_token(path: &Path) -> Result<String, AdminError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| AdminError::TokenFile { path: path.to_owned(), source })?;
     let token = text.trim().to_owned();
@@ -71,7 +75,7 @@ pub fn read_token(path: &Path) -> Result<String, AdminError> {
 
 /// The token (if a file is given), and the rule that a non-loopback admin API needs one.
 /// Separate from `bind` so that `sidecar check` applies the same rules without binding.
-pub fn settings(addr: SocketAddr, token_file: Option<&Path>) -> Result<Option<String>, AdminError> {
+pub(crate) fn settings(addr: SocketAddr, token_file: Option<&Path>) -> Result<Option<String>, AdminError> {
     let token = token_file.map(read_token).transpose()?;
     if token.is_none() && !addr.ip().is_loopback() {
         return Err(AdminError::ExposedWithoutToken { addr });
@@ -80,7 +84,7 @@ pub fn settings(addr: SocketAddr, token_file: Option<&Path>) -> Result<Option<St
 }
 
 impl AdminServer {
-    pub fn bind(
+    pub(crate) fn bind(
         addr: SocketAddr,
         token_file: Option<&Path>,
         shutdown: CancellationToken,
@@ -101,21 +105,21 @@ impl AdminServer {
         Ok(AdminServer { listener, state: Arc::new(state) })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
     }
 
-    pub fn set_proxy(&mut self, proxy: ProxyAdmin) {
+    pub(crate) fn set_proxy(&mut self, proxy: ProxyAdmin) {
         Arc::get_mut(&mut self.state).expect("set before the server runs").proxy = Some(proxy);
     }
 
-    pub fn set_sync(&mut self, sync: Arc<crate::sync::SyncManager>) {
+    pub(crate) fn set_sync(&mut self, sync: Arc<SyncManager>) {
         Arc::get_mut(&mut self.state).expect("set before the server runs").sync = Some(sync);
     }
 
     /// Serves until `stop` is cancelled. This is later than the shutdown token the state
     /// watches, so probes keep answering (not ready) while the proxy drains.
-    pub async fn run(self, stop: CancellationToken) {
+    pub(crate) async fn run(self, stop: CancellationToken) {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
         let state = self.state;
@@ -123,7 +127,7 @@ impl AdminServer {
             let state = state.clone();
             async move { route(&state, request).await }
         };
-        crate::plain_http::serve(self.listener, http, stop, "admin listener", handle).await;
+        plain_http::serve(self.listener, http, stop, "admin listener", handle).await;
     }
 }
 
@@ -136,10 +140,10 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> AdminResponse 
         ("/readyz", &Method::GET | &Method::HEAD) => readiness(state),
         ("/status", &Method::GET | &Method::HEAD) => json_response(StatusCode::OK, status(state)),
         ("/metrics", &Method::GET | &Method::HEAD) => {
-            let registry = state.metrics.get_or_init(|| {
-                crate::metrics::registry(state.proxy.as_ref().map(|p| p.live.clone()), state.sync.clone())
-            });
-            let mut response = Response::new(Full::new(Bytes::from(crate::metrics::encode(registry))));
+            let registry = state
+                .metrics
+                .get_or_init(|| metrics::registry(state.proxy.as_ref().map(|p| p.live.clone()), state.sync.clone()));
+            let mut response = Response::new(Full::new(Bytes::from(metrics::encode(registry))));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -193,8 +197,6 @@ fn status(state: &AdminState) -> Value {
     if let Some(proxy) = &state.proxy {
         let serving = proxy.live.serving.load();
         let tls = proxy.live.tls.current();
-        let stats = &proxy.live.stats;
-        let relaxed = std::sync::atomic::Ordering::Relaxed;
         let certificates: Vec<Value> = tls
             .certs()
             .map(|c| {
@@ -216,12 +218,7 @@ fn status(state: &AdminState) -> Value {
             "config_file": serving.config.config_file,
             "certificates": certificates,
             "client_ca": tls.client_ca,
-            "reloads": {
-                "config_ok": stats.config_ok.load(relaxed),
-                "config_failed": stats.config_failed.load(relaxed),
-                "tls_ok": stats.tls_ok.load(relaxed),
-                "tls_failed": stats.tls_failed.load(relaxed),
-            },
+            "reloads": proxy.live.stats.counts(),
         });
     }
     if let Some(sync) = &state.sync {
@@ -295,11 +292,9 @@ async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResp
                     let code = if report.ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
                     json_response(code, json!(report))
                 }
-                Err(crate::sync::RollbackError::UnknownName(name)) => unknown_destination(&name),
-                Err(crate::sync::RollbackError::Refused(e)) => {
-                    json_response(StatusCode::CONFLICT, json!({ "error": e }))
-                }
-                Err(e @ crate::sync::RollbackError::Stopped) => {
+                Err(RollbackError::UnknownName(name)) => unknown_destination(&name),
+                Err(RollbackError::Refused(e)) => json_response(StatusCode::CONFLICT, json!({ "error": e })),
+                Err(e @ RollbackError::Stopped) => {
                     json_response(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e.to_string() }))
                 }
             }

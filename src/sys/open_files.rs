@@ -19,7 +19,7 @@ static STARTED_WITH: OnceLock<Rlimit> = OnceLock::new();
 
 /// Raises the soft open-file limit to the hard one, and says so at debug level; a refusal is a
 /// warning, since the proxy then runs out of descriptors sooner than its operator expects.
-pub fn raise_soft_limit() {
+pub(crate) fn raise_soft_limit() {
     let limit = getrlimit(Resource::Nofile);
     let Some(soft) = limit.current else { return };
     let target = limit.maximum.unwrap_or(UNLIMITED_FALLBACK);
@@ -41,7 +41,7 @@ pub fn raise_soft_limit() {
 }
 
 /// Makes `command` start with the open-file limit the proxy started with, if it was raised.
-pub fn started_with_for(command: &mut tokio::process::Command) {
+pub(crate) fn started_with_for(command: &mut tokio::process::Command) {
     let Some(&limit) = STARTED_WITH.get() else { return };
     // SAFETY: the closure runs in the forked child before exec; it makes one system call
     // (rustix's, no libc state), allocates nothing and takes no lock.
@@ -52,17 +52,17 @@ pub fn started_with_for(command: &mut tokio::process::Command) {
 }
 
 /// The soft open-file limit now; `None` when unlimited.
-pub fn soft_limit() -> Option<u64> {
+pub(crate) fn soft_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
 /// How many descriptors the process holds (Linux: /proc/self/fd, less the one reading it).
-pub fn open_count() -> Option<usize> {
+pub(crate) fn open_count() -> Option<usize> {
     std::fs::read_dir("/proc/self/fd").ok().map(|entries| entries.count().saturating_sub(1))
 }
 
 /// What an operator can do about a failed accept, when the failure is a descriptor limit.
-pub fn accept_error_hint(error: &std::io::Error) -> Option<String> {
+pub(crate) fn accept_error_hint(error: &std::io::Error) -> Option<String> {
     match Errno::from_io_error(error)? {
         Errno::MFILE => Some(match soft_limit() {
             Some(soft) => format!(

@@ -23,7 +23,7 @@ pub enum LogFormat {
 }
 
 /// `RUST_LOG`, when set, wins over `level` so a developer can raise one module's verbosity.
-pub fn init(level: &str, format: LogFormat) {
+pub(crate) fn init(level: &str, format: LogFormat) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())

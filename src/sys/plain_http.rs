@@ -13,9 +13,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::shutdown::accept_until;
+
 /// Accepts connections until `stop` is cancelled and answers each request with `handle`.
 /// `what` names the listener in logs.
-pub async fn serve<H, F>(
+pub(crate) async fn serve<H, F>(
     listener: TcpListener,
     http: http1::Builder,
     stop: CancellationToken,
@@ -26,7 +28,7 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     loop {
-        let Some((tcp, _)) = crate::shutdown::accept_until(&listener, &stop, what).await else { return };
+        let Some((tcp, _)) = accept_until(&listener, &stop, what).await else { return };
         let handle = handle.clone();
         let connection = http.serve_connection(
             TokioIo::new(tcp),

@@ -12,16 +12,17 @@ use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::StartError;
+use super::StartError;
+use crate::sys::plain_http;
 
-pub struct RedirectServer {
+pub(crate) struct RedirectServer {
     listener: TcpListener,
     https_port: u16,
     header_read_timeout: Duration,
 }
 
 impl RedirectServer {
-    pub fn bind(
+    pub(crate) fn bind(
         addr: SocketAddr,
         https_port: u16,
         header_read_timeout: Duration,
@@ -33,21 +34,21 @@ impl RedirectServer {
         Ok(RedirectServer { listener, https_port, header_read_timeout })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
     }
 
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new()).header_read_timeout(self.header_read_timeout).keep_alive(false);
         let port = self.https_port;
         let handle = move |request: Request<Incoming>| std::future::ready(redirect(&request, port));
-        crate::plain_http::serve(self.listener, http, shutdown, "redirect listener", handle).await;
+        plain_http::serve(self.listener, http, shutdown, "redirect listener", handle).await;
     }
 }
 
 /// `https://{host without port}[:port]{path?query}`; 400 when the client named no host.
-pub fn redirect(request: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {
+pub(crate) fn redirect(request: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {
     let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| request.uri().host());
     let Some(host) = host.map(strip_port).filter(|h| !h.is_empty()) else {
         let mut response =

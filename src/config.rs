@@ -1,9 +1,7 @@
 //! Validated runtime configuration of the proxy.
 //!
-//! Raw input (flags, environment, the TOML file) is parsed by [`crate::cli`]; this module turns it
-//! into a [`ProxyConfig`] snapshot that the server reads and never mutates.
-
-pub mod file;
+//! Raw input (flags, environment, the TOML file) is parsed by `cli`, which builds the
+//! [`ProxyConfig`] snapshot defined here; the server reads it and never mutates it.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,7 +11,8 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::Uri;
 
-use crate::cli::ProxyArgs;
+use crate::access_log::{AccessLogFormat, AccessLogTarget};
+use crate::devcert::{CERT_FILE, KEY_FILE};
 use crate::tls::{CertPair, ClientAuth, TlsInputs};
 
 /// The plain-HTTP app behind the proxy.
@@ -25,12 +24,12 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn authority(&self) -> &Authority {
+    pub(crate) fn authority(&self) -> &Authority {
         &self.authority
     }
 
     /// The Host field for a request that came without one.
-    pub fn host_header(&self) -> &http::HeaderValue {
+    pub(crate) fn host_header(&self) -> &http::HeaderValue {
         &self.host_header
     }
 }
@@ -85,25 +84,25 @@ pub enum ForwardedPolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Timeouts {
-    pub tls_handshake: Duration,
-    pub header_read: Duration,
-    pub idle: Duration,
-    pub upstream: Duration,
-    pub upstream_connect: Duration,
-    pub upstream_idle: Duration,
-    pub drain: Duration,
+pub(crate) struct Timeouts {
+    pub(crate) tls_handshake: Duration,
+    pub(crate) header_read: Duration,
+    pub(crate) idle: Duration,
+    pub(crate) upstream: Duration,
+    pub(crate) upstream_connect: Duration,
+    pub(crate) upstream_idle: Duration,
+    pub(crate) drain: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    pub max_header_size: u32,
-    pub max_connections: u32,
+pub(crate) struct Limits {
+    pub(crate) max_header_size: u32,
+    pub(crate) max_connections: u32,
 }
 
 /// Where the serving certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertSource {
+pub(crate) enum CertSource {
     Files {
         cert: PathBuf,
         key: PathBuf,
@@ -116,95 +115,54 @@ pub enum CertSource {
 
 /// One immutable snapshot of the proxy's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProxyConfig {
-    pub listen: SocketAddr,
-    pub upstream: Upstream,
-    pub forwarded: ForwardedPolicy,
-    pub timeouts: Timeouts,
-    pub limits: Limits,
-    pub cert: CertSource,
-    pub sni: Vec<CertPair>,
-    pub client_ca: Option<PathBuf>,
-    pub client_auth: ClientAuth,
-    pub redirect_http: Option<SocketAddr>,
-    pub public_https_port: Option<u16>,
-    pub config_file: Option<PathBuf>,
-    pub reload_debounce: Duration,
-    pub admin: Option<SocketAddr>,
-    pub admin_token_file: Option<PathBuf>,
+pub(crate) struct ProxyConfig {
+    pub(crate) listen: SocketAddr,
+    pub(crate) upstream: Upstream,
+    pub(crate) forwarded: ForwardedPolicy,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) limits: Limits,
+    pub(crate) cert: CertSource,
+    pub(crate) sni: Vec<CertPair>,
+    pub(crate) client_ca: Option<PathBuf>,
+    pub(crate) client_auth: ClientAuth,
+    pub(crate) redirect_http: Option<SocketAddr>,
+    pub(crate) public_https_port: Option<u16>,
+    pub(crate) config_file: Option<PathBuf>,
+    pub(crate) reload_debounce: Duration,
+    pub(crate) admin: Option<SocketAddr>,
+    pub(crate) admin_token_file: Option<PathBuf>,
     /// Time between the shutdown signal and closing the listener; read when shutdown starts,
     /// so a reloaded value applies.
-    pub shutdown_delay: Duration,
-    pub workers: Option<usize>,
-    pub access_log: crate::access_log::AccessLogTarget,
-    pub access_log_format: crate::access_log::AccessLogFormat,
+    pub(crate) shutdown_delay: Duration,
+    pub(crate) workers: Option<usize>,
+    pub(crate) access_log: AccessLogTarget,
+    pub(crate) access_log_format: AccessLogFormat,
     /// Every TLS connection starts with a PROXY protocol header naming the real client.
-    pub proxy_protocol: bool,
+    pub(crate) proxy_protocol: bool,
 }
 
 impl ProxyConfig {
-    pub fn from_args(args: &ProxyArgs) -> ProxyConfig {
-        let cert = match (&args.cert, &args.key) {
-            (Some(cert), Some(key)) => CertSource::Files { cert: cert.clone(), key: key.clone() },
-            // clap's `requires` makes a lone --cert or --key a usage error before we get here.
-            _ => CertSource::DevSelfSigned {
-                state_dir: args.state_dir.clone().unwrap_or_else(crate::devcert::default_state_dir),
-            },
-        };
-        ProxyConfig {
-            listen: args.listen,
-            upstream: args.upstream.clone(),
-            forwarded: args.forwarded_headers,
-            timeouts: Timeouts {
-                tls_handshake: args.tls_handshake_timeout,
-                header_read: args.header_read_timeout,
-                idle: args.idle_timeout,
-                upstream: args.upstream_timeout,
-                upstream_connect: args.upstream_connect_timeout,
-                upstream_idle: args.upstream_idle_timeout,
-                drain: args.drain_timeout,
-            },
-            limits: Limits { max_header_size: args.max_header_size, max_connections: args.max_connections },
-            cert,
-            sni: args.sni_cert.clone(),
-            client_ca: args.client_ca.clone(),
-            client_auth: args.client_auth,
-            redirect_http: args.redirect_http,
-            public_https_port: args.public_https_port,
-            config_file: args.config.clone(),
-            reload_debounce: args.reload_debounce,
-            admin: args.admin,
-            admin_token_file: args.admin_token_file.clone(),
-            shutdown_delay: args.shutdown_delay,
-            workers: args.workers.map(usize::from),
-            access_log: args.access_log.clone(),
-            access_log_format: args.access_log_format,
-            proxy_protocol: args.proxy_protocol,
-        }
-    }
-
     /// A short digest of the effective settings (after flags, environment and file), to tell at
     /// a glance whether two processes run the same configuration.
-    pub fn fingerprint(&self) -> String {
+    pub(crate) fn fingerprint(&self) -> String {
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, format!("{self:?}").as_bytes());
         digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The files the TLS state is built from.
-    pub fn tls_inputs(&self) -> TlsInputs {
+    pub(crate) fn tls_inputs(&self) -> TlsInputs {
         let default = match &self.cert {
             CertSource::Files { cert, key } => CertPair { cert: cert.clone(), key: key.clone() },
-            CertSource::DevSelfSigned { state_dir } => CertPair {
-                cert: state_dir.join(crate::devcert::CERT_FILE),
-                key: state_dir.join(crate::devcert::KEY_FILE),
-            },
+            CertSource::DevSelfSigned { state_dir } => {
+                CertPair { cert: state_dir.join(CERT_FILE), key: state_dir.join(KEY_FILE) }
+            }
         };
         TlsInputs { default, sni: self.sni.clone(), client_ca: self.client_ca.clone(), client_auth: self.client_auth }
     }
 
     /// Settings bound to sockets or files opened at start. A reload keeps the running values of
     /// these (copied from `running`) and returns the names of those the new config changed.
-    pub fn keep_restart_only(&mut self, running: &ProxyConfig) -> Vec<&'static str> {
+    pub(crate) fn keep_restart_only(&mut self, running: &ProxyConfig) -> Vec<&'static str> {
         let mut kept = Vec::new();
         if self.listen != running.listen {
             kept.push("listen");
@@ -251,7 +209,7 @@ impl ProxyConfig {
 }
 
 /// `CERT_FILE:KEY_FILE`, as given to `--sni-cert`.
-pub fn parse_cert_pair(s: &str) -> Result<CertPair, String> {
+pub(crate) fn parse_cert_pair(s: &str) -> Result<CertPair, String> {
     match s.split_once(':') {
         Some((cert, key)) if !cert.is_empty() && !key.is_empty() => Ok(CertPair { cert: cert.into(), key: key.into() }),
         _ => Err(format!("`{s}`: expected CERT_FILE:KEY_FILE")),
@@ -281,35 +239,5 @@ mod tests {
     fn host_header_is_the_upstream_authority_with_its_port() {
         assert_eq!(parse_upstream("http://127.0.0.1:8080").unwrap().host_header(), "127.0.0.1:8080");
         assert_eq!(parse_upstream("http://app").unwrap().host_header(), "app:80");
-    }
-
-    fn config_from(argv: &[&str]) -> ProxyConfig {
-        let mut full = vec!["sidecar", "proxy", "--upstream", "http://127.0.0.1:1"];
-        full.extend_from_slice(argv);
-        match crate::cli::parse_from(full).unwrap().command {
-            crate::cli::Command::Proxy(args) => ProxyConfig::from_args(&args),
-            _ => unreachable!("a proxy command line"),
-        }
-    }
-
-    #[test]
-    fn proxy_protocol_is_off_by_default_on_by_flag_or_file_and_needs_a_restart() {
-        assert!(!config_from(&[]).proxy_protocol);
-        assert!(config_from(&["--proxy-protocol"]).proxy_protocol);
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("sidecar.toml");
-        std::fs::write(&file, "[proxy]\nproxy-protocol = true\n").unwrap();
-        let on = config_from(&["--config", file.to_str().unwrap()]);
-        assert!(on.proxy_protocol);
-        // A flag turns off what the file turned on.
-        assert!(!config_from(&["--config", file.to_str().unwrap(), "--proxy-protocol=false"]).proxy_protocol);
-        std::fs::write(&file, "[proxy]\nproxy_protocol = false\n").unwrap();
-        let mut off = config_from(&["--config", file.to_str().unwrap()]);
-        assert!(!off.proxy_protocol);
-
-        // A reload that turns it off keeps it on, and says so.
-        assert_eq!(off.keep_restart_only(&on), vec!["proxy-protocol"]);
-        assert!(off.proxy_protocol);
-        assert_eq!(off, on);
     }
 }

@@ -7,9 +7,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-/// Spawns a task that cancels the returned token on the first SIGTERM or SIGINT, and exits the
-/// process at once on a second one (an operator who presses Ctrl-C twice means it).
-pub fn on_signals() -> std::io::Result<CancellationToken> {
+use super::open_files::accept_error_hint;
+use crate::metrics::metrics;
+
+/// Spawns a task that cancels the returned token on the first SIGTERM or SIGINT, and calls
+/// `on_second` on a second one (an operator who presses Ctrl-C twice means it).
+pub(crate) fn on_signals(on_second: impl FnOnce() + Send + 'static) -> std::io::Result<CancellationToken> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let token = CancellationToken::new();
@@ -25,8 +28,7 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
             _ = term.recv() => {},
             _ = int.recv() => {},
         }
-        tracing::warn!("second signal received: exiting without waiting for the drain");
-        std::process::exit(1);
+        on_second();
     });
     Ok(token)
 }
@@ -34,7 +36,7 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
 /// The next connection on `listener`, or `None` once `stop` is cancelled. A failed accept (out
 /// of file descriptors or similar) is logged, naming the listener `what` and its address, and
 /// tried again after a pause instead of spinning; a run of failures is logged every 10 seconds.
-pub async fn accept_until(
+pub(crate) async fn accept_until(
     listener: &TcpListener,
     stop: &CancellationToken,
     what: &str,
@@ -45,12 +47,12 @@ pub async fn accept_until(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => return Some(pair),
                 Err(e) => {
-                    crate::metrics::metrics().accept_failed();
+                    metrics().accept_failed();
                     let now = tokio::time::Instant::now();
                     if last_warning.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10)) {
                         last_warning = Some(now);
                         let on = listener.local_addr().map(|a| format!(" on {a}")).unwrap_or_default();
-                        match crate::open_files::accept_error_hint(&e) {
+                        match accept_error_hint(&e) {
                             Some(hint) => tracing::warn!("{what}{on}: accept failed: {e}: {hint}"),
                             None => tracing::warn!("{what}{on}: accept failed: {e}"),
                         }

@@ -7,17 +7,17 @@
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::live::{LiveState, ServingSnapshot};
 use crate::config::ProxyConfig;
-use crate::file_watch::{parent_dir, DirectoryWatch};
-use crate::server::ServingSnapshot;
-use crate::tls::{TlsContext, TlsSnapshot, TlsState};
+use crate::sys::file_watch::DirectoryWatch;
+use crate::sys::parent_dir;
+use crate::tls::TlsSnapshot;
 
 /// How long a writer gets to finish a multi-file change (certificate, then key) before an
 /// invalid state is reported as an error.
@@ -25,7 +25,7 @@ const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a reload runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
+pub(crate) enum Trigger {
     FileChange,
     Signal,
     Admin,
@@ -41,35 +41,26 @@ impl Trigger {
     }
 }
 
-/// Counters of reload outcomes, per kind.
-#[derive(Debug, Default)]
-pub struct ReloadStats {
-    pub config_ok: AtomicU64,
-    pub config_failed: AtomicU64,
-    pub tls_ok: AtomicU64,
-    pub tls_failed: AtomicU64,
-}
+/// Reads the proxy's configuration again, as it was first read (flags and environment still win
+/// over the `--config` file), when that file changes. The process entry knows how; the server
+/// only calls it.
+pub(crate) type ConfigSource = Box<dyn Fn() -> Result<ProxyConfig, ConfigSourceError> + Send>;
 
-/// Everything that can change while the proxy runs. Readers load; only the reloader stores.
-pub struct LiveState {
-    pub serving: ArcSwap<ServingSnapshot>,
-    pub tls: TlsState,
-    pub tls_context: TlsContext,
-    pub stats: ReloadStats,
-}
+/// Why the configuration could not be read again; its message names the file and the cause.
+pub(crate) type ConfigSourceError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What one reload did, for logs and callers that asked for it.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ReloadOutcome {
-    pub config_changed: bool,
-    pub tls_changed: bool,
-    pub errors: Vec<String>,
+pub(crate) struct ReloadOutcome {
+    pub(crate) config_changed: bool,
+    pub(crate) tls_changed: bool,
+    pub(crate) errors: Vec<String>,
 }
 
-pub struct Reloader {
+pub(crate) struct Reloader {
     live: Arc<LiveState>,
-    /// The original command line, re-parsed when the `--config` file changes.
-    argv: Option<Vec<OsString>>,
+    /// Reads the configuration again when the `--config` file changes.
+    config_source: Option<ConfigSource>,
     triggers: mpsc::UnboundedSender<Trigger>,
     receiver: mpsc::UnboundedReceiver<Trigger>,
     requests: mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>,
@@ -81,7 +72,7 @@ pub struct Reloader {
 impl Reloader {
     /// Starts watching and takes over SIGHUP right away, so that once the proxy says it is
     /// listening no change can slip by unseen. Must be called within the Tokio runtime.
-    pub fn new(live: Arc<LiveState>, argv: Option<Vec<OsString>>) -> Reloader {
+    pub(crate) fn new(live: Arc<LiveState>, config_source: Option<ConfigSource>) -> Reloader {
         let (triggers, receiver) = mpsc::unbounded_channel();
         let (requests, request_receiver) = mpsc::unbounded_channel();
         let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -91,18 +82,19 @@ impl Reloader {
                 None
             }
         };
-        let mut reloader = Reloader { live, argv, triggers, receiver, requests, request_receiver, watch: None, hangup };
+        let mut reloader =
+            Reloader { live, config_source, triggers, receiver, requests, request_receiver, watch: None, hangup };
         reloader.rewatch();
         reloader
     }
 
     /// A handle that asks for a reload and waits for its outcome (the admin API's).
-    pub fn handle(&self) -> ReloadHandle {
+    pub(crate) fn handle(&self) -> ReloadHandle {
         ReloadHandle(self.requests.clone())
     }
 
     /// Rebuilds both snapshots now. Public so tests and the admin API can drive it directly.
-    pub fn reload(&mut self, trigger: Trigger) -> ReloadOutcome {
+    pub(crate) fn reload(&mut self, trigger: Trigger) -> ReloadOutcome {
         self.reload_attempt(trigger, true)
     }
 
@@ -130,7 +122,7 @@ impl Reloader {
             Ok(None) => (*running.config).clone(),
             Err(e) if !final_attempt => {
                 tracing::debug!("config reload ({}) not valid yet, will look again: {e}", trigger.as_str());
-                outcome.errors.push(e);
+                outcome.errors.push(e.to_string());
                 (*running.config).clone()
             }
             Err(e) => {
@@ -139,7 +131,7 @@ impl Reloader {
                     "config reload ({}) refused, the running config stays: {e} ({failed} failed config reloads so far)",
                     trigger.as_str()
                 );
-                outcome.errors.push(e);
+                outcome.errors.push(e.to_string());
                 (*running.config).clone()
             }
         };
@@ -177,10 +169,9 @@ impl Reloader {
     }
 
     /// `Ok(None)` when there is no config file or it says what is running already.
-    fn reload_config(&self, running: &ProxyConfig) -> Result<Option<ProxyConfig>, String> {
-        let (Some(argv), Some(file)) = (&self.argv, &running.config_file) else { return Ok(None) };
-        let args = crate::cli::reparse_proxy_args(argv).map_err(|e| e.to_string())?;
-        let mut new = ProxyConfig::from_args(&args);
+    fn reload_config(&self, running: &ProxyConfig) -> Result<Option<ProxyConfig>, ConfigSourceError> {
+        let (Some(config_source), Some(file)) = (&self.config_source, &running.config_file) else { return Ok(None) };
+        let mut new = config_source()?;
         for setting in new.keep_restart_only(running) {
             tracing::warn!(
                 "{} changed `{setting}`: that needs a restart; the running value stays, the rest applies",
@@ -221,7 +212,7 @@ impl Reloader {
     /// Runs until `shutdown`: watches files and listens for SIGHUP. File changes are
     /// debounced (a burst becomes one reload once quiet); SIGHUP and admin requests, being
     /// explicit, reload at once.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let mut hangup = self.hangup.take();
         // A file-triggered reload that fails is tried once more after another quiet period
         // before it is reported: writers often replace a certificate and its key one by one.
@@ -264,18 +255,18 @@ impl Reloader {
 
 /// Asks the running reloader for a reload now.
 #[derive(Clone)]
-pub struct ReloadHandle(mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>);
+pub(crate) struct ReloadHandle(mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>);
 
 impl ReloadHandle {
     /// `None` when the reloader has stopped (the process is shutting down).
-    pub async fn reload(&self) -> Option<ReloadOutcome> {
+    pub(crate) async fn reload(&self) -> Option<ReloadOutcome> {
         let (reply, outcome) = oneshot::channel();
         self.0.send(reply).ok()?;
         outcome.await.ok()
     }
 }
 
-pub fn log_certificates(what: &str, trigger: Trigger, snapshot: &TlsSnapshot) {
+pub(crate) fn log_certificates(what: &str, trigger: Trigger, snapshot: &TlsSnapshot) {
     for cert in snapshot.certs() {
         tracing::info!("{what} ({}): {} from {}", trigger.as_str(), cert.info, cert.cert_path.display());
     }

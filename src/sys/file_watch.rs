@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use notify::{EventKindMask, RecommendedWatcher, RecursiveMode, Watcher};
 
@@ -26,7 +26,7 @@ fn change_kinds() -> EventKindMask {
 
 /// Watches `dirs` and calls `on_change` for each event naming one of `names` or a name that
 /// starts with `..` (Kubernetes' `..data` and the timestamped directory it points to).
-pub struct DirectoryWatch {
+pub(crate) struct DirectoryWatch {
     _watcher: RecommendedWatcher,
     dirs: BTreeSet<PathBuf>,
     names: BTreeSet<OsString>,
@@ -35,7 +35,7 @@ pub struct DirectoryWatch {
 impl DirectoryWatch {
     /// Fails only when no watcher can be made; a directory that cannot be watched is returned
     /// with its error, and the others are watched.
-    pub fn new(
+    pub(crate) fn new(
         dirs: BTreeSet<PathBuf>,
         names: BTreeSet<OsString>,
         on_change: impl Fn() + Send + 'static,
@@ -63,15 +63,7 @@ impl DirectoryWatch {
 
     /// Whether this watch was made for these directories (those that could not be watched
     /// included) and these names.
-    pub fn is_for(&self, dirs: &BTreeSet<PathBuf>, names: &BTreeSet<OsString>) -> bool {
+    pub(crate) fn is_for(&self, dirs: &BTreeSet<PathBuf>, names: &BTreeSet<OsString>) -> bool {
         self.dirs == *dirs && self.names == *names
-    }
-}
-
-/// The directory holding `file`: `.` for a bare file name.
-pub fn parent_dir(file: &Path) -> PathBuf {
-    match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
     }
 }

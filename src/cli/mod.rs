@@ -1,20 +1,30 @@
-//! Command-line interface: clap definitions, the config-file layering, and the process entry.
+//! Everything that knows clap or the TOML file: the command-line definitions, the config-file
+//! layering ([`file`]), `sidecar check`'s reading of them ([`check`]), and the conversion of
+//! arguments into the runtime settings the roles take ([`convert`]: `ProxyConfig`, `SyncSpec`).
 //!
 //! Precedence is flag > environment variable > `--config` file > built-in default. The file's
 //! values are injected as clap defaults, so one parser applies all four layers and `--help`
 //! shows the built-in defaults.
 
+pub(crate) mod check;
+mod convert;
+pub mod file;
+
 use std::ffi::OsString;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::config::{self, ForwardedPolicy, Upstream};
+use crate::access_log::{parse_target, AccessLogFormat, AccessLogTarget};
+use crate::config::{parse_cert_pair, parse_upstream, ForwardedPolicy, Upstream};
+use crate::devca::DEFAULT_NAMES;
+use crate::sync::spec::{parse_http_url, parse_signal, parse_source, SignalName, SourceSpec, ValidateFormat};
+use crate::sys::logging::LogFormat;
+use crate::tls::{CertPair, ClientAuth};
+use file::{load_proxy_defaults, FileError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,7 +43,7 @@ pub struct Cli {
 
     /// Log lines as human-readable `text` or one JSON object per line (`json`)
     #[arg(long, global = true, env = "SIDECAR_LOG_FORMAT", value_enum, default_value = "text", value_name = "FORMAT")]
-    pub log_format: crate::logging::LogFormat,
+    pub log_format: LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
@@ -117,8 +127,8 @@ runs each [[sync]] table of FILE (keys are these option names) beside the proxy.
 pub struct SyncArgs {
     /// Where the config comes from: etcd://HOST:PORT/KEY, consul://HOST:PORT/KEY, http(s)://URL,
     /// or a file path
-    #[arg(long, env = "SIDECAR_SYNC_SOURCE", value_name = "URL", value_parser = crate::sync::spec::parse_source)]
-    pub source: crate::sync::spec::SourceSpec,
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE", value_name = "URL", value_parser = parse_source)]
+    pub source: SourceSpec,
 
     /// The app's config file to keep in step (written atomically)
     #[arg(long, env = "SIDECAR_SYNC_DEST", value_name = "FILE")]
@@ -138,15 +148,15 @@ pub struct SyncArgs {
     pub process_name: Option<String>,
 
     /// Signal that tells the app to reload, with --pid-file or --process-name
-    #[arg(long, env = "SIDECAR_SYNC_SIGNAL", value_name = "SIGNAL", default_value = "HUP", value_parser = crate::sync::spec::parse_signal)]
-    pub signal: crate::sync::spec::SignalName,
+    #[arg(long, env = "SIDECAR_SYNC_SIGNAL", value_name = "SIGNAL", default_value = "HUP", value_parser = parse_signal)]
+    pub signal: SignalName,
 
     /// Send signals to the app's whole process group (its pid as group id)
     #[arg(long, env = "SIDECAR_SYNC_PROCESS_GROUP")]
     pub process_group: bool,
 
     /// POST to this URL to make the app reload (any 2xx answer is success)
-    #[arg(long, env = "SIDECAR_SYNC_RELOAD_URL", value_name = "URL", value_parser = crate::sync::spec::parse_http_url)]
+    #[arg(long, env = "SIDECAR_SYNC_RELOAD_URL", value_name = "URL", value_parser = parse_http_url)]
     pub reload_url: Option<http::Uri>,
 
     /// Run this shell command to make the app reload (exit 0 is success); it gets
@@ -156,7 +166,7 @@ pub struct SyncArgs {
 
     /// After notifying the app, poll this URL: it must answer 2xx, without a break, for a fifth
     /// of --health-timeout (at most 3s) within --health-timeout, else the change is rolled back
-    #[arg(long, env = "SIDECAR_SYNC_HEALTH_URL", value_name = "URL", value_parser = crate::sync::spec::parse_http_url)]
+    #[arg(long, env = "SIDECAR_SYNC_HEALTH_URL", value_name = "URL", value_parser = parse_http_url)]
     pub health_url: Option<http::Uri>,
 
     /// How long the app has to become healthy after a change
@@ -170,7 +180,7 @@ pub struct SyncArgs {
 
     /// Refuse a new version that does not parse as this format
     #[arg(long, env = "SIDECAR_SYNC_VALIDATE", value_enum, value_name = "FORMAT")]
-    pub validate: Option<crate::sync::spec::ValidateFormat>,
+    pub validate: Option<ValidateFormat>,
 
     /// Refuse a new version when this shell command fails on it; `{}` is replaced by the path
     /// of the candidate file (in the destination's directory, same extension)
@@ -250,7 +260,7 @@ pub struct CertArgs {
     pub dir: Option<PathBuf>,
 
     /// Host names (also *.wildcards) and IP addresses the certificate is for
-    #[arg(value_name = "NAMES", default_values = crate::devca::DEFAULT_NAMES)]
+    #[arg(value_name = "NAMES", default_values = DEFAULT_NAMES)]
     pub names: Vec<String>,
 }
 
@@ -279,7 +289,7 @@ pub struct ProxyArgs {
     pub config: Option<PathBuf>,
 
     /// The plain-HTTP app to forward to, as http://HOST:PORT (normally on loopback)
-    #[arg(long, env = "SIDECAR_UPSTREAM", value_name = "URL", value_parser = config::parse_upstream)]
+    #[arg(long, env = "SIDECAR_UPSTREAM", value_name = "URL", value_parser = parse_upstream)]
     pub upstream: Upstream,
 
     /// Address to serve HTTPS on (port 0 picks a free port, printed at start)
@@ -296,8 +306,8 @@ pub struct ProxyArgs {
 
     /// An extra certificate, served to clients whose SNI matches one of the DNS names in its
     /// subjectAltName (exact or *.wildcard); repeat for more. Others get --cert
-    #[arg(long, env = "SIDECAR_SNI_CERTS", value_name = "CERT:KEY", value_delimiter = ',', value_parser = config::parse_cert_pair)]
-    pub sni_cert: Vec<crate::tls::CertPair>,
+    #[arg(long, env = "SIDECAR_SNI_CERTS", value_name = "CERT:KEY", value_delimiter = ',', value_parser = parse_cert_pair)]
+    pub sni_cert: Vec<CertPair>,
 
     /// PEM CA bundle for client certificates (mutual TLS); the verified subject is passed
     /// upstream in X-Client-Cert-Subject, and clients cannot set that header themselves
@@ -306,7 +316,7 @@ pub struct ProxyArgs {
 
     /// With --client-ca: `require` a client certificate, or only `request` one
     #[arg(long, env = "SIDECAR_CLIENT_AUTH", value_enum, default_value = "require", value_name = "MODE")]
-    pub client_auth: crate::tls::ClientAuth,
+    pub client_auth: ClientAuth,
 
     /// Quiet time after a change to a watched file (certificates, keys, client CA, --config)
     /// before it is reloaded, so that a burst of writes becomes one reload
@@ -375,13 +385,13 @@ pub struct ProxyArgs {
 
     /// Write an access log line per request to `stdout`, `stderr` or a file (appended);
     /// lines are written by their own thread and dropped (counted) rather than slow requests
-    #[arg(long, env = "SIDECAR_ACCESS_LOG", value_name = "TARGET", default_value = "off", value_parser = crate::access_log::parse_target)]
-    pub access_log: crate::access_log::AccessLogTarget,
+    #[arg(long, env = "SIDECAR_ACCESS_LOG", value_name = "TARGET", default_value = "off", value_parser = parse_target)]
+    pub access_log: AccessLogTarget,
 
     /// Access log lines as `combined` (nginx/Apache style plus timings, TLS version, ALPN) or
     /// `json`
     #[arg(long, env = "SIDECAR_ACCESS_LOG_FORMAT", value_enum, default_value = "combined", value_name = "FORMAT")]
-    pub access_log_format: crate::access_log::AccessLogFormat,
+    pub access_log_format: AccessLogFormat,
 
     /// Worker threads serving connections, each with its own event loop, listening socket
     /// (SO_REUSEPORT: the kernel spreads new connections) and upstream pool [default: one per CPU]
@@ -421,7 +431,7 @@ pub struct ProxyArgs {
     pub public_https_port: Option<u16>,
 }
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 5m)"))
 }
 
@@ -444,7 +454,7 @@ where
 
     let mut command = Cli::command();
     if let Some(path) = &config_path {
-        for default in config::file::load_proxy_defaults(path)? {
+        for default in load_proxy_defaults(path)? {
             // A value from the file satisfies a required option.
             let apply = |arg: clap::Arg| arg.default_values(default.values.clone()).required(false);
             command = match default.global {
@@ -486,7 +496,7 @@ where
 
 /// The proxy's options parsed again from the original command line (so flags and environment
 /// still win over the file), for a reload after the `--config` file changed.
-pub fn reparse_proxy_args(argv: &[OsString]) -> Result<ProxyArgs, CliError> {
+pub(crate) fn reparse_proxy_args(argv: &[OsString]) -> Result<ProxyArgs, CliError> {
     match parse_from(argv.iter().cloned())?.command {
         Command::Proxy(args) => Ok(args),
         _ => Err(CliError::Usage(clap::Error::raw(ErrorKind::InvalidSubcommand, "not a proxy command line"))),
@@ -500,7 +510,7 @@ pub enum CliError {
     #[error(transparent)]
     Usage(#[from] clap::Error),
     #[error(transparent)]
-    File(#[from] config::file::FileError),
+    File(#[from] FileError),
     #[error("config file {}: {}", path.display(), first_line(rendered))]
     FileValue { path: PathBuf, message: String, rendered: String },
 }
@@ -511,134 +521,7 @@ fn first_line(rendered: &str) -> &str {
 }
 
 /// The subcommand named on the command line, if it parses that far (`--help` does not).
-fn invoked_subcommand(argv: &[OsString]) -> Option<String> {
+pub(crate) fn invoked_subcommand(argv: &[OsString]) -> Option<String> {
     let matches = Cli::command().ignore_errors(true).try_get_matches_from(argv).ok()?;
     matches.subcommand_name().map(str::to_owned)
-}
-
-/// The process entry point: parse, set up logging, run the role, map failure to exit code 2.
-pub fn main() -> ExitCode {
-    let argv: Vec<OsString> = std::env::args_os().collect();
-    // `check` parses the same options its own way, so that it can report every bad value
-    // rather than stop at the first as `parse_from` does.
-    if invoked_subcommand(&argv).as_deref() == Some("check") {
-        return crate::check::main(&argv);
-    }
-    let cli = match parse_from(argv.clone()) {
-        Ok(cli) => cli,
-        Err(CliError::Usage(e)) => e.exit(),
-        Err(e) => {
-            eprintln!("sidecar: error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match cli.command {
-        Command::Proxy(args) => {
-            crate::logging::init(&cli.log_level, cli.log_format);
-            run_proxy(args, argv)
-        }
-        Command::Sync(args) => {
-            crate::logging::init(&cli.log_level, cli.log_format);
-            crate::sync::run_sync(args)
-        }
-        // One-shot commands print their results; they have nothing to log.
-        Command::Check(_) => crate::check::main(&argv),
-        Command::Cert(args) => crate::devca::main(&args),
-        Command::Generate(what) => generate(what),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum GenerateError {
-    #[error("cannot create directory {}: {source}", path.display())]
-    CreateDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: std::io::Error },
-    #[error("cannot write to stdout: {0}")]
-    Stdout(std::io::Error),
-}
-
-/// `sidecar generate`: everything comes from `Cli::command()`, so completions and man pages
-/// always match the binary that made them.
-fn generate(what: GenerateCommand) -> ExitCode {
-    match generate_to(what, &mut std::io::stdout().lock()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sidecar: error: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// A page titled in capitals, as man pages are (`.TH SIDECAR-PROXY 1`), every one naming the
-/// release it documents (clap knows the version of the top-level command only).
-fn man_page(command: clap::Command) -> clap_mangen::Man {
-    let title = command.get_display_name().unwrap_or_else(|| command.get_name()).to_uppercase();
-    clap_mangen::Man::new(command).title(title).source(format!("sidecar {}", env!("CARGO_PKG_VERSION")))
-}
-
-pub fn generate_to(what: GenerateCommand, out: &mut dyn std::io::Write) -> Result<(), GenerateError> {
-    let mut command = Cli::command();
-    let mut text = Vec::new();
-    match what {
-        GenerateCommand::Completions { shell } => clap_complete::generate(shell, &mut command, "sidecar", &mut text),
-        // clap's implicit `help` subcommand would be listed as a page sidecar-help(1) that is
-        // never written; `--help` is documented on every page anyway.
-        GenerateCommand::Man { dir: None } => {
-            man_page(command.disable_help_subcommand(true)).render(&mut text).map_err(GenerateError::Stdout)?
-        }
-        GenerateCommand::Man { dir: Some(dir) } => {
-            std::fs::create_dir_all(&dir).map_err(|source| GenerateError::CreateDir { path: dir.clone(), source })?;
-            // Built first so that subcommands carry their full names (sidecar-proxy), as
-            // clap_mangen::generate_to does; written here to name each file written.
-            command = command.disable_help_subcommand(true);
-            command.build();
-            let pages =
-                std::iter::once(command.clone()).chain(command.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
-            for page in pages {
-                let man = man_page(page);
-                let path = dir.join(man.get_filename());
-                let mut roff = Vec::new();
-                man.render(&mut roff).map_err(|source| GenerateError::Write { path: path.clone(), source })?;
-                std::fs::write(&path, roff).map_err(|source| GenerateError::Write { path: path.clone(), source })?;
-                writeln!(text, "wrote {}", path.display()).map_err(GenerateError::Stdout)?;
-            }
-        }
-    }
-    out.write_all(&text).and_then(|()| out.flush()).map_err(GenerateError::Stdout)
-}
-
-/// The runtime a role's control thread runs on; failing to build one is a start-up error.
-pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
-        tracing::error!("cannot start the async runtime: {e}");
-        ExitCode::from(2)
-    })
-}
-
-fn run_proxy(args: ProxyArgs, argv: Vec<OsString>) -> ExitCode {
-    crate::open_files::raise_soft_limit();
-    // This thread runs signals, reloads and the admin API; connections run on worker threads.
-    let runtime = match current_thread_runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    runtime.block_on(async move {
-        let shutdown = match crate::shutdown::on_signals() {
-            Ok(token) => token,
-            Err(e) => {
-                tracing::error!("cannot install signal handlers: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        let server = match crate::server::ProxyServer::start(args, Some(argv), shutdown).await {
-            Ok(server) => server,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::from(2);
-            }
-        };
-        server.run().await;
-        ExitCode::SUCCESS
-    })
 }

@@ -24,7 +24,7 @@ const COLLECT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Hands the calling thread's freed memory back every [`COLLECT_INTERVAL`] until `stop` is
 /// cancelled. Run it on every current-thread runtime: the main one and each worker's.
-pub async fn return_freed_memory(stop: CancellationToken) {
+pub(crate) async fn return_freed_memory(stop: CancellationToken) {
     let mut tick = tokio::time::interval(COLLECT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
