@@ -160,52 +160,77 @@ impl ProxyConfig {
         TlsInputs { default, sni: self.sni.clone(), client_ca: self.client_ca.clone(), client_auth: self.client_auth }
     }
 
-    /// Settings bound to sockets or files opened at start. A reload keeps the running values of
-    /// these (copied from `running`) and returns the names of those the new config changed.
+    /// Settings bound to sockets or files opened at start ([`RESTART_ONLY`]). A reload keeps
+    /// the running values of these (copied from `running`) and returns the names of those the
+    /// new config changed.
     pub(crate) fn keep_restart_only(&mut self, running: &ProxyConfig) -> Vec<&'static str> {
-        let mut kept = Vec::new();
-        if self.listen != running.listen {
-            kept.push("listen");
-            self.listen = running.listen;
-        }
-        if self.limits.max_connections != running.limits.max_connections {
-            kept.push("max-connections");
-            self.limits.max_connections = running.limits.max_connections;
-        }
-        if self.redirect_http != running.redirect_http || self.public_https_port != running.public_https_port {
-            kept.push("redirect-http/public-https-port");
-            self.redirect_http = running.redirect_http;
-            self.public_https_port = running.public_https_port;
-        }
-        if self.access_log != running.access_log || self.access_log_format != running.access_log_format {
-            kept.push("access-log/access-log-format");
-            self.access_log = running.access_log.clone();
-            self.access_log_format = running.access_log_format;
-        }
-        if self.workers != running.workers {
-            kept.push("workers");
-            self.workers = running.workers;
-        }
-        // It must change together with the balancer in front: flipped live, every connection
-        // from the side not yet switched would be refused (or misread) until the other follows.
-        if self.proxy_protocol != running.proxy_protocol {
-            kept.push("proxy-protocol");
-            self.proxy_protocol = running.proxy_protocol;
-        }
-        if self.admin != running.admin || self.admin_token_file != running.admin_token_file {
-            kept.push("admin/admin-token-file");
-            self.admin = running.admin;
-            self.admin_token_file = running.admin_token_file.clone();
-        }
-        if matches!(self.cert, CertSource::DevSelfSigned { .. })
-            != matches!(running.cert, CertSource::DevSelfSigned { .. })
-            || matches!((&self.cert, &running.cert), (CertSource::DevSelfSigned { state_dir: a }, CertSource::DevSelfSigned { state_dir: b }) if a != b)
-        {
-            kept.push("cert/key (switching to or from the development certificate)");
-            self.cert = running.cert.clone();
-        }
-        kept
+        RESTART_ONLY.iter().filter(|setting| (setting.keep)(self, running)).map(|setting| setting.names).collect()
     }
+}
+
+/// A setting bound to sockets, threads or files opened at start: a reload keeps its running
+/// value and says so.
+pub(crate) struct RestartOnly {
+    /// The options, as `--help` and the log name them.
+    pub(crate) names: &'static str,
+    /// Copies the running value into the new config; `true` when the new one differed.
+    keep: fn(&mut ProxyConfig, &ProxyConfig) -> bool,
+}
+
+/// Every restart-only setting: the reloader keeps them and `sidecar proxy --help` lists them.
+pub(crate) const RESTART_ONLY: [RestartOnly; 8] = [
+    RestartOnly { names: "listen", keep: |new, running| keep(&mut new.listen, &running.listen) },
+    RestartOnly {
+        names: "max-connections",
+        keep: |new, running| keep(&mut new.limits.max_connections, &running.limits.max_connections),
+    },
+    RestartOnly {
+        names: "redirect-http/public-https-port",
+        keep: |new, running| {
+            keep(&mut new.redirect_http, &running.redirect_http)
+                | keep(&mut new.public_https_port, &running.public_https_port)
+        },
+    },
+    RestartOnly {
+        names: "access-log/access-log-format",
+        keep: |new, running| {
+            keep(&mut new.access_log, &running.access_log)
+                | keep(&mut new.access_log_format, &running.access_log_format)
+        },
+    },
+    RestartOnly { names: "workers", keep: |new, running| keep(&mut new.workers, &running.workers) },
+    // It must change together with the balancer in front: flipped live, every connection from
+    // the side not yet switched would be refused (or misread) until the other follows.
+    RestartOnly {
+        names: "proxy-protocol",
+        keep: |new, running| keep(&mut new.proxy_protocol, &running.proxy_protocol),
+    },
+    RestartOnly {
+        names: "admin/admin-token-file",
+        keep: |new, running| {
+            keep(&mut new.admin, &running.admin) | keep(&mut new.admin_token_file, &running.admin_token_file)
+        },
+    },
+    RestartOnly {
+        names: "cert/key (switching to or from the development certificate)",
+        keep: |new, running| {
+            let dev = |cert: &CertSource| matches!(cert, CertSource::DevSelfSigned { .. });
+            let changed = dev(&new.cert) != dev(&running.cert) || dev(&new.cert) && new.cert != running.cert;
+            if changed {
+                new.cert = running.cert.clone();
+            }
+            changed
+        },
+    },
+];
+
+/// Puts `running` into `new`; `true` when they differed.
+fn keep<T: PartialEq + Clone>(new: &mut T, running: &T) -> bool {
+    let differed = new != running;
+    if differed {
+        *new = running.clone();
+    }
+    differed
 }
 
 /// `CERT_FILE:KEY_FILE`, as given to `--sni-cert`.

@@ -293,7 +293,9 @@ async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResp
                     json_response(code, json!(report))
                 }
                 Err(RollbackError::UnknownName(name)) => unknown_destination(&name),
-                Err(RollbackError::Refused(e)) => json_response(StatusCode::CONFLICT, json!({ "error": e })),
+                Err(RollbackError::Refused(e)) => {
+                    json_response(StatusCode::CONFLICT, json!({ "error": e.to_string() }))
+                }
                 Err(e @ RollbackError::Stopped) => {
                     json_response(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e.to_string() }))
                 }

@@ -19,7 +19,7 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::access_log::{parse_target, AccessLogFormat, AccessLogTarget};
-use crate::config::{parse_cert_pair, parse_upstream, ForwardedPolicy, Upstream};
+use crate::config::{parse_cert_pair, parse_upstream, ForwardedPolicy, Upstream, RESTART_ONLY};
 use crate::devca::DEFAULT_NAMES;
 use crate::sync::spec::{parse_http_url, parse_signal, parse_source, SignalName, SourceSpec, ValidateFormat};
 use crate::sys::logging::LogFormat;
@@ -54,7 +54,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Terminate TLS (HTTP/1.1 and HTTP/2) and forward to a plain-HTTP app over pooled HTTP/1.1
-    #[command(after_help = PROXY_AFTER_HELP)]
+    #[command(after_help = proxy_after_help())]
     Proxy(ProxyArgs),
     /// Keep a config file in step with a config API (etcd, Consul, HTTP, a file): write it
     /// atomically, signal the app, verify its health, roll back a bad version
@@ -89,7 +89,12 @@ mode 0600. The output says how to use the certificate with `sidecar proxy` and h
 machine, and Firefox, trust the CA. Anyone holding ca-key.pem can make certificates that a
 machine trusting the CA accepts: keep it private, and never use the CA outside development.";
 
-const PROXY_AFTER_HELP: &str = "\
+/// `sidecar proxy --help`'s closing text; the restart-only settings come from the list the
+/// reloader uses.
+fn proxy_after_help() -> String {
+    let restart_only: Vec<&str> = RESTART_ONLY.iter().map(|setting| setting.names).collect();
+    format!(
+        "\
 Every option can also come from its environment variable, or from the [proxy] table of the TOML
 file given with --config, whose keys are the long option names:
 
@@ -104,10 +109,12 @@ A flag wins over its environment variable, which wins over the file.
 
 Certificates, keys, the client CA and the --config file are watched and reloaded live (also on
 SIGHUP): a new file is validated first, and a bad one is refused while the old one keeps
-serving. listen, max-connections, workers, redirect-http, admin, access-log, proxy-protocol
-and the log settings need a restart.
+serving. These need a restart (a reload keeps their running values): {}, and the log settings.
 Without --cert/--key, a self-signed certificate for localhost, 127.0.0.1 and ::1 is created
-under --state-dir and reused on later starts.";
+under --state-dir and reused on later starts.",
+        restart_only.join(", ")
+    )
+}
 
 const SYNC_AFTER_HELP: &str = "\
 Sources: etcd://HOST:PORT/KEY (etcd v3, read then watched), consul://HOST:PORT/KEY[?wait=5m]

@@ -160,9 +160,12 @@ pub fn parse_response(
             if !switching && fields.is_hop_by_hop(index, field.name) {
                 continue;
             }
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            spans.push((name as u32, field.name.len() as u32, value as u32, field.value.len() as u32));
+            spans.push(FieldSpan {
+                name_at: (field.name.as_ptr() as usize - base) as u32,
+                name_len: field.name.len() as u32,
+                value_at: (field.value.as_ptr() as usize - base) as u32,
+                value_len: field.value.len() as u32,
+            });
         }
         let head = buf.split_to(head_len).freeze();
         let headers = reader.fields(&head, &spans)?;
@@ -186,10 +189,19 @@ pub struct HeadReader {
     /// The last response's forwarded fields with empty values, when no name came twice (the
     /// values are then in the order of the head's fields).
     template: Option<HeaderMap>,
-    /// Where each forwarded field of the head being read lies in it (name offset and length,
-    /// value offset and length), so that the values can share its bytes. Kept to be reused: a
-    /// fresh array the size of `MAX_HEADERS` was zeroed for every response.
-    spans: Vec<(u32, u32, u32, u32)>,
+    /// Where each forwarded field of the head being read lies in it, so that the values can
+    /// share its bytes. Kept to be reused: a fresh array the size of `MAX_HEADERS` was zeroed
+    /// for every response.
+    spans: Vec<FieldSpan>,
+}
+
+/// Where one field's name and value lie in the response head, as offsets from its start.
+#[derive(Debug, Clone, Copy)]
+struct FieldSpan {
+    name_at: u32,
+    name_len: u32,
+    value_at: u32,
+    value_len: u32,
 }
 
 impl HeadReader {
@@ -197,10 +209,10 @@ impl HeadReader {
     const NAMES: usize = 32;
 
     /// The fields at `spans` of `head`.
-    fn fields(&mut self, head: &Bytes, spans: &[(u32, u32, u32, u32)]) -> Result<HeaderMap, ProtocolError> {
-        let name_of = |&(at, len, _, _): &(u32, u32, u32, u32)| &head[at as usize..(at + len) as usize];
-        let value_of = |&(_, _, at, len): &(u32, u32, u32, u32)| {
-            let value = head.slice(at as usize..(at + len) as usize);
+    fn fields(&mut self, head: &Bytes, spans: &[FieldSpan]) -> Result<HeaderMap, ProtocolError> {
+        let name_of = |span: &FieldSpan| &head[span.name_at as usize..(span.name_at + span.name_len) as usize];
+        let value_of = |span: &FieldSpan| {
+            let value = head.slice(span.value_at as usize..(span.value_at + span.value_len) as usize);
             // SAFETY: httparse admits in a field value exactly the bytes a `HeaderValue` may
             // hold (HTAB, SP to `~`, obs-text), which is what hyper relies on for the same call.
             #[allow(unsafe_code)]

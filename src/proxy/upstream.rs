@@ -61,7 +61,7 @@ pub(crate) enum UpstreamError {
     Closed,
     #[error("gave no response within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    #[error("{0}")]
+    #[error(transparent)]
     Protocol(#[from] ProtocolError),
     #[error("the client's request body failed: {0}")]
     ClientBody(hyper::Error),

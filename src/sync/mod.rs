@@ -32,7 +32,7 @@ use history::{HistoryError, Version};
 use source::{Source, SourceError};
 use spec::{SpecError, SyncSpec};
 use status::DestStatus;
-use worker::{RollbackReport, Worker, WorkerCommand};
+use worker::{RollbackRefused, RollbackReport, Worker, WorkerCommand};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SyncError {
@@ -61,8 +61,8 @@ pub(crate) struct SyncManager {
 pub(crate) enum RollbackError {
     #[error("no sync destination named `{0}`")]
     UnknownName(String),
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] RollbackRefused),
     #[error("the sync worker has stopped (shutting down)")]
     Stopped,
 }

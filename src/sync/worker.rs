@@ -23,7 +23,18 @@ use crate::sys::lock;
 
 /// Requests from the admin API.
 pub(crate) enum WorkerCommand {
-    Rollback { selector: Option<String>, reply: oneshot::Sender<Result<RollbackReport, String>> },
+    Rollback { selector: Option<String>, reply: oneshot::Sender<Result<RollbackReport, RollbackRefused>> },
+}
+
+/// Why a rollback asked for through the admin API was not attempted.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RollbackRefused {
+    #[error("sync {name}: no version `{selector}` in the history")]
+    NoSuchVersion { name: String, selector: String },
+    #[error("sync {name}: the history holds no earlier good version")]
+    NoEarlierGood { name: String },
+    #[error(transparent)]
+    History(#[from] HistoryError),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -563,21 +574,21 @@ impl Worker {
     /// The admin API's rollback: to `selector` (id or hash prefix) or the previous good
     /// version; written, notified and verified like any change. The source's current value is
     /// set aside so that it does not undo the rollback until the source changes.
-    async fn rollback(&mut self, selector: Option<String>) -> Result<RollbackReport, String> {
+    async fn rollback(&mut self, selector: Option<String>) -> Result<RollbackReport, RollbackRefused> {
         let current = file_hash(&self.spec.dest);
         let version = match &selector {
             Some(s) => self
                 .history
                 .find(s)
                 .cloned()
-                .ok_or_else(|| format!("sync {}: no version `{s}` in the history", self.name()))?,
+                .ok_or_else(|| RollbackRefused::NoSuchVersion { name: self.name().to_owned(), selector: s.clone() })?,
             None => self
                 .history
                 .previous_good(current.as_deref())
                 .cloned()
-                .ok_or_else(|| format!("sync {}: the history holds no earlier good version", self.name()))?,
+                .ok_or_else(|| RollbackRefused::NoEarlierGood { name: self.name().to_owned() })?,
         };
-        let content = self.history.content(&version).map_err(|e| e.to_string())?;
+        let content = self.history.content(&version)?;
         for hash in [self.latest.as_ref().map(|l| content_hash(&l.content)), current].into_iter().flatten() {
             if hash != version.hash && !self.history.state.rejected.contains(&hash) {
                 self.history.state.rejected.push(hash);

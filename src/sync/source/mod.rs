@@ -38,7 +38,7 @@ pub(crate) enum SourceMsg {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SourceError {
-    #[error("{0}")]
+    #[error(transparent)]
     Client(#[from] ClientError),
     #[error("{peer} answered {status} for {what}")]
     Status { peer: String, what: String, status: ::http::StatusCode },
