@@ -1,5 +1,6 @@
-//! `sidecar sync` with its admin API.
+//! `sidecar sync` with its admin API, and a builder for its command line.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -73,5 +74,64 @@ impl SyncProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// The arguments of `sidecar sync` for one source and destination, flag by flag, in the order
+/// given; `start` runs them as a [`SyncProcess`], as often as a test restarts it.
+pub struct SyncCommand {
+    args: Vec<String>,
+}
+
+impl SyncCommand {
+    /// `--source SOURCE --dest DEST`, each a URL or a path.
+    pub fn new(source: impl AsRef<OsStr>, dest: impl AsRef<OsStr>) -> SyncCommand {
+        SyncCommand { args: Vec::new() }.arg("--source", source).arg("--dest", dest)
+    }
+
+    /// `FLAG VALUE`, for any option.
+    pub fn arg(mut self, flag: &str, value: impl AsRef<OsStr>) -> SyncCommand {
+        let value = value.as_ref().to_str().unwrap_or_else(|| panic!("the value of {flag} is not UTF-8"));
+        self.args.extend([flag.to_owned(), value.to_owned()]);
+        self
+    }
+
+    /// A flag without a value, such as `--process-group`.
+    pub fn flag(mut self, flag: &str) -> SyncCommand {
+        self.args.push(flag.to_owned());
+        self
+    }
+
+    pub fn poll_interval(self, interval: &str) -> SyncCommand {
+        self.arg("--poll-interval", interval)
+    }
+
+    pub fn min_quiet(self, quiet: &str) -> SyncCommand {
+        self.arg("--min-quiet", quiet)
+    }
+
+    pub fn retry_max(self, max: &str) -> SyncCommand {
+        self.arg("--retry-max", max)
+    }
+
+    pub fn source_timeout(self, timeout: &str) -> SyncCommand {
+        self.arg("--source-timeout", timeout)
+    }
+
+    pub fn exec(self, command: &str) -> SyncCommand {
+        self.arg("--exec", command)
+    }
+
+    pub fn pid_file(self, path: impl AsRef<OsStr>) -> SyncCommand {
+        self.arg("--pid-file", path)
+    }
+
+    pub fn health_url(self, url: &str) -> SyncCommand {
+        self.arg("--health-url", url)
+    }
+
+    /// Starts `sidecar sync` with these arguments and waits for its admin API.
+    pub fn start(&self) -> SyncProcess {
+        SyncProcess::start(&self.args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 }
