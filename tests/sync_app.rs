@@ -7,17 +7,12 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use sidecar::sync::hash::content_hash;
 
 const T: Duration = Duration::from_secs(30);
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Waits until the app runs a config whose "v" is `v`.
 fn wait_app_version(app: &LegacyApp, v: u64) {
@@ -32,18 +27,7 @@ fn sighup_goes_to_the_pid_in_the_pid_file_read_again_at_every_signal() {
     write(&dest, "{\"v\": 1}");
     write(&source, "{\"v\": 1}");
     let app = LegacyApp::start(&dest, Some(&pid_file));
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--pid-file",
-        s(&pid_file),
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-    ]);
+    let sync = SyncCommand::new(&source, &dest).pid_file(&pid_file).poll_interval("100ms").min_quiet("50ms").start();
     sync.wait_state("config.json", "synced", T);
     assert_eq!(app.hups(), 0, "the file already matched: no signal at start");
 
@@ -73,19 +57,12 @@ fn a_process_found_by_name_is_signalled_with_its_process_group() {
     write(&source, "{\"v\": 1}");
     let app = LegacyApp::start_with(&script, &dest, None, true, true);
     app.proc.logs.wait_for("child ready", T);
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--process-name",
-        &name,
-        "--process-group",
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-    ]);
+    let sync = SyncCommand::new(&source, &dest)
+        .arg("--process-name", &name)
+        .flag("--process-group")
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     wait_app_version(&app, 2);
@@ -101,18 +78,8 @@ fn a_reload_url_is_posted() {
     write(&source, "{\"v\": 1}");
     let app = LegacyApp::start(&dest, None);
     let reload = format!("http://{}/reload", app.addr);
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--reload-url",
-        &reload,
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-    ]);
+    let sync =
+        SyncCommand::new(&source, &dest).arg("--reload-url", &reload).poll_interval("100ms").min_quiet("50ms").start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     wait_app_version(&app, 2);
@@ -128,25 +95,14 @@ fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the
     write(&dest, "{\"v\": 1}");
     write(&source, "{\"v\": 1}");
     let app = LegacyApp::start(&dest, Some(&pid_file));
-    let health_url = app.health_url();
     // The same sidecar each time it is (re)started in this test.
-    let args = [
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--pid-file",
-        s(&pid_file),
-        "--health-url",
-        &health_url,
-        "--health-timeout",
-        "2s",
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-    ];
-    let sync = SyncProcess::start(&args);
+    let command = SyncCommand::new(&source, &dest)
+        .pid_file(&pid_file)
+        .health_url(&app.health_url())
+        .arg("--health-timeout", "2s")
+        .poll_interval("100ms")
+        .min_quiet("50ms");
+    let sync = command.start();
     sync.wait_state("config.json", "synced", T);
 
     let bad = "{\"v\": 2, \"healthy\": false}";
@@ -172,7 +128,7 @@ fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the
     let (admin_before, mut sync) = (sync.admin, sync);
     sync.proc.signal("TERM");
     assert!(sync.proc.wait_exit(T).success());
-    let sync = SyncProcess::start(&args);
+    let sync = command.start();
     assert_ne!(sync.admin, admin_before);
     sync.wait_state("config.json", "rolled-back", T);
     sync.proc.logs.wait_for("was rejected before; not applied again", T);
@@ -200,24 +156,14 @@ fn an_app_that_stays_unhealthy_and_ignores_signals_gets_sigterm_then_sigkill() {
     write(&dest, "{\"v\": 1}");
     write(&source, "{\"v\": 1}");
     let mut app = LegacyApp::start(&dest, Some(&pid_file));
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--pid-file",
-        s(&pid_file),
-        "--health-url",
-        &app.health_url(),
-        "--health-timeout",
-        "1500ms",
-        "--kill-after",
-        "1s",
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-    ]);
+    let sync = SyncCommand::new(&source, &dest)
+        .pid_file(&pid_file)
+        .health_url(&app.health_url())
+        .arg("--health-timeout", "1500ms")
+        .arg("--kill-after", "1s")
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .start();
     sync.wait_state("config.json", "synced", T);
 
     // It takes this version, then becomes unhealthy and deaf to SIGHUP and SIGTERM.
@@ -250,22 +196,13 @@ fn a_missing_app_process_is_reported_and_the_last_good_version_kept() {
     gone.wait().unwrap();
     write(&pid_file, &format!("{dead}\n"));
     let health = format!("http://127.0.0.1:{}/healthz", free_port());
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--pid-file",
-        s(&pid_file),
-        "--health-url",
-        &health,
-        "--health-timeout",
-        "1s",
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-    ]);
+    let sync = SyncCommand::new(&source, &dest)
+        .pid_file(&pid_file)
+        .health_url(&health)
+        .arg("--health-timeout", "1s")
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     let status = sync.wait_state("config.json", "failed", T);

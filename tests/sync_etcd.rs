@@ -31,18 +31,7 @@ async fn reads_then_watches_and_resumes_from_the_last_revision_after_a_disconnec
     let dest = dir.path().join("config.json");
     let source = format!("etcd://{}{KEY}", relay.addr);
     let sync = tokio::task::block_in_place(|| {
-        SyncProcess::start(&[
-            "--source",
-            &source,
-            "--dest",
-            s(&dest),
-            "--min-quiet",
-            "50ms",
-            "--retry-max",
-            "300ms",
-            "--source-timeout",
-            "5s",
-        ])
+        SyncCommand::new(&source, &dest).min_quiet("50ms").retry_max("300ms").source_timeout("5s").start()
     });
     tokio::task::block_in_place(|| {
         wait_for_content(&dest, "{\"v\": 1}", T);
@@ -80,18 +69,7 @@ fn a_silently_stalled_watch_is_detected_reported_and_reconnected() {
     etcd.put(KEY, "one");
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("app.conf");
-    let sync = SyncProcess::start(&[
-        "--source",
-        &etcd.url(KEY),
-        "--dest",
-        s(&dest),
-        "--min-quiet",
-        "50ms",
-        "--retry-max",
-        "300ms",
-        "--source-timeout",
-        "1s",
-    ]);
+    let sync = SyncCommand::new(etcd.url(KEY), &dest).min_quiet("50ms").retry_max("300ms").source_timeout("1s").start();
     wait_for_content(&dest, "one", T);
     sync.wait_state("app.conf", "synced", T);
     // A quiet key with a healthy etcd is not a stall: the check after a silent second finds
@@ -141,18 +119,8 @@ fn a_deleted_or_oversized_value_leaves_the_file_and_an_etcd_down_at_start_is_ret
     );
 
     // Otherwise: start with the file as it is, not ready, retrying.
-    let sync = SyncProcess::start(&[
-        "--source",
-        &etcd.url(KEY),
-        "--dest",
-        s(&dest),
-        "--min-quiet",
-        "50ms",
-        "--retry-max",
-        "500ms",
-        "--max-size",
-        "1024",
-    ]);
+    let sync =
+        SyncCommand::new(etcd.url(KEY), &dest).min_quiet("50ms").retry_max("500ms").arg("--max-size", "1024").start();
     let status = sync.wait_state("app.conf", "not-synced", T);
     assert!(status["last_error"].as_str().unwrap().contains("cannot connect"), "{status:#}");
     let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();

@@ -52,20 +52,12 @@ fn a_change_is_written_atomically_keeping_mode_and_owner_notified_once_and_kept_
     }
     write(&source, "{\"v\": 1}\n");
     let (notified, exec) = exec_counter(dir.path());
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--min-quiet",
-        "50ms",
-        "--poll-interval",
-        "200ms",
-        "--history-keep",
-        "3",
-        "--exec",
-        &exec,
-    ]);
+    let sync = SyncCommand::new(&source, &dest)
+        .min_quiet("50ms")
+        .poll_interval("200ms")
+        .arg("--history-keep", "3")
+        .exec(&exec)
+        .start();
     wait_for_content(&dest, "{\"v\": 1}\n", T);
     wait_until("one notification", T, || count_lines(&notified) == 1);
     assert_eq!(read_text(&notified).trim(), content_hash(b"{\"v\": 1}\n"), "the exec notifier gets the new hash");
@@ -128,8 +120,7 @@ fn equal_content_is_neither_written_nor_signalled() {
     write(&dest, "same\n");
     let before = std::fs::metadata(&dest).unwrap();
     let (notified, exec) = exec_counter(dir.path());
-    let sync =
-        SyncProcess::start(&["--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--exec", &exec]);
+    let sync = SyncCommand::new(&source, &dest).poll_interval("100ms").exec(&exec).start();
     sync.wait_state("app.conf", "synced", T);
     // The source rewritten with the same bytes: read again, still nothing to do.
     replace_file(&source, "same\n");
@@ -147,24 +138,16 @@ fn a_restart_with_nothing_changed_notifies_nobody_and_a_change_made_while_down_i
     write(&source, "one\n");
     write(&dest, "zero\n");
     let (notified, exec) = exec_counter(dir.path());
-    let args = |extra: &[&str]| {
-        let mut a = vec!["--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--exec", &exec];
-        a.extend_from_slice(extra);
-        a.into_iter().map(str::to_owned).collect::<Vec<_>>()
-    };
-    let start = || {
-        let a = args(&[]);
-        SyncProcess::start(&a.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let command = SyncCommand::new(&source, &dest).poll_interval("100ms").exec(&exec);
 
-    let mut sync = start();
+    let mut sync = command.start();
     wait_for_content(&dest, "one\n", T);
     wait_until("first notification", T, || count_lines(&notified) == 1);
     sync.proc.signal("TERM");
     assert!(sync.proc.wait_exit(T).success());
 
     // Nothing changed while it was down: no signal after the restart.
-    let mut sync = start();
+    let mut sync = command.start();
     sync.wait_state("app.conf", "synced", T);
     wait_reads(&sync, "app.conf", 3);
     assert_eq!(count_lines(&notified), 1, "a restart with nothing changed notifies nobody");
@@ -173,7 +156,7 @@ fn a_restart_with_nothing_changed_notifies_nobody_and_a_change_made_while_down_i
 
     // A change made while it was down: applied once.
     write(&source, "two\n");
-    let sync = start();
+    let sync = command.start();
     wait_for_content(&dest, "two\n", T);
     wait_until("second notification", T, || count_lines(&notified) == 2);
     wait_reads(&sync, "app.conf", 3);
@@ -196,8 +179,7 @@ fn a_version_written_but_never_confirmed_is_notified_without_a_rewrite() {
     );
     let inode = std::fs::metadata(&dest).unwrap().ino();
     let (notified, exec) = exec_counter(dir.path());
-    let sync =
-        SyncProcess::start(&["--source", s(&source), "--dest", s(&dest), "--poll-interval", "100ms", "--exec", &exec]);
+    let sync = SyncCommand::new(&source, &dest).poll_interval("100ms").exec(&exec).start();
     wait_until("the app told about v2", T, || count_lines(&notified) == 1);
     sync.wait_state("app.conf", "synced", T);
     assert_eq!(std::fs::metadata(&dest).unwrap().ino(), inode, "not rewritten");
@@ -211,7 +193,7 @@ fn sighup_does_not_stop_sidecar_sync() {
     let dir = tempfile::tempdir().unwrap();
     let (source, dest) = (dir.path().join("source.conf"), dir.path().join("app.conf"));
     write(&source, "x\n");
-    let mut sync = SyncProcess::start(&["--source", s(&source), "--dest", s(&dest)]);
+    let mut sync = SyncCommand::new(&source, &dest).start();
     sync.wait_state("app.conf", "synced", T);
     sync.proc.signal("HUP");
     sync.proc.logs.wait_for("SIGHUP: nothing to reload", T);
@@ -232,16 +214,10 @@ fn a_configmap_data_symlink_swap_is_seen() {
     std::os::unix::fs::symlink("..data/config.json", mount.join("config.json")).unwrap();
     let dest = dir.path().join("config.json");
     // A long poll interval: only the directory watch can explain a quick pick-up.
-    let sync = SyncProcess::start(&[
-        "--source",
-        &format!("file://{}", mount.join("config.json").display()),
-        "--dest",
-        s(&dest),
-        "--poll-interval",
-        "1h",
-        "--min-quiet",
-        "50ms",
-    ]);
+    let sync = SyncCommand::new(format!("file://{}", mount.join("config.json").display()), &dest)
+        .poll_interval("1h")
+        .min_quiet("50ms")
+        .start();
     wait_for_content(&dest, "{\"gen\": 1}", T);
 
     std::fs::create_dir_all(mount.join("..2024_02")).unwrap();
@@ -260,16 +236,7 @@ fn a_source_file_rewritten_in_place_is_seen() {
     let source = dir.path().join("source.json");
     write(&source, "{\"gen\": 1}");
     let dest = dir.path().join("app.json");
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--poll-interval",
-        "1h",
-        "--min-quiet",
-        "50ms",
-    ]);
+    let sync = SyncCommand::new(&source, &dest).poll_interval("1h").min_quiet("50ms").start();
     wait_for_content(&dest, "{\"gen\": 1}", T);
     write(&source, "{\"gen\": 2}");
     wait_for_content(&dest, "{\"gen\": 2}", Duration::from_secs(5));
@@ -282,24 +249,14 @@ fn invalid_empty_too_large_and_check_failing_versions_are_refused_and_the_file_k
     let (source, dest) = (dir.path().join("source.json"), dir.path().join("app.json"));
     write(&source, "{\"v\": 1}");
     let (notified, exec) = exec_counter(dir.path());
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-        "--validate",
-        "json",
-        "--max-size",
-        "64",
-        "--check-cmd",
-        "! grep -q forbidden {}",
-        "--exec",
-        &exec,
-    ]);
+    let sync = SyncCommand::new(&source, &dest)
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .arg("--validate", "json")
+        .arg("--max-size", "64")
+        .arg("--check-cmd", "! grep -q forbidden {}")
+        .exec(&exec)
+        .start();
     wait_for_content(&dest, "{\"v\": 1}", T);
     wait_until("first notification", T, || count_lines(&notified) == 1);
 
@@ -346,20 +303,12 @@ fn a_burst_of_changes_is_coalesced_and_max_quiet_bounds_the_wait() {
     let (source, dest) = (dir.path().join("source.txt"), dir.path().join("app.txt"));
     write(&source, "start\n");
     let (notified, exec) = exec_counter(dir.path());
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--poll-interval",
-        "1h",
-        "--min-quiet",
-        "400ms",
-        "--max-quiet",
-        "1500ms",
-        "--exec",
-        &exec,
-    ]);
+    let sync = SyncCommand::new(&source, &dest)
+        .poll_interval("1h")
+        .min_quiet("400ms")
+        .arg("--max-quiet", "1500ms")
+        .exec(&exec)
+        .start();
     wait_for_content(&dest, "start\n", T);
     wait_until("first notification", T, || count_lines(&notified) == 1);
 
@@ -460,20 +409,12 @@ fn a_full_or_read_only_destination_keeps_the_old_file_and_is_retried() {
     let (source, dest) = (dir.path().join("source.conf"), mnt.join("app.conf"));
     write(&dest, "old\n");
     write(&source, "old\n");
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-        "--retry-max",
-        "300ms",
-        "--history-dir",
-        s(&dir.path().join("history")),
-    ]);
+    let sync = SyncCommand::new(&source, &dest)
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .retry_max("300ms")
+        .arg("--history-dir", dir.path().join("history"))
+        .start();
     sync.wait_state("app.conf", "synced", T);
 
     // Disk full: fill the tmpfs, then offer a version larger than what is left.
@@ -510,20 +451,12 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
     write(&token, "s3cret\n");
     write(&source, "v1\n");
     let (notified, exec) = exec_counter(dir.path());
-    let sync = SyncProcess::start(&[
-        "--source",
-        s(&source),
-        "--dest",
-        s(&dest),
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-        "--exec",
-        &exec,
-        "--admin-token-file",
-        s(&token),
-    ]);
+    let sync = SyncCommand::new(&source, &dest)
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .exec(&exec)
+        .arg("--admin-token-file", &token)
+        .start();
     wait_for_content(&dest, "v1\n", T);
     replace_file(&source, "v2\n");
     wait_for_content(&dest, "v2\n", T);

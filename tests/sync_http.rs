@@ -27,18 +27,11 @@ fn nginx_is_polled_with_if_none_match_and_its_errors_leave_the_file() {
     let mut nginx = Nginx::start(root.path());
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("config.json");
-    let sync = SyncProcess::start(&[
-        "--source",
-        &nginx.url("/config.json"),
-        "--dest",
-        s(&dest),
-        "--poll-interval",
-        "100ms",
-        "--min-quiet",
-        "50ms",
-        "--retry-max",
-        "300ms",
-    ]);
+    let sync = SyncCommand::new(nginx.url("/config.json"), &dest)
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .retry_max("300ms")
+        .start();
     wait_for_content(&dest, "{\"v\": 1}\n", T);
     let status = sync.wait_state("config.json", "synced", T);
     assert!(status["source_revision"].as_str().unwrap().starts_with("etag \""), "{status:#}");
@@ -63,24 +56,10 @@ fn nginx_is_polled_with_if_none_match_and_its_errors_leave_the_file() {
 
     // An error page and a missing file are not configs.
     write(&dir.path().join("other.json"), "untouched");
-    let broken = SyncProcess::start(&[
-        "--source",
-        &nginx.url("/broken"),
-        "--dest",
-        s(&dir.path().join("other.json")),
-        "--retry-max",
-        "300ms",
-    ]);
+    let broken = SyncCommand::new(nginx.url("/broken"), dir.path().join("other.json")).retry_max("300ms").start();
     let status = broken.wait_state("other.json", "not-synced", T);
     assert!(status["last_error"].as_str().unwrap().contains("answered 500"), "{status:#}");
-    let missing = SyncProcess::start(&[
-        "--source",
-        &nginx.url("/nope.json"),
-        "--dest",
-        s(&dir.path().join("other.json")),
-        "--retry-max",
-        "300ms",
-    ]);
+    let missing = SyncCommand::new(nginx.url("/nope.json"), dir.path().join("other.json")).retry_max("300ms").start();
     let status = missing.wait_state("other.json", "not-synced", T);
     assert!(status["last_error"].as_str().unwrap().contains("does not exist"), "{status:#}");
     assert_eq!(read_text(&dir.path().join("other.json")), "untouched");
@@ -104,8 +83,7 @@ fn a_source_down_at_start_keeps_the_file_until_it_answers_unless_required() {
     assert!(stderr.contains(&format!("cannot connect to 127.0.0.1:{port}")), "{stderr}");
     assert_eq!(read_text(&dest), "on disk\n");
 
-    let sync =
-        SyncProcess::start(&["--source", &url, "--dest", s(&dest), "--poll-interval", "100ms", "--retry-max", "300ms"]);
+    let sync = SyncCommand::new(&url, &dest).poll_interval("100ms").retry_max("300ms").start();
     sync.wait_state("app.conf", "not-synced", T);
     assert_eq!(http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap().0, 503);
     let log = sync.proc.logs.wait_for("keeping", T);
@@ -124,20 +102,12 @@ async fn consul_blocking_queries_follow_the_index_reset_it_when_it_goes_back_and
     let dest = dir.path().join("app.conf");
     let source = format!("consul://{}/apps/legacy/config?wait=2s", server.addr);
     tokio::task::block_in_place(|| {
-        let sync = SyncProcess::start(&[
-            "--source",
-            &source,
-            "--dest",
-            s(&dest),
-            "--poll-interval",
-            "200ms",
-            "--min-quiet",
-            "50ms",
-            "--source-timeout",
-            "1s",
-            "--retry-max",
-            "300ms",
-        ]);
+        let sync = SyncCommand::new(&source, &dest)
+            .poll_interval("200ms")
+            .min_quiet("50ms")
+            .source_timeout("1s")
+            .retry_max("300ms")
+            .start();
         wait_for_content(&dest, "c1", T);
         wait_until("a blocking query at index 5", T, || server.requests().contains(&Some(5)));
         assert_eq!(server.requests()[0], None, "the first query does not block");
@@ -197,22 +167,13 @@ async fn an_https_source_is_verified_against_source_ca() {
     let dest = dir.path().join("app.conf");
     let source = format!("https://localhost:{}/anything", proxy.addr.port());
     tokio::task::block_in_place(|| {
-        let sync = SyncProcess::start(&[
-            "--source",
-            &source,
-            "--dest",
-            s(&dest),
-            "--source-ca",
-            s(&pki.ca_path()),
-            "--poll-interval",
-            "200ms",
-        ]);
+        let sync = SyncCommand::new(&source, &dest).arg("--source-ca", pki.ca_path()).poll_interval("200ms").start();
         wait_for_content(&dest, "hello from upstream\n", T);
         sync.wait_state("app.conf", "synced", T);
 
         // Without the CA the server is not trusted: nothing is written.
         let other = dir.path().join("other.conf");
-        let untrusted = SyncProcess::start(&["--source", &source, "--dest", s(&other), "--retry-max", "300ms"]);
+        let untrusted = SyncCommand::new(&source, &other).retry_max("300ms").start();
         let status = untrusted.wait_state("other.conf", "not-synced", T);
         assert!(status["last_error"].as_str().unwrap().contains("TLS handshake"), "{status:#}");
         assert!(!other.exists());

@@ -1,0 +1,114 @@
+//! A Consul-KV-like long-poll server, as a sync source.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::{empty, full, TestBody};
+
+/// A Consul-KV-like long-poll server written for the tests: `GET /v1/kv/KEY?raw&index=N&wait=W`
+/// blocks while N equals the current index (up to W), answers with `X-Consul-Index`.
+pub struct LongPollServer {
+    pub addr: SocketAddr,
+    pub shared: Arc<LongPollShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct LongPollShared {
+    pub value: Mutex<(Option<String>, u64)>,
+    pub changed: tokio::sync::Notify,
+    /// Every request's `index` parameter (None when absent), in order.
+    pub requested: Mutex<Vec<Option<u64>>>,
+    /// Hold every request forever (a silently stalled server).
+    pub stall: std::sync::atomic::AtomicBool,
+    /// Answer at once even when the index did not move (a misbehaving server).
+    pub no_block: std::sync::atomic::AtomicBool,
+}
+
+impl LongPollServer {
+    pub async fn start() -> LongPollServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(LongPollShared::default());
+        let task_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let shared = task_shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| long_poll(req, shared.clone()));
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                });
+            }
+        });
+        LongPollServer { addr, shared, task }
+    }
+
+    /// Sets the value (None: the key is absent) and the index.
+    pub fn set(&self, value: Option<&str>, index: u64) {
+        *self.shared.value.lock().unwrap() = (value.map(str::to_owned), index);
+        self.shared.changed.notify_waiters();
+    }
+
+    pub fn requests(&self) -> Vec<Option<u64>> {
+        self.shared.requested.lock().unwrap().clone()
+    }
+}
+
+impl Drop for LongPollServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn long_poll(req: Request<Incoming>, shared: Arc<LongPollShared>) -> Result<Response<TestBody>, Infallible> {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let param = |name: &str| query.split('&').find_map(|p| p.strip_prefix(&format!("{name}="))).map(str::to_owned);
+    let index: Option<u64> = param("index").and_then(|i| i.parse().ok());
+    let wait = param("wait").and_then(|w| humantime_like(&w)).unwrap_or(Duration::from_secs(300));
+    shared.requested.lock().unwrap().push(index);
+    if shared.stall.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let changed = shared.changed.notified();
+        let (value, current) = shared.value.lock().unwrap().clone();
+        let blocking = index.is_some_and(|i| i == current) && !shared.no_block.load(Ordering::SeqCst);
+        if !blocking || tokio::time::Instant::now() >= deadline {
+            let response = match value {
+                Some(v) => Response::builder().header("x-consul-index", current.to_string()).body(full(v)).unwrap(),
+                None => Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("x-consul-index", current.to_string())
+                    .body(empty())
+                    .unwrap(),
+            };
+            return Ok(response);
+        }
+        let _ = tokio::time::timeout_at(deadline, changed).await;
+    }
+}
+
+fn humantime_like(s: &str) -> Option<Duration> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    if let Some(secs) = s.strip_suffix('s') {
+        return secs.parse().ok().map(Duration::from_secs);
+    }
+    if let Some(mins) = s.strip_suffix('m') {
+        return mins.parse::<u64>().ok().map(|m| Duration::from_secs(m * 60));
+    }
+    None
+}

@@ -1,0 +1,93 @@
+//! A real etcd, as a sync source.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::{free_port, http_exchange, wait_until, Sidecar};
+
+/// A real etcd on loopback ports, with its data in a temp dir; killed on drop.
+pub struct Etcd {
+    pub proc: Option<Sidecar>,
+    pub client_port: u16,
+    peer_port: u16,
+    pub data: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let data = tempfile::tempdir().unwrap();
+        let mut etcd = Etcd { proc: None, client_port: free_port(), peer_port: free_port(), data };
+        etcd.launch();
+        etcd
+    }
+
+    /// Starts (again) on the same ports and data.
+    pub fn launch(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "test", "--data-dir"])
+            .arg(self.data.path().join("etcd"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null());
+        self.proc = Some(Sidecar::spawn(cmd));
+        let addr = self.addr();
+        wait_until(
+            "etcd /health",
+            Duration::from_secs(30),
+            || matches!(http_exchange(addr, "GET", "/health", &[], ""), Some((200, body)) if body.contains("true")),
+        );
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    pub fn url(&self, key: &str) -> String {
+        format!("etcd://127.0.0.1:{}{key}", self.client_port)
+    }
+
+    fn call(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let (status, text) =
+            http_exchange(self.addr(), "POST", path, &[("content-type", "application/json")], &body.to_string())
+                .unwrap_or_else(|| panic!("etcd {path}"));
+        assert_eq!(status, 200, "etcd {path}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn put(&self, key: &str, value: &str) -> i64 {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let answer = self.call("/v3/kv/put", serde_json::json!({ "key": b64.encode(key), "value": b64.encode(value) }));
+        answer["header"]["revision"].as_str().and_then(|r| r.parse().ok()).unwrap_or(0)
+    }
+
+    pub fn delete(&self, key: &str) {
+        use base64::Engine;
+        self.call(
+            "/v3/kv/deleterange",
+            serde_json::json!({ "key": base64::engine::general_purpose::STANDARD.encode(key) }),
+        );
+    }
+
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    pub fn signal(&self, name: &str) {
+        if let Some(proc) = &self.proc {
+            proc.signal(name);
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // A stopped etcd must be continued to die cleanly; SIGKILL works either way.
+        self.proc = None;
+    }
+}
