@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: sidecar against nginx as a TLS-terminating proxy, in one run, on loopback.
+# Side-by-side benchmark: sidecar against nginx and HAProxy as TLS-terminating proxies, in one
+# run, on loopback.
 #
 # usage: benches/compare.sh            (as root on Debian it installs what is missing)
 #
-# Both proxies sit in front of the same upstream (nginx, 1 worker, plain HTTP: a short body on
-# `/`, a 1 MiB file on `/big`); the upstream reached directly is the plaintext floor. Scenarios:
+# The three proxies sit in front of the same upstream (nginx, 1 worker, plain HTTP: a short body
+# on `/`, a 1 MiB file on `/big`); the upstream reached directly is the plaintext floor. Scenarios:
 #   keepalive  HTTP/1.1 keep-alive, small body      wrk -t2 -c64 --latency
 #   h2         HTTP/2, small body                   h2load -t2 -c64 -m10
 #   handshake  a new TLS handshake per request      wrk -t2 -c16 -H "Connection: close"
-#   big        1 MiB responses                      wrk -t2 -c16 on /big
+#   big        1 MiB responses                      wrk -t2 -c16 on /big, offering only
+#                                                   TLS_AES_128_GCM_SHA256 (OPENSSL_CONF)
 #   memory     RSS idle, after load, and per idle keep-alive TLS connection (benches/idle_conns.py)
 # For each: requests/s, p50/p99 latency, proxy CPU microseconds per request (utime+stime+cutime+
 # cstime from /proc/PID/stat of every process of the proxy, before and after, over requests
-# completed), peak RSS (VmHWM summed over the proxy's processes, reset before each run where the
-# kernel allows) and errors. The table goes to stdout and to bench-results/compare-<date>.md.
+# completed), the app's (upstream's) CPU per request over the same window, the TLS suite each
+# proxy picks from the tool's offer, peak RSS (VmHWM summed over the proxy's processes, reset
+# before each run where the kernel allows) and errors. The table goes to stdout and to
+# bench-results/compare-<date>.md.
 #
 # Environment (all optional):
 #   DUR=8            seconds per measured run (a WARM-second unmeasured run precedes each)
 #   WARM=1
-#   ROUNDS=1         measured runs per proxy and load scenario, taken in turn (nginx, sidecar,
-#                    floor, nginx, ...); the table shows each figure's median over the rounds,
-#                    errors summed over them, and each round's CPU (and keep-alive p99) figure
+#   ROUNDS=1         measured runs per proxy and load scenario, taken in turn (nginx, haproxy,
+#                    sidecar, floor, nginx, ...); the table shows each figure's median over the
+#                    rounds, errors summed over them, and each round's CPU (and keep-alive p99)
 #   IDLE_CONNS=10000 idle TLS connections held for the per-connection memory figure
 #   BENCH_UPSTREAM_PORT=18080 BENCH_UPSTREAM_H2C_PORT=18081 BENCH_NGINX_PORT=18443
-#   BENCH_SIDECAR_PORT=18444   fixed loopback ports; without them, the next free port from these
+#   BENCH_SIDECAR_PORT=18444 BENCH_HAPROXY_PORT=18445
+#                              fixed loopback ports; without them, the next free port from these
 #   SIDECAR_BIN=path           use this binary instead of `cargo build --release`
 #   SIDECAR_ARGS='...'         extra flags for `sidecar proxy`
 #   BENCH_OUT=dir              where the Markdown goes (default: bench-results/ in the repo)
@@ -47,19 +52,20 @@ die() { say "compare.sh: $*"; exit 1; }
 install_tools() {
     local missing=() tool
     export PATH="$PATH:/usr/sbin:/sbin"
-    for tool in nginx wrk h2load bc openssl python3 timeout; do
+    for tool in nginx haproxy wrk h2load bc openssl python3 timeout; do
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
     [ ${#missing[@]} -eq 0 ] && return
     say "missing: ${missing[*]}; installing"
     [ "$(id -u)" -eq 0 ] || die "run as root to install ${missing[*]}, or install them yourself"
-    command -v apt-get >/dev/null || die "no apt-get: install nginx, wrk, h2load (nghttp2), bc, openssl, python3"
-    # Keep the package's postinst from starting a system nginx on port 80 (Debian's policy-rc.d).
+    command -v apt-get >/dev/null || die "no apt-get: install nginx, haproxy, wrk, h2load (nghttp2), bc, openssl, python3"
+    # Keep the packages' postinst from starting a system nginx (port 80) or haproxy (Debian's
+    # policy-rc.d).
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && POLICY_PLACED=1
     fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk nghttp2-client bc openssl python3 coreutils >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy wrk nghttp2-client bc openssl python3 coreutils >/dev/null
     if [ -n "$POLICY_PLACED" ]; then rm -f /usr/sbin/policy-rc.d; POLICY_PLACED=""; fi
     for tool in "${missing[@]}"; do command -v "$tool" >/dev/null || die "$tool still missing after install"; done
 }
@@ -142,7 +148,8 @@ while True:
 PY
 }
 
-# The processes of a proxy: nginx's master and its children, or the sidecar's one process.
+# The processes of a proxy: nginx's master and its children, or HAProxy's or the sidecar's one
+# process (their threads are counted in it).
 pids_of() {
     local main=$1
     printf '%s\n' "$main"
@@ -193,7 +200,9 @@ pick_port BENCH_UPSTREAM_PORT 18080
 pick_port BENCH_UPSTREAM_H2C_PORT 18081
 pick_port BENCH_NGINX_PORT 18443
 pick_port BENCH_SIDECAR_PORT 18444
+pick_port BENCH_HAPROXY_PORT 18445
 UP=$BENCH_UPSTREAM_PORT UP_H2C=$BENCH_UPSTREAM_H2C_PORT NGX=$BENCH_NGINX_PORT SC=$BENCH_SIDECAR_PORT
+HAP=$BENCH_HAPROXY_PORT
 
 WORK=$(mktemp -d /tmp/sidecar-bench.XXXXXX)
 chmod 755 "$WORK"  # nginx workers run as an unprivileged user when started as root
@@ -204,12 +213,15 @@ mkdir -p "$WORK/tmp" "$WORK/tls"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
     -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
     -keyout "$WORK/tls/ec.key" -out "$WORK/tls/ec.crt" 2>/dev/null || die "openssl could not make the certificate"
+# HAProxy takes the certificate and its key in one file; outside tls/, which the sidecar watches.
+cat "$WORK/tls/ec.crt" "$WORK/tls/ec.key" >"$WORK/haproxy.pem"
 head -c 1048576 /dev/urandom >"$WORK/big.bin"
 chmod 644 "$WORK/big.bin"
 
 # nginx >= 1.25.1 wants `http2 on;`; older ones take `http2` on the listen line.
 NGINX_VERSION=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
 if printf '1.25.1\n%s\n' "$NGINX_VERSION" | sort -V -C; then H2_LISTEN="" H2_ON="http2 on;"; else H2_LISTEN=" http2" H2_ON=""; fi
+HAPROXY_VERSION=$(haproxy -v 2>&1 | sed -n '1s/.*version \([^ ]*\).*/\1/p')
 
 # The "legacy app". One worker, as a small app would have; the same for every proxy.
 cat >"$WORK/upstream.conf" <<EOF
@@ -282,11 +294,75 @@ EOF
 nginx_sidecar_conf nginx-sidecar 4096
 nginx_sidecar_conf nginx-sidecar-conns $((IDLE_CONNS + 4096))
 
+# HAProxy as the TLS sidecar, tuned as nginx is: a thread per core, server connections shared
+# between clients (`http-reuse always`), at most 1024 as nginx's pool, ALPN h2 and http/1.1, a
+# session cache, no logs, the same forwarding headers. HAProxy reserves two descriptors per
+# connection (client and server side) and by default refuses to start when the open-file limit
+# is below that, so the load runs get the reference maxconn within the limit. The idle run needs
+# IDLE_CONNS client connections, which share a few server connections: there `no strict-limits`
+# lets it start with one descriptor per connection (it then warns in haproxy-sidecar-conns.log).
+haproxy_sidecar_conf() {  # haproxy_sidecar_conf NAME MAXCONN [GLOBAL_LINE]
+cat >"$WORK/$1.cfg" <<EOF
+global
+    nbthread $(nproc)
+    maxconn $2
+    tune.ssl.cachesize 20000
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    ${3:-}
+defaults
+    mode http
+    no log
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    timeout http-request 60s
+frontend fe
+    bind 127.0.0.1:$HAP ssl crt $WORK/haproxy.pem alpn h2,http/1.1
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend app
+backend app
+    server app 127.0.0.1:$UP maxconn 1024
+EOF
+}
+NOFILE=$(ulimit -n)
+HAPROXY_MAXCONN=9000
+[ "$NOFILE" = unlimited ] || [ $((2 * HAPROXY_MAXCONN + 64)) -le "$NOFILE" ] || HAPROXY_MAXCONN=$(((NOFILE - 64) / 2))
+haproxy_sidecar_conf haproxy-sidecar "$HAPROXY_MAXCONN"
+haproxy_sidecar_conf haproxy-sidecar-conns $((IDLE_CONNS + 512)) "no strict-limits"
+
+# The 1 MiB scenario compares bulk encryption, so every proxy must use the same cipher. The
+# sidecar has no flag for its suites, so the client pins it: wrk (OpenSSL) offers only
+# TLS_AES_128_GCM_SHA256 under this file, and a TLS 1.3 server can only pick what is offered.
+# Unpinned, wrk offers AES-256-GCM first; nginx takes it, HAProxy picks it by its own order.
+cat >"$WORK/pin-aes128.cnf" <<EOF
+openssl_conf = pin
+[pin]
+ssl_conf = pin_ssl
+[pin_ssl]
+system_default = pin_tls
+[pin_tls]
+MinProtocol = TLSv1.3
+Ciphersuites = TLS_AES_128_GCM_SHA256
+EOF
+PIN_CONF=$WORK/pin-aes128.cnf
+
 start_nginx() {  # start_nginx NAME: runs $WORK/NAME.conf, sets NGINX_PID
     nginx -t -q -p "$WORK" -e "$WORK/$1.err" -c "$WORK/$1.conf" || die "nginx rejects $1.conf"
     nginx -p "$WORK" -e "$WORK/$1.err" -c "$WORK/$1.conf" &
     NGINX_PID=$!
     STARTED+=("$NGINX_PID")
+}
+
+start_haproxy() {  # start_haproxy NAME: runs $WORK/NAME.cfg in the foreground, sets HAPROXY_PID
+    haproxy -c -q -f "$WORK/$1.cfg" || die "haproxy rejects $1.cfg"
+    haproxy -db -f "$WORK/$1.cfg" >>"$WORK/$1.log" 2>&1 &
+    HAPROXY_PID=$!
+    STARTED+=("$HAPROXY_PID")
 }
 
 start_sidecar() {  # sets SIDECAR_PID
@@ -300,29 +376,91 @@ start_sidecar() {  # sets SIDECAR_PID
     STARTED+=("$SIDECAR_PID")
 }
 
-start_proxies() {  # start_proxies NGINX_CONF_NAME
+start_proxies() {  # start_proxies NGINX_CONF_NAME HAPROXY_CONF_NAME
     start_nginx "$1"; NGX_MAIN=$NGINX_PID
+    start_haproxy "$2"; HAP_MAIN=$HAPROXY_PID
     start_sidecar; SC_MAIN=$SIDECAR_PID
     wait_http "https://127.0.0.1:$NGX/"
+    wait_http "https://127.0.0.1:$HAP/"
     wait_http "https://127.0.0.1:$SC/"
     sleep 1  # let nginx's workers settle before the idle reading
 }
 
-say "upstream :$UP (h2c :$UP_H2C), nginx :$NGX, sidecar :$SC ($SIDECAR_BIN); nginx $NGINX_VERSION; DUR=${DUR}s, ROUNDS=$ROUNDS"
+PROXIES=(nginx haproxy sidecar)
+say "upstream :$UP (h2c :$UP_H2C), nginx :$NGX, haproxy :$HAP, sidecar :$SC ($SIDECAR_BIN); nginx $NGINX_VERSION, HAProxy $HAPROXY_VERSION; DUR=${DUR}s, ROUNDS=$ROUNDS"
 start_nginx upstream; UP_MAIN=$NGINX_PID
 wait_http "http://127.0.0.1:$UP/"
-start_proxies nginx-sidecar
+start_proxies nginx-sidecar haproxy-sidecar
 
 # main_of WHO: the main PID of what is measured (the upstream itself for the floor).
-main_of() { case $1 in nginx) echo "$NGX_MAIN" ;; sidecar) echo "$SC_MAIN" ;; floor) echo "$UP_MAIN" ;; esac; }
+main_of() {
+    case $1 in nginx) echo "$NGX_MAIN" ;; haproxy) echo "$HAP_MAIN" ;; sidecar) echo "$SC_MAIN" ;; floor) echo "$UP_MAIN" ;; esac
+}
+port_of() { case $1 in nginx) echo "$NGX" ;; haproxy) echo "$HAP" ;; sidecar) echo "$SC" ;; esac; }
 
 declare -A R  # R[scenario.who.metric]
-for who in nginx sidecar; do
-    mapfile -t pids < <(pids_of "$(main_of $who)")
+for who in "${PROXIES[@]}"; do
+    mapfile -t pids < <(pids_of "$(main_of "$who")")
     R[idle.$who.rss]=$(status_kb VmRSS "${pids[@]}")
 done
-# Both proxies must stream the 1 MiB body whole before anything is measured.
-for url in "https://127.0.0.1:$NGX/big" "https://127.0.0.1:$SC/big"; do wait_http "$url" 1048576; done
+# Every proxy must stream the 1 MiB body whole before anything is measured.
+for who in "${PROXIES[@]}"; do wait_http "https://127.0.0.1:$(port_of "$who")/big" 1048576; done
+
+# The pin must reach wrk: a server that prefers AES-256-GCM (Python's ssl, without the pin) says
+# which suite wrk ends up with under PIN_CONF.
+pin_probe() {
+    local probe_pid port="" suite
+    : >"$WORK/probe.out"
+    env -u OPENSSL_CONF python3 - "$WORK/tls/ec.crt" "$WORK/tls/ec.key" >"$WORK/probe.out" 2>"$WORK/probe.err" <<'PY' &
+import socket, ssl, sys, time
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv = socket.create_server(("127.0.0.1", 0))
+srv.settimeout(10)
+print(srv.getsockname()[1], flush=True)
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:  # wrk first connects once without TLS to test the address
+    conn, _ = srv.accept()
+    conn.settimeout(5)
+    try:
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            print(tls.cipher()[0], flush=True)
+            break
+    except OSError:
+        pass
+PY
+    probe_pid=$!
+    STARTED+=("$probe_pid")
+    for _ in $(seq 50); do port=$(head -1 "$WORK/probe.out"); [ -n "$port" ] && break; sleep 0.1; done
+    [ -n "$port" ] || die "the cipher probe did not start: $(head -c 300 "$WORK/probe.err")"
+    OPENSSL_CONF=$PIN_CONF timeout 5 wrk -t1 -c1 -d1 "https://127.0.0.1:$port/" >/dev/null 2>&1 || true
+    timeout 5 tail --pid="$probe_pid" -f /dev/null 2>/dev/null || true
+    stop "$probe_pid"
+    suite=$(sed -n 2p "$WORK/probe.out")
+    [ "$suite" = TLS_AES_128_GCM_SHA256 ] ||
+        die "wrk did not take the pinned suite from OPENSSL_CONF (got '${suite:-nothing}'); the 1 MiB run would not be comparable"
+    say "  wrk under $PIN_CONF negotiates $suite with a server that prefers AES-256"
+}
+pin_probe
+
+# suite_of PORT [s_client flags]: the TLS suite the server on PORT picks from the offer that
+# openssl s_client makes (OpenSSL's default offer, as wrk's, unless flags or OPENSSL_CONF say).
+suite_of() {
+    local out
+    out=$(timeout 10 openssl s_client -connect "127.0.0.1:$1" -brief "${@:2}" </dev/null 2>&1) || true
+    awk -F': *' '/^Ciphersuite/ && !f { sub(/^TLS_/, "", $2); print $2; f = 1 } END { if (!f) print "?" }' <<<"$out"
+}
+# h2load makes its own TLS 1.3 offer (AES-128-GCM first); `h2load --help` gives it.
+H2LOAD_TLS13=$(h2load --help 2>/dev/null | awk '/--tls13-ciphers/ { f = 1 } f && /Default:/ && !d { print $2; d = 1 }') || true
+for who in "${PROXIES[@]}"; do
+    port=$(port_of "$who")
+    R[keepalive.$who.suite]=$(suite_of "$port")
+    R[handshake.$who.suite]=${R[keepalive.$who.suite]}
+    R[h2.$who.suite]=$(suite_of "$port" ${H2LOAD_TLS13:+-ciphersuites "$H2LOAD_TLS13"})
+    R[big.$who.suite]=$(OPENSSL_CONF=$PIN_CONF suite_of "$port")
+done
+for s in keepalive h2 handshake big; do R[$s.floor.suite]="-"; done
 
 # ---------------------------------------------------------------------------------------------
 # Load runs
@@ -335,18 +473,21 @@ to_ms() {
         printf "%.3f", n }'
 }
 
-# measure SCENARIO WHO TOOL ARGS...: one warm-up, then the measured run with CPU and RSS taken.
+# measure SCENARIO WHO TOOL ARGS...: one warm-up, then the measured run with CPU and RSS taken,
+# the app's CPU too (for the floor, the app is what is measured).
 measure() {
     local scenario=$1 who=$2 tool=$3; shift 3
-    local pids out log="$WORK/$scenario.$who.log"
+    local pids app_pids out log="$WORK/$scenario.$who.log"
     mapfile -t pids < <(pids_of "$(main_of "$who")")
+    mapfile -t app_pids < <(pids_of "$UP_MAIN")
     if [ "$tool" = wrk ]; then
         timeout $((WARM + 10)) wrk -d"${WARM}s" "$@" >/dev/null 2>&1 || true
     else
         timeout $((WARM + 10)) h2load -D "$WARM" "$@" >/dev/null 2>&1 || true
     fi
     reset_hwm "${pids[@]}"
-    local before after
+    local before after app_before app_after
+    app_before=$(cpu_ticks "${app_pids[@]}")
     before=$(cpu_ticks "${pids[@]}")
     if [ "$tool" = wrk ]; then
         out=$(timeout "$RUN_LIMIT" wrk -d"${DUR}s" --latency "$@" 2>&1) || say "  wrk exited $? for $scenario/$who"
@@ -354,6 +495,7 @@ measure() {
         out=$(timeout "$RUN_LIMIT" h2load -D "$DUR" --log-file="$log" "$@" 2>&1) || say "  h2load exited $? for $scenario/$who"
     fi
     after=$(cpu_ticks "${pids[@]}")
+    app_after=$(cpu_ticks "${app_pids[@]}")
     R[$scenario.$who.hwm]=$(status_kb VmHWM "${pids[@]}")
     printf '%s\n' "$out" >"$WORK/$scenario.$who.out"
 
@@ -376,7 +518,7 @@ measure() {
                    printf "%.3f %.3f\n", v[i] / 1000, v[j] / 1000 }')
         rm -f "$log"
     fi
-    [ -n "$reqs" ] && [ "$reqs" -gt 0 ] 2>/dev/null || { say "  no requests completed for $scenario/$who:"; say "$out"; reqs=0; }
+    if ! [ "${reqs:-0}" -gt 0 ] 2>/dev/null; then say "  no requests completed for $scenario/$who:"; say "$out"; reqs=0; fi
     R[$scenario.$who.rps]=${rps:-0}
     R[$scenario.$who.p50]=${p50:-nan}
     R[$scenario.$who.p99]=${p99:-nan}
@@ -384,13 +526,14 @@ measure() {
     R[$scenario.$who.reqs]=$reqs
     if [ "$reqs" -gt 0 ]; then
         R[$scenario.$who.cpu]=$(fmt "$(calc "($after - $before) * 1000000 / $TICK / $reqs")" 1)
+        R[$scenario.$who.app]=$(fmt "$(calc "($app_after - $app_before) * 1000000 / $TICK / $reqs")" 1)
     else
-        R[$scenario.$who.cpu]=nan
+        R[$scenario.$who.cpu]=nan R[$scenario.$who.app]=nan
     fi
-    say "  $scenario/$who: ${R[$scenario.$who.rps]} req/s, p50 ${R[$scenario.$who.p50]} ms, p99 ${R[$scenario.$who.p99]} ms, ${R[$scenario.$who.cpu]} us CPU/req, $errs errors"
+    say "  $scenario/$who: ${R[$scenario.$who.rps]} req/s, p50 ${R[$scenario.$who.p50]} ms, p99 ${R[$scenario.$who.p99]} ms, ${R[$scenario.$who.cpu]} us CPU/req (app ${R[$scenario.$who.app]}), $errs errors"
 }
 
-url_of() { case $1 in nginx) echo "https://127.0.0.1:$NGX" ;; sidecar) echo "https://127.0.0.1:$SC" ;; floor) echo "http://127.0.0.1:$UP" ;; esac; }
+url_of() { if [ "$1" = floor ]; then echo "http://127.0.0.1:$UP"; else echo "https://127.0.0.1:$(port_of "$1")"; fi; }
 
 # One measured run of a scenario for WHO.
 keepalive_run() { measure keepalive "$1" wrk -t2 -c64 "$(url_of "$1")/"; }
@@ -399,15 +542,16 @@ h2_run() {
     measure h2 "$1" h2load -t2 -c64 -m10 "$url"
 }
 handshake_run() { measure handshake "$1" wrk -t2 -c16 -H "Connection: close" "$(url_of "$1")/"; }
-big_run() { measure big "$1" wrk -t2 -c16 "$(url_of "$1")/big"; }
+# OPENSSL_CONF reaches wrk through measure's environment: warm-up and measured run alike.
+big_run() { OPENSSL_CONF=$PIN_CONF measure big "$1" wrk -t2 -c16 "$(url_of "$1")/big"; }
 
-FIELDS=(rps p50 p99 err reqs cpu hwm)
+FIELDS=(rps p50 p99 err reqs cpu app hwm)
 # settle SCENARIO WHO: over the rounds, the median of each of requests/s, latencies and CPU per
 # request, the sum of the errors and the highest peak RSS; each round's CPU and p99 are kept
 # for the table.
 settle() {
     local s=$1 who=$2 n f values errs=0 hwm=0
-    for f in rps p50 p99 reqs cpu; do
+    for f in rps p50 p99 reqs cpu app; do
         values=$(for ((n = 1; n <= ROUNDS; n++)); do echo "${R[$s.$who.r$n.$f]}"; done)
         R[$s.$who.$f]=$(sort -g <<<"$values" | awk -v m=$(((ROUNDS + 1) / 2)) 'NR == m')
         R[$s.$who.$f.rounds]=$(paste -sd' ' <<<"$values")
@@ -420,18 +564,18 @@ settle() {
     R[$s.$who.hwm]=$hwm
 }
 
-# in_rounds SCENARIO: ROUNDS rounds of nginx, the sidecar and the floor in turn, so that a
-# slow stretch of the machine falls on both proxies alike.
+# in_rounds SCENARIO: ROUNDS rounds of nginx, HAProxy, the sidecar and the floor in turn, so
+# that a slow stretch of the machine falls on every proxy alike.
 in_rounds() {
     local round who f
     for ((round = 1; round <= ROUNDS; round++)); do
         [ "$ROUNDS" -gt 1 ] && say "  round $round of $ROUNDS"
-        for who in nginx sidecar floor; do
+        for who in "${PROXIES[@]}" floor; do
             "${1}_run" "$who"
             for f in "${FIELDS[@]}"; do R[$1.$who.r$round.$f]=${R[$1.$who.$f]}; done
         done
     done
-    for who in nginx sidecar floor; do settle "$1" "$who"; done
+    for who in "${PROXIES[@]}" floor; do settle "$1" "$who"; done
 }
 
 say "scenario keepalive: wrk -t2 -c64"
@@ -443,11 +587,11 @@ in_rounds h2
 say "scenario handshake: wrk -t2 -c16 -H 'Connection: close'"
 in_rounds handshake
 
-say "scenario big: wrk -t2 -c16 /big (1 MiB)"
+say "scenario big: wrk -t2 -c16 /big (1 MiB), offering only TLS_AES_128_GCM_SHA256"
 in_rounds big
 
-for who in nginx sidecar; do
-    mapfile -t pids < <(pids_of "$(main_of $who)")
+for who in "${PROXIES[@]}"; do
+    mapfile -t pids < <(pids_of "$(main_of "$who")")
     R[load.$who.rss]=$(status_kb VmRSS "${pids[@]}")
     peak=0
     for s in keepalive h2 handshake big; do [ "${R[$s.$who.hwm]}" -gt "$peak" ] && peak=${R[$s.$who.hwm]}; done
@@ -458,11 +602,11 @@ done
 # Memory per idle TLS connection, on freshly started proxies so that load leftovers do not blur it.
 
 say "scenario memory: $IDLE_CONNS idle keep-alive TLS connections per proxy (fresh processes)"
-stop "$NGX_MAIN" "$SC_MAIN"
-start_proxies nginx-sidecar-conns
-for who in nginx sidecar; do
-    port=$NGX; [ $who = sidecar ] && port=$SC
-    mapfile -t pids < <(pids_of "$(main_of $who)")
+stop "$NGX_MAIN" "$HAP_MAIN" "$SC_MAIN"
+start_proxies nginx-sidecar-conns haproxy-sidecar-conns
+for who in "${PROXIES[@]}"; do
+    port=$(port_of "$who")
+    mapfile -t pids < <(pids_of "$(main_of "$who")")
     R[conns.$who.base]=$(status_kb VmRSS "${pids[@]}")
     rm -f "$WORK/idle.in" "$WORK/idle.out"; mkfifo "$WORK/idle.in" "$WORK/idle.out"
     timeout 150 python3 "$ROOT/benches/idle_conns.py" 127.0.0.1 "$port" "$IDLE_CONNS" --timeout 100 \
@@ -473,10 +617,10 @@ for who in nginx sidecar; do
     ready="" held=""
     read -r -t 120 ready <&"$from_idle" || true
     sleep 1
-    mapfile -t pids < <(pids_of "$(main_of $who)")
+    mapfile -t pids < <(pids_of "$(main_of "$who")")
     R[conns.$who.rss]=$(status_kb VmRSS "${pids[@]}")
     trap '' PIPE  # the client may have died; its stderr tells below
-    echo done >&"$to_idle" 2>/dev/null || true
+    printf 'done\n' 1>&"$to_idle" 2>/dev/null || true
     trap - PIPE
     read -r -t 30 held <&"$from_idle" || true
     exec {to_idle}>&- {from_idle}<&-
@@ -494,8 +638,8 @@ done
 # ---------------------------------------------------------------------------------------------
 # Report
 
-ratio() {  # sidecar / nginx, or "-" when not computable
-    awk -v s="$1" -v n="$2" 'BEGIN { if (s == "nan" || n == "nan" || n + 0 == 0) print "-"; else printf "%.2f", s / n }'
+ratio() {  # ratio A B: A / B, or "-" when not computable
+    awk -v s="$1" -v n="$2" 'BEGIN { if (s == "nan" || n == "nan" || s == "" || n == "" || n + 0 == 0) print "-"; else printf "%.2f", s / n }'
 }
 # verdict VALUE OP LIMIT: PASS or MISS ("-" when VALUE is not a number)
 verdict() {
@@ -505,66 +649,117 @@ verdict() {
 }
 mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
-ROWS=()  # scenario|metric|nginx|sidecar|ratio|floor|target|verdict
-row() { ROWS+=("$1|$2|$3|$4|$5|$6|${7:-}|${8:-}"); }
+ROWS=()  # scenario|metric|nginx|haproxy|sidecar|sidecar/nginx|sidecar/haproxy|floor|target|verdict
+row() { ROWS+=("$1|$2|$3|$4|$5|$6|$7|$8|${9:-}|${10:-}"); }
+# cmp_row SCENARIO METRIC KIND NGINX HAPROXY SIDECAR FLOOR [TARGET VERDICT]: the proxies' raw
+# values shown as KIND (int, mb, or as they are), with the sidecar's ratio to each peer.
+cmp_row() {
+    local k=$3 shown=() v
+    for v in "$4" "$5" "$6"; do
+        case $k in int) shown+=("$(fmt "$v" 0)") ;; mb) shown+=("$(mb "$v")") ;; *) shown+=("$v") ;; esac
+    done
+    row "$1" "$2" "${shown[@]}" "$(ratio "$6" "$4")" "$(ratio "$6" "$5")" "$7" "${8:-}" "${9:-}"
+}
+# of SCENARIO FIELD: the field for nginx, HAProxy and the sidecar, as three words.
+of() { printf '%s\n' "${R[$1.nginx.$2]}" "${R[$1.haproxy.$2]}" "${R[$1.sidecar.$2]}"; }
 VERDICTS=()
 
 names=(keepalive "h1 keep-alive" h2 "h2" handshake "handshake" big "1 MiB")
 LEGEND="h1 keep-alive: wrk -t2 -c64 on /, HTTP/1.1 keep-alive. h2: h2load -t2 -c64 -m10 on / (floor: h2c).
 handshake: wrk -t2 -c16 -H 'Connection: close', a new TLS handshake per request (wrk resumes its TLS 1.3 session: PSK + X25519, no signature). 1 MiB: wrk -t2 -c16 on /big.
+app CPU: the upstream's processes over the same run, per request through that proxy (a proxy that opens
+an app connection per client moves cost there). TLS suite: what each proxy picks from the tool's offer
+(openssl s_client making the same offer): wrk offers OpenSSL's default list (AES-256-GCM first), h2load
+its own (AES-128-GCM first); in the 1 MiB run wrk offers only TLS_AES_128_GCM_SHA256 (OPENSSL_CONF), so
+every proxy encrypts with it.
 memory: RSS summed over the proxy's processes; per-connection KB = (RSS with N idle keep-alive TLS
 connections - RSS before) / N, on freshly started proxies."
 declare -A cpu_target=([keepalive]=0.75 [h2]=0.75 [handshake]=0.55 [big]=0.8)
 for ((i = 0; i < ${#names[@]}; i += 2)); do
     s=${names[i]} title=${names[i+1]}
-    n_rps=${R[$s.nginx.rps]} s_rps=${R[$s.sidecar.rps]}
-    row "$title" "requests/s" "$(fmt "$n_rps" 0)" "$(fmt "$s_rps" 0)" "$(ratio "$s_rps" "$n_rps")" "$(fmt "${R[$s.floor.rps]}" 0)"
-    row "$title" "p50 latency (ms)" "${R[$s.nginx.p50]}" "${R[$s.sidecar.p50]}" "$(ratio "${R[$s.sidecar.p50]}" "${R[$s.nginx.p50]}")" "${R[$s.floor.p50]}"
-    r=$(ratio "${R[$s.sidecar.p99]}" "${R[$s.nginx.p99]}")
-    if [ "$s" = keepalive ]; then v=$(verdict "$r" "<=" 1); row "$title" "p99 latency (ms)" "${R[$s.nginx.p99]}" "${R[$s.sidecar.p99]}" "$r" "${R[$s.floor.p99]}" "ratio <= 1" "$v"; VERDICTS+=("h1 keep-alive p99 <= nginx|$r|$v")
-    else row "$title" "p99 latency (ms)" "${R[$s.nginx.p99]}" "${R[$s.sidecar.p99]}" "$r" "${R[$s.floor.p99]}"; fi
-    r=$(ratio "${R[$s.sidecar.cpu]}" "${R[$s.nginx.cpu]}"); t=${cpu_target[$s]}; v=$(verdict "$r" "<=" "$t")
-    row "$title" "CPU us/req" "${R[$s.nginx.cpu]}" "${R[$s.sidecar.cpu]}" "$r" "${R[$s.floor.cpu]}" "ratio <= $t" "$v"
-    VERDICTS+=("$title CPU/request <= $t x nginx|$r|$v")
-    if [ "$ROUNDS" -gt 1 ]; then
-        row "$title" "CPU us/req, each round" "${R[$s.nginx.cpu.rounds]}" "${R[$s.sidecar.cpu.rounds]}" "-" "${R[$s.floor.cpu.rounds]}"
-        [ "$s" = keepalive ] && row "$title" "p99 (ms), each round" "${R[$s.nginx.p99.rounds]}" "${R[$s.sidecar.p99.rounds]}" "-" "${R[$s.floor.p99.rounds]}"
-    fi
-    row "$title" "peak RSS (MB)" "$(mb "${R[$s.nginx.hwm]}")" "$(mb "${R[$s.sidecar.hwm]}")" "$(ratio "${R[$s.sidecar.hwm]}" "${R[$s.nginx.hwm]}")" "-"
-    e_label="errors (socket, non-2xx)"; [ $s = h2 ] && e_label="errors (failed, errored, non-2xx)"
-    if [ "$s" = keepalive ] || [ "$s" = h2 ]; then
-        v=$(verdict "${R[$s.sidecar.err]}" "==" 0)
-        row "$title" "$e_label" "${R[$s.nginx.err]}" "${R[$s.sidecar.err]}" "-" "${R[$s.floor.err]}" "sidecar = 0" "$v"
-        VERDICTS+=("$title errors = 0|${R[$s.sidecar.err]}|$v")
+    mapfile -t v3 < <(of "$s" rps)
+    cmp_row "$title" "requests/s" int "${v3[@]}" "$(fmt "${R[$s.floor.rps]}" 0)"
+    mapfile -t v3 < <(of "$s" p50)
+    cmp_row "$title" "p50 latency (ms)" - "${v3[@]}" "${R[$s.floor.p50]}"
+    mapfile -t v3 < <(of "$s" p99)
+    if [ "$s" = keepalive ]; then
+        r=$(ratio "${v3[2]}" "${v3[0]}"); v=$(verdict "$r" "<=" 1)
+        cmp_row "$title" "p99 latency (ms)" - "${v3[@]}" "${R[$s.floor.p99]}" "/nginx <= 1" "$v"
+        VERDICTS+=("h1 keep-alive p99 <= nginx|$r|$v")
     else
-        row "$title" "$e_label" "${R[$s.nginx.err]}" "${R[$s.sidecar.err]}" "-" "${R[$s.floor.err]}"
+        cmp_row "$title" "p99 latency (ms)" - "${v3[@]}" "${R[$s.floor.p99]}"
     fi
+    mapfile -t v3 < <(of "$s" cpu)
+    t=${cpu_target[$s]}
+    r=$(ratio "${v3[2]}" "${v3[0]}"); v=$(verdict "$r" "<=" "$t")
+    VERDICTS+=("$title CPU/request <= $t x nginx|$r|$v")
+    target="/nginx <= $t"
+    if [ "$s" = keepalive ] || [ "$s" = h2 ]; then
+        rh=$(ratio "${v3[2]}" "${v3[1]}"); vh=$(verdict "$rh" "<=" 1)
+        VERDICTS+=("$title CPU/request <= HAProxy|$rh|$vh")
+        target+=", /haproxy <= 1"
+        [ "$v" = PASS ] && [ "$vh" = PASS ] || v=MISS
+    fi
+    cmp_row "$title" "CPU us/req" - "${v3[@]}" "${R[$s.floor.cpu]}" "$target" "$v"
+    mapfile -t v3 < <(of "$s" app)
+    cmp_row "$title" "app CPU us/req" - "${v3[@]}" "${R[$s.floor.app]}"
+    if [ "$ROUNDS" -gt 1 ]; then
+        mapfile -t v3 < <(of "$s" cpu.rounds)
+        row "$title" "CPU us/req, each round" "${v3[@]}" "-" "-" "${R[$s.floor.cpu.rounds]}"
+        if [ "$s" = keepalive ]; then
+            mapfile -t v3 < <(of "$s" p99.rounds)
+            row "$title" "p99 (ms), each round" "${v3[@]}" "-" "-" "${R[$s.floor.p99.rounds]}"
+        fi
+    fi
+    mapfile -t v3 < <(of "$s" hwm)
+    cmp_row "$title" "peak RSS (MB)" mb "${v3[@]}" "-"
+    e_label="errors (socket, non-2xx)"; [ "$s" = h2 ] && e_label="errors (failed, errored, non-2xx)"
+    mapfile -t v3 < <(of "$s" err)
+    if [ "$s" = keepalive ] || [ "$s" = h2 ]; then
+        v=$(verdict "${v3[2]}" "==" 0)
+        row "$title" "$e_label" "${v3[@]}" "-" "-" "${R[$s.floor.err]}" "sidecar = 0" "$v"
+        VERDICTS+=("$title errors = 0|${v3[2]}|$v")
+    else
+        row "$title" "$e_label" "${v3[@]}" "-" "-" "${R[$s.floor.err]}"
+    fi
+    mapfile -t v3 < <(of "$s" suite)
+    row "$title" "TLS suite" "${v3[@]}" "-" "-" "${R[$s.floor.suite]}"
 done
 mem="memory"
-r=$(ratio "${R[idle.sidecar.rss]}" "${R[idle.nginx.rss]}"); v=$(verdict "$r" "<=" 0.5)
-row "$mem" "RSS idle (MB)" "$(mb "${R[idle.nginx.rss]}")" "$(mb "${R[idle.sidecar.rss]}")" "$r" "-" "ratio <= 0.5" "$v"
+mapfile -t v3 < <(of idle rss)
+r=$(ratio "${v3[2]}" "${v3[0]}"); v=$(verdict "$r" "<=" 0.5)
+cmp_row "$mem" "RSS idle (MB)" mb "${v3[@]}" "-" "/nginx <= 0.5" "$v"
 VERDICTS+=("RSS idle <= 0.5 x nginx|$r|$v")
-r=$(ratio "${R[load.sidecar.rss]}" "${R[load.nginx.rss]}"); v=$(verdict "$r" "<=" 1)
-row "$mem" "RSS after load (MB)" "$(mb "${R[load.nginx.rss]}")" "$(mb "${R[load.sidecar.rss]}")" "$r" "-" "ratio <= 1" "$v"
+mapfile -t v3 < <(of load rss)
+r=$(ratio "${v3[2]}" "${v3[0]}"); v=$(verdict "$r" "<=" 1)
+cmp_row "$mem" "RSS after load (MB)" mb "${v3[@]}" "-" "/nginx <= 1" "$v"
 VERDICTS+=("RSS after load <= nginx|$r|$v")
-row "$mem" "peak RSS, all load (MB)" "$(mb "${R[load.nginx.hwm]}")" "$(mb "${R[load.sidecar.hwm]}")" "$(ratio "${R[load.sidecar.hwm]}" "${R[load.nginx.hwm]}")" "-"
-row "$mem" "idle TLS conns held (of $IDLE_CONNS)" "${R[conns.nginx.open]}" "${R[conns.sidecar.open]}" "-" "-"
-row "$mem" "RSS with them (MB)" "$(mb "${R[conns.nginx.rss]}")" "$(mb "${R[conns.sidecar.rss]}")" "$(ratio "${R[conns.sidecar.rss]}" "${R[conns.nginx.rss]}")" "-"
+mapfile -t v3 < <(of load hwm)
+cmp_row "$mem" "peak RSS, all load (MB)" mb "${v3[@]}" "-"
+mapfile -t v3 < <(of conns open)
+row "$mem" "idle TLS conns held (of $IDLE_CONNS)" "${v3[@]}" "-" "-" "-"
+mapfile -t v3 < <(of conns rss)
+cmp_row "$mem" "RSS with them (MB)" mb "${v3[@]}" "-"
 v=$(verdict "${R[conns.sidecar.kb]}" "<=" 32); [ "${R[conns.sidecar.open]}" = "$IDLE_CONNS" ] || v="MISS (held ${R[conns.sidecar.open]})"
-row "$mem" "KB per idle TLS conn" "${R[conns.nginx.kb]}" "${R[conns.sidecar.kb]}" "$(ratio "${R[conns.sidecar.kb]}" "${R[conns.nginx.kb]}")" "-" "sidecar <= 32" "$v"
+mapfile -t v3 < <(of conns kb)
+cmp_row "$mem" "KB per idle TLS conn" - "${v3[@]}" "-" "sidecar <= 32" "$v"
 VERDICTS+=("per idle TLS connection <= 32 KB|${R[conns.sidecar.kb]} KB|$v")
 
-# What the proxies logged (warn and up) during the whole run, most frequent message first.
+# What the proxies logged (warn and up) during the whole run, most frequent message first;
+# HAProxy's start-up notices (its version and path) are left out.
 LOGS=""
-for f in sidecar.log nginx-sidecar.err nginx-sidecar-conns.err upstream.err; do
-    [ -s "$WORK/$f" ] || continue
-    top=$(sed -E 's/^[0-9TZ:./ -]+//; s/\*[0-9]+ //; s/, client: .*//' "$WORK/$f" | sort | uniq -c | sort -rn | head -3 |
+for f in sidecar.log nginx-sidecar.err nginx-sidecar-conns.err haproxy-sidecar.log haproxy-sidecar-conns.log upstream.err; do
+    [ -f "$WORK/$f" ] || continue
+    lines=$(grep -v '^\[NOTICE\]' "$WORK/$f" || true)
+    [ -n "$lines" ] || continue
+    top=$(sed -E 's/^[0-9TZ:./ -]+//; s/\*[0-9]+ //; s/, client: .*//; s/^(\[[A-Z]+\]) +\([0-9]+\) :/\1/' <<<"$lines" |
+        sort | uniq -c | sort -rn | head -3 |
         awk '{ n = $1; $1 = ""; printf "    %d x%s\n", n, substr($0, 1, 160) }')
-    LOGS+="$f: $(wc -l <"$WORK/$f") lines"$'\n'"$top"$'\n'
+    LOGS+="$f: $(wc -l <<<"$lines") lines"$'\n'"$top"$'\n'
 done
 
 DATE=$(date +%Y-%m-%d-%H%M%S)
-HEADER="scenario|metric|nginx|sidecar|sidecar/nginx|floor|target|verdict"
+HEADER="scenario|metric|nginx|haproxy|sidecar|sidecar/nginx|sidecar/haproxy|floor|target|verdict"
 print_table() {
     local line
     printf '\n'
@@ -573,7 +768,7 @@ print_table() {
             END { for (r = 1; r <= n; r++) { for (i = 1; i <= m; i++) printf "%-*s  ", w[i], c[r, i]; printf "\n" } }' |
         sed 's/ *$//'
     printf '%s\n' "$LEGEND" "floor: the upstream reached directly in plaintext; its CPU figure is the app's own."
-    printf '\nTargets (from the issue), sidecar against nginx:\n'
+    printf '\nTargets (from the issues), sidecar against nginx and HAProxy:\n'
     for line in "${VERDICTS[@]}"; do IFS='|' read -r t val v <<<"$line"; printf '  %-44s %-9s %s\n' "$t" "$val" "$v"; done
 }
 print_table
@@ -582,23 +777,24 @@ print_table
 mkdir -p "$OUT_DIR"
 MD="$OUT_DIR/compare-$DATE.md"
 {
-    echo "# sidecar vs nginx, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "# sidecar vs nginx and HAProxy, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
-    echo "Host: $(nproc) cores, $(uname -r); nginx $NGINX_VERSION; wrk and h2load on the same cores."
+    echo "Host: $(nproc) cores, $(uname -r); nginx $NGINX_VERSION, HAProxy $HAPROXY_VERSION; wrk and h2load on the same cores."
     echo "DUR=${DUR}s per run (after a ${WARM}s warm-up), ROUNDS=$ROUNDS (each figure is the median over the rounds); sidecar: \`$SIDECAR_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))."
-    echo "CPU = utime+stime(+children) of the proxy's processes per completed request; RSS summed over them."
+    echo "CPU = utime+stime(+children) of the proxy's processes per completed request (app CPU: the upstream's, over the same run); RSS summed over them."
     echo "The floor is the upstream reached directly in plaintext (its CPU column is the app's own)."
     echo
     echo "$LEGEND"
     echo
     echo "| ${HEADER//|/ | } |"
-    echo "|---|---|---:|---:|---:|---:|---|---|"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---|---|"
     for line in "${ROWS[@]}"; do echo "| ${line//|/ | } |"; done
     echo
     echo "| target | sidecar | verdict |"
     echo "|---|---:|---|"
     for line in "${VERDICTS[@]}"; do echo "| ${line//|/ | } |"; done
-    if [ -n "$LOGS" ]; then printf '\nProxy logs (warn and up):\n\n```\n%s```\n' "$LOGS"; fi
+    fence='```'
+    if [ -n "$LOGS" ]; then printf '\nProxy logs (warn and up):\n\n%s\n%s%s\n' "$fence" "$LOGS" "$fence"; fi
 } >"$MD"
 say ""
 say "written: $MD"
