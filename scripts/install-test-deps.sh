@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the programs the tests drive for real: openssl and curl (proxy tests), etcd and nginx
-# (sync sources), python3 (the stand-in legacy app of the sync tests). Idempotent: does nothing
-# when they are already there. Needs root (or sudo) for apt-get.
+# (sync sources), python3 (the stand-in legacy app of the sync tests), promtool (Debian's
+# prometheus package: /metrics is checked with it). Idempotent: does nothing when they are
+# already there. Needs root (or sudo) for apt-get.
 set -euo pipefail
 
 needed=()
@@ -11,6 +12,7 @@ command -v curl >/dev/null || needed+=(curl)
 command -v etcd >/dev/null || needed+=(etcd-server)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || needed+=(nginx-light)
 command -v python3 >/dev/null || needed+=(python3)
+command -v promtool >/dev/null || needed+=(prometheus)
 [ ${#needed[@]} -eq 0 ] && exit 0
 
 sudo=""

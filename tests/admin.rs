@@ -233,8 +233,27 @@ fn parse_exposition(text: &str) -> std::collections::HashMap<String, f64> {
     samples
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
+/// What Prometheus 2.x sends when it scrapes.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// GET /metrics with `accept`: (content-type, body).
+async fn scrape(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut request = http::Request::builder().uri("/metrics").header("host", "admin");
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let response = send.send_request(request.body(empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (content_type, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// A proxy (upstream timeout 300 ms, admin API on) running one sync destination.
+async fn proxy_with_sync() -> (Upstream, TestPki, common::IssuedCert, tempfile::TempDir, Sidecar) {
     let upstream = Upstream::start().await;
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
@@ -256,12 +275,45 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     )
     .unwrap();
     let sidecar = Sidecar::start(&["--config", config.to_str().unwrap()]);
+    (upstream, pki, leaf, dir, sidecar)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_pass_promtool_as_prometheus_text_and_as_openmetrics() {
+    if !require_tool("promtool") {
+        return;
+    }
+    let (_upstream, pki, _leaf, _dir, sidecar) = proxy_with_sync().await;
+    let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    assert_eq!(h1.get("/").await.0, StatusCode::OK);
     let addr = sidecar.admin_addr();
 
-    let (status, content_type, body) = admin(addr, "GET", "/metrics", None).await;
-    assert_eq!(status, StatusCode::OK);
-    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
-    let before = parse_exposition(&body);
+    for accept in [None, Some("text/plain"), Some("*/*"), Some("text/plain;version=0.0.4;q=0.5,*/*;q=0.1")] {
+        let (content_type, body) = scrape(addr, accept).await;
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8", "Accept: {accept:?}");
+        assert!(body.contains("# TYPE sidecar_http_requests_total counter"), "{body}");
+        assert_eq!(promtool_check_metrics(&body), "", "Accept: {accept:?}:\n{body}");
+    }
+    for accept in ["application/openmetrics-text", PROMETHEUS_ACCEPT] {
+        let (content_type, body) = scrape(addr, Some(accept)).await;
+        assert_eq!(content_type, "application/openmetrics-text; version=1.0.0; charset=utf-8", "{accept}");
+        promtool_parse_open_metrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        // promtool's linter reads only 0.0.4, where an OpenMetrics counter family `x` (sample
+        // `x_total`) looks like an untyped `x_total` without help: its only finding may be that.
+        for finding in promtool_check_metrics(&body).lines() {
+            let family = finding.strip_suffix("_total no help text").unwrap_or_else(|| panic!("{finding}"));
+            assert!(body.contains(&format!("# TYPE {family} counter\n")), "{finding}");
+            assert!(body.contains(&format!("# HELP {family} ")), "{finding}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
+    let (_upstream, pki, leaf, _dir, sidecar) = proxy_with_sync().await;
+    let addr = sidecar.admin_addr();
+
+    let before = parse_exposition(&scrape(addr, Some(PROMETHEUS_ACCEPT)).await.1);
     let at = |m: &std::collections::HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
 
     let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
@@ -286,7 +338,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     // The handshake failures are counted when the server side gives up on them.
     let deadline = Instant::now() + Duration::from_secs(5);
     let after = loop {
-        let after = parse_exposition(&admin(addr, "GET", "/metrics", None).await.2);
+        let after = parse_exposition(&scrape(addr, Some(PROMETHEUS_ACCEPT)).await.1);
         let failures: f64 =
             after.iter().filter(|(k, _)| k.starts_with("sidecar_tls_handshake_failures_total")).map(|(_, v)| v).sum();
         if failures >= 2.0 || Instant::now() > deadline {

@@ -24,11 +24,84 @@ pub(crate) fn registry(live: Option<Arc<LiveState>>, sync: Option<Arc<SyncManage
     registry
 }
 
-/// Encodes the registry as Prometheus/OpenMetrics text.
-pub(crate) fn encode(registry: &Registry) -> String {
+/// The two text formats a scraper may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exposition {
+    /// Prometheus text format 0.0.4: what `text/plain`, `*/*` or no Accept header gets, and
+    /// what `promtool check metrics` and most non-Prometheus scrapers read.
+    Text,
+    OpenMetrics,
+}
+
+impl Exposition {
+    /// OpenMetrics only when the Accept header prefers it (by q-value) to `text/plain`.
+    pub(crate) fn negotiate(accept: Option<&str>) -> Exposition {
+        let (mut open_metrics, mut text) = (0.0_f32, 0.0_f32);
+        for range in accept.unwrap_or("").split(',') {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or("").to_ascii_lowercase();
+            let q = params.filter_map(|p| p.strip_prefix("q=")).find_map(|q| q.parse::<f32>().ok()).unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => open_metrics = open_metrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if open_metrics > 0.0 && open_metrics >= text {
+            Exposition::OpenMetrics
+        } else {
+            Exposition::Text
+        }
+    }
+
+    pub(crate) fn content_type(self) -> &'static str {
+        match self {
+            Exposition::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Encodes the registry in `format`.
+pub(crate) fn encode(registry: &Registry, format: Exposition) -> String {
     let mut text = String::with_capacity(8 * 1024);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    match format {
+        Exposition::OpenMetrics => text,
+        Exposition::Text => open_metrics_to_text(&text),
+    }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4: a counter family
+/// is named after its `_total` sample there (else promtool and the 0.0.4 parsers see an
+/// untyped metric without help), and there are no UNIT lines, `unknown` type or `# EOF`.
+fn open_metrics_to_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        open_metrics.lines().filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut text = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        let rewritten = if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            // 0.0.4 escapes only backslash and newline in help text.
+            let help = help.replace("\\\"", "\"");
+            let suffix = if counters.contains(name) { "_total" } else { "" };
+            format!("# HELP {name}{suffix} {help}")
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            match kind {
+                "counter" => format!("# TYPE {name}_total counter"),
+                "unknown" => format!("# TYPE {name} untyped"),
+                _ => line.to_owned(),
+            }
+        } else {
+            line.to_owned()
+        };
+        text.push_str(&rewritten);
+        text.push('\n');
+    }
     text
 }
 

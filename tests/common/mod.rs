@@ -12,6 +12,7 @@ mod limits;
 mod nginx;
 mod plain_http;
 mod process;
+mod promtool;
 mod proxy;
 mod relay;
 mod sync;
@@ -21,6 +22,6 @@ mod upstreams;
 // Each test binary uses a part of the harness; the rest of these re-exports is unused there.
 #[allow(unused_imports)]
 pub use {
-    body::*, consul::*, etcd::*, files::*, legacy_app::*, limits::*, nginx::*, plain_http::*, process::*, proxy::*,
-    relay::*, sync::*, tls::*, upstreams::*,
+    body::*, consul::*, etcd::*, files::*, legacy_app::*, limits::*, nginx::*, plain_http::*, process::*,
+    promtool::*, proxy::*, relay::*, sync::*, tls::*, upstreams::*,
 };
