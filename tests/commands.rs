@@ -675,3 +675,55 @@ fn generate_is_hidden_from_help() {
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.contains("completions") && run.stdout.contains("man"), "{run:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Closed output streams
+// ---------------------------------------------------------------------------------------------
+
+/// The write end of a pipe whose reader has exited: writing to it fails with EPIPE, as for
+/// `sidecar check ... | head -1` once head has its line.
+fn closed_pipe() -> std::process::Stdio {
+    let mut reader = Command::new("true").stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let writer = reader.stdin.take().unwrap();
+    reader.wait().unwrap();
+    writer.into()
+}
+
+/// (exit code, what the other stream said) of `sidecar ARGS` with stdout, or else stderr, closed.
+fn with_closed(stream: &str, home: &Path, args: &[&str]) -> (i32, String) {
+    let mut cmd = sidecar_command(args);
+    cmd.env("HOME", home).env("XDG_STATE_HOME", home.join("state"));
+    let output = if stream == "stdout" {
+        cmd.stdin(std::process::Stdio::null()).stdout(closed_pipe()).stderr(std::process::Stdio::piped());
+        cmd.output().unwrap()
+    } else {
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(closed_pipe());
+        cmd.output().unwrap()
+    };
+    let other = if stream == "stdout" { &output.stderr } else { &output.stdout };
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(other).into_owned())
+}
+
+#[test]
+fn no_command_panics_on_a_closed_stdout_or_stderr() {
+    let home = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let leaf = pki.issue_with("leaf", &["localhost"], -1, 200);
+    let good = ["check", "--upstream", "http://127.0.0.1:9", "--cert", s(&leaf.cert), "--key", s(&leaf.key)];
+    let bad = ["check", "--upstream", "http://127.0.0.1:9", "--cert", "/nonexistent.pem", "--key", s(&leaf.key)];
+    let cases: [(&str, &[&str], i32); 8] = [
+        ("stdout", &good, 0),
+        ("stderr", &bad, 2),
+        ("stdout", &["cert", "example.test"], 0),
+        ("stderr", &["cert", "--dir", "/proc/nope", "example.test"], 2),
+        ("stdout", &["generate", "completions", "bash"], 0),
+        ("stdout", &["generate", "man"], 0),
+        ("stdout", &["--help"], 0),
+        ("stderr", &["proxy", "--config", "/nonexistent/sidecar.toml"], 2),
+    ];
+    for (stream, args, expected) in cases {
+        let (code, other) = with_closed(stream, home.path(), args);
+        assert_eq!(code, expected, "sidecar {args:?} with {stream} closed; the other stream said:\n{other}");
+        assert!(!other.contains("panicked"), "sidecar {args:?} with {stream} closed:\n{other}");
+    }
+}

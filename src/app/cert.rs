@@ -3,6 +3,7 @@
 use std::io::Write as _;
 use std::process::ExitCode;
 
+use super::output::complain;
 use crate::cli::CertArgs;
 use crate::devca::{ensure_ca_and_issue, instructions};
 use crate::devcert::default_state_dir;
@@ -18,7 +19,7 @@ pub(super) fn run(args: &CertArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("sidecar: error: {e}");
+            complain(format_args!("sidecar: error: {e}"));
             ExitCode::from(2)
         }
     }
