@@ -391,6 +391,29 @@ fn check_usage_errors_are_clap_usage_errors() {
     assert!(run.errors()[0].contains("no upstream"), "{run:?}");
 }
 
+#[test]
+fn listen_takes_a_port_a_colon_port_or_a_host_name_and_explains_its_forms() {
+    let home = tempfile::tempdir().unwrap();
+    let check =
+        |listen: &str| run_in(home.path(), &["check", "--upstream", "http://127.0.0.1:9", "--listen", listen], &[]);
+    for (listen, shown) in [("8443", "https://0.0.0.0:8443 "), (":8443", "https://0.0.0.0:8443 ")] {
+        let run = check(listen);
+        assert_eq!(run.code, 0, "--listen {listen}: {run:?}");
+        assert!(run.stdout.contains(shown), "--listen {listen} is all interfaces: {run:?}");
+    }
+    let run = check("localhost:8443");
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("https://127.0.0.1:8443 ") || run.stdout.contains("https://[::1]:8443 "), "{run:?}");
+    for bad in ["local host", "8443x", "70000", "[::1]"] {
+        let run = check(bad);
+        assert_eq!(run.code, 2, "--listen {bad}: {run:?}");
+        assert!(run.stderr.contains("localhost:8443, :8443, 8443"), "--listen {bad} shows the forms: {run:?}");
+    }
+    // The same parse serves the admin API's address.
+    let run = run_in(home.path(), &["check", "--upstream", "http://127.0.0.1:9", "--admin", "localhost:9901"], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // sidecar cert
 // ---------------------------------------------------------------------------------------------
