@@ -211,6 +211,30 @@ fn check_reports_a_key_that_does_not_match_its_certificate() {
 }
 
 #[test]
+fn check_and_proxy_name_an_encrypted_key_as_encrypted() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let encrypted = pki.dir.path().join("encrypted.key");
+    let legacy = pki.dir.path().join("legacy.key");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&["pkcs8", "-topk8", "-in", s(&leaf.key), "-out", s(&encrypted), "-passout", "pass:secret"]);
+    // The pre-PKCS#8 form: `Proc-Type: 4,ENCRYPTED` inside an EC PRIVATE KEY block.
+    openssl(&["ec", "-in", s(&leaf.key), "-out", s(&legacy), "-aes256", "-passout", "pass:secret"]);
+    for key in [&encrypted, &legacy] {
+        assert_one_problem(
+            &["--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9", "--cert", s(&leaf.cert), "--key", s(key)],
+            &[s(key), "encrypted", "unencrypted", "openssl pkey"],
+        );
+    }
+}
+
+#[test]
 fn check_reports_an_expired_certificate() {
     let pki = TestPki::new();
     let old = pki.issue_with("old", &["localhost"], -30, -1);
