@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
@@ -389,13 +389,14 @@ impl UpstreamPool {
     }
 
     /// `send_now`, failing with `UpstreamError::Timeout` when no response head has come
-    /// within `--upstream-timeout`.
+    /// within `--upstream-timeout`. With the response: how long connecting took (zero on a
+    /// pooled connection).
     pub(crate) async fn send(
         &self,
         parts: &Parts,
         body: Incoming,
         added: &AddedFields,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<(Response<UpstreamBody>, Duration), UpstreamError> {
         let mut deadline = HeadDeadline::start(&self.shared);
         let mut exchange = std::pin::pin!(self.send_now(parts, body, added));
         poll_fn(|cx| match exchange.as_mut().poll(cx) {
@@ -418,7 +419,7 @@ impl UpstreamPool {
         parts: &Parts,
         body: Incoming,
         added: &AddedFields,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<(Response<UpstreamBody>, Duration), UpstreamError> {
         let has_body = !body.is_end_stream();
         let framing = if has_body {
             if parts.headers.contains_key(CONTENT_LENGTH) {
@@ -442,21 +443,24 @@ impl UpstreamPool {
             })
         });
         let replayable = body.is_none() && parts.method.is_idempotent();
-        let (mut connection, reused) = match self.take_idle() {
-            Some(connection) => (connection, true),
-            None => (self.connect().await?, false),
+        let (mut connection, reused, mut connect_time) = match self.take_idle() {
+            Some(connection) => (connection, true, Duration::ZERO),
+            None => {
+                let (connection, took) = self.connect_timed().await?;
+                (connection, false, took)
+            }
         };
         let head = (parts, added, framing);
         let result = match connection.exchange(head, &mut body).await {
             // Once, and on a new connection: an upstream that drops this request for its own
             // reasons must not see it again from every pooled connection.
             Err(e) if reused && replayable && e.is_stale_connection() => {
-                connection = self.connect().await?;
+                (connection, connect_time) = self.connect_timed().await?;
                 connection.exchange(head, &mut body).await
             }
             other => other,
         };
-        Ok(self.response(result?, connection, body))
+        Ok((self.response(result?, connection, body), connect_time))
     }
 
     fn response(
@@ -491,6 +495,13 @@ impl UpstreamPool {
             }
         }
         None
+    }
+
+    /// A new connection, and how long it took (the access log's upstream connect time).
+    async fn connect_timed(&self) -> Result<(Box<UpstreamConnection>, Duration), UpstreamError> {
+        let started = Instant::now();
+        let connection = self.connect().await?;
+        Ok((connection, started.elapsed()))
     }
 
     async fn connect(&self) -> Result<Box<UpstreamConnection>, UpstreamError> {
