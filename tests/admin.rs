@@ -322,6 +322,10 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
         assert_eq!(h1.get("/").await.0, StatusCode::OK);
         assert_eq!(h2.get("/").await.0, StatusCode::OK);
     }
+    let posted = http::Request::post("/count").body(full(vec![7u8; 1000])).unwrap();
+    let counted = h2.send(posted).await.unwrap();
+    let counted = counted.into_body().collect().await.unwrap().to_bytes();
+    assert!(counted.starts_with(b"1000 "), "{counted:?}");
     assert_eq!(h1.get("/slow/3000").await.0, StatusCode::GATEWAY_TIMEOUT);
     // A client that does not trust the certificate, and one that does not speak TLS.
     assert!(tls_connect(sidecar.addr, client_config(TestPki::new().ca_pem.as_bytes(), &[b"http/1.1"]), "localhost")
@@ -348,10 +352,22 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     };
     let moved = |k: &str| at(&after, k) - at(&before, k);
     assert_eq!(moved("sidecar_http_requests_total{version=\"1.1\",code=\"2xx\"}"), 3.0);
-    assert_eq!(moved("sidecar_http_requests_total{version=\"2\",code=\"2xx\"}"), 3.0);
+    assert_eq!(moved("sidecar_http_requests_total{version=\"2\",code=\"2xx\"}"), 4.0);
     assert_eq!(moved("sidecar_http_requests_total{version=\"1.1\",code=\"5xx\"}"), 1.0);
     assert_eq!(moved("sidecar_upstream_failures_total{kind=\"timeout\"}"), 1.0);
-    assert_eq!(moved("sidecar_http_request_duration_seconds_count"), 7.0);
+    assert_eq!(moved("sidecar_http_request_duration_seconds_count"), 8.0);
+    // Bodies each way, as they passed through; "hello from upstream\n" is 20 bytes.
+    assert_eq!(moved("sidecar_http_request_body_bytes_total"), 1000.0);
+    assert_eq!(moved("sidecar_http_response_body_bytes_total"), (6 * 20 + counted.len()) as f64);
+    // The upstream answered 7 of the 8 (the 504 is the proxy's own).
+    assert_eq!(moved("sidecar_upstream_response_duration_seconds_count"), 7.0);
+    assert_eq!(moved("sidecar_upstream_response_duration_seconds_bucket{le=\"+Inf\"}"), 7.0);
+    assert!(moved("sidecar_upstream_response_duration_seconds_sum") > 0.0);
+    assert_eq!(at(&after, &format!("sidecar_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
+    assert!(at(&after, "process_resident_memory_bytes") > 1e6);
+    assert!(at(&after, "process_cpu_seconds_total") > 0.0);
+    assert!(at(&after, "process_start_time_seconds") > 1.7e9);
+    assert!(at(&after, "process_open_fds") > 5.0 && at(&after, "process_max_fds") >= at(&after, "process_open_fds"));
     assert!(moved("sidecar_http_request_duration_seconds_sum") >= 0.3, "the 504 alone waited 300 ms");
     assert_eq!(moved("sidecar_tls_handshakes_total"), 2.0);
     assert_eq!(moved("sidecar_tls_handshake_failures_total{reason=\"alert_received\"}"), 1.0);

@@ -14,14 +14,62 @@ use crate::metrics;
 use crate::server::LiveState;
 use crate::sync::status::{DestStatus, SyncState};
 use crate::sync::SyncManager;
-use crate::sys::open_files;
+use crate::sys::{open_files, process_stats};
 
-/// A registry with every metric of this process.
+/// A registry with every metric of this process: the standard `process_*` ones, and the
+/// sidecar's own under `sidecar_`.
 pub(crate) fn registry(live: Option<Arc<LiveState>>, sync: Option<Arc<SyncManager>>) -> Registry {
-    let mut registry = Registry::with_prefix("sidecar");
-    metrics::register(&mut registry);
-    registry.register_collector(Box::new(LiveCollector { live, sync }));
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProcessCollector));
+    let sidecar = registry.sub_registry_with_prefix("sidecar");
+    metrics::register(sidecar);
+    sidecar.register_collector(Box::new(LiveCollector { live, sync }));
     registry
+}
+
+/// The metrics every Prometheus client library exports under these names (dashboards and
+/// alerts expect them), and the build's version.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let version = [("version", env!("CARGO_PKG_VERSION"))];
+        gauge_family(
+            &mut encoder,
+            "sidecar_build_info",
+            "1, labelled with the build's version",
+            None,
+            &[(version, 1.0)],
+        )?;
+        if let Some(stats) = process_stats::read() {
+            let cpu = encoder.encode_descriptor(
+                "process_cpu",
+                "User and system CPU time spent",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(stats.cpu_seconds).encode(cpu)?;
+            let rss = stats.resident_bytes as f64;
+            unit_gauge(&mut encoder, "process_resident_memory", "Resident memory size", Unit::Bytes, rss)?;
+            let start = stats.start_time_seconds;
+            let help = "Start time of the process since the Unix epoch";
+            unit_gauge(&mut encoder, "process_start_time", help, Unit::Seconds, start)?;
+        }
+        // Alert before accepts fail: open_fds nearing max_fds.
+        if let Some(open) = open_files::open_count() {
+            plain_gauge(&mut encoder, "process_open_fds", "Number of open file descriptors", open as f64)?;
+        }
+        if let Some(max) = open_files::soft_limit() {
+            plain_gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors (soft RLIMIT_NOFILE)",
+                max as f64,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// The two text formats a scraper may ask for.
@@ -134,6 +182,17 @@ fn gauge_family<L: prometheus_client::encoding::EncodeLabelSet>(
     Ok(())
 }
 
+/// A gauge without labels, in `unit`.
+fn unit_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Unit,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, Some(&unit), MetricType::Gauge)?)
+}
+
 /// A gauge without labels.
 fn plain_gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> Result<(), std::fmt::Error> {
     ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
@@ -157,13 +216,6 @@ fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(
 
 impl Collector for LiveCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        // As Prometheus clients' process_open_fds and process_max_fds: alert before accepts fail.
-        if let Some(open) = open_files::open_count() {
-            plain_gauge(&mut encoder, "open_fds", "File descriptors the process holds", open as f64)?;
-        }
-        if let Some(max) = open_files::soft_limit() {
-            plain_gauge(&mut encoder, "max_fds", "The process's open-file limit (soft RLIMIT_NOFILE)", max as f64)?;
-        }
         if let Some(live) = &self.live {
             let now = time::OffsetDateTime::now_utc();
             let tls = live.tls.current();

@@ -142,6 +142,10 @@ impl ConnectionContext {
         }
         let elapsed = started.elapsed();
         metrics().request(version, response.status(), elapsed);
+        if upstream_connect.is_some() {
+            // The same clock reading: the proxy's own part of it is microseconds.
+            metrics().upstream_response(elapsed);
+        }
         let Some(mut entry) = entry else { return response };
         entry.status = response.status();
         response.map(|body| match body {

@@ -18,7 +18,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
 use http::{Method, Response};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming};
 use slab::Slab;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,6 +27,7 @@ use super::body::UpstreamBody;
 use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
 use super::headers::AddedFields;
 use crate::config::ProxyConfig;
+use crate::metrics::metrics;
 use crate::sys::lock;
 
 /// The most one upstream read takes in. Large bodies then flow in cache-sized pieces, and a
@@ -333,7 +334,11 @@ impl RequestBody {
             if self.ended {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+            if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()).and_then(Frame::data_ref) {
+                metrics().request_body_bytes(data.len());
+            }
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if self.chunked => {

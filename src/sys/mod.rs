@@ -8,6 +8,7 @@ pub(crate) mod logging;
 pub(crate) mod memory;
 pub(crate) mod open_files;
 pub(crate) mod plain_http;
+pub(crate) mod process_stats;
 pub(crate) mod shutdown;
 
 use std::path::{Path, PathBuf};
