@@ -570,6 +570,43 @@ fn cert_reuses_the_ca_and_issues_a_new_certificate_on_every_run() {
     }
 }
 
+/// `sidecar cert --install` with a temporary HOME, then a real browser through the proxy: no
+/// certificate error; after `--uninstall`, the same page is refused again.
+#[tokio::test(flavor = "multi_thread")]
+async fn cert_install_makes_headless_chromium_trust_the_proxy_and_uninstall_undoes_it() {
+    if !require_tool("chromium") || !require_tool("certutil") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("ca");
+    // The NSS databases only: the machine's system store is not the test's to change.
+    let install = ["cert", "--install", "--trust-stores", "nss", "--dir", s(&dir)];
+    let run = run_in(home.path(), &install, &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let nssdb = home.path().join(".pki/nssdb");
+    assert!(run.stdout.contains(&format!("added: NSS database {} (Chrome/Chromium)", nssdb.display())), "{run:?}");
+
+    let upstream = Upstream::start().await;
+    let (cert, key) = (dir.join("localhost+2.pem"), dir.join("localhost+2-key.pem"));
+    let sidecar = Sidecar::start(&["--upstream", &upstream.url(), "--cert", s(&cert), "--key", s(&key)]);
+    let url = format!("https://localhost:{}/", sidecar.addr.port());
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let shot = shots.join("chromium-after-cert-install.png");
+    let (trusted, log) = chromium_load(home.path(), &url, &shot);
+    assert!(trusted.contains("hello from upstream"), "Chromium showed:\n{trusted}\n{log}");
+    assert!(shot.exists(), "a screenshot of the page: {log}");
+    let agent = upstream.last_request().headers["user-agent"].to_str().unwrap().to_owned();
+    assert!(agent.contains("HeadlessChrome"), "{agent}");
+
+    let uninstall = ["cert", "--uninstall", "--trust-stores", "nss", "--dir", s(&dir)];
+    let run = run_in(home.path(), &uninstall, &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains(&format!("removed: NSS database {}", nssdb.display())), "{run:?}");
+    let (refused, log) = chromium_load(home.path(), &url, &shots.join("chromium-after-cert-uninstall.png"));
+    assert!(!refused.contains("hello from upstream"), "the CA is trusted no more:\n{refused}");
+    assert!(log.contains("ERR_CERT_AUTHORITY_INVALID"), "{refused}\n{log}");
+}
+
 #[test]
 fn cert_defaults_to_the_proxy_state_directory() {
     let home = tempfile::tempdir().unwrap();

@@ -23,6 +23,7 @@ use crate::config::{parse_cert_pair, parse_upstream, ForwardedPolicy, Upstream, 
 use crate::devca::DEFAULT_NAMES;
 use crate::sync::spec::{parse_http_url, parse_signal, parse_source, SignalName, SourceSpec, ValidateFormat};
 use crate::sys::logging::LogFormat;
+use crate::sys::trust_store::TrustStore;
 use crate::tls::{CertPair, ClientAuth};
 use file::{load_proxy_defaults, FileError};
 
@@ -269,6 +270,20 @@ pub struct CertArgs {
     /// Host names (also *.wildcards) and IP addresses the certificate is for
     #[arg(value_name = "NAMES", default_values = DEFAULT_NAMES)]
     pub names: Vec<String>,
+
+    /// Also make this machine trust the CA, as mkcert -install does: the NSS databases of
+    /// Chrome/Chromium and Firefox under $HOME (needs certutil) and the system store (needs
+    /// root). Says what it changed and what it could not
+    #[arg(long, conflicts_with = "uninstall")]
+    pub install: bool,
+
+    /// Take the CA out of the trust stores again (issues nothing)
+    #[arg(long)]
+    pub uninstall: bool,
+
+    /// The trust stores --install and --uninstall change
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "system,nss", value_name = "STORES")]
+    pub trust_stores: Vec<TrustStore>,
 }
 
 /// What `sidecar generate` makes.

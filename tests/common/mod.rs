@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod body;
+mod chromium;
 mod consul;
 mod etcd;
 mod files;
@@ -22,6 +23,6 @@ mod upstreams;
 // Each test binary uses a part of the harness; the rest of these re-exports is unused there.
 #[allow(unused_imports)]
 pub use {
-    body::*, consul::*, etcd::*, files::*, legacy_app::*, limits::*, nginx::*, plain_http::*, process::*,
+    body::*, chromium::*, consul::*, etcd::*, files::*, legacy_app::*, limits::*, nginx::*, plain_http::*, process::*,
     promtool::*, proxy::*, relay::*, sync::*, tls::*, upstreams::*,
 };
