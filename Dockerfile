@@ -1,9 +1,11 @@
-# Build:  docker build -t sidecar .
-# Run:    docker run -p 8443:8443 sidecar proxy --upstream http://app:8080
+# Build:  docker build -t sidecar .   (or: podman build / buildah bud -t sidecar .)
+# Run:    docker run -p 8443:8443 sidecar proxy --listen :8443 --upstream http://app:8080
 # Deploy: deploy/kubernetes/ (a native sidecar beside the app), deploy/systemd/ (a VM)
 #
 # Multi-stage: a release build on Debian, then a distroless runtime (no shell, non-root).
-FROM rust:1-bookworm AS build
+# Fully qualified names: buildah and podman refuse short names under the default
+# registries.conf.
+FROM docker.io/library/rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that editing src/ does not rebuild them. Cargo.toml declares the
 # `hot_path` bench, and cargo refuses a manifest whose declared targets are missing: a stub
@@ -14,16 +16,17 @@ RUN mkdir src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
 COPY src ./src
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin sidecar
+# Stripped: the symbols and line tables the release profile keeps for profiling are ~80% of
+# the file (9.8 MB against 46.7 MB, as measured in issue 25).
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin sidecar \
+    && strip target/release/sidecar
 
 # aws-lc (rustls' crypto) links against glibc; distroless/cc has glibc and libgcc, nothing else.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/sidecar /usr/local/bin/sidecar
-# In a container the proxy must listen on all interfaces; the dev certificate (when no
-# --cert is given) is kept in a writable place. Being environment variables, these win over
-# the `listen` and `state-dir` keys of a --config file (a flag wins over both).
-ENV SIDECAR_LISTEN=0.0.0.0:8443 \
-    SIDECAR_STATE_DIR=/tmp/sidecar
+# No ENV SIDECAR_*: an environment variable would silently win over the same key of a mounted
+# --config file. In a container, give `--listen :8443` (all interfaces) or `listen` in the
+# file; the dev certificate (no --cert) goes under $HOME (/home/nonroot) or --state-dir.
 # nonroot is uid/gid 65532 (the runAsUser of deploy/kubernetes/).
 USER nonroot:nonroot
 # 8443: HTTPS (--listen). 9901: the admin API, when --admin 0.0.0.0:9901 is given.

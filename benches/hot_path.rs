@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the work the proxy does for every request, outside of I/O and TLS:
 //! rewriting the request head, building the upstream URI, loading the config snapshot, and
-//! writing the request head to and parsing the response head from the upstream.
+//! writing the request head to and parsing the response head from the upstream, and counting
+//! the request in the process-wide metrics.
 //!
 //! Run: `cargo bench --bench hot_path` (quick: `-- --warm-up-time 1 --measurement-time 2`).
 //! Each iteration gets a freshly built browser-like request head from `iter_batched`, so only
@@ -12,6 +13,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Version};
 use sidecar::config::{parse_upstream, ForwardedPolicy};
+use sidecar::metrics::metrics;
 use sidecar::proxy::h1::{encode_request_head, parse_response, HeadReader, RequestFraming};
 use sidecar::proxy::headers::{prepare_request, strip_hop_by_hop, ClientClaims};
 use std::hint::black_box;
@@ -175,5 +177,18 @@ fn upstream_wire(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, head_rewrite, upstream_uri, snapshot_load, upstream_wire);
+/// What each per-request metric costs, one call at a time: `request` (the status counter and the
+/// duration histogram, there before) beside the body byte counters and the upstream histogram.
+fn metrics_per_request(c: &mut Criterion) {
+    let m = metrics();
+    let elapsed = std::time::Duration::from_micros(1800);
+    c.bench_function("metrics/request", |b| {
+        b.iter(|| m.request(Version::HTTP_11, black_box(http::StatusCode::OK), black_box(elapsed)))
+    });
+    c.bench_function("metrics/request_body_bytes", |b| b.iter(|| m.request_body_bytes(black_box(512))));
+    c.bench_function("metrics/response_body_bytes", |b| b.iter(|| m.response_body_bytes(black_box(16384))));
+    c.bench_function("metrics/upstream_response", |b| b.iter(|| m.upstream_response(black_box(elapsed))));
+}
+
+criterion_group!(benches, head_rewrite, upstream_uri, snapshot_load, upstream_wire, metrics_per_request);
 criterion_main!(benches);

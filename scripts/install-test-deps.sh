@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the programs the tests drive for real: openssl and curl (proxy tests), etcd and nginx
-# (sync sources), python3 (the stand-in legacy app of the sync tests). Idempotent: does nothing
+# (sync sources), python3 (the stand-in legacy app of the sync tests), promtool (Debian's
+# prometheus package: /metrics is checked with it), chromium and certutil (a real browser
+# trusts the CA that `sidecar cert --install` put in its NSS database). Idempotent: does nothing
 # when they are already there. Needs root (or sudo) for apt-get.
 set -euo pipefail
 
@@ -11,6 +13,9 @@ command -v curl >/dev/null || needed+=(curl)
 command -v etcd >/dev/null || needed+=(etcd-server)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || needed+=(nginx-light)
 command -v python3 >/dev/null || needed+=(python3)
+command -v promtool >/dev/null || needed+=(prometheus)
+command -v chromium >/dev/null || needed+=(chromium)
+command -v certutil >/dev/null || needed+=(libnss3-tools)
 [ ${#needed[@]} -eq 0 ] && exit 0
 
 sudo=""

@@ -20,7 +20,8 @@ const QUEUE: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AccessLogFormat {
-    /// Apache/nginx "combined" plus upstream time, total time, TLS version and ALPN.
+    /// Apache/nginx "combined" plus total time, upstream connect and header times (nginx's
+    /// `uct`, `uht`), TLS version, ALPN, host and request id.
     Combined,
     /// One JSON object per line.
     Json,
@@ -117,6 +118,10 @@ pub(crate) struct PendingEntry {
     version: Version,
     referer: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
+    host: Option<String>,
+    request_id: Option<String>,
+    /// Connecting to the upstream; zero on a pooled connection, `None` when none was used.
+    pub(crate) upstream_connect: Option<Duration>,
     pub(crate) status: StatusCode,
     /// Until the upstream's response head arrived; `None` when the proxy answered itself.
     pub(crate) upstream_time: Option<Duration>,
@@ -143,6 +148,9 @@ impl PendingEntry {
             version: request.version(),
             referer: headers.get(http::header::REFERER).cloned(),
             user_agent: headers.get(http::header::USER_AGENT).cloned(),
+            host: request_host(request),
+            request_id: request_id(headers),
+            upstream_connect: None,
             status: StatusCode::OK,
             upstream_time: None,
             bytes: 0,
@@ -164,7 +172,7 @@ impl PendingEntry {
         let text =
             |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map_or_else(|| "-".to_owned(), escape);
         format!(
-            "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" rt={:.3} uct={} tls={} alpn={}\n",
+            "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" rt={:.3} uct={} uht={} tls={} alpn={} host=\"{}\" rid=\"{}\"\n",
             self.facts.client,
             clf_time(),
             self.method,
@@ -175,9 +183,12 @@ impl PendingEntry {
             text(&self.referer),
             text(&self.user_agent),
             self.started.elapsed().as_secs_f64(),
-            self.upstream_time.map_or_else(|| "-".to_owned(), |t| format!("{:.3}", t.as_secs_f64())),
+            seconds(self.upstream_connect),
+            seconds(self.upstream_time),
             self.facts.tls_version,
             self.facts.alpn,
+            self.host.as_deref().map_or_else(|| "-".to_owned(), escape),
+            self.request_id.as_deref().map_or_else(|| "-".to_owned(), escape),
         )
     }
 
@@ -193,6 +204,9 @@ impl PendingEntry {
             "bytes": self.bytes,
             "duration_ms": self.started.elapsed().as_secs_f64() * 1000.0,
             "upstream_ms": self.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+            "upstream_connect_ms": self.upstream_connect.map(|t| t.as_secs_f64() * 1000.0),
+            "host": self.host,
+            "request_id": self.request_id,
             "tls_version": self.facts.tls_version,
             "alpn": self.facts.alpn,
             "referer": text(&self.referer),
@@ -202,6 +216,29 @@ impl PendingEntry {
         line.push('\n');
         line
     }
+}
+
+/// Seconds with milliseconds, as nginx logs upstream times; `-` for none.
+fn seconds(time: Option<Duration>) -> String {
+    time.map_or_else(|| "-".to_owned(), |t| format!("{:.3}", t.as_secs_f64()))
+}
+
+/// The authority the client asked for: HTTP/2's `:authority`, else the Host field.
+fn request_host<B>(request: &Request<B>) -> Option<String> {
+    let host = request.uri().authority().map(|a| a.as_str());
+    let host = host.or_else(|| request.headers().get(http::header::HOST).and_then(|v| v.to_str().ok()));
+    host.map(str::to_owned)
+}
+
+/// `X-Request-ID`, else the trace id of a W3C `traceparent` (`00-TRACEID-PARENTID-FLAGS`).
+fn request_id(headers: &http::HeaderMap) -> Option<String> {
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        return Some(id.to_owned());
+    }
+    let traceparent = headers.get("traceparent")?.to_str().ok()?;
+    let trace_id = traceparent.split('-').nth(1)?;
+    let valid = trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit());
+    valid.then(|| trace_id.to_owned())
 }
 
 /// `10/Oct/2000:13:55:36 +0000`, the common log format's time, in UTC.

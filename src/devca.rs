@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use time::{Duration, OffsetDateTime};
 
 use crate::sys::atomic_file::{write_atomic, FileMode, WriteError};
-use crate::tls::{load_cert_pair, CertInfo, TlsError};
+use crate::tls::{cert_info, load_cert_pair, CertInfo, TlsError};
 
 /// What `sidecar cert` issues for when no name is given: what a browser on this machine uses.
 pub(crate) const DEFAULT_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
@@ -46,6 +46,8 @@ pub(crate) enum DevCaError {
     HalfCa { present: PathBuf, missing: PathBuf },
     #[error("the development CA {} is unusable: {reason}; remove {} and {} to make a new one, or use another --dir", cert.display(), cert.display(), key.display())]
     UnusableCa { cert: PathBuf, key: PathBuf, reason: String },
+    #[error("no development CA to take out of trust stores: cannot read {}: {source}", path.display())]
+    NoCa { path: PathBuf, source: std::io::Error },
     #[error("cannot generate a certificate: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("the system's random number generator failed")]
@@ -84,6 +86,23 @@ pub(crate) fn ensure_ca_and_issue(dir: &Path, names: &[String]) -> Result<(DevCa
     let ca = ensure_ca(&provider, dir)?;
     let leaf = issue(&provider, &ca, dir, &names)?;
     Ok((ca, leaf))
+}
+
+/// The name the CA goes by in trust stores: its serial makes it this CA's, so that
+/// `--uninstall` takes out this one and no other. No colons: certutil reads `A:B` as token A.
+pub(crate) fn trust_nickname(info: &CertInfo) -> String {
+    format!("{CA_ORGANIZATION} {}", info.serial.replace(':', ""))
+}
+
+/// The CA certificate already in `dir` (for `--uninstall`: nothing is made).
+pub(crate) fn existing_ca(dir: &Path) -> Result<(PathBuf, CertInfo), DevCaError> {
+    use rustls::pki_types::pem::PemObject;
+    let path = dir.join(CA_CERT_FILE);
+    let pem = std::fs::read(&path).map_err(|source| DevCaError::NoCa { path: path.clone(), source })?;
+    let unusable = |reason: String| DevCaError::UnusableCa { cert: path.clone(), key: dir.join(CA_KEY_FILE), reason };
+    let der = CertificateDer::from_pem_slice(&pem).map_err(|e| unusable(e.to_string()))?;
+    let info = cert_info(&der).map_err(unusable)?;
+    Ok((path, info))
 }
 
 /// Validates NAMES (host names, `*.` wildcards, IP addresses) and drops repeats.
@@ -354,6 +373,7 @@ pub(crate) fn instructions(ca: &DevCa, leaf: &Issued) -> String {
     line(format!("  Firefox/NSS:     certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n sidecar-dev-ca -i {ca_pem}"));
     line("                   (Firefox profiles: the same with -d sql:<profile directory>; certutil is in libnss3-tools / nss-tools)".into());
     line(format!("  curl, just once: curl --cacert {ca_pem} https://localhost:8443/"));
+    line("  Or in one step:  sidecar cert --install (NSS databases via certutil; the system store as root)".into());
     line(String::new());
     line(format!(
         "Keep {} private: whoever has it can make certificates that a machine trusting this CA accepts.",

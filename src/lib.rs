@@ -20,7 +20,8 @@
 //! The public surface is what the binary, the integration tests and the benches use: [`app::main`];
 //! [`cli`]'s argument types and parser (the deployment tests read manifests through them);
 //! [`sync::spec`] and [`sync::hash`]; and the per-request header and HTTP/1.1 code the
-//! `hot_path` bench times ([`proxy::h1`], [`proxy::headers`], [`config::parse_upstream`]).
+//! `hot_path` bench times ([`proxy::h1`], [`proxy::headers`], [`config::parse_upstream`], and the
+//! per-request counting of [`metrics::Metrics`]).
 //! Everything else is `pub(crate)`.
 // Three audited exceptions: `sys::memory::collect` calls mimalloc's mi_collect,
 // `sys::open_files::started_with_for` sets a child's open-file limit between fork and exec, and
@@ -34,7 +35,7 @@ pub mod cli;
 pub mod config;
 mod devca;
 mod devcert;
-mod metrics;
+pub mod metrics;
 pub mod proxy;
 mod proxy_protocol;
 mod server;

@@ -3,14 +3,17 @@
 //! state, open files) are computed at scrape time by a collector that the admin API registers
 //! beside these: this module imports nothing from the crate.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::{StatusCode, Version};
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 type Labels2 = [(&'static str, &'static str); 2];
@@ -88,7 +91,7 @@ pub(crate) enum UpstreamFailure {
     Other,
 }
 
-pub(crate) struct Metrics {
+pub struct Metrics {
     requests: [[Counter; 5]; 3],
     requests_family: Family<Labels2, Counter>,
     request_duration: Histogram,
@@ -101,10 +104,11 @@ pub(crate) struct Metrics {
     handshake_failures_family: Family<Labels1, Counter>,
     access_log_dropped: Counter,
     accept_failures: Counter,
+    traffic: Traffic,
 }
 
 /// The process's metrics.
-pub(crate) fn metrics() -> &'static Metrics {
+pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
 }
@@ -135,6 +139,7 @@ impl Metrics {
             handshake_failures_family,
             access_log_dropped: Counter::default(),
             accept_failures: Counter::default(),
+            traffic: Traffic::default(),
         }
     }
 
@@ -150,7 +155,7 @@ impl Metrics {
 
     /// One request answered (by the upstream or by the proxy itself), with the time until its
     /// response head was ready.
-    pub(crate) fn request(&self, version: Version, status: StatusCode, elapsed: Duration) {
+    pub fn request(&self, version: Version, status: StatusCode, elapsed: Duration) {
         let version = match version {
             Version::HTTP_2 => 2,
             Version::HTTP_10 | Version::HTTP_09 => 0,
@@ -189,6 +194,119 @@ impl Drop for OpenConnection {
     }
 }
 
+/// Body bytes each way and the upstream's response time: atomic adds, no lock, since they are
+/// counted for every request (benches/hot_path.rs times each beside `request`).
+#[derive(Default)]
+struct Traffic {
+    request_bytes: Counter,
+    response_bytes: Counter,
+    upstream_response: AtomicHistogram,
+}
+
+impl Metrics {
+    /// Request body bytes read from a client and passed on to the upstream.
+    pub fn request_body_bytes(&self, n: usize) {
+        self.traffic.request_bytes.inc_by(n as u64);
+    }
+
+    /// Response body bytes read from the upstream and passed on to a client.
+    pub fn response_body_bytes(&self, n: usize) {
+        self.traffic.response_bytes.inc_by(n as u64);
+    }
+
+    /// A response head from the upstream, `elapsed` after the request arrived.
+    pub fn upstream_response(&self, elapsed: Duration) {
+        self.traffic.upstream_response.observe(elapsed);
+    }
+}
+
+/// A histogram of durations with the buckets of `http_request_duration` (0.5 ms to ~33 s,
+/// doubling), kept in atomics: prometheus-client's `Histogram` takes a lock per observation.
+#[derive(Default)]
+struct AtomicHistogram {
+    /// Per bucket, not cumulative; the last is +Inf.
+    buckets: [AtomicU64; HISTOGRAM_BUCKETS + 1],
+    sum_nanos: AtomicU64,
+}
+
+const HISTOGRAM_BUCKETS: usize = 17;
+const HISTOGRAM_FIRST_NANOS: u64 = 500_000;
+
+impl AtomicHistogram {
+    fn observe(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        // Bucket i holds values up to 0.5 ms × 2^i.
+        let halves = nanos.div_ceil(HISTOGRAM_FIRST_NANOS);
+        let index = if halves <= 1 { 0 } else { (64 - (halves - 1).leading_zeros()) as usize };
+        self.buckets[index.min(HISTOGRAM_BUCKETS)].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, count)| {
+                let bound =
+                    if i == HISTOGRAM_BUCKETS { f64::INFINITY } else { (HISTOGRAM_FIRST_NANOS << i) as f64 / 1e9 };
+                (bound, count.load(Ordering::Relaxed))
+            })
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+impl std::fmt::Debug for AtomicHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AtomicHistogram").finish_non_exhaustive()
+    }
+}
+
+/// A registered metric must be cloneable; the histogram lives in the process-wide `Metrics`.
+#[derive(Debug, Clone, Copy)]
+struct UpstreamResponseTime;
+
+impl EncodeMetric for UpstreamResponseTime {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        metrics().traffic.upstream_response.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+fn register_traffic(registry: &mut Registry) {
+    let traffic = &metrics().traffic;
+    registry.register_with_unit(
+        "http_request_body",
+        "Request body bytes read from clients and sent to the upstream",
+        Unit::Bytes,
+        traffic.request_bytes.clone(),
+    );
+    registry.register_with_unit(
+        "http_response_body",
+        "Response body bytes read from the upstream and sent to clients",
+        Unit::Bytes,
+        traffic.response_bytes.clone(),
+    );
+    registry.register_with_unit(
+        "upstream_response_duration",
+        "Time from a request's arrival until the upstream's response head (requests the upstream answered)",
+        Unit::Seconds,
+        UpstreamResponseTime,
+    );
+}
+
 /// Registers the process-wide counters in `registry`; values read at scrape time come from
 /// collectors registered by whoever owns them.
 pub(crate) fn register(registry: &mut Registry) {
@@ -222,9 +340,28 @@ pub(crate) fn register(registry: &mut Registry) {
         "Access-log lines dropped because the writer could not keep up",
         m.access_log_dropped.clone(),
     );
+    register_traffic(registry);
     registry.register(
         "accept_failures",
-        "Failed accepts on the proxy's listeners: out of file descriptors (see max_fds) or the like",
+        "Failed accepts on the proxy's listeners: out of file descriptors (see process_max_fds) or the like",
         m.accept_failures.clone(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_histogram_buckets_are_upper_bounds() {
+        let h = AtomicHistogram::default();
+        for micros in [0, 500, 600, 1000, 1500, 2000, 2100, 40_000_000] {
+            h.observe(Duration::from_micros(micros));
+        }
+        let counts: Vec<u64> = h.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        // <=0.5 ms: 0 and 0.5; <=1 ms: 0.6 and 1.0; <=2 ms: 1.5 and 2.0; <=4 ms: 2.1; +Inf: 40 s.
+        assert_eq!(&counts[..4], &[2, 2, 2, 1]);
+        assert_eq!(counts[HISTOGRAM_BUCKETS], 1);
+        assert_eq!(counts.iter().sum::<u64>(), 8);
+    }
 }

@@ -43,6 +43,13 @@ pub(crate) enum TlsError {
     BadCertificate { path: PathBuf, reason: String },
     #[error("key file {} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {reason}", path.display())]
     BadKey { path: PathBuf, reason: String },
+    #[error(
+        "key file {} holds an encrypted (passphrase-protected) private key; the proxy needs it \
+         unencrypted: `openssl pkey -in {} -out PLAIN.key`, then keep PLAIN.key mode 0600",
+        path.display(),
+        path.display()
+    )]
+    EncryptedKey { path: PathBuf },
     #[error("key file {} holds a key of an unsupported type: {reason}", path.display())]
     UnsupportedKey { path: PathBuf, reason: String },
     #[error("key {} does not match certificate {}", key.display(), cert.display())]
@@ -117,6 +124,9 @@ pub(crate) fn parse_cert_pair(
     let info = cert_info(leaf).map_err(|reason| TlsError::BadCertificate { path: cert_path.to_owned(), reason })?;
     check_validity(leaf, cert_path)?;
 
+    if is_encrypted_key(key_pem) {
+        return Err(TlsError::EncryptedKey { path: key_path.to_owned() });
+    }
     let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| TlsError::BadKey { path: key_path.to_owned(), reason: e.to_string() })?;
     let signing_key = provider
@@ -131,6 +141,13 @@ pub(crate) fn parse_cert_pair(
         Err(_) => return Err(TlsError::KeyMismatch { cert: cert_path.to_owned(), key: key_path.to_owned() }),
     }
     Ok(LoadedCert { key: Arc::new(certified), info, cert_path: cert_path.to_owned() })
+}
+
+/// PKCS#8 `ENCRYPTED PRIVATE KEY`, or the legacy OpenSSL form (`Proc-Type: 4,ENCRYPTED` inside
+/// an `RSA`/`EC PRIVATE KEY` block), which the PEM reader would otherwise call "no private key".
+fn is_encrypted_key(pem: &[u8]) -> bool {
+    let contains = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    contains(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || contains(b"Proc-Type: 4,ENCRYPTED")
 }
 
 fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), TlsError> {

@@ -233,8 +233,27 @@ fn parse_exposition(text: &str) -> std::collections::HashMap<String, f64> {
     samples
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
+/// What Prometheus 2.x sends when it scrapes.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// GET /metrics with `accept`: (content-type, body).
+async fn scrape(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut request = http::Request::builder().uri("/metrics").header("host", "admin");
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let response = send.send_request(request.body(empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (content_type, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// A proxy (upstream timeout 300 ms, admin API on) running one sync destination.
+async fn proxy_with_sync() -> (Upstream, TestPki, common::IssuedCert, tempfile::TempDir, Sidecar) {
     let upstream = Upstream::start().await;
     let pki = TestPki::new();
     let leaf = pki.issue("leaf");
@@ -256,12 +275,45 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     )
     .unwrap();
     let sidecar = Sidecar::start(&["--config", config.to_str().unwrap()]);
+    (upstream, pki, leaf, dir, sidecar)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_pass_promtool_as_prometheus_text_and_as_openmetrics() {
+    if !require_tool("promtool") {
+        return;
+    }
+    let (_upstream, pki, _leaf, _dir, sidecar) = proxy_with_sync().await;
+    let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    assert_eq!(h1.get("/").await.0, StatusCode::OK);
     let addr = sidecar.admin_addr();
 
-    let (status, content_type, body) = admin(addr, "GET", "/metrics", None).await;
-    assert_eq!(status, StatusCode::OK);
-    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
-    let before = parse_exposition(&body);
+    for accept in [None, Some("text/plain"), Some("*/*"), Some("text/plain;version=0.0.4;q=0.5,*/*;q=0.1")] {
+        let (content_type, body) = scrape(addr, accept).await;
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8", "Accept: {accept:?}");
+        assert!(body.contains("# TYPE sidecar_http_requests_total counter"), "{body}");
+        assert_eq!(promtool_check_metrics(&body), "", "Accept: {accept:?}:\n{body}");
+    }
+    for accept in ["application/openmetrics-text", PROMETHEUS_ACCEPT] {
+        let (content_type, body) = scrape(addr, Some(accept)).await;
+        assert_eq!(content_type, "application/openmetrics-text; version=1.0.0; charset=utf-8", "{accept}");
+        promtool_parse_open_metrics(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        // promtool's linter reads only 0.0.4, where an OpenMetrics counter family `x` (sample
+        // `x_total`) looks like an untyped `x_total` without help: its only finding may be that.
+        for finding in promtool_check_metrics(&body).lines() {
+            let family = finding.strip_suffix("_total no help text").unwrap_or_else(|| panic!("{finding}"));
+            assert!(body.contains(&format!("# TYPE {family} counter\n")), "{finding}");
+            assert!(body.contains(&format!("# HELP {family} ")), "{finding}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
+    let (_upstream, pki, leaf, _dir, sidecar) = proxy_with_sync().await;
+    let addr = sidecar.admin_addr();
+
+    let before = parse_exposition(&scrape(addr, Some(PROMETHEUS_ACCEPT)).await.1);
     let at = |m: &std::collections::HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
 
     let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
@@ -270,6 +322,10 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
         assert_eq!(h1.get("/").await.0, StatusCode::OK);
         assert_eq!(h2.get("/").await.0, StatusCode::OK);
     }
+    let posted = http::Request::post("/count").body(full(vec![7u8; 1000])).unwrap();
+    let counted = h2.send(posted).await.unwrap();
+    let counted = counted.into_body().collect().await.unwrap().to_bytes();
+    assert!(counted.starts_with(b"1000 "), "{counted:?}");
     assert_eq!(h1.get("/slow/3000").await.0, StatusCode::GATEWAY_TIMEOUT);
     // A client that does not trust the certificate, and one that does not speak TLS.
     assert!(tls_connect(sidecar.addr, client_config(TestPki::new().ca_pem.as_bytes(), &[b"http/1.1"]), "localhost")
@@ -286,7 +342,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     // The handshake failures are counted when the server side gives up on them.
     let deadline = Instant::now() + Duration::from_secs(5);
     let after = loop {
-        let after = parse_exposition(&admin(addr, "GET", "/metrics", None).await.2);
+        let after = parse_exposition(&scrape(addr, Some(PROMETHEUS_ACCEPT)).await.1);
         let failures: f64 =
             after.iter().filter(|(k, _)| k.starts_with("sidecar_tls_handshake_failures_total")).map(|(_, v)| v).sum();
         if failures >= 2.0 || Instant::now() > deadline {
@@ -296,10 +352,22 @@ async fn metrics_parse_as_prometheus_text_and_move_with_real_traffic() {
     };
     let moved = |k: &str| at(&after, k) - at(&before, k);
     assert_eq!(moved("sidecar_http_requests_total{version=\"1.1\",code=\"2xx\"}"), 3.0);
-    assert_eq!(moved("sidecar_http_requests_total{version=\"2\",code=\"2xx\"}"), 3.0);
+    assert_eq!(moved("sidecar_http_requests_total{version=\"2\",code=\"2xx\"}"), 4.0);
     assert_eq!(moved("sidecar_http_requests_total{version=\"1.1\",code=\"5xx\"}"), 1.0);
     assert_eq!(moved("sidecar_upstream_failures_total{kind=\"timeout\"}"), 1.0);
-    assert_eq!(moved("sidecar_http_request_duration_seconds_count"), 7.0);
+    assert_eq!(moved("sidecar_http_request_duration_seconds_count"), 8.0);
+    // Bodies each way, as they passed through; "hello from upstream\n" is 20 bytes.
+    assert_eq!(moved("sidecar_http_request_body_bytes_total"), 1000.0);
+    assert_eq!(moved("sidecar_http_response_body_bytes_total"), (6 * 20 + counted.len()) as f64);
+    // The upstream answered 7 of the 8 (the 504 is the proxy's own).
+    assert_eq!(moved("sidecar_upstream_response_duration_seconds_count"), 7.0);
+    assert_eq!(moved("sidecar_upstream_response_duration_seconds_bucket{le=\"+Inf\"}"), 7.0);
+    assert!(moved("sidecar_upstream_response_duration_seconds_sum") > 0.0);
+    assert_eq!(at(&after, &format!("sidecar_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
+    assert!(at(&after, "process_resident_memory_bytes") > 1e6);
+    assert!(at(&after, "process_cpu_seconds_total") > 0.0);
+    assert!(at(&after, "process_start_time_seconds") > 1.7e9);
+    assert!(at(&after, "process_open_fds") > 5.0 && at(&after, "process_max_fds") >= at(&after, "process_open_fds"));
     assert!(moved("sidecar_http_request_duration_seconds_sum") >= 0.3, "the 504 alone waited 300 ms");
     assert_eq!(moved("sidecar_tls_handshakes_total"), 2.0);
     assert_eq!(moved("sidecar_tls_handshake_failures_total{reason=\"alert_received\"}"), 1.0);

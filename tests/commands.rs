@@ -211,6 +211,30 @@ fn check_reports_a_key_that_does_not_match_its_certificate() {
 }
 
 #[test]
+fn check_and_proxy_name_an_encrypted_key_as_encrypted() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let encrypted = pki.dir.path().join("encrypted.key");
+    let legacy = pki.dir.path().join("legacy.key");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&["pkcs8", "-topk8", "-in", s(&leaf.key), "-out", s(&encrypted), "-passout", "pass:secret"]);
+    // The pre-PKCS#8 form: `Proc-Type: 4,ENCRYPTED` inside an EC PRIVATE KEY block.
+    openssl(&["ec", "-in", s(&leaf.key), "-out", s(&legacy), "-aes256", "-passout", "pass:secret"]);
+    for key in [&encrypted, &legacy] {
+        assert_one_problem(
+            &["--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9", "--cert", s(&leaf.cert), "--key", s(key)],
+            &[s(key), "encrypted", "unencrypted", "openssl pkey"],
+        );
+    }
+}
+
+#[test]
 fn check_reports_an_expired_certificate() {
     let pki = TestPki::new();
     let old = pki.issue_with("old", &["localhost"], -30, -1);
@@ -391,6 +415,29 @@ fn check_usage_errors_are_clap_usage_errors() {
     assert!(run.errors()[0].contains("no upstream"), "{run:?}");
 }
 
+#[test]
+fn listen_takes_a_port_a_colon_port_or_a_host_name_and_explains_its_forms() {
+    let home = tempfile::tempdir().unwrap();
+    let check =
+        |listen: &str| run_in(home.path(), &["check", "--upstream", "http://127.0.0.1:9", "--listen", listen], &[]);
+    for (listen, shown) in [("8443", "https://0.0.0.0:8443 "), (":8443", "https://0.0.0.0:8443 ")] {
+        let run = check(listen);
+        assert_eq!(run.code, 0, "--listen {listen}: {run:?}");
+        assert!(run.stdout.contains(shown), "--listen {listen} is all interfaces: {run:?}");
+    }
+    let run = check("localhost:8443");
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("https://127.0.0.1:8443 ") || run.stdout.contains("https://[::1]:8443 "), "{run:?}");
+    for bad in ["local host", "8443x", "70000", "[::1]"] {
+        let run = check(bad);
+        assert_eq!(run.code, 2, "--listen {bad}: {run:?}");
+        assert!(run.stderr.contains("localhost:8443, :8443, 8443"), "--listen {bad} shows the forms: {run:?}");
+    }
+    // The same parse serves the admin API's address.
+    let run = run_in(home.path(), &["check", "--upstream", "http://127.0.0.1:9", "--admin", "localhost:9901"], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // sidecar cert
 // ---------------------------------------------------------------------------------------------
@@ -521,6 +568,43 @@ fn cert_reuses_the_ca_and_issues_a_new_certificate_on_every_run() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `sidecar cert --install` with a temporary HOME, then a real browser through the proxy: no
+/// certificate error; after `--uninstall`, the same page is refused again.
+#[tokio::test(flavor = "multi_thread")]
+async fn cert_install_makes_headless_chromium_trust_the_proxy_and_uninstall_undoes_it() {
+    if !require_tool("chromium") || !require_tool("certutil") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("ca");
+    // The NSS databases only: the machine's system store is not the test's to change.
+    let install = ["cert", "--install", "--trust-stores", "nss", "--dir", s(&dir)];
+    let run = run_in(home.path(), &install, &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let nssdb = home.path().join(".pki/nssdb");
+    assert!(run.stdout.contains(&format!("added: NSS database {} (Chrome/Chromium)", nssdb.display())), "{run:?}");
+
+    let upstream = Upstream::start().await;
+    let (cert, key) = (dir.join("localhost+2.pem"), dir.join("localhost+2-key.pem"));
+    let sidecar = Sidecar::start(&["--upstream", &upstream.url(), "--cert", s(&cert), "--key", s(&key)]);
+    let url = format!("https://localhost:{}/", sidecar.addr.port());
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let shot = shots.join("chromium-after-cert-install.png");
+    let (trusted, log) = chromium_load(home.path(), &url, &shot);
+    assert!(trusted.contains("hello from upstream"), "Chromium showed:\n{trusted}\n{log}");
+    assert!(shot.exists(), "a screenshot of the page: {log}");
+    let agent = upstream.last_request().headers["user-agent"].to_str().unwrap().to_owned();
+    assert!(agent.contains("HeadlessChrome"), "{agent}");
+
+    let uninstall = ["cert", "--uninstall", "--trust-stores", "nss", "--dir", s(&dir)];
+    let run = run_in(home.path(), &uninstall, &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains(&format!("removed: NSS database {}", nssdb.display())), "{run:?}");
+    let (refused, log) = chromium_load(home.path(), &url, &shots.join("chromium-after-cert-uninstall.png"));
+    assert!(!refused.contains("hello from upstream"), "the CA is trusted no more:\n{refused}");
+    assert!(log.contains("ERR_CERT_AUTHORITY_INVALID"), "{refused}\n{log}");
 }
 
 #[test]
@@ -674,4 +758,56 @@ fn generate_is_hidden_from_help() {
     let run = sidecar(&["generate", "--help"]);
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.contains("completions") && run.stdout.contains("man"), "{run:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Closed output streams
+// ---------------------------------------------------------------------------------------------
+
+/// The write end of a pipe whose reader has exited: writing to it fails with EPIPE, as for
+/// `sidecar check ... | head -1` once head has its line.
+fn closed_pipe() -> std::process::Stdio {
+    let mut reader = Command::new("true").stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let writer = reader.stdin.take().unwrap();
+    reader.wait().unwrap();
+    writer.into()
+}
+
+/// (exit code, what the other stream said) of `sidecar ARGS` with stdout, or else stderr, closed.
+fn with_closed(stream: &str, home: &Path, args: &[&str]) -> (i32, String) {
+    let mut cmd = sidecar_command(args);
+    cmd.env("HOME", home).env("XDG_STATE_HOME", home.join("state"));
+    let output = if stream == "stdout" {
+        cmd.stdin(std::process::Stdio::null()).stdout(closed_pipe()).stderr(std::process::Stdio::piped());
+        cmd.output().unwrap()
+    } else {
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(closed_pipe());
+        cmd.output().unwrap()
+    };
+    let other = if stream == "stdout" { &output.stderr } else { &output.stdout };
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(other).into_owned())
+}
+
+#[test]
+fn no_command_panics_on_a_closed_stdout_or_stderr() {
+    let home = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let leaf = pki.issue_with("leaf", &["localhost"], -1, 200);
+    let good = ["check", "--upstream", "http://127.0.0.1:9", "--cert", s(&leaf.cert), "--key", s(&leaf.key)];
+    let bad = ["check", "--upstream", "http://127.0.0.1:9", "--cert", "/nonexistent.pem", "--key", s(&leaf.key)];
+    let cases: [(&str, &[&str], i32); 8] = [
+        ("stdout", &good, 0),
+        ("stderr", &bad, 2),
+        ("stdout", &["cert", "example.test"], 0),
+        ("stderr", &["cert", "--dir", "/proc/nope", "example.test"], 2),
+        ("stdout", &["generate", "completions", "bash"], 0),
+        ("stdout", &["generate", "man"], 0),
+        ("stdout", &["--help"], 0),
+        ("stderr", &["proxy", "--config", "/nonexistent/sidecar.toml"], 2),
+    ];
+    for (stream, args, expected) in cases {
+        let (code, other) = with_closed(stream, home.path(), args);
+        assert_eq!(code, expected, "sidecar {args:?} with {stream} closed; the other stream said:\n{other}");
+        assert!(!other.contains("panicked"), "sidecar {args:?} with {stream} closed:\n{other}");
+    }
 }

@@ -604,10 +604,10 @@ async fn out_of_file_descriptors_new_clients_wait_open_ones_are_served_and_all_a
     let mut metrics = String::new();
     wait_until("the last of the flood to be closed", Duration::from_secs(5), || {
         metrics = http_exchange(admin, "GET", "/metrics", &[], "").map(|(_, body)| body).unwrap_or_default();
-        sample(&metrics, "sidecar_open_fds").is_some_and(|open| open < 64.0)
+        sample(&metrics, "process_open_fds").is_some_and(|open| open < 64.0)
     });
     assert!(sample(&metrics, "sidecar_accept_failures_total").is_some_and(|n| n >= 1.0), "{metrics}");
-    assert_eq!(sample(&metrics, "sidecar_max_fds"), Some(64.0), "{metrics}");
+    assert_eq!(sample(&metrics, "process_max_fds"), Some(64.0), "{metrics}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,27 +28,44 @@ async fn combined_access_log_has_every_field_with_exact_bytes() {
     let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--access-log", log.to_str().unwrap()]).await;
     let mut h1 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
     let request = Request::get("/bytes/100000?x=%22y%22")
+        .header("host", "app.example.test")
         .header("user-agent", "test \"agent\"")
         .header("referer", "https://r.example/")
+        .header("x-request-id", "req-1")
+        .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
         .body(empty())
         .unwrap();
     let response = h1.send(request).await.unwrap();
     assert_eq!(drain_body(response.into_body()).await.0, 100_000);
     let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    let traced = Request::get("/")
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h2.send(traced).await.unwrap().status(), StatusCode::OK);
     assert_eq!(h2.get("/").await.0, StatusCode::OK);
 
-    let lines = wait_for_lines(&log, 2);
+    let lines = wait_for_lines(&log, 3);
     let first = &lines[0];
     assert!(first.starts_with("127.0.0.1 - - ["), "{first}");
     assert!(
         first.contains(r#""GET /bytes/100000?x=%22y%22 HTTP/1.1" 200 100000 "https://r.example/" "test \"agent\"""#),
         "{first}"
     );
-    assert!(
-        first.contains(" rt=") && first.contains(" uct=") && first.ends_with("tls=TLSv1.3 alpn=http/1.1"),
-        "{first}"
-    );
-    assert!(lines[1].contains(r#""GET / HTTP/2.0" 200 20 "-" "-""#) && lines[1].ends_with("alpn=h2"), "{}", lines[1]);
+    // X-Request-ID first; a new upstream connection has a connect time; `uht`, as nginx's
+    // $upstream_header_time, is the time until the upstream's response head.
+    let field = |line: &str, key: &str| -> String {
+        let at = line.find(&format!(" {key}=")).unwrap_or_else(|| panic!("no {key}= in {line}"));
+        line[at + key.len() + 2..].split(' ').next().unwrap().to_owned()
+    };
+    assert!(field(first, "rt").parse::<f64>().is_ok() && field(first, "uht").parse::<f64>().is_ok(), "{first}");
+    assert!(field(first, "uct").parse::<f64>().is_ok(), "a new upstream connection: {first}");
+    assert!(first.ends_with(r#"tls=TLSv1.3 alpn=http/1.1 host="app.example.test" rid="req-1""#), "{first}");
+    // Else traceparent's trace id; else none. The third request reused the pooled connection.
+    assert!(lines[1].contains(r#""GET / HTTP/2.0" 200 20 "-" "-""#), "{}", lines[1]);
+    assert!(lines[1].ends_with(r#"alpn=h2 host="localhost" rid="4bf92f3577b34da6a3ce929d0e0e4736""#), "{}", lines[1]);
+    assert!(lines[2].ends_with(r#"alpn=h2 host="localhost" rid="-""#), "{}", lines[2]);
+    assert_eq!(field(&lines[2], "uct"), "0.000", "{}", lines[2]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,7 +82,8 @@ async fn json_access_log_lines_are_json_objects() {
     ])
     .await;
     let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
-    assert_eq!(h2.get("/a").await.0, StatusCode::OK);
+    let request = Request::get("/a").header("x-request-id", "json-1").body(empty()).unwrap();
+    assert_eq!(h2.send(request).await.unwrap().status(), StatusCode::OK);
     assert_eq!(h2.get("/slow/2000").await.0, StatusCode::GATEWAY_TIMEOUT);
     let lines = wait_for_lines(&log, 2);
     let ok: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
@@ -79,9 +97,12 @@ async fn json_access_log_lines_are_json_objects() {
     );
     assert_eq!(ok["bytes"].as_u64(), Some(20));
     assert!(ok["upstream_ms"].as_f64().is_some() && ok["duration_ms"].as_f64().is_some());
+    assert!(ok["upstream_connect_ms"].as_f64().is_some(), "{ok}");
+    assert_eq!((ok["host"].as_str(), ok["request_id"].as_str()), (Some("localhost"), Some("json-1")), "{ok}");
     let timeout: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
     assert_eq!(timeout["status"].as_u64(), Some(504));
     assert!(timeout["upstream_ms"].is_null(), "the proxy answered itself");
+    assert!(timeout["request_id"].is_null(), "{timeout}");
     assert!(timeout["duration_ms"].as_f64().unwrap() >= 200.0);
 }
 

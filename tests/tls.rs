@@ -423,6 +423,10 @@ async fn dev_certificate_is_created_for_localhost_and_loopback_ips_then_reused()
     assert!(log.contains("created"), "the first start creates the certificate: {log}");
     assert!(!log.contains("reusing"), "{log}");
     assert!(log.contains(s(&cert_path)), "the log names the certificate path {}: {log}", cert_path.display());
+    // And, in the first lines, how to get a certificate that clients trust instead.
+    assert!(log.contains("`sidecar cert --install`"), "{log}");
+    let text = first.logs.text();
+    assert!(text.lines().position(|l| l.contains("self-signed")).is_some_and(|at| at < 3), "{text}");
 
     let cert_pem = std::fs::read(&cert_path).expect("dev-cert.pem written under $XDG_STATE_HOME/sidecar");
     let file_der = pem_ders(&cert_pem);

@@ -14,21 +14,142 @@ use crate::metrics;
 use crate::server::LiveState;
 use crate::sync::status::{DestStatus, SyncState};
 use crate::sync::SyncManager;
-use crate::sys::open_files;
+use crate::sys::{open_files, process_stats};
 
-/// A registry with every metric of this process.
+/// A registry with every metric of this process: the standard `process_*` ones, and the
+/// sidecar's own under `sidecar_`.
 pub(crate) fn registry(live: Option<Arc<LiveState>>, sync: Option<Arc<SyncManager>>) -> Registry {
-    let mut registry = Registry::with_prefix("sidecar");
-    metrics::register(&mut registry);
-    registry.register_collector(Box::new(LiveCollector { live, sync }));
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProcessCollector));
+    let sidecar = registry.sub_registry_with_prefix("sidecar");
+    metrics::register(sidecar);
+    sidecar.register_collector(Box::new(LiveCollector { live, sync }));
     registry
 }
 
-/// Encodes the registry as Prometheus/OpenMetrics text.
-pub(crate) fn encode(registry: &Registry) -> String {
+/// The metrics every Prometheus client library exports under these names (dashboards and
+/// alerts expect them), and the build's version.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let version = [("version", env!("CARGO_PKG_VERSION"))];
+        gauge_family(
+            &mut encoder,
+            "sidecar_build_info",
+            "1, labelled with the build's version",
+            None,
+            &[(version, 1.0)],
+        )?;
+        if let Some(stats) = process_stats::read() {
+            let cpu = encoder.encode_descriptor(
+                "process_cpu",
+                "User and system CPU time spent",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(stats.cpu_seconds).encode(cpu)?;
+            let rss = stats.resident_bytes as f64;
+            unit_gauge(&mut encoder, "process_resident_memory", "Resident memory size", Unit::Bytes, rss)?;
+            let start = stats.start_time_seconds;
+            let help = "Start time of the process since the Unix epoch";
+            unit_gauge(&mut encoder, "process_start_time", help, Unit::Seconds, start)?;
+        }
+        // Alert before accepts fail: open_fds nearing max_fds.
+        if let Some(open) = open_files::open_count() {
+            plain_gauge(&mut encoder, "process_open_fds", "Number of open file descriptors", open as f64)?;
+        }
+        if let Some(max) = open_files::soft_limit() {
+            plain_gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors (soft RLIMIT_NOFILE)",
+                max as f64,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The two text formats a scraper may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exposition {
+    /// Prometheus text format 0.0.4: what `text/plain`, `*/*` or no Accept header gets, and
+    /// what `promtool check metrics` and most non-Prometheus scrapers read.
+    Text,
+    OpenMetrics,
+}
+
+impl Exposition {
+    /// OpenMetrics only when the Accept header prefers it (by q-value) to `text/plain`.
+    pub(crate) fn negotiate(accept: Option<&str>) -> Exposition {
+        let (mut open_metrics, mut text) = (0.0_f32, 0.0_f32);
+        for range in accept.unwrap_or("").split(',') {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or("").to_ascii_lowercase();
+            let q = params.filter_map(|p| p.strip_prefix("q=")).find_map(|q| q.parse::<f32>().ok()).unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => open_metrics = open_metrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if open_metrics > 0.0 && open_metrics >= text {
+            Exposition::OpenMetrics
+        } else {
+            Exposition::Text
+        }
+    }
+
+    pub(crate) fn content_type(self) -> &'static str {
+        match self {
+            Exposition::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Encodes the registry in `format`.
+pub(crate) fn encode(registry: &Registry, format: Exposition) -> String {
     let mut text = String::with_capacity(8 * 1024);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    match format {
+        Exposition::OpenMetrics => text,
+        Exposition::Text => open_metrics_to_text(&text),
+    }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4: a counter family
+/// is named after its `_total` sample there (else promtool and the 0.0.4 parsers see an
+/// untyped metric without help), and there are no UNIT lines, `unknown` type or `# EOF`.
+fn open_metrics_to_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        open_metrics.lines().filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut text = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        let rewritten = if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            // 0.0.4 escapes only backslash and newline in help text.
+            let help = help.replace("\\\"", "\"");
+            let suffix = if counters.contains(name) { "_total" } else { "" };
+            format!("# HELP {name}{suffix} {help}")
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            match kind {
+                "counter" => format!("# TYPE {name}_total counter"),
+                "unknown" => format!("# TYPE {name} untyped"),
+                _ => line.to_owned(),
+            }
+        } else {
+            line.to_owned()
+        };
+        text.push_str(&rewritten);
+        text.push('\n');
+    }
     text
 }
 
@@ -61,6 +182,17 @@ fn gauge_family<L: prometheus_client::encoding::EncodeLabelSet>(
     Ok(())
 }
 
+/// A gauge without labels, in `unit`.
+fn unit_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Unit,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, Some(&unit), MetricType::Gauge)?)
+}
+
 /// A gauge without labels.
 fn plain_gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> Result<(), std::fmt::Error> {
     ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
@@ -84,13 +216,6 @@ fn counter_family<L: prometheus_client::encoding::EncodeLabelSet>(
 
 impl Collector for LiveCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        // As Prometheus clients' process_open_fds and process_max_fds: alert before accepts fail.
-        if let Some(open) = open_files::open_count() {
-            plain_gauge(&mut encoder, "open_fds", "File descriptors the process holds", open as f64)?;
-        }
-        if let Some(max) = open_files::soft_limit() {
-            plain_gauge(&mut encoder, "max_fds", "The process's open-file limit (soft RLIMIT_NOFILE)", max as f64)?;
-        }
         if let Some(live) = &self.live {
             let now = time::OffsetDateTime::now_utc();
             let tls = live.tls.current();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE, VARY};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -143,11 +143,11 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> AdminResponse 
             let registry = state
                 .metrics
                 .get_or_init(|| metrics::registry(state.proxy.as_ref().map(|p| p.live.clone()), state.sync.clone()));
-            let mut response = Response::new(Full::new(Bytes::from(metrics::encode(registry))));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
+            let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+            let format = metrics::Exposition::negotiate(accept);
+            let mut response = Response::new(Full::new(Bytes::from(metrics::encode(registry, format))));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+            response.headers_mut().insert(VARY, HeaderValue::from_static("Accept"));
             response
         }
         ("/reload", &Method::POST) => {

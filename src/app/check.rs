@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+use super::output::{complain, say};
 use crate::cli::check;
 
 /// Runs the check and prints it: the summary on stdout, warnings and problems on stderr.
@@ -13,19 +14,20 @@ pub(super) fn run(argv: &[OsString]) -> ExitCode {
         Err(e) => e.exit(),
     };
     for warning in &report.warnings {
-        eprintln!("warning: {warning}");
+        complain(format_args!("warning: {warning}"));
     }
     if report.problems.is_empty() {
-        println!("OK: `sidecar proxy` would start with this configuration (nothing was started)");
+        say("OK: `sidecar proxy` would start with this configuration (nothing was started)");
         for line in &report.summary {
-            println!("  {line}");
+            say(format_args!("  {line}"));
         }
         return ExitCode::SUCCESS;
     }
     for problem in &report.problems {
-        eprintln!("error: {problem}");
+        complain(format_args!("error: {problem}"));
     }
     let n = report.problems.len();
-    eprintln!("sidecar check: {n} problem{} found; `sidecar proxy` would not start", if n == 1 { "" } else { "s" });
+    let plural = if n == 1 { "" } else { "s" };
+    complain(format_args!("sidecar check: {n} problem{plural} found; `sidecar proxy` would not start"));
     ExitCode::from(2)
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::CommandFactory;
 
+use super::output::complain;
 use crate::cli::{Cli, GenerateCommand};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +24,10 @@ pub(crate) enum GenerateError {
 pub(super) fn run(what: GenerateCommand) -> ExitCode {
     match generate_to(what, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
+        // Closed by the reader (`sidecar generate ... | head`): it had what it wanted.
+        Err(GenerateError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sidecar: error: {e}");
+            complain(format_args!("sidecar: error: {e}"));
             ExitCode::from(2)
         }
     }

@@ -5,6 +5,7 @@
 mod cert;
 mod check;
 mod generate;
+mod output;
 mod proxy;
 mod sync;
 
@@ -12,6 +13,8 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
+
+use output::complain;
 
 use crate::cli::{invoked_subcommand, parse_from, CliError, Command};
 use crate::sys::logging;
@@ -29,7 +32,7 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(CliError::Usage(e)) => e.exit(),
         Err(e) => {
-            eprintln!("sidecar: error: {e}");
+            complain(format_args!("sidecar: error: {e}"));
             return ExitCode::from(2);
         }
     };

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::output::say;
 use super::{current_thread_runtime, shutdown_on_signals};
 use crate::admin::AdminServer;
 use crate::cli::SyncArgs;
@@ -127,24 +128,24 @@ async fn dry_run(spec: &SyncSpec) -> ExitCode {
     }
     let old = std::fs::read(&spec.dest).unwrap_or_default();
     if old == fetched.content {
-        println!(
+        say(format_args!(
             "{} is in step with {} ({}): nothing would change",
             spec.dest.display(),
             spec.source,
             fetched.revision
-        );
+        ));
         return ExitCode::SUCCESS;
     }
     let old_text = String::from_utf8_lossy(&old);
     let new_text = String::from_utf8_lossy(&fetched.content);
     let diff = similar::TextDiff::from_lines(old_text.as_ref(), new_text.as_ref());
     let dest = spec.dest.display().to_string();
-    print!(
-        "{}",
-        diff.unified_diff().context_radius(3).header(&dest, &format!("{} ({})", spec.source, fetched.revision))
-    );
-    if !new_text.ends_with('\n') {
-        println!();
-    }
+    let diff = diff
+        .unified_diff()
+        .context_radius(3)
+        .header(&dest, &format!("{} ({})", spec.source, fetched.revision))
+        .to_string();
+    // `say` ends the line.
+    say(diff.strip_suffix('\n').unwrap_or(&diff));
     ExitCode::SUCCESS
 }

@@ -11,7 +11,7 @@ mod convert;
 pub mod file;
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use crate::config::{parse_cert_pair, parse_upstream, ForwardedPolicy, Upstream, 
 use crate::devca::DEFAULT_NAMES;
 use crate::sync::spec::{parse_http_url, parse_signal, parse_source, SignalName, SourceSpec, ValidateFormat};
 use crate::sys::logging::LogFormat;
+use crate::sys::trust_store::TrustStore;
 use crate::tls::{CertPair, ClientAuth};
 use file::{load_proxy_defaults, FileError};
 
@@ -250,7 +251,7 @@ pub struct SyncArgs {
 
     /// Serve the admin API (/healthz, /readyz, /status, /sync) on ADDR; loopback only unless
     /// --admin-token-file is given
-    #[arg(long, env = "SIDECAR_SYNC_ADMIN", value_name = "ADDR")]
+    #[arg(long, env = "SIDECAR_SYNC_ADMIN", value_name = "ADDR", value_parser = parse_listen)]
     pub admin: Option<SocketAddr>,
 
     /// File holding a bearer token required by admin endpoints that change state (rollback)
@@ -269,6 +270,20 @@ pub struct CertArgs {
     /// Host names (also *.wildcards) and IP addresses the certificate is for
     #[arg(value_name = "NAMES", default_values = DEFAULT_NAMES)]
     pub names: Vec<String>,
+
+    /// Also make this machine trust the CA, as mkcert -install does: the NSS databases of
+    /// Chrome/Chromium and Firefox under $HOME (needs certutil) and the system store (needs
+    /// root). Says what it changed and what it could not
+    #[arg(long, conflicts_with = "uninstall")]
+    pub install: bool,
+
+    /// Take the CA out of the trust stores again (issues nothing)
+    #[arg(long)]
+    pub uninstall: bool,
+
+    /// The trust stores --install and --uninstall change
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "system,nss", value_name = "STORES")]
+    pub trust_stores: Vec<TrustStore>,
 }
 
 /// What `sidecar generate` makes.
@@ -299,8 +314,9 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_UPSTREAM", value_name = "URL", value_parser = parse_upstream)]
     pub upstream: Upstream,
 
-    /// Address to serve HTTPS on (port 0 picks a free port, printed at start)
-    #[arg(long, env = "SIDECAR_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:8443")]
+    /// Address to serve HTTPS on: IP:PORT, [IPv6]:PORT, HOST:PORT (resolved at start), or
+    /// PORT and :PORT for all interfaces (port 0 picks a free port, printed at start)
+    #[arg(long, env = "SIDECAR_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:8443", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
     /// PEM certificate chain, leaf first. Without it, a self-signed dev certificate is used
@@ -387,7 +403,7 @@ pub struct ProxyArgs {
     pub max_connections: u32,
 
     /// Also listen for plain HTTP on ADDR and answer every request with a 308 redirect to https
-    #[arg(long, env = "SIDECAR_REDIRECT_HTTP", value_name = "ADDR")]
+    #[arg(long, env = "SIDECAR_REDIRECT_HTTP", value_name = "ADDR", value_parser = parse_listen)]
     pub redirect_http: Option<SocketAddr>,
 
     /// Write an access log line per request to `stdout`, `stderr` or a file (appended);
@@ -407,7 +423,7 @@ pub struct ProxyArgs {
 
     /// Serve the admin API (/healthz, /readyz, /status, POST /reload) on ADDR; loopback only
     /// unless --admin-token-file is given
-    #[arg(long, env = "SIDECAR_ADMIN", value_name = "ADDR")]
+    #[arg(long, env = "SIDECAR_ADMIN", value_name = "ADDR", value_parser = parse_listen)]
     pub admin: Option<SocketAddr>,
 
     /// File holding a bearer token required by admin endpoints that change state
@@ -436,6 +452,29 @@ pub struct ProxyArgs {
     /// or load balancer maps another port (e.g. 443) to --listen
     #[arg(long, env = "SIDECAR_PUBLIC_HTTPS_PORT", value_name = "PORT")]
     pub public_https_port: Option<u16>,
+}
+
+/// A listening address as operators write it: `IP:PORT`, `[IPv6]:PORT`, `HOST:PORT` (resolved
+/// now, the first address), or `PORT` and `:PORT` for all IPv4 interfaces (as nginx's `listen
+/// 8443` and Go's `:8443`).
+pub(crate) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let expected = "expected IP:PORT, [IPv6]:PORT, HOST:PORT, :PORT or PORT \
+                    (examples: 127.0.0.1:8443, [::1]:8443, localhost:8443, :8443, 8443)";
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if !port_only.is_empty() && port_only.bytes().all(|b| b.is_ascii_digit()) {
+        let port: u16 = port_only.parse().map_err(|_| format!("port {port_only} is above 65535; {expected}"))?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = s.rsplit_once(':').filter(|(host, _)| !host.is_empty() && !host.contains(':')) else {
+        return Err(expected.to_owned());
+    };
+    let port: u16 = port.parse().map_err(|_| format!("bad port {port:?}; {expected}"))?;
+    let mut resolved =
+        (host, port).to_socket_addrs().map_err(|e| format!("cannot resolve host {host:?} ({e}); {expected}"))?;
+    resolved.next().ok_or_else(|| format!("host {host:?} resolves to no address; {expected}"))
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {

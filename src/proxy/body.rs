@@ -114,6 +114,7 @@ impl UpstreamBody {
             };
             match step {
                 Decoded::Data(data) => {
+                    metrics().response_body_bytes(data.len());
                     // The last bytes of a sized body: the connection is free before hyper,
                     // which stops polling a body that reports its end, writes them.
                     if self.reading == Reading::Length(0) {

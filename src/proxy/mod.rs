@@ -72,6 +72,7 @@ impl ConnectionContext {
         let options = headers::ConnectionOptions::of(request.headers());
         // hyper closes the connection after answering a request that asks to close.
         let last = self.last_response.as_ref().filter(|_| options.close);
+        let mut upstream_connect = None;
         // One future for the whole exchange, rather than a helper's: the request and the response
         // (~250 bytes each) were moved into and out of it by value, as `memcpy` calls.
         let response = 'response: {
@@ -97,7 +98,10 @@ impl ConnectionContext {
             let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
 
             let mut response = match self.pool.send(&parts, body, &added).await {
-                Ok(response) => response,
+                Ok((response, connect_time)) => {
+                    upstream_connect = Some(connect_time);
+                    response
+                }
                 Err(error @ UpstreamError::Timeout(timeout)) => {
                     let upstream = &self.config.upstream;
                     let method = &parts.method;
@@ -138,11 +142,16 @@ impl ConnectionContext {
         }
         let elapsed = started.elapsed();
         metrics().request(version, response.status(), elapsed);
+        if upstream_connect.is_some() {
+            // The same clock reading: the proxy's own part of it is microseconds.
+            metrics().upstream_response(elapsed);
+        }
         let Some(mut entry) = entry else { return response };
         entry.status = response.status();
         response.map(|body| match body {
             ProxyBody::Upstream(body) => {
                 entry.upstream_time = Some(elapsed);
+                entry.upstream_connect = upstream_connect;
                 ProxyBody::Logged(Box::new(body::LoggedBody::new(body, entry)))
             }
             local => {

@@ -12,13 +12,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
 use http::{Method, Response};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming};
 use slab::Slab;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,6 +27,7 @@ use super::body::UpstreamBody;
 use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
 use super::headers::AddedFields;
 use crate::config::ProxyConfig;
+use crate::metrics::metrics;
 use crate::sys::lock;
 
 /// The most one upstream read takes in. Large bodies then flow in cache-sized pieces, and a
@@ -333,7 +334,11 @@ impl RequestBody {
             if self.ended {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+            if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()).and_then(Frame::data_ref) {
+                metrics().request_body_bytes(data.len());
+            }
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if self.chunked => {
@@ -389,13 +394,14 @@ impl UpstreamPool {
     }
 
     /// `send_now`, failing with `UpstreamError::Timeout` when no response head has come
-    /// within `--upstream-timeout`.
+    /// within `--upstream-timeout`. With the response: how long connecting took (zero on a
+    /// pooled connection).
     pub(crate) async fn send(
         &self,
         parts: &Parts,
         body: Incoming,
         added: &AddedFields,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<(Response<UpstreamBody>, Duration), UpstreamError> {
         let mut deadline = HeadDeadline::start(&self.shared);
         let mut exchange = std::pin::pin!(self.send_now(parts, body, added));
         poll_fn(|cx| match exchange.as_mut().poll(cx) {
@@ -418,7 +424,7 @@ impl UpstreamPool {
         parts: &Parts,
         body: Incoming,
         added: &AddedFields,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<(Response<UpstreamBody>, Duration), UpstreamError> {
         let has_body = !body.is_end_stream();
         let framing = if has_body {
             if parts.headers.contains_key(CONTENT_LENGTH) {
@@ -442,21 +448,24 @@ impl UpstreamPool {
             })
         });
         let replayable = body.is_none() && parts.method.is_idempotent();
-        let (mut connection, reused) = match self.take_idle() {
-            Some(connection) => (connection, true),
-            None => (self.connect().await?, false),
+        let (mut connection, reused, mut connect_time) = match self.take_idle() {
+            Some(connection) => (connection, true, Duration::ZERO),
+            None => {
+                let (connection, took) = self.connect_timed().await?;
+                (connection, false, took)
+            }
         };
         let head = (parts, added, framing);
         let result = match connection.exchange(head, &mut body).await {
             // Once, and on a new connection: an upstream that drops this request for its own
             // reasons must not see it again from every pooled connection.
             Err(e) if reused && replayable && e.is_stale_connection() => {
-                connection = self.connect().await?;
+                (connection, connect_time) = self.connect_timed().await?;
                 connection.exchange(head, &mut body).await
             }
             other => other,
         };
-        Ok(self.response(result?, connection, body))
+        Ok((self.response(result?, connection, body), connect_time))
     }
 
     fn response(
@@ -491,6 +500,13 @@ impl UpstreamPool {
             }
         }
         None
+    }
+
+    /// A new connection, and how long it took (the access log's upstream connect time).
+    async fn connect_timed(&self) -> Result<(Box<UpstreamConnection>, Duration), UpstreamError> {
+        let started = Instant::now();
+        let connection = self.connect().await?;
+        Ok((connection, started.elapsed()))
     }
 
     async fn connect(&self) -> Result<Box<UpstreamConnection>, UpstreamError> {

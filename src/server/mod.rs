@@ -94,7 +94,8 @@ impl ProxyServer {
             let dev = devcert::ensure(tls_context.provider(), state_dir)?;
             tracing::warn!(
                 "no --cert given: {} a self-signed development certificate for localhost, 127.0.0.1 and ::1 at {} (key {}); \
-                 clients must trust it or skip verification (curl -k)",
+                 clients must trust it or skip verification (curl -k). For one that browsers and curl trust: \
+                 `sidecar cert --install`, then --cert/--key as it prints",
                 if dev.created { "created" } else { "reusing" },
                 dev.cert_path.display(),
                 dev.key_path.display(),

@@ -8,7 +8,9 @@ pub(crate) mod logging;
 pub(crate) mod memory;
 pub(crate) mod open_files;
 pub(crate) mod plain_http;
+pub(crate) mod process_stats;
 pub(crate) mod shutdown;
+pub(crate) mod trust_store;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};

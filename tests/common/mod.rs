@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod body;
+mod chromium;
 mod consul;
 mod etcd;
 mod files;
@@ -12,6 +13,7 @@ mod limits;
 mod nginx;
 mod plain_http;
 mod process;
+mod promtool;
 mod proxy;
 mod relay;
 mod sync;
@@ -21,6 +23,6 @@ mod upstreams;
 // Each test binary uses a part of the harness; the rest of these re-exports is unused there.
 #[allow(unused_imports)]
 pub use {
-    body::*, consul::*, etcd::*, files::*, legacy_app::*, limits::*, nginx::*, plain_http::*, process::*, proxy::*,
-    relay::*, sync::*, tls::*, upstreams::*,
+    body::*, chromium::*, consul::*, etcd::*, files::*, legacy_app::*, limits::*, nginx::*, plain_http::*, process::*,
+    promtool::*, proxy::*, relay::*, sync::*, tls::*, upstreams::*,
 };
