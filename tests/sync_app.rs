@@ -211,3 +211,140 @@ fn a_missing_app_process_is_reported_and_the_last_good_version_kept() {
     assert_eq!(read_text(&dest), "{\"v\": 1}", "the last good version is on disk for the app's restart");
     sync.proc.logs.wait_for("could not notify the app", T);
 }
+
+/// A program that is not the app, killed on drop; `sleep` dies of SIGHUP and SIGTERM, so a
+/// signal meant for the app shows as its exit.
+fn bystander(program: &str, args: &[&std::ffi::OsStr]) -> Sidecar {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).stdin(std::process::Stdio::null());
+    Sidecar::spawn(cmd)
+}
+
+fn still_running(proc: &mut Sidecar) -> bool {
+    proc.child.try_wait().unwrap().is_none()
+}
+
+#[test]
+fn a_stale_pid_file_naming_a_recycled_pid_is_not_signalled_nor_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest, pid_file) =
+        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
+    write(&dest, "{\"v\": 1}");
+    write(&source, "{\"v\": 1}");
+    // The app's earlier run was SIGKILLed and left its pid file; the pid now belongs to an
+    // unrelated process started after the file was written.
+    let mut other = bystander("sleep", &["600".as_ref()]);
+    write(&pid_file, &format!("{}\n", other.pid()));
+    let written = std::time::SystemTime::now() - Duration::from_secs(60);
+    std::fs::File::options().write(true).open(&pid_file).unwrap().set_modified(written).unwrap();
+    // The app as it runs now (restarted without a pid file), healthy; it crashes on v2.
+    let app = LegacyApp::start(&dest, None);
+    let sync = SyncCommand::new(&source, &dest)
+        .pid_file(&pid_file)
+        .arg("--reload-url", format!("http://{}/reload", app.addr))
+        .health_url(&app.health_url())
+        .arg("--health-timeout", "1500ms")
+        .arg("--kill-after", "1s")
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .start();
+    sync.wait_state("config.json", "synced", T);
+
+    // Notified, rolled back, notified again, escalated: no signal reaches the other process.
+    replace_file(&source, "{\"v\": 2, \"crash\": true}");
+    let status = sync.wait_state("config.json", "failed", T);
+    assert!(still_running(&mut other), "the unrelated process got the app's signals: {status:#}");
+    let error = status["last_error"].as_str().unwrap();
+    assert!(error.contains("names a different process"), "{status:#}");
+    assert!(status["counters"]["refused_signals"].as_u64().unwrap() >= 2, "{status:#}");
+    assert_eq!(status["counters"]["kills"], 0, "no SIGTERM or SIGKILL was delivered: {status:#}");
+    sync.proc.logs.wait_for(&format!("names a different process: pid {} (sleep)", other.pid()), T);
+    let (_, metrics) = http_exchange(sync.admin, "GET", "/metrics", &[], "").unwrap();
+    let line = |name: &str| metrics.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_owned();
+    assert!(!line("sidecar_sync_refused_signals_total").ends_with(" 0"), "{metrics}");
+    assert!(line("sidecar_sync_kills_total").ends_with(" 0"), "{metrics}");
+    assert_eq!(read_text(&dest), "{\"v\": 1}");
+}
+
+#[test]
+fn a_process_name_matches_the_program_not_a_file_another_program_has_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("legacy-app-{}-tail.py", std::process::id());
+    let script = dir.path().join(&name);
+    std::fs::copy(legacy_app_script(), &script).unwrap();
+    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
+    write(&dest, "{\"v\": 1}");
+    write(&source, "{\"v\": 1}");
+    let app = LegacyApp::start_with(&script, &dest, None, false, false);
+    // Someone follows the script with tail: its name is in tail's command line.
+    let mut tail = bystander("tail", &["-f".as_ref(), script.as_os_str()]);
+    let sync = SyncCommand::new(&source, &dest).arg("--process-name", &name).poll_interval("100ms").min_quiet("50ms").start();
+    sync.wait_state("config.json", "synced", T);
+    replace_file(&source, "{\"v\": 2}");
+    wait_app_version(&app, 2);
+    sync.proc.logs.wait_for(&format!("SIGHUP to pid {}", app.pid), T);
+    assert!(!sync.proc.logs.text().contains(&format!("pid {}", tail.pid())), "{}", sync.proc.logs.text());
+    assert!(still_running(&mut tail), "tail -f on the script got SIGHUP");
+}
+
+#[test]
+fn an_ambiguous_process_name_gets_sigterm_but_no_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("legacy-app-{}-twice.py", std::process::id());
+    let script = dir.path().join(&name);
+    std::fs::copy(legacy_app_script(), &script).unwrap();
+    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
+    write(&dest, "{\"v\": 1}");
+    write(&source, "{\"v\": 1}");
+    // Two programs of that name: neither is surely the app.
+    let mut first = LegacyApp::start_with(&script, &dest, None, false, false);
+    let mut second = LegacyApp::start_with(&script, &dest, None, false, false);
+    let sync = SyncCommand::new(&source, &dest)
+        .arg("--process-name", &name)
+        .health_url(&first.health_url())
+        .arg("--health-timeout", "1500ms")
+        .arg("--kill-after", "1s")
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .start();
+    sync.wait_state("config.json", "synced", T);
+    replace_file(&source, "{\"v\": 2, \"healthy\": false, \"ignore_signals\": true}");
+    let status = sync.wait_state("config.json", "failed", T);
+    let error = status["last_error"].as_str().unwrap();
+    assert!(error.contains("no SIGKILL"), "{status:#}");
+    sync.proc.logs.wait_for("matches more than one program", T);
+    assert!(first.is_running() && second.is_running(), "SIGKILL went to an ambiguous match: {status:#}");
+}
+
+/// Words such as "999us" or "307ns": the tail of an unrounded duration.
+fn sub_millisecond_parts(text: &str) -> Vec<&str> {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| {
+            let digits = w.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+            !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && matches!(&w[digits.len()..], "us" | "ns")
+        })
+        .collect()
+}
+
+#[test]
+fn a_health_check_that_times_out_reports_durations_as_people_write_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
+    write(&dest, "{\"v\": 1}");
+    write(&source, "{\"v\": 1}");
+    // Connections are taken (by the kernel) and never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let health = format!("http://{}/healthz", silent.local_addr().unwrap());
+    let sync = SyncCommand::new(&source, &dest)
+        .health_url(&health)
+        .arg("--health-timeout", "2s")
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .start();
+    sync.wait_state("config.json", "synced", T);
+    replace_file(&source, "{\"v\": 2}");
+    let line = sync.proc.logs.wait_for("did not answer within", T);
+    assert!(sub_millisecond_parts(&line).is_empty(), "{line}");
+    let status = sync.status("config.json");
+    assert!(sub_millisecond_parts(&status.to_string()).is_empty(), "{status:#}");
+}

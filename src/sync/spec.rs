@@ -199,6 +199,8 @@ pub(crate) struct NotifySpec {
     pub(crate) process_name: Option<String>,
     pub(crate) signal: Option<SignalName>,
     pub(crate) process_group: bool,
+    /// Escalate to SIGKILL even when `process_name` matches more than one program.
+    pub(crate) kill_ambiguous: bool,
     pub(crate) reload_url: Option<Uri>,
     pub(crate) exec: Option<String>,
 }

@@ -33,8 +33,11 @@ pub(crate) struct Counters {
     pub(crate) refused: u64,
     pub(crate) rollbacks: u64,
     pub(crate) source_errors: u64,
-    /// Times the app was terminated (SIGTERM, then SIGKILL) after a failed rollback.
+    /// Times the app was sent SIGTERM (then SIGKILL) after a failed rollback; only signals
+    /// that were delivered count.
     pub(crate) kills: u64,
+    /// Signals not sent because the pid file named a process that is not the app.
+    pub(crate) refused_signals: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

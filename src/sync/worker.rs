@@ -457,6 +457,9 @@ impl Worker {
             }
             Err(e) => {
                 tracing::error!("sync {}: could not notify the app: {e}", self.name());
+                if e.is_not_the_app() {
+                    self.update(|s| s.counters.refused_signals += 1);
+                }
                 Err(e)
             }
         }
@@ -557,8 +560,12 @@ impl Worker {
                     _ => format!("still unhealthy after the rollback ({still})"),
                 };
                 let done = if self.notifier.targets_process() {
-                    self.update(|s| s.counters.kills += 1);
-                    verify::escalate(&self.notifier, self.spec.kill_after).await
+                    let escalation =
+                        verify::escalate(&self.notifier, self.spec.kill_after, self.spec.notify.kill_ambiguous).await;
+                    if escalation.delivered {
+                        self.update(|s| s.counters.kills += 1);
+                    }
+                    escalation.report
                 } else {
                     "no process to terminate (give --pid-file or --process-name)".into()
                 };

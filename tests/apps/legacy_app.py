@@ -2,14 +2,15 @@
 """A stand-in for a legacy app, for the sync tests.
 
 Reads its JSON config file at start and again on SIGHUP (or POST /reload), serves on an
-ephemeral loopback port:
+ephemeral loopback port (or --port):
   GET /healthz  200 when the config parsed and does not say {"healthy": false}, else 503
   GET /state    {"pid", "config", "reloads", "hups", "error"} as JSON
   POST /reload  reloads like SIGHUP
 Config fields it obeys: "healthy": false (unhealthy), "ignore_signals": true (ignores SIGHUP and
-SIGTERM from then on). Prints "listening on 127.0.0.1:PORT pid PID" once ready, and one line per
-reload. With --child it starts a child process in its own process group that prints
-"child got SIGHUP" when signalled (for --process-group tests).
+SIGTERM from then on), "crash": true (exits at once, status 3). Prints "listening on
+127.0.0.1:PORT pid PID" once ready, and one line per reload. With --child it starts a child
+process in its own process group that prints "child got SIGHUP" when signalled (for
+--process-group tests).
 """
 import argparse
 import json
@@ -34,6 +35,8 @@ def load():
     try:
         with open(args.config) as f:
             config = json.load(f)
+        if config.get("crash"):
+            os._exit(3)
         with lock:
             state["config"] = config
             state["error"] = None
