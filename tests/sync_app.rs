@@ -178,13 +178,18 @@ fn an_app_that_stays_unhealthy_and_ignores_signals_gets_sigterm_then_sigkill() {
     let log = sync.proc.logs.text();
     assert!(log.contains("rolled") && log.contains("still unhealthy after the rollback"), "{log}");
 
-    // The orchestrator restarts the app: it reads the last good file and is healthy.
-    let app = LegacyApp::start(&dest, Some(&pid_file));
+    assert_eq!(status["counters"]["kills"], 1, "{status:#}");
+
+    // The orchestrator restarts the app (on the same port): it reads the last good file and is
+    // healthy, and the sidecar sees it.
+    let app = LegacyApp::start_on_port(&dest, Some(&pid_file), app.addr.port());
     assert_eq!(app.state()["config"]["v"], 1);
+    sync.wait_state("config.json", "rolled-back", T);
+    assert_eq!(http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap().0, 200);
 }
 
 #[test]
-fn a_missing_app_process_is_reported_and_the_last_good_version_kept() {
+fn a_missing_app_process_is_reported_and_the_version_not_blamed() {
     let dir = tempfile::tempdir().unwrap();
     let (source, dest, pid_file) =
         (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
@@ -205,10 +210,12 @@ fn a_missing_app_process_is_reported_and_the_last_good_version_kept() {
         .start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
-    let status = sync.wait_state("config.json", "failed", T);
+    // No app before the change, none after: nothing says that the version is bad.
+    let status = sync.wait_state("config.json", "waiting-for-app", T);
     let error = status["last_error"].as_str().unwrap();
     assert!(error.contains(&format!("pid {dead} does not exist")), "{status:#}");
-    assert_eq!(read_text(&dest), "{\"v\": 1}", "the last good version is on disk for the app's restart");
+    assert!(status["rejected"].as_array().unwrap().is_empty(), "{status:#}");
+    assert_eq!(read_text(&dest), "{\"v\": 2}", "the version is kept for the app's start");
     sync.proc.logs.wait_for("could not notify the app", T);
 }
 
@@ -278,7 +285,8 @@ fn a_process_name_matches_the_program_not_a_file_another_program_has_open() {
     let app = LegacyApp::start_with(&script, &dest, None, false, false);
     // Someone follows the script with tail: its name is in tail's command line.
     let mut tail = bystander("tail", &["-f".as_ref(), script.as_os_str()]);
-    let sync = SyncCommand::new(&source, &dest).arg("--process-name", &name).poll_interval("100ms").min_quiet("50ms").start();
+    let sync =
+        SyncCommand::new(&source, &dest).arg("--process-name", &name).poll_interval("100ms").min_quiet("50ms").start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     wait_app_version(&app, 2);
@@ -316,12 +324,44 @@ fn an_ambiguous_process_name_gets_sigterm_but_no_sigkill() {
     assert!(first.is_running() && second.is_running(), "SIGKILL went to an ambiguous match: {status:#}");
 }
 
+#[test]
+fn a_failed_notification_is_reported_and_retried_until_it_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
+    let (ready, notified) = (dir.path().join("app-ready"), dir.path().join("notified"));
+    write(&dest, "{\"v\": 1}");
+    write(&source, "{\"v\": 1}");
+    // The reload command fails until the app is there to take it.
+    let reload = format!("test -f '{}' && echo \"$SIDECAR_SYNC_HASH\" >> '{}'", ready.display(), notified.display());
+    let sync = SyncCommand::new(&source, &dest)
+        .exec(&reload)
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .retry_max("500ms")
+        .start();
+    sync.wait_state("config.json", "synced", T);
+
+    replace_file(&source, "{\"v\": 2}");
+    let status = sync.wait_state("config.json", "notify-failed", T);
+    assert!(status["last_error"].as_str().unwrap().contains("not notified"), "{status:#}");
+    assert_eq!(read_text(&dest), "{\"v\": 2}", "the file is written; only the notification is missing");
+    sync.proc.logs.wait_for_nth("could not notify the app", 2, T);
+    assert_eq!(sync.state("config.json"), "notify-failed", "never synced while the app was not told");
+
+    write(&ready, "");
+    let status = sync.wait_state("config.json", "synced", T);
+    assert_eq!(read_text(&notified).trim(), content_hash(b"{\"v\": 2}"));
+    assert!(status["last_error"].is_null(), "the error is over: {status:#}");
+}
+
 /// Words such as "999us" or "307ns": the tail of an unrounded duration.
 fn sub_millisecond_parts(text: &str) -> Vec<&str> {
     text.split(|c: char| !c.is_ascii_alphanumeric())
         .filter(|w| {
             let digits = w.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-            !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && matches!(&w[digits.len()..], "us" | "ns")
+            !digits.is_empty()
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && matches!(&w[digits.len()..], "us" | "ns")
         })
         .collect()
 }
@@ -347,4 +387,35 @@ fn a_health_check_that_times_out_reports_durations_as_people_write_them() {
     assert!(sub_millisecond_parts(&line).is_empty(), "{line}");
     let status = sync.status("config.json");
     assert!(sub_millisecond_parts(&status.to_string()).is_empty(), "{status:#}");
+}
+
+#[test]
+fn an_app_that_starts_after_the_health_timeout_is_waited_for_and_its_first_config_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest, pid_file) =
+        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
+    write(&source, "{\"v\": 1}");
+    // The app waits for its first config (and for a database, say) and starts well after
+    // --health-timeout.
+    let port = free_port();
+    let sync = SyncCommand::new(&source, &dest)
+        .pid_file(&pid_file)
+        .health_url(&format!("http://127.0.0.1:{port}/healthz"))
+        .arg("--health-timeout", "1s")
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .retry_max("500ms")
+        .start();
+    let status = sync.wait_state("config.json", "waiting-for-app", T);
+    assert_eq!(read_text(&dest), "{\"v\": 1}");
+    assert!(status["rejected"].as_array().unwrap().is_empty(), "not the config's fault: {status:#}");
+    assert_eq!(http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap().0, 503);
+
+    let app = LegacyApp::start_on_port(&dest, Some(&pid_file), port);
+    assert_eq!(app.state()["config"]["v"], 1);
+    let status = sync.wait_state("config.json", "synced", T);
+    assert!(status["last_error"].is_null(), "{status:#}");
+    assert_eq!(http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap().0, 200);
+    let history = http_get_json(sync.admin, "/sync/config.json/history");
+    assert!(history["versions"].as_array().unwrap().iter().all(|v| v["status"] != "rejected"), "{history:#}");
 }

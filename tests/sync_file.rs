@@ -517,3 +517,48 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
     let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();
     assert_eq!(code, 200, "{body}");
 }
+
+#[test]
+fn rolling_back_and_forth_keeps_one_history_entry_per_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.conf"), dir.path().join("app.conf"));
+    let token = dir.path().join("token");
+    write(&token, "s3cret\n");
+    write(&source, "v1\n");
+    let sync = SyncCommand::new(&source, &dest)
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .arg("--history-keep", "4")
+        .arg("--admin-token-file", &token)
+        .start();
+    wait_for_content(&dest, "v1\n", T);
+    for v in ["v2\n", "v3\n"] {
+        replace_file(&source, v);
+        wait_for_content(&dest, v, T);
+    }
+    let id_of = |content: &[u8]| {
+        let history = http_get_json(sync.admin, "/sync/app.conf/history");
+        let versions = history["versions"].as_array().unwrap().clone();
+        versions.iter().find(|v| v["hash"] == content_hash(content)).map(|v| v["id"].clone())
+    };
+    let v1 = id_of(b"v1\n").expect("v1 in the history");
+    let v2 = id_of(b"v2\n").expect("v2 in the history");
+    for round in 0..5 {
+        for (id, content) in [(&v1, "v1\n"), (&v2, "v2\n")] {
+            let (code, body) = http_exchange(
+                sync.admin,
+                "POST",
+                "/sync/app.conf/rollback",
+                &[("authorization", "Bearer s3cret")],
+                &format!("{{\"version\": {id}}}"),
+            )
+            .unwrap();
+            assert_eq!(code, 200, "round {round}: {body}");
+            assert_eq!(read_text(&dest), content);
+        }
+    }
+    let history = http_get_json(sync.admin, "/sync/app.conf/history");
+    let hashes: Vec<_> = history["versions"].as_array().unwrap().iter().map(|v| v["hash"].clone()).collect();
+    assert_eq!(hashes.len(), 3, "one entry per version: {history:#}");
+    assert_eq!(id_of(b"v1\n"), Some(v1), "the version asked for keeps its id and is still there");
+}

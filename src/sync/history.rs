@@ -79,7 +79,9 @@ impl History {
         Ok(History { dir: dir.to_owned(), keep, versions, state })
     }
 
-    /// Keeps a copy of `content` and records it; the oldest beyond `keep` are removed.
+    /// Keeps a copy of `content` and records it; the oldest beyond `keep` are removed. Content
+    /// the history holds already becomes its newest entry again, under its id: rolling back and
+    /// forth between two versions keeps two entries, not one per rollback.
     pub(crate) fn record(
         &mut self,
         content: &[u8],
@@ -87,6 +89,15 @@ impl History {
         hash: &str,
         status: VersionStatus,
     ) -> Result<Version, HistoryError> {
+        if let Some(at) = self.versions.iter().position(|v| v.hash == hash && self.dir.join(&v.file).is_file()) {
+            let mut version = self.versions.remove(at);
+            version.time = now_rfc3339();
+            version.revision = revision.to_owned();
+            version.status = status;
+            self.versions.push(version.clone());
+            self.save_versions()?;
+            return Ok(version);
+        }
         let id = self.versions.iter().map(|v| v.id).max().unwrap_or(0) + 1;
         let stamp = time::OffsetDateTime::now_utc();
         let compact = format!(

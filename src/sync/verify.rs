@@ -34,6 +34,13 @@ impl Verifier {
         (self.timeout / 5).min(Duration::from_secs(3))
     }
 
+    /// One check: whether the app answers 2xx now.
+    pub(crate) async fn probe(&mut self) -> bool {
+        let Some(url) = self.url.clone() else { return true };
+        let budget = self.timeout.clamp(Duration::from_millis(100), Duration::from_secs(5));
+        matches!(self.client.fetch(client::request(Method::GET, &url, ""), budget, 64 * 1024).await, Ok(r) if r.status.is_success())
+    }
+
     /// `Ok` once healthy for the settle period; `Err(last reason)` at the timeout.
     pub(crate) async fn wait_healthy(&mut self) -> Result<(), String> {
         let Some(url) = self.url.clone() else { return Ok(()) };

@@ -57,6 +57,10 @@ pub(crate) enum Outcome {
     Skipped,
     Refused(String),
     WriteFailed(String),
+    /// Written, but the app could not be told: retried like a failed write.
+    NotifyFailed(String),
+    /// Written, but the app was not healthy before it either: not blamed, probed until it is.
+    WaitingForApp(String),
     RolledBack(String),
     Failed(String),
 }
@@ -73,6 +77,8 @@ impl Outcome {
             Outcome::Skipped => "a rejected version; not applied again".into(),
             Outcome::Refused(m) => format!("refused: {m}"),
             Outcome::WriteFailed(m) => format!("write failed: {m}"),
+            Outcome::NotifyFailed(m) => format!("notification failed: {m}"),
+            Outcome::WaitingForApp(m) => format!("waiting for the app: {m}"),
             Outcome::RolledBack(m) => format!("rolled back: {m}"),
             Outcome::Failed(m) => format!("failed: {m}"),
         }
@@ -167,10 +173,15 @@ impl Worker {
         let mut pending: Option<(Fetched, Instant, Instant)> = None;
         let mut retry: Option<(Fetched, Instant)> = None;
         let mut retry_backoff = Backoff::new(self.spec.retry_max);
+        // The app is probed until it answers: with the value to confirm (waiting-for-app), or
+        // none (after `failed`, to see the restarted app healthy with the last good file).
+        let mut probe: Option<(Option<Fetched>, Instant)> = None;
+        let mut probe_backoff = Backoff::new(self.spec.retry_max);
         let mut source_failing: Option<String> = None;
         loop {
             let due = pending.as_ref().map(|(_, first, last)| (*last + min_quiet).min(*first + max_quiet));
             let retry_due = retry.as_ref().map(|(_, at)| *at);
+            let probe_due = probe.as_ref().map(|(_, at)| *at);
             let to_apply = tokio::select! {
                 msg = source.recv() => {
                     let Some(msg) = msg else { return };
@@ -224,6 +235,22 @@ impl Worker {
                 }
                 _ = sleep_until(due) => pending.take().map(|(value, _, _)| value),
                 _ = sleep_until(retry_due) => retry.take().map(|(value, _)| value),
+                _ = sleep_until(probe_due) => {
+                    let Some((value, _)) = probe.take() else { continue };
+                    if !self.verifier.probe().await {
+                        probe = Some((value, Instant::now() + probe_backoff.next_delay()));
+                        continue;
+                    }
+                    match value {
+                        Some(value) => Some(value),
+                        None => {
+                            if !self.recover().await {
+                                probe = Some((None, Instant::now() + probe_backoff.next_delay()));
+                            }
+                            None
+                        }
+                    }
+                }
                 Some(command) = commands.recv() => {
                     match command {
                         WorkerCommand::Rollback { selector, reply } => {
@@ -237,9 +264,20 @@ impl Worker {
             };
             if let Some(value) = to_apply {
                 self.started = true;
+                probe = None;
                 match self.apply(value.clone(), Origin::Source).await {
-                    Outcome::WriteFailed(_) => retry = Some((value, Instant::now() + retry_backoff.next_delay())),
-                    _ => retry_backoff.reset(),
+                    Outcome::WaitingForApp(_) => {
+                        probe = Some((Some(value), Instant::now() + probe_backoff.next_delay()))
+                    }
+                    Outcome::Failed(_) => probe = Some((None, Instant::now() + probe_backoff.next_delay())),
+                    // A new value from the source replaces `retry`: a retry never outlives its version.
+                    Outcome::WriteFailed(_) | Outcome::NotifyFailed(_) => {
+                        retry = Some((value, Instant::now() + retry_backoff.next_delay()))
+                    }
+                    _ => {
+                        retry_backoff.reset();
+                        probe_backoff.reset();
+                    }
                 }
             }
         }
@@ -361,27 +399,81 @@ impl Worker {
             version_id = self.keep_in_history(&value.content, &value.revision, &hash, VersionStatus::Applied);
         }
 
+        // An app that is not healthy before the change cannot show that the change is bad.
+        let healthy_before = self.verifier.is_configured() && self.verifier.probe().await;
         let notified = self.notify(&hash).await;
         if self.verifier.is_configured() {
             if let Err(reason) = self.verifier.wait_healthy().await {
+                if !healthy_before {
+                    return self.wait_for_app(&hash, &value.revision, reason, notified.err());
+                }
                 return self.roll_back_bad(&hash, version_id, reason).await;
             }
             tracing::info!("sync {}: the app is healthy with {}", self.name(), short(&hash));
+        }
+        self.refused = None;
+        if let Err(e) = notified {
+            // Not recorded as applied: the retry (or a restart) finds the file written but
+            // unconfirmed and notifies again.
+            let message =
+                format!("{} holds {} but the app was not notified: {e}; retrying", dest.display(), short(&hash));
+            self.settled = SyncState::NotifyFailed;
+            self.update(|s| {
+                s.source_revision = Some(value.revision.clone());
+                s.error(SyncState::NotifyFailed, message.clone());
+            });
+            return Outcome::NotifyFailed(message);
         }
         self.history.state.applied_hash = Some(hash.clone());
         self.history.state.applied_revision = Some(value.revision.clone());
         self.save_state();
         self.settled = SyncState::Synced;
-        self.refused = None;
         self.update(|s| {
             s.synced();
             s.source_revision = Some(value.revision.clone());
-            if let Err(e) = &notified {
-                s.last_error = Some(format!("the app was not notified: {e}"));
-                s.last_error_time = Some(now_rfc3339());
-            }
         });
         Outcome::Applied
+    }
+
+    /// The app was not healthy before this version and is not now: the version is kept (not
+    /// recorded as applied, so that it is confirmed when the app answers) and the app probed.
+    fn wait_for_app(
+        &mut self,
+        hash: &str,
+        revision: &str,
+        reason: String,
+        notify_error: Option<NotifyError>,
+    ) -> Outcome {
+        let not_told = notify_error.map(|e| format!("; it was not notified: {e}")).unwrap_or_default();
+        let message = format!(
+            "the app is not healthy ({reason}) and was not before {} was written either{not_told}; {} is kept and the app probed until it answers",
+            short(hash),
+            self.spec.dest.display()
+        );
+        tracing::warn!("sync {}: {message}", self.name());
+        self.settled = SyncState::WaitingForApp;
+        let revision = revision.to_owned();
+        self.update(|s| {
+            s.source_revision = Some(revision);
+            s.error(SyncState::WaitingForApp, message.clone());
+        });
+        Outcome::WaitingForApp(message)
+    }
+
+    /// After `failed`: the app answers again (the orchestrator restarted it with the last good
+    /// file). Once it stays healthy, the state is what it was before the bad version came.
+    async fn recover(&mut self) -> bool {
+        if self.verifier.wait_healthy().await.is_err() {
+            return false;
+        }
+        let state = if self.history.state.rejected.is_empty() { SyncState::Synced } else { SyncState::RolledBack };
+        tracing::info!("sync {}: the app is healthy again with {}", self.name(), self.spec.dest.display());
+        self.settled = state;
+        self.update(|s| {
+            s.synced();
+            s.state = state;
+        });
+        true
     }
 
     /// Steps 2–3: candidate file, `--check-cmd` on it, rename into place.

@@ -25,6 +25,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--config", required=True)
 parser.add_argument("--pid-file")
 parser.add_argument("--child", action="store_true")
+parser.add_argument("--port", type=int, default=0)
 args = parser.parse_args()
 
 lock = threading.Lock()
@@ -106,7 +107,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 load()
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
 server.daemon_threads = True
 if args.pid_file:
     with open(args.pid_file + ".tmp", "w") as f:
