@@ -110,6 +110,7 @@ impl History {
             stamp.second()
         );
         let file = format!("{id:06}-{compact}-{}", &hash[..hash.len().min(12)]);
+        self.ensure_dir()?;
         let path = self.dir.join(&file);
         write_atomic(&path, content, FileMode::LikeExisting)
             .map_err(|source| HistoryError::Write { path: path.clone(), source })?;
@@ -166,13 +167,21 @@ impl History {
         None
     }
 
+    /// The directory again, if it was removed with the destination's directory (then the
+    /// state and the version list are written anew from memory; the lost copies are gone).
+    fn ensure_dir(&self) -> Result<(), HistoryError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| HistoryError::CreateDir { dir: self.dir.clone(), source })
+    }
+
     pub(crate) fn save_state(&self) -> Result<(), HistoryError> {
+        self.ensure_dir()?;
         let path = self.dir.join(STATE);
         let bytes = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
         write_atomic(&path, &bytes, FileMode::LikeExisting).map_err(|source| HistoryError::Write { path, source })
     }
 
     fn save_versions(&self) -> Result<(), HistoryError> {
+        self.ensure_dir()?;
         let path = self.dir.join(VERSIONS);
         let bytes = serde_json::to_vec_pretty(&self.versions).unwrap_or_default();
         write_atomic(&path, &bytes, FileMode::LikeExisting).map_err(|source| HistoryError::Write { path, source })

@@ -114,6 +114,9 @@ fn short(hash: &str) -> &str {
 impl Worker {
     pub(crate) fn new(spec: Arc<SyncSpec>, status: Arc<Mutex<DestStatus>>) -> Result<Worker, HistoryError> {
         let history = History::open(&spec.history_dir, spec.history_keep)?;
+        for temp in atomic_file::remove_stale_temps(&spec.dest) {
+            tracing::info!("sync {}: removed {}, left by a write that did not finish", spec.name, temp.display());
+        }
         let notifier = Notifier::new(&spec.notify, spec.source_ca.as_deref());
         let verifier = Verifier::new(spec.health_url.clone(), spec.health_timeout, spec.source_ca.as_deref());
         let worker = Worker {
