@@ -7,12 +7,39 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
 use sidecar::sync::hash::content_hash;
 
 const T: Duration = Duration::from_secs(30);
+
+/// A temp dir with the app's config file and the source both at `{"v": 1}`, and the path for
+/// the app's pid file: (dir, source, dest, pid file).
+fn files_at_v1() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest, pid_file) =
+        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
+    write(&dest, "{\"v\": 1}");
+    write(&source, "{\"v\": 1}");
+    (dir, source, dest, pid_file)
+}
+
+/// `sidecar sync` from `source` to `dest` that sees a change within 100ms and applies it 50ms
+/// later.
+fn fast_sync(source: &Path, dest: &Path) -> SyncCommand {
+    SyncCommand::new(source, dest).poll_interval("100ms").min_quiet("50ms")
+}
+
+/// A copy of the stand-in app in `dir` under a name no other test's app has (tests run in
+/// parallel), for --process-name: (its file name, its path).
+fn app_script_named(dir: &Path, tag: &str) -> (String, PathBuf) {
+    let name = format!("legacy-app-{}{tag}.py", std::process::id());
+    let script = dir.join(&name);
+    std::fs::copy(legacy_app_script(), &script).unwrap();
+    (name, script)
+}
 
 /// Waits until the app runs a config whose "v" is `v`.
 fn wait_app_version(app: &LegacyApp, v: u64) {
@@ -21,13 +48,9 @@ fn wait_app_version(app: &LegacyApp, v: u64) {
 
 #[test]
 fn sighup_goes_to_the_pid_in_the_pid_file_read_again_at_every_signal() {
-    let dir = tempfile::tempdir().unwrap();
-    let (source, dest, pid_file) =
-        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (_dir, source, dest, pid_file) = files_at_v1();
     let app = LegacyApp::start(&dest, Some(&pid_file));
-    let sync = SyncCommand::new(&source, &dest).pid_file(&pid_file).poll_interval("100ms").min_quiet("50ms").start();
+    let sync = fast_sync(&source, &dest).pid_file(&pid_file).start();
     sync.wait_state("config.json", "synced", T);
     assert_eq!(app.hups(), 0, "the file already matched: no signal at start");
 
@@ -47,22 +70,11 @@ fn sighup_goes_to_the_pid_in_the_pid_file_read_again_at_every_signal() {
 
 #[test]
 fn a_process_found_by_name_is_signalled_with_its_process_group() {
-    let dir = tempfile::tempdir().unwrap();
-    // A name no other test's app has: tests run in parallel.
-    let name = format!("legacy-app-{}.py", std::process::id());
-    let script = dir.path().join(&name);
-    std::fs::copy(legacy_app_script(), &script).unwrap();
-    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (dir, source, dest, _) = files_at_v1();
+    let (name, script) = app_script_named(dir.path(), "");
     let app = LegacyApp::start_with(&script, &dest, None, true, true);
     app.proc.logs.wait_for("child ready", T);
-    let sync = SyncCommand::new(&source, &dest)
-        .arg("--process-name", &name)
-        .flag("--process-group")
-        .poll_interval("100ms")
-        .min_quiet("50ms")
-        .start();
+    let sync = fast_sync(&source, &dest).arg("--process-name", &name).flag("--process-group").start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     wait_app_version(&app, 2);
@@ -72,14 +84,10 @@ fn a_process_found_by_name_is_signalled_with_its_process_group() {
 
 #[test]
 fn a_reload_url_is_posted() {
-    let dir = tempfile::tempdir().unwrap();
-    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (_dir, source, dest, _) = files_at_v1();
     let app = LegacyApp::start(&dest, None);
     let reload = format!("http://{}/reload", app.addr);
-    let sync =
-        SyncCommand::new(&source, &dest).arg("--reload-url", &reload).poll_interval("100ms").min_quiet("50ms").start();
+    let sync = fast_sync(&source, &dest).arg("--reload-url", &reload).start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     wait_app_version(&app, 2);
@@ -89,19 +97,11 @@ fn a_reload_url_is_posted() {
 
 #[test]
 fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the_source_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (source, dest, pid_file) =
-        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (_dir, source, dest, pid_file) = files_at_v1();
     let app = LegacyApp::start(&dest, Some(&pid_file));
     // The same sidecar each time it is (re)started in this test.
-    let command = SyncCommand::new(&source, &dest)
-        .pid_file(&pid_file)
-        .health_url(&app.health_url())
-        .arg("--health-timeout", "2s")
-        .poll_interval("100ms")
-        .min_quiet("50ms");
+    let command =
+        fast_sync(&source, &dest).pid_file(&pid_file).health_url(&app.health_url()).arg("--health-timeout", "2s");
     let sync = command.start();
     sync.wait_state("config.json", "synced", T);
 
@@ -150,19 +150,13 @@ fn an_unhealthy_version_is_rolled_back_marked_rejected_and_not_retried_until_the
 
 #[test]
 fn an_app_that_stays_unhealthy_and_ignores_signals_gets_sigterm_then_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let (source, dest, pid_file) =
-        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (_dir, source, dest, pid_file) = files_at_v1();
     let mut app = LegacyApp::start(&dest, Some(&pid_file));
-    let sync = SyncCommand::new(&source, &dest)
+    let sync = fast_sync(&source, &dest)
         .pid_file(&pid_file)
         .health_url(&app.health_url())
         .arg("--health-timeout", "1500ms")
         .arg("--kill-after", "1s")
-        .poll_interval("100ms")
-        .min_quiet("50ms")
         .start();
     sync.wait_state("config.json", "synced", T);
 
@@ -190,24 +184,14 @@ fn an_app_that_stays_unhealthy_and_ignores_signals_gets_sigterm_then_sigkill() {
 
 #[test]
 fn a_missing_app_process_is_reported_and_the_version_not_blamed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (source, dest, pid_file) =
-        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (_dir, source, dest, pid_file) = files_at_v1();
     // A pid that no longer exists: the app died and left its pid file behind.
     let mut gone = std::process::Command::new("true").spawn().unwrap();
     let dead = gone.id();
     gone.wait().unwrap();
     write(&pid_file, &format!("{dead}\n"));
     let health = format!("http://127.0.0.1:{}/healthz", free_port());
-    let sync = SyncCommand::new(&source, &dest)
-        .pid_file(&pid_file)
-        .health_url(&health)
-        .arg("--health-timeout", "1s")
-        .poll_interval("100ms")
-        .min_quiet("50ms")
-        .start();
+    let sync = fast_sync(&source, &dest).pid_file(&pid_file).health_url(&health).arg("--health-timeout", "1s").start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     // No app before the change, none after: nothing says that the version is bad.
@@ -233,11 +217,7 @@ fn still_running(proc: &mut Sidecar) -> bool {
 
 #[test]
 fn a_stale_pid_file_naming_a_recycled_pid_is_not_signalled_nor_killed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (source, dest, pid_file) =
-        (dir.path().join("source.json"), dir.path().join("config.json"), dir.path().join("app.pid"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (_dir, source, dest, pid_file) = files_at_v1();
     // The app's earlier run was SIGKILLed and left its pid file; the pid now belongs to an
     // unrelated process started after the file was written.
     let mut other = bystander("sleep", &["600".as_ref()]);
@@ -246,14 +226,12 @@ fn a_stale_pid_file_naming_a_recycled_pid_is_not_signalled_nor_killed() {
     std::fs::File::options().write(true).open(&pid_file).unwrap().set_modified(written).unwrap();
     // The app as it runs now (restarted without a pid file), healthy; it crashes on v2.
     let app = LegacyApp::start(&dest, None);
-    let sync = SyncCommand::new(&source, &dest)
+    let sync = fast_sync(&source, &dest)
         .pid_file(&pid_file)
         .arg("--reload-url", format!("http://{}/reload", app.addr))
         .health_url(&app.health_url())
         .arg("--health-timeout", "1500ms")
         .arg("--kill-after", "1s")
-        .poll_interval("100ms")
-        .min_quiet("50ms")
         .start();
     sync.wait_state("config.json", "synced", T);
 
@@ -275,18 +253,12 @@ fn a_stale_pid_file_naming_a_recycled_pid_is_not_signalled_nor_killed() {
 
 #[test]
 fn a_process_name_matches_the_program_not_a_file_another_program_has_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let name = format!("legacy-app-{}-tail.py", std::process::id());
-    let script = dir.path().join(&name);
-    std::fs::copy(legacy_app_script(), &script).unwrap();
-    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (dir, source, dest, _) = files_at_v1();
+    let (name, script) = app_script_named(dir.path(), "-tail");
     let app = LegacyApp::start_with(&script, &dest, None, false, false);
     // Someone follows the script with tail: its name is in tail's command line.
     let mut tail = bystander("tail", &["-f".as_ref(), script.as_os_str()]);
-    let sync =
-        SyncCommand::new(&source, &dest).arg("--process-name", &name).poll_interval("100ms").min_quiet("50ms").start();
+    let sync = fast_sync(&source, &dest).arg("--process-name", &name).start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     wait_app_version(&app, 2);
@@ -297,23 +269,16 @@ fn a_process_name_matches_the_program_not_a_file_another_program_has_open() {
 
 #[test]
 fn an_ambiguous_process_name_gets_sigterm_but_no_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let name = format!("legacy-app-{}-twice.py", std::process::id());
-    let script = dir.path().join(&name);
-    std::fs::copy(legacy_app_script(), &script).unwrap();
-    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (dir, source, dest, _) = files_at_v1();
+    let (name, script) = app_script_named(dir.path(), "-twice");
     // Two programs of that name: neither is surely the app.
     let mut first = LegacyApp::start_with(&script, &dest, None, false, false);
     let mut second = LegacyApp::start_with(&script, &dest, None, false, false);
-    let sync = SyncCommand::new(&source, &dest)
+    let sync = fast_sync(&source, &dest)
         .arg("--process-name", &name)
         .health_url(&first.health_url())
         .arg("--health-timeout", "1500ms")
         .arg("--kill-after", "1s")
-        .poll_interval("100ms")
-        .min_quiet("50ms")
         .start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2, \"healthy\": false, \"ignore_signals\": true}");
@@ -326,19 +291,11 @@ fn an_ambiguous_process_name_gets_sigterm_but_no_sigkill() {
 
 #[test]
 fn a_failed_notification_is_reported_and_retried_until_it_works() {
-    let dir = tempfile::tempdir().unwrap();
-    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
+    let (dir, source, dest, _) = files_at_v1();
     let (ready, notified) = (dir.path().join("app-ready"), dir.path().join("notified"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
     // The reload command fails until the app is there to take it.
     let reload = format!("test -f '{}' && echo \"$SIDECAR_SYNC_HASH\" >> '{}'", ready.display(), notified.display());
-    let sync = SyncCommand::new(&source, &dest)
-        .exec(&reload)
-        .poll_interval("100ms")
-        .min_quiet("50ms")
-        .retry_max("500ms")
-        .start();
+    let sync = fast_sync(&source, &dest).exec(&reload).retry_max("500ms").start();
     sync.wait_state("config.json", "synced", T);
 
     replace_file(&source, "{\"v\": 2}");
@@ -368,19 +325,11 @@ fn sub_millisecond_parts(text: &str) -> Vec<&str> {
 
 #[test]
 fn a_health_check_that_times_out_reports_durations_as_people_write_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
-    write(&dest, "{\"v\": 1}");
-    write(&source, "{\"v\": 1}");
+    let (_dir, source, dest, _) = files_at_v1();
     // Connections are taken (by the kernel) and never answered.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let health = format!("http://{}/healthz", silent.local_addr().unwrap());
-    let sync = SyncCommand::new(&source, &dest)
-        .health_url(&health)
-        .arg("--health-timeout", "2s")
-        .poll_interval("100ms")
-        .min_quiet("50ms")
-        .start();
+    let sync = fast_sync(&source, &dest).health_url(&health).arg("--health-timeout", "2s").start();
     sync.wait_state("config.json", "synced", T);
     replace_file(&source, "{\"v\": 2}");
     let line = sync.proc.logs.wait_for("did not answer within", T);
@@ -398,12 +347,10 @@ fn an_app_that_starts_after_the_health_timeout_is_waited_for_and_its_first_confi
     // The app waits for its first config (and for a database, say) and starts well after
     // --health-timeout.
     let port = free_port();
-    let sync = SyncCommand::new(&source, &dest)
+    let sync = fast_sync(&source, &dest)
         .pid_file(&pid_file)
         .health_url(&format!("http://127.0.0.1:{port}/healthz"))
         .arg("--health-timeout", "1s")
-        .poll_interval("100ms")
-        .min_quiet("50ms")
         .retry_max("500ms")
         .start();
     let status = sync.wait_state("config.json", "waiting-for-app", T);

@@ -443,6 +443,12 @@ fn a_full_or_read_only_destination_keeps_the_old_file_and_is_retried() {
     wait_for_content(&dest, "after read-only\n", T);
 }
 
+/// POST /sync/app.conf/rollback to version `id`, with the token these tests use.
+fn roll_back_to(sync: &SyncProcess, id: &serde_json::Value) -> (u16, String) {
+    let body = format!("{{\"version\": {id}}}");
+    http_exchange(sync.admin, "POST", "/sync/app.conf/rollback", &[("authorization", "Bearer s3cret")], &body).unwrap()
+}
+
 #[test]
 fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_changes() {
     let dir = tempfile::tempdir().unwrap();
@@ -490,14 +496,7 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
     let history = http_get_json(sync.admin, "/sync/app.conf/history");
     let v2 = history["versions"].as_array().unwrap().iter().find(|v| v["hash"] == content_hash(b"v2\n")).unwrap()["id"]
         .clone();
-    let (code, body) = http_exchange(
-        sync.admin,
-        "POST",
-        "/sync/app.conf/rollback",
-        &[("authorization", "Bearer s3cret")],
-        &format!("{{\"version\": {v2}}}"),
-    )
-    .unwrap();
+    let (code, body) = roll_back_to(&sync, &v2);
     assert_eq!(code, 200, "{body}");
     assert_eq!(read_text(&dest), "v2\n");
     let (code, body) = http_exchange(
@@ -545,14 +544,7 @@ fn rolling_back_and_forth_keeps_one_history_entry_per_version() {
     let v2 = id_of(b"v2\n").expect("v2 in the history");
     for round in 0..5 {
         for (id, content) in [(&v1, "v1\n"), (&v2, "v2\n")] {
-            let (code, body) = http_exchange(
-                sync.admin,
-                "POST",
-                "/sync/app.conf/rollback",
-                &[("authorization", "Bearer s3cret")],
-                &format!("{{\"version\": {id}}}"),
-            )
-            .unwrap();
+            let (code, body) = roll_back_to(&sync, id);
             assert_eq!(code, 200, "round {round}: {body}");
             assert_eq!(read_text(&dest), content);
         }
