@@ -482,6 +482,8 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
     assert_eq!(code, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(report["version"]["hash"], content_hash(b"v1\n"), "{report:#}");
+    let held = report["held_until"].as_str().unwrap_or_default();
+    assert!(held.contains(&content_hash(b"v2\n")[..12]), "the report says what undoes it: {report:#}");
     assert_eq!(read_text(&dest), "v1\n");
     assert_eq!(count_lines(&notified), 3, "the rollback notifies like any change");
     // The source still says v2: not re-applied until it changes.
@@ -511,6 +513,7 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
 
     replace_file(&source, "v3\n");
     wait_for_content(&dest, "v3\n", T);
+    sync.proc.logs.wait_for("replaces the rollback to version", T);
     let all = http_get_json(sync.admin, "/sync");
     assert_eq!(all["destinations"][0]["name"], "app.conf");
     let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();

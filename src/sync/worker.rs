@@ -44,6 +44,8 @@ pub(crate) struct RollbackReport {
     pub(crate) ok: bool,
     pub(crate) outcome: String,
     pub(crate) state: SyncState,
+    /// How long the rollback holds: the source's next different value wins over it.
+    pub(crate) held_until: String,
 }
 
 /// What one attempt to apply a value did.
@@ -105,6 +107,8 @@ pub(crate) struct Worker {
     settled: SyncState,
     /// Whether a value was applied in this run yet (the first is applied without waiting).
     started: bool,
+    /// The version an admin API rollback put in place, until the source replaces it.
+    rolled_back_to: Option<u64>,
 }
 
 fn short(hash: &str) -> &str {
@@ -129,6 +133,7 @@ impl Worker {
             latest: None,
             settled: SyncState::Synced,
             started: false,
+            rolled_back_to: None,
         };
         let current = file_hash(&worker.spec.dest);
         let applied_revision = worker.history.state.applied_revision.clone();
@@ -309,6 +314,13 @@ impl Worker {
                     s.synced_once = true;
                 });
                 return Outcome::Skipped;
+            }
+            if let Some(id) = self.rolled_back_to.take() {
+                tracing::warn!(
+                    "sync {}: the source offers a new version ({}); it replaces the rollback to version {id} made through the admin API",
+                    self.name(),
+                    short(&hash)
+                );
             }
             if !self.history.state.rejected.is_empty() {
                 tracing::info!("sync {}: the source offers a new version; earlier rejections are cleared", self.name());
@@ -706,13 +718,16 @@ impl Worker {
         );
         let revision = format!("rollback to version {} ({})", version.id, version.revision);
         let outcome = self.apply(Fetched { content: content.into(), revision }, Origin::Rollback).await;
+        self.rolled_back_to = Some(version.id);
         let state = lock(&self.status).state;
+        let held: Vec<&str> = self.history.state.rejected.iter().map(|h| short(h)).collect();
         Ok(RollbackReport {
             name: self.spec.name.clone(),
             version,
             ok: outcome.is_success(),
             outcome: outcome.describe(),
             state,
+            held_until: format!("the source offers a value other than {}", held.join(" or ")),
         })
     }
 }
