@@ -404,6 +404,34 @@ fn check_accepts_sync_tables_without_contacting_their_sources() {
 }
 
 #[test]
+fn two_sync_tables_on_one_file_through_a_symlinked_directory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir_all(&real).unwrap();
+    let linked = dir.path().join("linked");
+    std::os::unix::fs::symlink(&real, &linked).unwrap();
+    let source = dir.path().join("source.conf");
+    std::fs::write(&source, "answer = 42\n").unwrap();
+    let table = |name: &str, dest: &Path| {
+        format!("[[sync]]\nname = \"{name}\"\nsource = \"{}\"\ndest = \"{}\"\n", s(&source), s(dest))
+    };
+    let config = write_config(
+        dir.path(),
+        "two-syncs.toml",
+        &format!(
+            "[proxy]\nupstream = \"http://127.0.0.1:8080\"\n\n{}\n{}",
+            table("one", &real.join("app.conf")),
+            table("two", &linked.join("app.conf"))
+        ),
+    );
+    let run = sidecar(&["check", "--config", s(&config)]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("two sync destinations write"), "{run:?}");
+    let stderr = proxy_refuses(&["--config", s(&config)]);
+    assert!(stderr.contains("two sync destinations write"), "{stderr}");
+}
+
+#[test]
 fn check_usage_errors_are_clap_usage_errors() {
     let run = sidecar(&["check", "--bogus"]);
     assert_eq!(run.code, 2, "{run:?}");

@@ -18,18 +18,30 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// etcd holding `{"v": 1}` at KEY and, between the sidecar and it, a relay that can cut the
+/// watch's connection: (etcd, relay, the source URL through the relay).
+async fn etcd_behind_a_relay() -> (Etcd, Relay, String) {
+    let etcd = Etcd::start();
+    etcd.put(KEY, "{\"v\": 1}");
+    let relay = Relay::start(etcd.addr()).await;
+    let source = format!("etcd://{}{KEY}", relay.addr);
+    (etcd, relay, source)
+}
+
+/// config.json in a new temp dir (kept while the dir lives).
+fn dest_in_a_temp_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("config.json");
+    (dir, dest)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_then_watches_and_resumes_from_the_last_revision_after_a_disconnect() {
     if !require_tool("etcd") {
         return;
     }
-    let etcd = Etcd::start();
-    etcd.put(KEY, "{\"v\": 1}");
-    // Between the sidecar and etcd: a relay that can cut the watch's connection.
-    let relay = Relay::start(etcd.addr()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let dest = dir.path().join("config.json");
-    let source = format!("etcd://{}{KEY}", relay.addr);
+    let (etcd, relay, source) = etcd_behind_a_relay().await;
+    let (_dir, dest) = dest_in_a_temp_dir();
     let sync = tokio::task::block_in_place(|| {
         SyncCommand::new(&source, &dest).min_quiet("50ms").retry_max("300ms").source_timeout("5s").start()
     });
@@ -60,22 +72,30 @@ async fn reads_then_watches_and_resumes_from_the_last_revision_after_a_disconnec
     });
 }
 
+/// etcd holding "one" at KEY, synced to app.conf with `--source-timeout timeout`, returned
+/// right after the watch's silence check found nothing new: (etcd, dir, dest, sync).
+fn synced_then_silence_checked(timeout: &str) -> (Etcd, tempfile::TempDir, std::path::PathBuf, SyncProcess) {
+    let etcd = Etcd::start();
+    etcd.put(KEY, "one");
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("app.conf");
+    let sync =
+        SyncCommand::new(etcd.url(KEY), &dest).min_quiet("50ms").retry_max("300ms").source_timeout(timeout).start();
+    wait_for_content(&dest, "one", T);
+    sync.wait_state("app.conf", "synced", T);
+    let before = sync.status("app.conf")["last_sync"].clone();
+    wait_until("a silence check", T, || sync.status("app.conf")["last_sync"] != before);
+    (etcd, dir, dest, sync)
+}
+
 #[test]
 fn a_silently_stalled_watch_is_detected_reported_and_reconnected() {
     if !require_tool("etcd") {
         return;
     }
-    let etcd = Etcd::start();
-    etcd.put(KEY, "one");
-    let dir = tempfile::tempdir().unwrap();
-    let dest = dir.path().join("app.conf");
-    let sync = SyncCommand::new(etcd.url(KEY), &dest).min_quiet("50ms").retry_max("300ms").source_timeout("1s").start();
-    wait_for_content(&dest, "one", T);
-    sync.wait_state("app.conf", "synced", T);
-    // A quiet key with a healthy etcd is not a stall: the check after a silent second finds
+    let (etcd, _dir, dest, sync) = synced_then_silence_checked("1s");
+    // A quiet key with a healthy etcd is not a stall: the check after a silent second found
     // nothing new.
-    let before = sync.status("app.conf")["last_sync"].clone();
-    wait_until("a silence check", T, || sync.status("app.conf")["last_sync"] != before);
     assert_eq!(sync.state("app.conf"), "synced");
 
     // The server stops answering, without closing anything: no event, no error, no EOF.
@@ -169,4 +189,70 @@ fn once_exits_0_in_step_and_1_when_the_key_is_missing() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("key /no/such/key does not exist"), "{stderr}");
     assert_eq!(read_text(&dest), "from etcd\n");
+}
+
+#[test]
+fn etcd_restarted_on_an_empty_data_dir_is_read_again_though_its_revisions_went_back() {
+    if !require_tool("etcd") {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let mut before = 0;
+    for v in 1..=6 {
+        before = etcd.put(KEY, &format!("{{\"v\": {v}}}"));
+    }
+    let (_dir, dest) = dest_in_a_temp_dir();
+    let sync = SyncCommand::new(etcd.url(KEY), &dest).min_quiet("50ms").retry_max("300ms").source_timeout("5s").start();
+    sync.wait_revision("config.json", &format!("revision {before}"), T);
+
+    etcd.restart_empty();
+    let after = etcd.put(KEY, "{\"v\": 7}");
+    assert!(after < before, "a new data dir starts its revisions again: {after} after {before}");
+    wait_for_content(&dest, "{\"v\": 7}", T);
+    sync.wait_revision("config.json", &format!("revision {after}"), T);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_value_replayed_after_a_disconnect_does_not_hide_the_good_one_after_it() {
+    if !require_tool("etcd") {
+        return;
+    }
+    let (etcd, relay, source) = etcd_behind_a_relay().await;
+    let (_dir, dest) = dest_in_a_temp_dir();
+    let sync = tokio::task::block_in_place(|| {
+        SyncCommand::new(&source, &dest)
+            .arg("--max-size", "1000")
+            .min_quiet("50ms")
+            .retry_max("300ms")
+            .source_timeout("5s")
+            .start()
+    });
+    tokio::task::block_in_place(|| {
+        wait_for_content(&dest, "{\"v\": 1}", T);
+        // While the sidecar is cut off, a value over --max-size, then a good one: the new
+        // watch's replay fails on the first.
+        relay.cut();
+        sync.wait_state("config.json", "not-synced", T);
+        etcd.put(KEY, &"x".repeat(200_000));
+        let good = etcd.put(KEY, "{\"v\": 2}");
+        relay.resume();
+        wait_for_content(&dest, "{\"v\": 2}", T);
+        sync.wait_revision("config.json", &format!("revision {good}"), T);
+    });
+}
+
+#[test]
+fn a_stalled_watch_is_reported_within_the_source_timeout() {
+    if !require_tool("etcd") {
+        return;
+    }
+    // Stopped right after a silence check, when the watch has the longest to wait.
+    let (etcd, _dir, _dest, sync) = synced_then_silence_checked("6s");
+    etcd.signal("STOP");
+    let stopped = Instant::now();
+    sync.wait_state("app.conf", "stalled", T);
+    let took = stopped.elapsed();
+    etcd.signal("CONT");
+    // 6s, with room for a loaded machine; reporting only after twice the timeout takes 12s.
+    assert!(took < Duration::from_secs(9), "the stall was reported {took:?} after etcd stopped");
 }

@@ -443,6 +443,12 @@ fn a_full_or_read_only_destination_keeps_the_old_file_and_is_retried() {
     wait_for_content(&dest, "after read-only\n", T);
 }
 
+/// POST /sync/app.conf/rollback to version `id`, with the token these tests use.
+fn roll_back_to(sync: &SyncProcess, id: &serde_json::Value) -> (u16, String) {
+    let body = format!("{{\"version\": {id}}}");
+    http_exchange(sync.admin, "POST", "/sync/app.conf/rollback", &[("authorization", "Bearer s3cret")], &body).unwrap()
+}
+
 #[test]
 fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_changes() {
     let dir = tempfile::tempdir().unwrap();
@@ -476,6 +482,8 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
     assert_eq!(code, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(report["version"]["hash"], content_hash(b"v1\n"), "{report:#}");
+    let held = report["held_until"].as_str().unwrap_or_default();
+    assert!(held.contains(&content_hash(b"v2\n")[..12]), "the report says what undoes it: {report:#}");
     assert_eq!(read_text(&dest), "v1\n");
     assert_eq!(count_lines(&notified), 3, "the rollback notifies like any change");
     // The source still says v2: not re-applied until it changes.
@@ -490,14 +498,7 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
     let history = http_get_json(sync.admin, "/sync/app.conf/history");
     let v2 = history["versions"].as_array().unwrap().iter().find(|v| v["hash"] == content_hash(b"v2\n")).unwrap()["id"]
         .clone();
-    let (code, body) = http_exchange(
-        sync.admin,
-        "POST",
-        "/sync/app.conf/rollback",
-        &[("authorization", "Bearer s3cret")],
-        &format!("{{\"version\": {v2}}}"),
-    )
-    .unwrap();
+    let (code, body) = roll_back_to(&sync, &v2);
     assert_eq!(code, 200, "{body}");
     assert_eq!(read_text(&dest), "v2\n");
     let (code, body) = http_exchange(
@@ -512,8 +513,124 @@ fn admin_rollback_writes_the_previous_version_and_holds_it_until_the_source_chan
 
     replace_file(&source, "v3\n");
     wait_for_content(&dest, "v3\n", T);
+    sync.proc.logs.wait_for("replaces the rollback to version", T);
     let all = http_get_json(sync.admin, "/sync");
     assert_eq!(all["destinations"][0]["name"], "app.conf");
     let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();
     assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn rolling_back_and_forth_keeps_one_history_entry_per_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.conf"), dir.path().join("app.conf"));
+    let token = dir.path().join("token");
+    write(&token, "s3cret\n");
+    write(&source, "v1\n");
+    let sync = SyncCommand::new(&source, &dest)
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .arg("--history-keep", "4")
+        .arg("--admin-token-file", &token)
+        .start();
+    wait_for_content(&dest, "v1\n", T);
+    for v in ["v2\n", "v3\n"] {
+        replace_file(&source, v);
+        wait_for_content(&dest, v, T);
+    }
+    let id_of = |content: &[u8]| {
+        let history = http_get_json(sync.admin, "/sync/app.conf/history");
+        let versions = history["versions"].as_array().unwrap().clone();
+        versions.iter().find(|v| v["hash"] == content_hash(content)).map(|v| v["id"].clone())
+    };
+    let v1 = id_of(b"v1\n").expect("v1 in the history");
+    let v2 = id_of(b"v2\n").expect("v2 in the history");
+    for round in 0..5 {
+        for (id, content) in [(&v1, "v1\n"), (&v2, "v2\n")] {
+            let (code, body) = roll_back_to(&sync, id);
+            assert_eq!(code, 200, "round {round}: {body}");
+            assert_eq!(read_text(&dest), content);
+        }
+    }
+    let history = http_get_json(sync.admin, "/sync/app.conf/history");
+    let hashes: Vec<_> = history["versions"].as_array().unwrap().iter().map(|v| v["hash"].clone()).collect();
+    assert_eq!(hashes.len(), 3, "one entry per version: {history:#}");
+    assert_eq!(id_of(b"v1\n"), Some(v1), "the version asked for keeps its id and is still there");
+}
+
+#[test]
+fn a_symlinked_destination_is_written_through_and_stays_a_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let (etc, shared) = (dir.path().join("etc"), dir.path().join("shared"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&shared).unwrap();
+    // /etc/app/config.conf -> ../shared/config.conf, as deployments do.
+    write(&shared.join("config.conf"), "v1\n");
+    let dest = etc.join("config.conf");
+    std::os::unix::fs::symlink("../shared/config.conf", &dest).unwrap();
+    let source = dir.path().join("source.conf");
+    write(&source, "v1\n");
+    let sync = SyncCommand::new(&source, &dest).poll_interval("100ms").min_quiet("50ms").start();
+    sync.wait_state("config.conf", "synced", T);
+
+    replace_file(&source, "v2\n");
+    wait_for_content(&shared.join("config.conf"), "v2\n", T);
+    let link = std::fs::symlink_metadata(&dest).unwrap();
+    assert!(link.file_type().is_symlink(), "the link was replaced by a regular file");
+    assert_eq!(std::fs::read_link(&dest).unwrap(), Path::new("../shared/config.conf"));
+    assert_eq!(read_text(&dest), "v2\n");
+    let temps = |d: &Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".sidecar-tmp"))
+            .count()
+    };
+    assert_eq!(temps(&etc) + temps(&shared), 0);
+}
+
+#[test]
+fn temp_files_left_by_a_crash_mid_write_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.conf"), dir.path().join("app.conf"));
+    write(&source, "v1\n");
+    write(&dest, "v1\n");
+    // What a sidecar killed between writing its temp file and renaming it leaves behind.
+    let left = dir.path().join(".sidecar-tmp-4194301-0-app.conf");
+    std::fs::write(&left, vec![b'x'; 1_300_000]).unwrap();
+    // Another file's temp file is not this destination's to remove.
+    let other = dir.path().join(".sidecar-tmp-4194301-0-other.conf");
+    write(&other, "x");
+    let sync = SyncCommand::new(&source, &dest).poll_interval("100ms").min_quiet("50ms").start();
+    sync.wait_state("app.conf", "synced", T);
+    assert!(!left.exists(), "the crashed write's temp file is still there");
+    assert!(other.exists());
+    sync.proc.logs.wait_for("left by a write that did not finish", T);
+}
+
+#[test]
+fn history_and_state_survive_the_destination_directory_being_deleted_and_recreated() {
+    let dir = tempfile::tempdir().unwrap();
+    let app_dir = dir.path().join("app");
+    std::fs::create_dir_all(&app_dir).unwrap();
+    let (source, dest) = (dir.path().join("source.conf"), app_dir.join("app.conf"));
+    write(&source, "v1\n");
+    let sync = SyncCommand::new(&source, &dest).poll_interval("100ms").min_quiet("50ms").retry_max("300ms").start();
+    wait_for_content(&dest, "v1\n", T);
+    // Synced: the history and state writes that follow the file's are done too.
+    sync.wait_state("app.conf", "synced", T);
+
+    std::fs::remove_dir_all(&app_dir).unwrap();
+    std::fs::create_dir_all(&app_dir).unwrap();
+    replace_file(&source, "v2\n");
+    wait_for_content(&dest, "v2\n", T);
+    sync.wait_state("app.conf", "synced", T);
+    let history_dir = app_dir.join(".sidecar-history/app.conf");
+    wait_until("state.json written again", T, || {
+        read_text(&history_dir.join("state.json")).contains(&content_hash(b"v2\n"))
+    });
+    let versions = read_text(&history_dir.join("versions.json"));
+    assert!(versions.contains(&content_hash(b"v2\n")), "{versions}");
+    let history = http_get_json(sync.admin, "/sync/app.conf/history");
+    assert!(history["versions"].as_array().unwrap().iter().any(|v| v["hash"] == content_hash(b"v2\n")), "{history:#}");
 }

@@ -179,3 +179,37 @@ async fn an_https_source_is_verified_against_source_ca() {
         assert!(!other.exists());
     });
 }
+
+/// A server that answers every request with `head` and `body`, then closes the connection.
+fn raw_http_server(head: &'static str, body: &'static str) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+            let _ = conn.write_all(format!("{head}\r\n\r\n{body}").as_bytes());
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_body_ended_only_by_the_connection_closing_is_refused() {
+    // The connection closes mid-value and nothing in the response says how long it was.
+    let addr =
+        raw_http_server("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close", "{\"v\": 2, \"cut");
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("config.json");
+    write(&dest, "{\"v\": 1}");
+    let sync = SyncCommand::new(format!("http://{addr}/config.json"), &dest)
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .retry_max("300ms")
+        .start();
+    let status = sync.wait_state("config.json", "not-synced", T);
+    assert!(status["last_error"].as_str().unwrap().contains("neither Content-Length nor chunked"), "{status:#}");
+    assert_eq!(status["counters"]["writes"], 0, "{status:#}");
+    assert_eq!(read_text(&dest), "{\"v\": 1}");
+}

@@ -296,6 +296,13 @@ impl Collector for LiveCollector {
                 "Times the app was terminated because even the last good version left it unhealthy",
                 &kills,
             )?;
+            let refused: Vec<_> = statuses.iter().map(|s| (name(s), s.counters.refused_signals)).collect();
+            counter_family(
+                &mut encoder,
+                "sync_refused_signals",
+                "Signals not sent because the pid file named a process that is not the app",
+                &refused,
+            )?;
             let writes: Vec<_> = statuses.iter().map(|s| (name(s), s.counters.writes)).collect();
             counter_family(&mut encoder, "sync_writes", "New versions written to the destination", &writes)?;
         }

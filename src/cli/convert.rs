@@ -60,6 +60,7 @@ impl SyncArgs {
                 process_name: self.process_name.clone(),
                 signal: targets_process.then_some(self.signal),
                 process_group: self.process_group,
+                kill_ambiguous: self.kill_ambiguous,
                 reload_url: self.reload_url.clone(),
                 exec: self.exec.clone(),
             },

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, CommandFactory, FromArgMatches};
 
 use super::{Cli, SyncArgs};
+use crate::sync::spec::{check_unique, SpecError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -23,6 +24,8 @@ pub enum FileError {
     SyncNotArray { path: PathBuf },
     #[error("config file {}: [[sync]] number {index}: {message}", path.display())]
     Sync { path: PathBuf, index: usize, message: String },
+    #[error("config file {}: {source}", path.display())]
+    SyncTables { path: PathBuf, source: SpecError },
 }
 
 /// A value from the file for one option.
@@ -158,6 +161,13 @@ fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<SyncA
             command.clone().try_get_matches_from(&argv).map_err(|e| fail(first_error_line(&e.to_string())))?;
         sections.push(SyncArgs::from_arg_matches(&matches).map_err(|e| fail(first_error_line(&e.to_string())))?);
     }
+    // Two tables on one file are refused here, so that `check` says what the start would.
+    let mut specs = Vec::new();
+    for (i, section) in sections.iter().enumerate() {
+        let fail = |message: String| FileError::Sync { path: path.to_owned(), index: i + 1, message };
+        specs.push(section.to_spec().map_err(|e| fail(e.to_string()))?);
+    }
+    check_unique(&specs).map_err(|source| FileError::SyncTables { path: path.to_owned(), source })?;
     Ok(sections)
 }
 

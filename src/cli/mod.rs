@@ -150,8 +150,9 @@ pub struct SyncArgs {
     #[arg(long, env = "SIDECAR_SYNC_PID_FILE", value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
 
-    /// Signal every process with this name (its comm, or the file name of its argv[0] or of
-    /// its script), for a shared process namespace
+    /// Signal every process with this name that this sidecar may signal (same uid unless
+    /// root): its comm, the file name of its argv[0], or of its script when argv[0] is an
+    /// interpreter (python, node, ruby, perl, java, sh, bash...); for a shared process namespace
     #[arg(long, env = "SIDECAR_SYNC_PROCESS_NAME", value_name = "NAME")]
     pub process_name: Option<String>,
 
@@ -162,6 +163,10 @@ pub struct SyncArgs {
     /// Send signals to the app's whole process group (its pid as group id)
     #[arg(long, env = "SIDECAR_SYNC_PROCESS_GROUP")]
     pub process_group: bool,
+
+    /// Escalate to SIGKILL even when --process-name matches more than one program
+    #[arg(long, env = "SIDECAR_SYNC_KILL_AMBIGUOUS")]
+    pub kill_ambiguous: bool,
 
     /// POST to this URL to make the app reload (any 2xx answer is success)
     #[arg(long, env = "SIDECAR_SYNC_RELOAD_URL", value_name = "URL", value_parser = parse_http_url)]

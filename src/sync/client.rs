@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::sys::human_duration;
 use bytes::{Bytes, BytesMut};
 use http::header::HOST;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
@@ -27,7 +28,7 @@ pub(crate) enum ClientError {
     Connect { peer: String, source: std::io::Error },
     #[error("TLS handshake with {peer} failed: {source}")]
     Tls { peer: String, source: std::io::Error },
-    #[error("{peer} did not answer within {}", humantime::format_duration(*timeout))]
+    #[error("{peer} did not answer within {}", human_duration(*timeout))]
     Timeout { peer: String, timeout: Duration },
     #[error("HTTP exchange with {peer} failed: {source}")]
     Http { peer: String, source: hyper::Error },

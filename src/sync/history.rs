@@ -79,7 +79,9 @@ impl History {
         Ok(History { dir: dir.to_owned(), keep, versions, state })
     }
 
-    /// Keeps a copy of `content` and records it; the oldest beyond `keep` are removed.
+    /// Keeps a copy of `content` and records it; the oldest beyond `keep` are removed. Content
+    /// the history holds already becomes its newest entry again, under its id: rolling back and
+    /// forth between two versions keeps two entries, not one per rollback.
     pub(crate) fn record(
         &mut self,
         content: &[u8],
@@ -87,6 +89,15 @@ impl History {
         hash: &str,
         status: VersionStatus,
     ) -> Result<Version, HistoryError> {
+        if let Some(at) = self.versions.iter().position(|v| v.hash == hash && self.dir.join(&v.file).is_file()) {
+            let mut version = self.versions.remove(at);
+            version.time = now_rfc3339();
+            version.revision = revision.to_owned();
+            version.status = status;
+            self.versions.push(version.clone());
+            self.save_versions()?;
+            return Ok(version);
+        }
         let id = self.versions.iter().map(|v| v.id).max().unwrap_or(0) + 1;
         let stamp = time::OffsetDateTime::now_utc();
         let compact = format!(
@@ -99,6 +110,7 @@ impl History {
             stamp.second()
         );
         let file = format!("{id:06}-{compact}-{}", &hash[..hash.len().min(12)]);
+        self.ensure_dir()?;
         let path = self.dir.join(&file);
         write_atomic(&path, content, FileMode::LikeExisting)
             .map_err(|source| HistoryError::Write { path: path.clone(), source })?;
@@ -155,13 +167,21 @@ impl History {
         None
     }
 
+    /// The directory again, if it was removed with the destination's directory (then the
+    /// state and the version list are written anew from memory; the lost copies are gone).
+    fn ensure_dir(&self) -> Result<(), HistoryError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| HistoryError::CreateDir { dir: self.dir.clone(), source })
+    }
+
     pub(crate) fn save_state(&self) -> Result<(), HistoryError> {
+        self.ensure_dir()?;
         let path = self.dir.join(STATE);
         let bytes = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
         write_atomic(&path, &bytes, FileMode::LikeExisting).map_err(|source| HistoryError::Write { path, source })
     }
 
     fn save_versions(&self) -> Result<(), HistoryError> {
+        self.ensure_dir()?;
         let path = self.dir.join(VERSIONS);
         let bytes = serde_json::to_vec_pretty(&self.versions).unwrap_or_default();
         write_atomic(&path, &bytes, FileMode::LikeExisting).map_err(|source| HistoryError::Write { path, source })

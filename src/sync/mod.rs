@@ -12,6 +12,7 @@ mod client;
 pub mod hash;
 pub(crate) mod history;
 mod notify;
+mod process;
 mod shell;
 pub(crate) mod source;
 pub mod spec;

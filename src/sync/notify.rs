@@ -1,6 +1,7 @@
 //! Telling the app that its file changed: a signal to a pid from `--pid-file` (re-read every
 //! time: the app may have restarted) or to every process named `--process-name` (a shared
-//! process namespace in a Pod), optionally to its whole process group; a POST to
+//! process namespace in a Pod), optionally to its whole process group, each verified first
+//! ([`super::process`]); a POST to
 //! `--reload-url`; or `--exec CMD`. Coalescing of bursts happens before this, in the worker.
 
 use std::path::{Path, PathBuf};
@@ -10,8 +11,10 @@ use http::{Method, Uri};
 use rustix::process::{Pid, Signal};
 
 use super::client::{ClientError, HttpClient};
+use super::process::{self, AppProcess, ProcInfo};
 use super::shell::{self, ShellFailure};
 use super::spec::NotifySpec;
+use crate::sys::human_duration;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum NotifyError {
@@ -19,6 +22,8 @@ pub(crate) enum NotifyError {
     PidFile { path: PathBuf, source: std::io::Error },
     #[error("pid file {} does not hold a pid: {content:?}", path.display())]
     BadPid { path: PathBuf, content: String },
+    #[error("the pid file {} names a different process: {process} started {} after the file was written; not signalled", path.display(), human_duration(*late))]
+    NotTheApp { path: PathBuf, process: String, late: Duration },
     #[error("no process to signal: {what}")]
     NoProcess { what: String },
     #[error("cannot send {signal} to {target}: {source}")]
@@ -31,15 +36,27 @@ pub(crate) enum NotifyError {
     Exec { cmd: String, status: String, output: String },
     #[error("reload command `{cmd}` could not run: {source}")]
     ExecSpawn { cmd: String, source: std::io::Error },
-    #[error("reload command `{cmd}` did not finish within {}", humantime::format_duration(*timeout))]
+    #[error("reload command `{cmd}` did not finish within {}", human_duration(*timeout))]
     ExecTimeout { cmd: String, timeout: Duration },
 }
 
 impl NotifyError {
     /// The app's process is not there (escalation has nothing to act on).
     pub(crate) fn is_no_process(&self) -> bool {
-        matches!(self, NotifyError::NoProcess { .. } | NotifyError::PidFile { .. })
+        matches!(self, NotifyError::NoProcess { .. } | NotifyError::PidFile { .. } | NotifyError::NotTheApp { .. })
     }
+
+    /// A signal was refused because the pid no longer names the app.
+    pub(crate) fn is_not_the_app(&self) -> bool {
+        matches!(self, NotifyError::NotTheApp { .. })
+    }
+}
+
+/// The app's processes for one round of signals.
+pub(crate) struct Targets {
+    pub(crate) processes: Vec<AppProcess>,
+    /// `--process-name` matched more than one program: none is surely the app.
+    pub(crate) ambiguous: bool,
 }
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -91,40 +108,55 @@ impl Notifier {
         }
     }
 
-    /// The app's pids now: the pid file read afresh, or a scan of /proc for the name.
-    pub(crate) fn pids(&self) -> Result<Vec<Pid>, NotifyError> {
+    /// The app's processes now, verified and held: the pid file read afresh, or a scan of
+    /// /proc for the name. `ambiguous` when the name matched more than one program.
+    pub(crate) fn targets(&self) -> Result<Targets, NotifyError> {
         if let Some(path) = &self.spec.pid_file {
-            return read_pid_file(path).map(|pid| vec![pid]);
+            let info = pid_file_process(path)?;
+            let pid = info.pid;
+            let held = AppProcess::hold(info).map_err(|_| no_such_pid(pid))?;
+            return Ok(Targets { processes: vec![held], ambiguous: false });
         }
         if let Some(name) = &self.spec.process_name {
-            let pids = pids_named(name);
-            if pids.is_empty() {
-                return Err(NotifyError::NoProcess { what: format!("no process named {name}") });
+            let found = process::named(name);
+            let ambiguous = process::distinct_programs(&found) > 1;
+            // One that exited since the scan is simply not a target any more.
+            let processes: Vec<AppProcess> = found.into_iter().filter_map(|p| AppProcess::hold(p).ok()).collect();
+            if processes.is_empty() {
+                return Err(NotifyError::NoProcess {
+                    what: format!("no process named {name} that this sidecar may signal"),
+                });
             }
-            return Ok(pids);
+            if ambiguous {
+                let pids: Vec<String> = processes.iter().map(|p| describe(&p.info)).collect();
+                tracing::warn!("--process-name {name} matches more than one program: {}", pids.join(", "));
+            }
+            return Ok(Targets { processes, ambiguous });
         }
-        Ok(Vec::new())
+        Ok(Targets { processes: Vec::new(), ambiguous: false })
     }
 
     /// Sends `signal` to the app's processes (or their groups); returns who got it.
     pub(crate) fn signal(&self, signal: Signal, name: &str) -> Result<String, NotifyError> {
-        let pids = self.pids()?;
-        let mut targets = Vec::new();
-        for pid in pids {
-            let (target, result) = if self.spec.process_group {
-                (format!("process group {}", pid.as_raw_nonzero()), rustix::process::kill_process_group(pid, signal))
-            } else {
-                (format!("pid {}", pid.as_raw_nonzero()), rustix::process::kill_process(pid, signal))
-            };
-            match result {
-                Ok(()) => targets.push(target),
+        self.signal_targets(&self.targets()?, signal, name)
+    }
+
+    /// Sends `signal` to processes verified earlier (escalation signals the ones it verified
+    /// first, whatever holds their pids by then).
+    pub(crate) fn signal_targets(&self, targets: &Targets, signal: Signal, name: &str) -> Result<String, NotifyError> {
+        let mut done = Vec::new();
+        for process in &targets.processes {
+            let pid = process.info.pid.as_raw_nonzero();
+            let target = if self.spec.process_group { format!("process group {pid}") } else { format!("pid {pid}") };
+            match process.send(signal, self.spec.process_group) {
+                Ok(()) => done.push(target),
                 Err(rustix::io::Errno::SRCH) => {
                     return Err(NotifyError::NoProcess { what: format!("{target} does not exist") });
                 }
                 Err(e) => return Err(NotifyError::Signal { target, signal: format!("SIG{name}"), source: e.into() }),
             }
         }
-        Ok(targets.join(", "))
+        Ok(done.join(", "))
     }
 
     async fn post(&mut self, url: &Uri) -> Result<(), NotifyError> {
@@ -151,47 +183,26 @@ fn read_pid_file(path: &Path) -> Result<Pid, NotifyError> {
         .ok_or_else(|| NotifyError::BadPid { path: path.to_owned(), content: text.trim().chars().take(40).collect() })
 }
 
-/// Processes whose comm, or the file name of argv[0] or of the first non-option argument (the
-/// script, for an interpreter), is `name`; never this process.
-pub(crate) fn pids_named(name: &str) -> Vec<Pid> {
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut pids = Vec::new();
-    for entry in entries.flatten() {
-        let Some(raw) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        if raw == me || !is_alive(raw) {
-            continue;
-        }
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let base = |arg: &[u8]| {
-            Path::new(&*String::from_utf8_lossy(arg)).file_name().map(|n| n.to_string_lossy().into_owned())
-        };
-        let mut args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty());
-        let program = args.next();
-        // For `python3 -u app.py`, the script: the first argument that is not an option.
-        let script = args.find(|a| !a.starts_with(b"-"));
-        let matches =
-            comm.trim() == name || [program, script].into_iter().flatten().any(|a| base(a).as_deref() == Some(name));
-        if let Some(pid) = matches.then(|| i32::try_from(raw).ok().and_then(Pid::from_raw)).flatten() {
-            pids.push(pid);
-        }
+/// The process the pid file names, if it can be the one that wrote it: a process that started
+/// after the file was last written holds a recycled pid.
+fn pid_file_process(path: &Path) -> Result<ProcInfo, NotifyError> {
+    let pid = read_pid_file(path)?;
+    let written = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map_err(|source| NotifyError::PidFile { path: path.to_owned(), source })?;
+    let info = ProcInfo::read(pid).ok_or_else(|| no_such_pid(pid))?;
+    if let Some(late) = info.started_after(written) {
+        return Err(NotifyError::NotTheApp { path: path.to_owned(), process: describe(&info), late });
     }
-    pids.sort_by_key(|p| p.as_raw_nonzero());
-    pids
+    Ok(info)
 }
 
-/// Whether the process exists and is not a zombie (a killed child of someone else that was
-/// not reaped yet is gone as far as the app is concerned).
-pub(crate) fn is_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself hold spaces.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+fn no_such_pid(pid: Pid) -> NotifyError {
+    NotifyError::NoProcess { what: format!("pid {} does not exist", pid.as_raw_nonzero()) }
+}
+
+fn describe(info: &ProcInfo) -> String {
+    format!("pid {} ({})", info.pid.as_raw_nonzero(), info.comm)
 }
 
 async fn exec(cmd: &str, dest: &Path, hash: &str) -> Result<(), NotifyError> {

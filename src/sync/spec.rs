@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use http::Uri;
 
+use crate::sys::atomic_file::file_identity;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("sync {name}: --dest {} has no file name", dest.display())]
@@ -16,8 +18,8 @@ pub enum SpecError {
     BadName(String),
     #[error("two sync destinations are named `{0}`; give each a distinct --name")]
     DuplicateName(String),
-    #[error("two sync destinations write {}", .0.display())]
-    DuplicateDest(PathBuf),
+    #[error("two sync destinations write {}: {} and {}", file.display(), first.display(), second.display())]
+    DuplicateDest { file: PathBuf, first: PathBuf, second: PathBuf },
     #[error("sync {name}: --max-quiet ({max}) is shorter than --min-quiet ({min})")]
     QuietOrder { name: String, min: String, max: String },
     #[error("sync {name}: --history-keep must be at least 1")]
@@ -199,6 +201,8 @@ pub(crate) struct NotifySpec {
     pub(crate) process_name: Option<String>,
     pub(crate) signal: Option<SignalName>,
     pub(crate) process_group: bool,
+    /// Escalate to SIGKILL even when `process_name` matches more than one program.
+    pub(crate) kill_ambiguous: bool,
     pub(crate) reload_url: Option<Uri>,
     pub(crate) exec: Option<String>,
 }
@@ -283,15 +287,21 @@ pub(crate) fn default_history_dir(dest: &Path, name: &str) -> PathBuf {
     parent.join(".sidecar-history").join(name)
 }
 
-/// Refuses two destinations with one name or one file (they would fight over it).
+/// Refuses two destinations with one name or one file (they would fight over it), also when
+/// the paths differ but lead to one file (a symlinked directory, a symlink).
 pub fn check_unique(specs: &[SyncSpec]) -> Result<(), SpecError> {
+    let files: Vec<PathBuf> = specs.iter().map(|s| file_identity(&s.dest)).collect();
     for (i, a) in specs.iter().enumerate() {
-        for b in &specs[..i] {
+        for (j, b) in specs[..i].iter().enumerate() {
             if a.name == b.name {
                 return Err(SpecError::DuplicateName(a.name.clone()));
             }
-            if a.dest == b.dest {
-                return Err(SpecError::DuplicateDest(a.dest.clone()));
+            if a.dest == b.dest || files[i] == files[j] {
+                return Err(SpecError::DuplicateDest {
+                    file: files[i].clone(),
+                    first: b.dest.clone(),
+                    second: a.dest.clone(),
+                });
             }
         }
     }

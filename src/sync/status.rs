@@ -20,9 +20,16 @@ pub(crate) enum SyncState {
     Refused,
     /// The value could not be written (disk full, read-only); retried.
     WriteFailed,
+    /// The file is written but the app could not be told (dead pid, reload URL down, the
+    /// command failed); retried with backoff until it works or a newer version comes.
+    NotifyFailed,
     /// The source's value made the app unhealthy and was rolled back.
     RolledBack,
-    /// Even the last good version left the app unhealthy: it was terminated.
+    /// The app has not been healthy since before the change (not started yet, or down): the
+    /// file is kept, not blamed, and the app is probed until it answers.
+    WaitingForApp,
+    /// Even the last good version left the app unhealthy: it was terminated. The app is
+    /// probed until it is healthy again (restarted with the last good file).
     Failed,
 }
 
@@ -33,8 +40,11 @@ pub(crate) struct Counters {
     pub(crate) refused: u64,
     pub(crate) rollbacks: u64,
     pub(crate) source_errors: u64,
-    /// Times the app was terminated (SIGTERM, then SIGKILL) after a failed rollback.
+    /// Times the app was sent SIGTERM (then SIGKILL) after a failed rollback; only signals
+    /// that were delivered count.
     pub(crate) kills: u64,
+    /// Signals not sent because the pid file named a process that is not the app.
+    pub(crate) refused_signals: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +101,8 @@ impl DestStatus {
     pub(crate) fn synced(&mut self) {
         self.state = SyncState::Synced;
         self.synced_once = true;
+        // In step again: whatever went wrong before is over (its time stays, for the record).
+        self.last_error = None;
         self.last_sync = Some(now_rfc3339());
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::shell::{self, ShellFailure};
 use super::spec::ValidateFormat;
+use crate::sys::human_duration;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ValidateError {
@@ -17,7 +18,7 @@ pub(crate) enum ValidateError {
     CheckFailed { cmd: String, status: String, output: String },
     #[error("check command `{cmd}` could not run: {source}")]
     CheckSpawn { cmd: String, source: std::io::Error },
-    #[error("check command `{cmd}` did not finish within {}", humantime::format_duration(*timeout))]
+    #[error("check command `{cmd}` did not finish within {}", human_duration(*timeout))]
     CheckTimeout { cmd: String, timeout: Duration },
 }
 

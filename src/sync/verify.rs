@@ -11,7 +11,8 @@ use rustix::process::Signal;
 use tokio::time::Instant;
 
 use super::client::{self, HttpClient};
-use super::notify::{is_alive, Notifier};
+use super::notify::Notifier;
+use crate::sys::human_duration;
 
 pub(crate) struct Verifier {
     url: Option<Uri>,
@@ -31,6 +32,13 @@ impl Verifier {
     /// How long the app must stay healthy: a fifth of the timeout, at most 3 s.
     fn settle(&self) -> Duration {
         (self.timeout / 5).min(Duration::from_secs(3))
+    }
+
+    /// One check: whether the app answers 2xx now.
+    pub(crate) async fn probe(&mut self) -> bool {
+        let Some(url) = self.url.clone() else { return true };
+        let budget = self.timeout.clamp(Duration::from_millis(100), Duration::from_secs(5));
+        matches!(self.client.fetch(client::request(Method::GET, &url, ""), budget, 64 * 1024).await, Ok(r) if r.status.is_success())
     }
 
     /// `Ok` once healthy for the settle period; `Err(last reason)` at the timeout.
@@ -69,29 +77,43 @@ impl Verifier {
     }
 }
 
-/// SIGTERM to the app, then SIGKILL after `kill_after` if it is still there. Returns what was
-/// done, for the log and the status.
-pub(crate) async fn escalate(notifier: &Notifier, kill_after: Duration) -> String {
-    let pids = match notifier.pids() {
-        Ok(pids) if !pids.is_empty() => pids,
-        Ok(_) => return "no process is named to terminate (--pid-file or --process-name)".into(),
-        Err(e) => return format!("nothing to terminate: {e}"),
+/// What escalation did, for the log and the status.
+pub(crate) struct Escalation {
+    pub(crate) report: String,
+    /// Whether a SIGTERM or SIGKILL reached the app (what `sync_kills_total` counts).
+    pub(crate) delivered: bool,
+}
+
+/// SIGTERM to the app, then SIGKILL after `kill_after` if it is still there, both to the
+/// processes verified before the SIGTERM. SIGKILL is not sent when `--process-name` matched
+/// more than one program, unless `kill_ambiguous`.
+pub(crate) async fn escalate(notifier: &Notifier, kill_after: Duration, kill_ambiguous: bool) -> Escalation {
+    let not_delivered = |report: String| Escalation { report, delivered: false };
+    let targets = match notifier.targets() {
+        Ok(targets) if !targets.processes.is_empty() => targets,
+        Ok(_) => return not_delivered("no process is named to terminate (--pid-file or --process-name)".into()),
+        Err(e) => return not_delivered(format!("nothing to terminate: {e}")),
     };
-    if let Err(e) = notifier.signal(Signal::TERM, "TERM") {
-        return format!("SIGTERM failed: {e}");
+    if let Err(e) = notifier.signal_targets(&targets, Signal::TERM, "TERM") {
+        return not_delivered(format!("SIGTERM failed: {e}"));
     }
     let deadline = Instant::now() + kill_after;
-    let alive = || pids.iter().any(|p| is_alive(p.as_raw_nonzero().get() as u32));
+    let alive = || targets.processes.iter().any(|p| p.info.is_running());
     while alive() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let delivered = |report: String| Escalation { report, delivered: true };
     if !alive() {
-        return "sent SIGTERM; the app exited".into();
+        return delivered("sent SIGTERM; the app exited".into());
     }
-    match notifier.signal(Signal::KILL, "KILL") {
-        Ok(targets) => {
-            format!("sent SIGTERM, and SIGKILL to {targets} after {}", humantime::format_duration(kill_after))
-        }
-        Err(e) => format!("sent SIGTERM; SIGKILL after {} failed: {e}", humantime::format_duration(kill_after)),
+    let after = human_duration(kill_after);
+    if targets.ambiguous && !kill_ambiguous {
+        return delivered(format!(
+            "sent SIGTERM; still running after {after}, but --process-name matches more than one program, so no SIGKILL (--kill-ambiguous allows it)"
+        ));
+    }
+    match notifier.signal_targets(&targets, Signal::KILL, "KILL") {
+        Ok(done) => delivered(format!("sent SIGTERM, and SIGKILL to {done} after {after}")),
+        Err(e) => delivered(format!("sent SIGTERM; SIGKILL after {after} failed: {e}")),
     }
 }

@@ -44,6 +44,8 @@ pub(crate) struct RollbackReport {
     pub(crate) ok: bool,
     pub(crate) outcome: String,
     pub(crate) state: SyncState,
+    /// How long the rollback holds: the source's next different value wins over it.
+    pub(crate) held_until: String,
 }
 
 /// What one attempt to apply a value did.
@@ -57,6 +59,10 @@ pub(crate) enum Outcome {
     Skipped,
     Refused(String),
     WriteFailed(String),
+    /// Written, but the app could not be told: retried like a failed write.
+    NotifyFailed(String),
+    /// Written, but the app was not healthy before it either: not blamed, probed until it is.
+    WaitingForApp(String),
     RolledBack(String),
     Failed(String),
 }
@@ -73,6 +79,8 @@ impl Outcome {
             Outcome::Skipped => "a rejected version; not applied again".into(),
             Outcome::Refused(m) => format!("refused: {m}"),
             Outcome::WriteFailed(m) => format!("write failed: {m}"),
+            Outcome::NotifyFailed(m) => format!("notification failed: {m}"),
+            Outcome::WaitingForApp(m) => format!("waiting for the app: {m}"),
             Outcome::RolledBack(m) => format!("rolled back: {m}"),
             Outcome::Failed(m) => format!("failed: {m}"),
         }
@@ -99,6 +107,8 @@ pub(crate) struct Worker {
     settled: SyncState,
     /// Whether a value was applied in this run yet (the first is applied without waiting).
     started: bool,
+    /// The version an admin API rollback put in place, until the source replaces it.
+    rolled_back_to: Option<u64>,
 }
 
 fn short(hash: &str) -> &str {
@@ -108,6 +118,9 @@ fn short(hash: &str) -> &str {
 impl Worker {
     pub(crate) fn new(spec: Arc<SyncSpec>, status: Arc<Mutex<DestStatus>>) -> Result<Worker, HistoryError> {
         let history = History::open(&spec.history_dir, spec.history_keep)?;
+        for temp in atomic_file::remove_stale_temps(&spec.dest) {
+            tracing::info!("sync {}: removed {}, left by a write that did not finish", spec.name, temp.display());
+        }
         let notifier = Notifier::new(&spec.notify, spec.source_ca.as_deref());
         let verifier = Verifier::new(spec.health_url.clone(), spec.health_timeout, spec.source_ca.as_deref());
         let worker = Worker {
@@ -120,6 +133,7 @@ impl Worker {
             latest: None,
             settled: SyncState::Synced,
             started: false,
+            rolled_back_to: None,
         };
         let current = file_hash(&worker.spec.dest);
         let applied_revision = worker.history.state.applied_revision.clone();
@@ -167,10 +181,15 @@ impl Worker {
         let mut pending: Option<(Fetched, Instant, Instant)> = None;
         let mut retry: Option<(Fetched, Instant)> = None;
         let mut retry_backoff = Backoff::new(self.spec.retry_max);
+        // The app is probed until it answers: with the value to confirm (waiting-for-app), or
+        // none (after `failed`, to see the restarted app healthy with the last good file).
+        let mut probe: Option<(Option<Fetched>, Instant)> = None;
+        let mut probe_backoff = Backoff::new(self.spec.retry_max);
         let mut source_failing: Option<String> = None;
         loop {
             let due = pending.as_ref().map(|(_, first, last)| (*last + min_quiet).min(*first + max_quiet));
             let retry_due = retry.as_ref().map(|(_, at)| *at);
+            let probe_due = probe.as_ref().map(|(_, at)| *at);
             let to_apply = tokio::select! {
                 msg = source.recv() => {
                     let Some(msg) = msg else { return };
@@ -224,6 +243,22 @@ impl Worker {
                 }
                 _ = sleep_until(due) => pending.take().map(|(value, _, _)| value),
                 _ = sleep_until(retry_due) => retry.take().map(|(value, _)| value),
+                _ = sleep_until(probe_due) => {
+                    let Some((value, _)) = probe.take() else { continue };
+                    if !self.verifier.probe().await {
+                        probe = Some((value, Instant::now() + probe_backoff.next_delay()));
+                        continue;
+                    }
+                    match value {
+                        Some(value) => Some(value),
+                        None => {
+                            if !self.recover().await {
+                                probe = Some((None, Instant::now() + probe_backoff.next_delay()));
+                            }
+                            None
+                        }
+                    }
+                }
                 Some(command) = commands.recv() => {
                     match command {
                         WorkerCommand::Rollback { selector, reply } => {
@@ -237,9 +272,20 @@ impl Worker {
             };
             if let Some(value) = to_apply {
                 self.started = true;
+                probe = None;
                 match self.apply(value.clone(), Origin::Source).await {
-                    Outcome::WriteFailed(_) => retry = Some((value, Instant::now() + retry_backoff.next_delay())),
-                    _ => retry_backoff.reset(),
+                    Outcome::WaitingForApp(_) => {
+                        probe = Some((Some(value), Instant::now() + probe_backoff.next_delay()))
+                    }
+                    Outcome::Failed(_) => probe = Some((None, Instant::now() + probe_backoff.next_delay())),
+                    // A new value from the source replaces `retry`: a retry never outlives its version.
+                    Outcome::WriteFailed(_) | Outcome::NotifyFailed(_) => {
+                        retry = Some((value, Instant::now() + retry_backoff.next_delay()))
+                    }
+                    _ => {
+                        retry_backoff.reset();
+                        probe_backoff.reset();
+                    }
                 }
             }
         }
@@ -268,6 +314,13 @@ impl Worker {
                     s.synced_once = true;
                 });
                 return Outcome::Skipped;
+            }
+            if let Some(id) = self.rolled_back_to.take() {
+                tracing::warn!(
+                    "sync {}: the source offers a new version ({}); it replaces the rollback to version {id} made through the admin API",
+                    self.name(),
+                    short(&hash)
+                );
             }
             if !self.history.state.rejected.is_empty() {
                 tracing::info!("sync {}: the source offers a new version; earlier rejections are cleared", self.name());
@@ -361,27 +414,81 @@ impl Worker {
             version_id = self.keep_in_history(&value.content, &value.revision, &hash, VersionStatus::Applied);
         }
 
+        // An app that is not healthy before the change cannot show that the change is bad.
+        let healthy_before = self.verifier.is_configured() && self.verifier.probe().await;
         let notified = self.notify(&hash).await;
         if self.verifier.is_configured() {
             if let Err(reason) = self.verifier.wait_healthy().await {
+                if !healthy_before {
+                    return self.wait_for_app(&hash, &value.revision, reason, notified.err());
+                }
                 return self.roll_back_bad(&hash, version_id, reason).await;
             }
             tracing::info!("sync {}: the app is healthy with {}", self.name(), short(&hash));
+        }
+        self.refused = None;
+        if let Err(e) = notified {
+            // Not recorded as applied: the retry (or a restart) finds the file written but
+            // unconfirmed and notifies again.
+            let message =
+                format!("{} holds {} but the app was not notified: {e}; retrying", dest.display(), short(&hash));
+            self.settled = SyncState::NotifyFailed;
+            self.update(|s| {
+                s.source_revision = Some(value.revision.clone());
+                s.error(SyncState::NotifyFailed, message.clone());
+            });
+            return Outcome::NotifyFailed(message);
         }
         self.history.state.applied_hash = Some(hash.clone());
         self.history.state.applied_revision = Some(value.revision.clone());
         self.save_state();
         self.settled = SyncState::Synced;
-        self.refused = None;
         self.update(|s| {
             s.synced();
             s.source_revision = Some(value.revision.clone());
-            if let Err(e) = &notified {
-                s.last_error = Some(format!("the app was not notified: {e}"));
-                s.last_error_time = Some(now_rfc3339());
-            }
         });
         Outcome::Applied
+    }
+
+    /// The app was not healthy before this version and is not now: the version is kept (not
+    /// recorded as applied, so that it is confirmed when the app answers) and the app probed.
+    fn wait_for_app(
+        &mut self,
+        hash: &str,
+        revision: &str,
+        reason: String,
+        notify_error: Option<NotifyError>,
+    ) -> Outcome {
+        let not_told = notify_error.map(|e| format!("; it was not notified: {e}")).unwrap_or_default();
+        let message = format!(
+            "the app is not healthy ({reason}) and was not before {} was written either{not_told}; {} is kept and the app probed until it answers",
+            short(hash),
+            self.spec.dest.display()
+        );
+        tracing::warn!("sync {}: {message}", self.name());
+        self.settled = SyncState::WaitingForApp;
+        let revision = revision.to_owned();
+        self.update(|s| {
+            s.source_revision = Some(revision);
+            s.error(SyncState::WaitingForApp, message.clone());
+        });
+        Outcome::WaitingForApp(message)
+    }
+
+    /// After `failed`: the app answers again (the orchestrator restarted it with the last good
+    /// file). Once it stays healthy, the state is what it was before the bad version came.
+    async fn recover(&mut self) -> bool {
+        if self.verifier.wait_healthy().await.is_err() {
+            return false;
+        }
+        let state = if self.history.state.rejected.is_empty() { SyncState::Synced } else { SyncState::RolledBack };
+        tracing::info!("sync {}: the app is healthy again with {}", self.name(), self.spec.dest.display());
+        self.settled = state;
+        self.update(|s| {
+            s.synced();
+            s.state = state;
+        });
+        true
     }
 
     /// Steps 2–3: candidate file, `--check-cmd` on it, rename into place.
@@ -457,6 +564,9 @@ impl Worker {
             }
             Err(e) => {
                 tracing::error!("sync {}: could not notify the app: {e}", self.name());
+                if e.is_not_the_app() {
+                    self.update(|s| s.counters.refused_signals += 1);
+                }
                 Err(e)
             }
         }
@@ -557,8 +667,12 @@ impl Worker {
                     _ => format!("still unhealthy after the rollback ({still})"),
                 };
                 let done = if self.notifier.targets_process() {
-                    self.update(|s| s.counters.kills += 1);
-                    verify::escalate(&self.notifier, self.spec.kill_after).await
+                    let escalation =
+                        verify::escalate(&self.notifier, self.spec.kill_after, self.spec.notify.kill_ambiguous).await;
+                    if escalation.delivered {
+                        self.update(|s| s.counters.kills += 1);
+                    }
+                    escalation.report
                 } else {
                     "no process to terminate (give --pid-file or --process-name)".into()
                 };
@@ -604,13 +718,16 @@ impl Worker {
         );
         let revision = format!("rollback to version {} ({})", version.id, version.revision);
         let outcome = self.apply(Fetched { content: content.into(), revision }, Origin::Rollback).await;
+        self.rolled_back_to = Some(version.id);
         let state = lock(&self.status).state;
+        let held: Vec<&str> = self.history.state.rejected.iter().map(|h| short(h)).collect();
         Ok(RollbackReport {
             name: self.spec.name.clone(),
             version,
             ok: outcome.is_success(),
             outcome: outcome.describe(),
             state,
+            held_until: format!("the source offers a value other than {}", held.join(" or ")),
         })
     }
 }

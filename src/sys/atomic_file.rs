@@ -6,6 +6,9 @@
 //!
 //! The temp file exists as a [`Candidate`] before it is committed, so that `--check-cmd` can
 //! be run against exactly the bytes that will be renamed into place.
+//!
+//! A destination that is a symlink is written through: the new file goes into the directory
+//! of the file the link leads to, and the link stays a link.
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::Write;
@@ -74,15 +77,72 @@ pub(crate) enum FileMode {
     Exactly(u32),
 }
 
-/// Writes `content` to a new temp file beside `dest`, with the mode `mode` says, and fsyncs it.
+/// Temp files are named `.sidecar-tmp-PID-N-NAME`.
+const TEMP_PREFIX: &str = ".sidecar-tmp-";
+
+/// The file a write to `dest` replaces: `dest`, or the file its symlinks lead to (renaming
+/// over the link itself would turn it into a regular file and leave its target as it was).
+pub(crate) fn write_target(dest: &Path) -> PathBuf {
+    let mut path = dest.to_owned();
+    // As many links as the kernel follows before ELOOP.
+    for _ in 0..40 {
+        match std::fs::read_link(&path) {
+            Ok(target) if target.is_absolute() => path = target,
+            Ok(target) => path = parent_dir(&path).join(target),
+            Err(_) => break,
+        }
+    }
+    path
+}
+
+/// The file a write to `dest` changes, named so that two paths to one file (through a
+/// symlinked directory or a symlink) are equal: the canonical directory and the file name.
+pub(crate) fn file_identity(dest: &Path) -> PathBuf {
+    let target = write_target(dest);
+    let canonical_dir = std::fs::canonicalize(parent_dir(&target));
+    match (canonical_dir, target.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => target,
+    }
+}
+
+/// Removes the temp files a crashed writer of `dest` left (by another process: this one's are
+/// its own); returns the ones removed.
+pub(crate) fn remove_stale_temps(dest: &Path) -> Vec<PathBuf> {
+    let target = write_target(dest);
+    let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(parent_dir(&target)) else { return Vec::new() };
+    let mine = format!("{TEMP_PREFIX}{}-", std::process::id());
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(TEMP_PREFIX) else { continue };
+        // PID-N-NAME: the name after two numbers, so that `a.conf` does not claim `b-a.conf`'s.
+        let mut parts = rest.splitn(3, '-');
+        let numbered = parts.next().is_some_and(|p| p.parse::<u32>().is_ok())
+            && parts.next().is_some_and(|n| n.parse::<u64>().is_ok());
+        if numbered
+            && parts.next() == Some(name.as_str())
+            && !file.starts_with(&mine)
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed.push(entry.path());
+        }
+    }
+    removed
+}
+
+/// Writes `content` to a new temp file beside `dest` (beside its target, for a symlink), with
+/// the mode `mode` says, and fsyncs it.
 pub(crate) fn prepare(dest: &Path, content: &[u8], mode: FileMode) -> Result<Candidate, WriteError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dest = &write_target(dest);
     let dir = parent_dir(dest);
     let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
     // A leading dot keeps it out of globs; the destination's name last keeps its extension
     // for --check-cmd tools that look at it.
     let temp = dir.join(format!(
-        ".sidecar-tmp-{}-{}-{file_name}",
+        "{TEMP_PREFIX}{}-{}-{file_name}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));

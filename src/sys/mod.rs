@@ -29,3 +29,29 @@ pub(crate) fn parent_dir(file: &Path) -> PathBuf {
         _ => PathBuf::from("."),
     }
 }
+
+/// A duration as people write it: "4s" rather than "3s 999ms 998us 307ns" (a deadline's
+/// remainder), "1s 500ms", "250ms"; to the second from 10s on, to 100ms from 1s on.
+pub(crate) fn human_duration(d: std::time::Duration) -> humantime::FormattedDuration {
+    let step: u128 = match d.as_millis() {
+        10_000.. => 1000,
+        1000.. => 100,
+        _ => 1,
+    };
+    let ms = (d.as_nanos() + step * 500_000) / (step * 1_000_000) * step;
+    humantime::format_duration(std::time::Duration::from_millis(ms as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations_are_rounded_as_people_write_them() {
+        let show = |d: Duration| super::human_duration(d).to_string();
+        assert_eq!(show(Duration::from_nanos(3_999_998_307)), "4s");
+        assert_eq!(show(Duration::from_millis(1500)), "1s 500ms");
+        assert_eq!(show(Duration::from_micros(249_700)), "250ms");
+        assert_eq!(show(Duration::from_millis(12_345)), "12s");
+    }
+}

@@ -2,14 +2,15 @@
 """A stand-in for a legacy app, for the sync tests.
 
 Reads its JSON config file at start and again on SIGHUP (or POST /reload), serves on an
-ephemeral loopback port:
+ephemeral loopback port (or --port):
   GET /healthz  200 when the config parsed and does not say {"healthy": false}, else 503
   GET /state    {"pid", "config", "reloads", "hups", "error"} as JSON
   POST /reload  reloads like SIGHUP
 Config fields it obeys: "healthy": false (unhealthy), "ignore_signals": true (ignores SIGHUP and
-SIGTERM from then on). Prints "listening on 127.0.0.1:PORT pid PID" once ready, and one line per
-reload. With --child it starts a child process in its own process group that prints
-"child got SIGHUP" when signalled (for --process-group tests).
+SIGTERM from then on), "crash": true (exits at once, status 3). Prints "listening on
+127.0.0.1:PORT pid PID" once ready, and one line per reload. With --child it starts a child
+process in its own process group that prints "child got SIGHUP" when signalled (for
+--process-group tests).
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--config", required=True)
 parser.add_argument("--pid-file")
 parser.add_argument("--child", action="store_true")
+parser.add_argument("--port", type=int, default=0)
 args = parser.parse_args()
 
 lock = threading.Lock()
@@ -34,6 +36,8 @@ def load():
     try:
         with open(args.config) as f:
             config = json.load(f)
+        if config.get("crash"):
+            os._exit(3)
         with lock:
             state["config"] = config
             state["error"] = None
@@ -103,7 +107,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 load()
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
 server.daemon_threads = True
 if args.pid_file:
     with open(args.pid_file + ".tmp", "w") as f:

@@ -74,6 +74,14 @@ impl Etcd {
         );
     }
 
+    /// Stops it and starts a new one on the same ports with an empty data dir: another
+    /// cluster, whose revisions start again at 1 (as after a restore from an old snapshot).
+    pub fn restart_empty(&mut self) {
+        self.proc = None;
+        self.data = tempfile::tempdir().unwrap();
+        self.launch();
+    }
+
     pub fn kill(&mut self) {
         self.proc = None;
     }

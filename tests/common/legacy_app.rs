@@ -32,9 +32,25 @@ impl LegacyApp {
         child: bool,
         own_group: bool,
     ) -> LegacyApp {
+        LegacyApp::launch(script, config, pid_file, child, own_group, 0)
+    }
+
+    /// On a port chosen before it starts: the app a sidecar was told about before it runs.
+    pub fn start_on_port(config: &Path, pid_file: Option<&Path>, port: u16) -> LegacyApp {
+        LegacyApp::launch(&legacy_app_script(), config, pid_file, false, false, port)
+    }
+
+    fn launch(
+        script: &Path,
+        config: &Path,
+        pid_file: Option<&Path>,
+        child: bool,
+        own_group: bool,
+        port: u16,
+    ) -> LegacyApp {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new("python3");
-        cmd.arg("-u").arg(script).arg("--config").arg(config).stdin(Stdio::null());
+        cmd.arg("-u").arg(script).arg("--config").arg(config).arg("--port").arg(port.to_string()).stdin(Stdio::null());
         if let Some(pid_file) = pid_file {
             cmd.arg("--pid-file").arg(pid_file);
         }

@@ -1,9 +1,13 @@
 //! etcd v3 through its HTTP/JSON gateway: `POST /v3/kv/range` reads the key, then a streaming
 //! `POST /v3/watch` follows it from the next revision, with progress notifications asked for.
-//! After a disconnect the watch resumes from the last revision seen (events in between are
-//! replayed by etcd); after a compaction it reads the key again. A watch silent for
-//! `--source-timeout` is checked with a read of the key: a server that does not answer, or a
-//! key that changed without an event, means the watch stalled, and it is reconnected.
+//! After a watch fails (disconnect, compaction, an event it could not take) the key is read
+//! again and watched from that read's revision: the newest value is all the app needs, and a
+//! failure between the `created` reply and the replayed events cannot skip them. A revision
+//! that goes back or a changed `cluster_id` (etcd restored from a snapshot, or restarted on an
+//! empty data dir) drops the remembered revision the same way. A watch silent for half of
+//! `--source-timeout` is checked with a read of the key within the other half: a server that
+//! does not answer, or a key that changed without an event, means the watch stalled, and it is
+//! reconnected.
 
 use std::time::Duration;
 
@@ -16,6 +20,7 @@ use serde_json::{json, Value};
 use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::client::{self, ClientError, HttpClient};
 use crate::sync::spec::SyncSpec;
+use crate::sys::human_duration;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -29,19 +34,27 @@ pub(crate) struct EtcdSource {
     timeout: Duration,
     max_size: u64,
     retry_max: Duration,
+    /// The `cluster_id` of the answers so far: another one is another etcd's history.
+    cluster_id: Option<String>,
 }
 
 /// The key as a range read saw it.
 struct Range {
     value: Option<(Bytes, i64)>,
     revision: i64,
+    cluster_id: Option<String>,
 }
 
 /// Why a watch stream ended.
 enum WatchEnd {
     Shutdown,
     Compacted,
-    Failed { message: String, stalled: bool },
+    /// etcd's history is not the one the remembered revision belongs to.
+    HistoryChanged(String),
+    Failed {
+        message: String,
+        stalled: bool,
+    },
 }
 
 /// etcd's gateway writes 64-bit integers as JSON strings.
@@ -64,6 +77,7 @@ impl EtcdSource {
             timeout: spec.source_timeout,
             max_size: spec.max_size,
             retry_max: spec.retry_max,
+            cluster_id: None,
         }
     }
 
@@ -100,10 +114,30 @@ impl EtcdSource {
         Ok((Bytes::from(value), modified))
     }
 
-    async fn range(&mut self, use_watch_client: bool) -> Result<Range, SourceError> {
+    /// Checks an answer's header against what was seen: `Err(why)` when its revision is older
+    /// than `known` or its cluster is another one.
+    fn check_header(&mut self, header: Option<&Value>, known: Option<i64>) -> Result<(), String> {
+        let Some(header) = header else { return Ok(()) };
+        if let Some(cluster) = header.get("cluster_id").and_then(Value::as_str) {
+            match &self.cluster_id {
+                Some(old) if old != cluster => {
+                    let why = format!("cluster_id changed from {old} to {cluster}");
+                    self.cluster_id = None;
+                    return Err(why);
+                }
+                _ => self.cluster_id = Some(cluster.to_owned()),
+            }
+        }
+        match (header.get("revision").and_then(int), known) {
+            (Some(now), Some(known)) if now < known => Err(format!("revision went back from {known} to {now}")),
+            _ => Ok(()),
+        }
+    }
+
+    async fn range(&mut self, use_watch_client: bool, timeout: Duration) -> Result<Range, SourceError> {
         let uri = self.endpoint("v3/kv/range")?;
         let body = json!({ "key": self.key_b64 }).to_string();
-        let (timeout, max) = (self.timeout, self.max_json());
+        let max = self.max_json();
         let client = if use_watch_client { &mut self.watch_client } else { &mut self.client };
         let reply =
             client.fetch(client::request(Method::POST, &uri, body), timeout, max).await.map_err(|e| match e {
@@ -118,17 +152,18 @@ impl EtcdSource {
             return Err(SourceError::Status { peer: self.peer(), what: self.what(), status: reply.status });
         }
         let answer: Value = serde_json::from_slice(&reply.body).map_err(|e| self.protocol(format!("not JSON: {e}")))?;
+        let cluster_id = answer.pointer("/header/cluster_id").and_then(Value::as_str).map(str::to_owned);
         let revision =
             answer.pointer("/header/revision").and_then(int).ok_or_else(|| self.protocol("no header.revision"))?;
         let value = match answer.get("kvs").and_then(Value::as_array).and_then(|kvs| kvs.first()) {
             Some(kv) => Some(self.decode_value(kv)?),
             None => None,
         };
-        Ok(Range { value, revision })
+        Ok(Range { value, revision, cluster_id })
     }
 
     pub(crate) async fn fetch(&mut self) -> Result<Fetched, SourceError> {
-        let range = self.range(false).await?;
+        let range = self.range(false, self.timeout).await?;
         match range.value {
             Some((content, modified)) => Ok(Fetched { content, revision: format!("revision {modified}") }),
             None => Err(SourceError::Missing { peer: self.peer(), what: self.what() }),
@@ -142,8 +177,9 @@ impl EtcdSource {
         loop {
             let seen = match revision {
                 Some(seen) => seen,
-                None => match self.range(false).await {
+                None => match self.range(false, self.timeout).await {
                     Ok(range) => {
+                        self.cluster_id = range.cluster_id.clone();
                         let msg = match range.value {
                             Some((content, modified)) => {
                                 SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") })
@@ -177,7 +213,18 @@ impl EtcdSource {
                     );
                     revision = None;
                 }
+                WatchEnd::HistoryChanged(why) => {
+                    tracing::warn!(
+                        "etcd {} {}: {why} (restored from a snapshot, or a new cluster); reading the key again",
+                        self.peer(),
+                        self.what()
+                    );
+                    revision = None;
+                }
                 WatchEnd::Failed { message, stalled } => {
+                    // Read the key before watching again: events the broken watch did not
+                    // deliver (or could not take) are not replayed into another failure.
+                    revision = None;
                     if !out.send(SourceMsg::Error { message, stalled }).await || !out.sleep(backoff.next_delay()).await
                     {
                         return;
@@ -211,17 +258,20 @@ impl EtcdSource {
         }
         let mut body = response.into_body();
         let mut buffer = BytesMut::new();
+        // Silence for half the timeout, then a read within the other half: a stall is
+        // reported within --source-timeout.
+        let half = self.timeout / 2;
         loop {
             let frame = tokio::select! {
-                frame = tokio::time::timeout(self.timeout, body.frame()) => frame,
+                frame = tokio::time::timeout(half, body.frame()) => frame,
                 _ = out.shutdown.cancelled() => return WatchEnd::Shutdown,
             };
             let frame = match frame {
                 Err(_silent) => {
                     // No event and no progress notification for a whole timeout: ask the
                     // server directly, on another connection.
-                    let since = humantime::format_duration(self.timeout);
-                    match self.range(true).await {
+                    let since = human_duration(half);
+                    match self.range(true, half).await {
                         Err(e) => {
                             return failed(
                                 format!(
@@ -233,6 +283,10 @@ impl EtcdSource {
                         }
                         Ok(range) => {
                             let known = revision.unwrap_or(seen);
+                            let header = json!({ "cluster_id": range.cluster_id, "revision": range.revision });
+                            if let Err(why) = self.check_header(Some(&header), Some(known)) {
+                                return WatchEnd::HistoryChanged(why);
+                            }
                             if let Some((content, modified)) = range.value.filter(|(_, m)| *m > known) {
                                 let _ = out
                                     .send(SourceMsg::Value(Fetched {
@@ -286,7 +340,7 @@ impl EtcdSource {
 
     /// Handles one watch response; `Ok(false)` to stop (shutdown), `Err` to end the stream.
     async fn on_message(
-        &self,
+        &mut self,
         line: &[u8],
         revision: &mut Option<i64>,
         out: &Outbox,
@@ -311,6 +365,7 @@ impl EtcdSource {
             return Err(failed(format!("etcd {} cancelled the watch of {}: {reason}", self.peer(), self.what())));
         }
         let header_revision = result.pointer("/header/revision").and_then(int);
+        self.check_header(result.get("header"), *revision).map_err(WatchEnd::HistoryChanged)?;
         let events = result.get("events").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
         let mut msg = None;
         for event in events {
@@ -331,7 +386,8 @@ impl EtcdSource {
                 },
             });
         }
-        if result.get("created").and_then(Value::as_bool) == Some(true) {
+        let created = result.get("created").and_then(Value::as_bool) == Some(true);
+        if created {
             backoff.reset();
             tracing::debug!(
                 "etcd {}: watching {} from revision {}",
@@ -340,7 +396,9 @@ impl EtcdSource {
                 revision.unwrap_or(0) + 1
             );
         }
-        if let Some(r) = header_revision {
+        // Only events and progress notifications say that everything up to their revision was
+        // delivered; the `created` reply's revision comes before the replayed events.
+        if let Some(r) = header_revision.filter(|_| !created) {
             *revision = Some(revision.map_or(r, |old| old.max(r)));
         }
         // Only the last event matters: a burst in one message becomes one change.

@@ -12,7 +12,7 @@ use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::hash::content_hash;
 use crate::sync::spec::SyncSpec;
 use crate::sys::file_watch::DirectoryWatch;
-use crate::sys::parent_dir;
+use crate::sys::{human_duration, parent_dir};
 
 pub(crate) struct FileSource {
     path: PathBuf,
@@ -45,7 +45,7 @@ impl FileSource {
         let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
         let dirs = BTreeSet::from([parent_dir(&self.path)]);
         let names = self.path.file_name().map(|n| BTreeSet::from([n.to_owned()])).unwrap_or_default();
-        let every = humantime::format_duration(self.interval);
+        let every = human_duration(self.interval);
         // Kept alive for the loop; without it, polling alone still works.
         let _watch = match DirectoryWatch::new(dirs, names, move || {
             let _ = events_tx.send(());

@@ -1,10 +1,11 @@
 //! An http(s) URL polled at `--poll-interval` with `If-None-Match`: a 304 costs the server
-//! nothing and tells us nothing changed.
+//! nothing and tells us nothing changed. A body with neither Content-Length nor chunked framing
+//! ends when the connection closes, so a body cut short looks complete: it is refused.
 
 use std::time::Duration;
 
-use http::header::{ETAG, IF_NONE_MATCH};
-use http::{HeaderValue, Method, StatusCode, Uri};
+use http::header::{CONTENT_LENGTH, ETAG, IF_NONE_MATCH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
 use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::client::{self, ClientError, HttpClient};
@@ -69,6 +70,9 @@ impl HttpSource {
             StatusCode::NOT_MODIFIED if self.etag.is_some() => Ok(Poll::NotModified),
             StatusCode::NOT_FOUND => Err(SourceError::Missing { peer, what }),
             status if status.is_success() => {
+                if is_close_delimited(&reply.headers) {
+                    return Err(SourceError::CloseDelimited { peer, what });
+                }
                 self.etag = reply.headers.get(ETAG).cloned();
                 let revision = match &self.etag {
                     Some(etag) => format!("etag {}", etag.to_str().unwrap_or("?")),
@@ -113,4 +117,13 @@ impl HttpSource {
             }
         }
     }
+}
+
+/// A body framed only by the connection's close, whose end cannot be told from a cut.
+fn is_close_delimited(headers: &HeaderMap) -> bool {
+    let chunked = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().trim_end().ends_with("chunked")));
+    !chunked && !headers.contains_key(CONTENT_LENGTH)
 }

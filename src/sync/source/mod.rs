@@ -48,6 +48,8 @@ pub(crate) enum SourceError {
     TooLarge { peer: String, what: String, limit: u64 },
     #[error("{peer} sent a malformed answer for {what}: {message}")]
     Protocol { peer: String, what: String, message: String },
+    #[error("{peer} sent {what} with neither Content-Length nor chunked encoding: a body cut short cannot be told from a whole one, so it is not used")]
+    CloseDelimited { peer: String, what: String },
     #[error("cannot read {}: {source}", path.display())]
     File { path: std::path::PathBuf, source: std::io::Error },
     #[error("{} is larger than --max-size ({limit} bytes)", path.display())]
