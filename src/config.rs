@@ -139,6 +139,14 @@ pub(crate) struct ProxyConfig {
     pub(crate) access_log_format: AccessLogFormat,
     /// Every TLS connection starts with a PROXY protocol header naming the real client.
     pub(crate) proxy_protocol: bool,
+    pub(crate) upstream_policy: UpstreamPolicy,
+}
+
+/// How the proxy treats the app beyond its address: readiness, pooling, protocol switches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpstreamPolicy {
+    /// Readiness asks the app for this path (2xx required) rather than only connecting.
+    pub(crate) health_path: Option<String>,
 }
 
 impl ProxyConfig {

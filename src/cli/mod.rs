@@ -432,10 +432,20 @@ pub struct ProxyArgs {
     )]
     pub proxy_protocol: bool,
 
+    /// Readiness (/readyz) asks the app for this path and needs a 2xx; without it, a TCP
+    /// connection to the app must succeed. Checked in the background about once a second
+    #[arg(long, env = "SIDECAR_UPSTREAM_HEALTH_PATH", value_name = "PATH", value_parser = parse_health_path)]
+    pub upstream_health_path: Option<String>,
+
     /// HTTPS port written into redirects [default: the --listen port]; set it when a Service
     /// or load balancer maps another port (e.g. 443) to --listen
     #[arg(long, env = "SIDECAR_PUBLIC_HTTPS_PORT", value_name = "PORT")]
     pub public_https_port: Option<u16>,
+}
+
+fn parse_health_path(s: &str) -> Result<String, String> {
+    let valid = s.starts_with('/') && s.bytes().all(|b| b.is_ascii_graphic());
+    valid.then(|| s.to_owned()).ok_or_else(|| format!("`{s}`: a path starting with /, without spaces"))
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {

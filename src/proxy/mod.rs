@@ -4,6 +4,7 @@
 pub(crate) mod body;
 pub mod h1;
 pub mod headers;
+pub(crate) mod health;
 pub(crate) mod upstream;
 
 use std::net::SocketAddr;

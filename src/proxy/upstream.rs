@@ -97,7 +97,7 @@ impl UpstreamError {
     }
 }
 
-fn describe_io(io: &std::io::Error) -> String {
+pub(super) fn describe_io(io: &std::io::Error) -> String {
     match io.kind() {
         std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
         std::io::ErrorKind::TimedOut => "connect timed out".to_owned(),

@@ -117,6 +117,7 @@ impl ProxyServer {
             tls: TlsState::new(tls),
             tls_context,
             stats: Default::default(),
+            upstream_health: Default::default(),
         });
         let reloader = Reloader::new(live.clone(), config_source);
         Ok(ProxyServer { listeners, local_addr, access_log, redirect, live, reloader, shutdown })
@@ -175,6 +176,12 @@ impl ProxyServer {
         }
         let max_connections = config.limits.max_connections;
         let drain_timeout = config.timeouts.drain;
+        // Only readiness reads the app's health: without the admin API nothing is checked.
+        if admin_addr.is_some() {
+            let live = self.live.clone();
+            let current = move || live.serving.load().config.clone();
+            tokio::spawn(self.live.upstream_health.clone().run(current, shutdown.clone()));
+        }
         drop((snapshot, tls));
 
         // Listeners and connections stop on this token, `--shutdown-delay` after `shutdown`.
