@@ -10,7 +10,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn script(request_line: &str) -> (Vec<u8>, After) {
     let path = request_line.split(' ').nth(1).unwrap_or("/");
@@ -54,6 +58,16 @@ async fn admin_get(admin: SocketAddr, path: &'static str) -> (u16, String) {
         .unwrap()
 }
 
+/// The sum of a metric's samples whose line starts with `prefix` (a name and, optionally, the
+/// start of its labels), from the admin API's `/metrics`.
+async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
+    let (_, text) = admin_get(admin, "/metrics").await;
+    text.lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Waits (async) until `condition` holds, panicking with `what` after `limit`.
 async fn eventually<F: std::future::Future<Output = bool>>(
     what: &str,
@@ -65,6 +79,27 @@ async fn eventually<F: std::future::Future<Output = bool>>(
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+async fn raw_tls(sidecar: &Sidecar, pki: &TestPki, alpn: &[u8]) -> Tls {
+    tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[alpn]), "localhost").await.unwrap()
+}
+
+/// An HTTP/2 client from the h2 crate over a TLS session with the sidecar.
+async fn h2_client(
+    sidecar: &Sidecar,
+    pki: &TestPki,
+    builder: &h2::client::Builder,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let tls = raw_tls(sidecar, pki, b"h2").await;
+    let (send, connection) = builder.handshake(tls).await.unwrap();
+    (send, tokio::spawn(connection))
+}
+
+fn h2_get(path: &str) -> Request<()> {
+    Request::get(format!("https://localhost{path}")).body(()).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -115,4 +150,56 @@ async fn readiness_with_a_health_path_needs_a_2xx_from_the_app() {
         admin_get(admin, "/readyz").await.0 == 200
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow peers hold nothing forever.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_reads_nothing_is_closed_and_its_app_connections_released() {
+    let (upstream, pki, sidecar) =
+        proxy_in_front_of_upstream(&["--idle-timeout", "3s", "--workers", "1", "--admin", "127.0.0.1:0"]).await;
+    let admin = sidecar.admin_addr();
+
+    // HTTP/1.1: a large response the client never reads.
+    let mut tls = raw_tls(&sidecar, &pki, b"http/1.1").await;
+    tls.write_all(b"GET /bytes/200000000 HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
+    // HTTP/2: a zero window, and several streams that can never send a byte of body.
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(0);
+    let (mut h2, _connection) = h2_client(&sidecar, &pki, &builder).await;
+    let mut pending = Vec::new();
+    for _ in 0..5 {
+        h2 = h2.ready().await.unwrap();
+        let (response, _) = h2.send_request(h2_get("/bytes/1000000"), true).unwrap();
+        pending.push(response);
+    }
+    // Readiness checks open (and at once close) app connections too: count the open ones.
+    let open = || upstream.log.connections.load(Ordering::SeqCst) - upstream.log.closed.load(Ordering::SeqCst);
+    eventually("six app connections", Duration::from_secs(10), || async { open() >= 6 }).await;
+
+    let started = Instant::now();
+    eventually("the app connections to be released", Duration::from_secs(20), || async { open() == 0 }).await;
+    assert!(started.elapsed() < Duration::from_secs(15), "released after {:?}", started.elapsed());
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the HTTP/1.1 connection is closed");
+    let (_, metrics) = admin_get(admin, "/metrics").await;
+    let faults: Vec<&str> = metrics.lines().filter(|l| l.starts_with("sidecar_client_faults_total")).collect();
+    assert!(metric(admin, "sidecar_client_faults_total{reason=\"stalled\"}").await >= 2.0, "{faults:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_that_goes_silent_mid_body_is_cut_off_by_the_upstream_timeout() {
+    let (_upstream, pki, sidecar) = scripted(&["--upstream-timeout", "2s"]).await;
+    for http2 in [false, true] {
+        let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
+        let response = conn.send(Request::get("/stall").body(empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = tokio::time::timeout(Duration::from_secs(15), response.into_body().collect()).await;
+        let body = body.unwrap_or_else(|_| panic!("http2={http2}: the body still hangs after 15 s"));
+        assert!(body.is_err(), "http2={http2}: the client sees the cut, never a shorter complete body");
+    }
+    sidecar.logs.wait_for("response cut short", Duration::from_secs(5));
 }

@@ -2,12 +2,14 @@
 //! and splice upgraded (WebSocket) connections.
 
 pub(crate) mod body;
+pub(crate) mod faults;
 pub mod h1;
 pub mod headers;
 pub(crate) mod health;
 pub(crate) mod upstream;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -47,6 +49,25 @@ pub(crate) struct ConnectionContext {
     access_log: Option<(Arc<AccessLog>, ConnectionFacts)>,
     /// HTTP/1 connections: where a response that ends the connection is announced.
     last_response: Option<LastResponse>,
+    /// Requests waiting for the app's response head: a connection that carries no bytes
+    /// meanwhile is waiting for the app, not stalled by its client.
+    awaiting_app: AtomicU32,
+}
+
+/// Counts a request as waiting for the app while it lives.
+struct AwaitingApp<'a>(&'a AtomicU32);
+
+impl<'a> AwaitingApp<'a> {
+    fn new(count: &'a AtomicU32) -> AwaitingApp<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        AwaitingApp(count)
+    }
+}
+
+impl Drop for AwaitingApp<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnectionContext {
@@ -61,7 +82,21 @@ impl ConnectionContext {
         let peer_ip =
             HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let client_subject = client_subject.and_then(|s| HeaderValue::from_str(&s).ok());
-        ConnectionContext { config, pool, peer, peer_ip, client_subject, access_log, last_response }
+        ConnectionContext {
+            config,
+            pool,
+            peer,
+            peer_ip,
+            client_subject,
+            access_log,
+            last_response,
+            awaiting_app: AtomicU32::new(0),
+        }
+    }
+
+    /// True while a request of this connection waits for the app's response head.
+    pub(crate) fn is_awaiting_app(&self) -> bool {
+        self.awaiting_app.load(Ordering::Relaxed) > 0
     }
 
     /// Forwards `request` to the upstream and returns its response, or the proxy's own error
@@ -97,7 +132,10 @@ impl ConnectionContext {
             added.client_subject.clone_from(&self.client_subject);
             let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
 
-            let mut response = match self.pool.send(&parts, body, &added).await {
+            let awaiting = AwaitingApp::new(&self.awaiting_app);
+            let sent = self.pool.send(&parts, body, &added).await;
+            drop(awaiting);
+            let mut response = match sent {
                 Ok(response) => response,
                 Err(error @ UpstreamError::Timeout(timeout)) => {
                     let upstream = &self.config.upstream;

@@ -33,7 +33,7 @@ pub(crate) use live::{LiveState, ServingSnapshot};
 use redirect::RedirectServer;
 use reload::Reloader;
 pub(crate) use reload::{ConfigSource, ReloadHandle};
-use watch::{drive, ActivityIo, ConnectionWatch, Requests, ResponseBody};
+use watch::{drive, ActivityIo, ConnectionWatch, Requests, ResponseBody, WatchWake};
 
 mod live;
 mod redirect;
@@ -516,6 +516,11 @@ async fn serve_connection(
         activity,
         requests.clone().map(|requests| (timeouts.header_read, requests)),
     );
+    let finish = WatchWake::new();
+    let awaiting_app = {
+        let context = context.clone();
+        move || context.is_awaiting_app()
+    };
     let service = service_fn(move |request| {
         let context = context.clone();
         let open = requests.as_ref().map(Requests::open);
@@ -526,10 +531,10 @@ async fn serve_connection(
     });
     if http2 {
         let connection = snapshot.http2.serve_connection(io, service);
-        drive(connection, |c| c.graceful_shutdown(), watch, &shutdown, peer).await;
+        drive(connection, |c| c.graceful_shutdown(), watch, finish, awaiting_app, &shutdown, peer).await;
     } else {
         let connection = snapshot.http1.serve_connection(io, service).with_upgrades();
-        drive(connection, |c| c.graceful_shutdown(), watch, &shutdown, peer).await;
+        drive(connection, |c| c.graceful_shutdown(), watch, finish, awaiting_app, &shutdown, peer).await;
     }
 }
 
