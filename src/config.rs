@@ -147,6 +147,11 @@ pub(crate) struct ProxyConfig {
 pub(crate) struct UpstreamPolicy {
     /// Readiness asks the app for this path (2xx required) rather than only connecting.
     pub(crate) health_path: Option<String>,
+    /// `Upgrade` protocols tunnelled to the app, lowercase; others are not passed on.
+    pub(crate) upgrade_protocols: Vec<String>,
+    /// Requests one client connection may start (HTTP/1.1: the last gets `Connection: close`;
+    /// HTTP/2: GOAWAY); 0 is no limit.
+    pub(crate) max_requests_per_connection: u32,
 }
 
 impl ProxyConfig {

@@ -87,6 +87,21 @@ async fn raw_tls(sidecar: &Sidecar, pki: &TestPki, alpn: &[u8]) -> Tls {
     tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[alpn]), "localhost").await.unwrap()
 }
 
+/// Writes `request` on a new HTTP/1.1 connection and reads until the proxy closes it (or 20 s
+/// pass); returns what came back.
+async fn raw_exchange(sidecar: &Sidecar, pki: &TestPki, request: &str) -> String {
+    let mut tls = raw_tls(sidecar, pki, b"http/1.1").await;
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// The status code of the first response in `text`.
+fn status_of(text: &str) -> u16 {
+    text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no response: {text:?}"))
+}
+
 /// An HTTP/2 client from the h2 crate over a TLS session with the sidecar.
 async fn h2_client(
     sidecar: &Sidecar,
@@ -202,4 +217,142 @@ async fn an_app_that_goes_silent_mid_body_is_cut_off_by_the_upstream_timeout() {
         assert!(body.is_err(), "http2={http2}: the client sees the cut, never a shorter complete body");
     }
     sidecar.logs.wait_for("response cut short", Duration::from_secs(5));
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2 and Upgrade abuse.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_listed_protocols_are_tunnelled_and_h2c_is_refused() {
+    let (upstream, pki, sidecar) = scripted(&[]).await;
+    let response = raw_exchange(
+        &sidecar,
+        &pki,
+        "GET /h2c HTTP/1.1\r\nhost: localhost\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n\
+         http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_ne!(status_of(&response), 101, "{response}");
+    let head = upstream.last_head().to_ascii_lowercase();
+    assert!(!head.contains("upgrade"), "the app is not asked to switch: {head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_http2_connection_gets_goaway_after_1000_requests_and_resets_are_counted() {
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&["--workers", "1", "--admin", "127.0.0.1:0"]).await;
+    let admin = sidecar.admin_addr();
+    let (mut h2, connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+    let mut refused = None;
+    for n in 1..=1100 {
+        h2 = match h2.ready().await {
+            Ok(h2) => h2,
+            Err(e) => {
+                refused = Some((n, e.to_string()));
+                break;
+            }
+        };
+        let Ok((response, _)) = h2.send_request(h2_get("/"), true) else {
+            refused = Some((n, "send".into()));
+            break;
+        };
+        match response.await {
+            Ok(response) => {
+                let mut body = response.into_body();
+                while body.data().await.is_some() {}
+            }
+            Err(e) => {
+                refused = Some((n, e.to_string()));
+                break;
+            }
+        }
+    }
+    let (n, error) = refused.expect("the connection refuses more than 1000 requests");
+    // A request sent before the final GOAWAY arrived may still be served.
+    assert!((1001..=1003).contains(&n), "refused at request {n}: {error}");
+    let _ = tokio::time::timeout(Duration::from_secs(10), connection).await.expect("the connection ends");
+    assert!(metric(admin, "sidecar_client_faults_total{reason=\"request_cap\"}").await >= 1.0);
+
+    // Streams the client resets after they reached the app.
+    let before = metric(admin, "sidecar_client_faults_total{reason=\"stream_cancelled\"}").await;
+    let (mut h2, _connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+    for _ in 0..3 {
+        h2 = h2.ready().await.unwrap();
+        let (_response, mut stream) = h2.send_request(h2_get("/slow/2000"), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    eventually("the resets to be counted", Duration::from_secs(10), || async {
+        metric(admin, "sidecar_client_faults_total{reason=\"stream_cancelled\"}").await >= before + 3.0
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults are attributed and visible.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_faults_are_client_errors_never_upstream_failures() {
+    let (upstream, pki, sidecar) = scripted(&["--admin", "127.0.0.1:0"]).await;
+    let admin = sidecar.admin_addr();
+
+    let malformed =
+        "POST /m HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n\r\n";
+    let response = raw_exchange(&sidecar, &pki, malformed).await;
+    assert_eq!(status_of(&response), 400, "{response}");
+
+    // An upload the client abandons halfway.
+    let mut tls = raw_tls(&sidecar, &pki, b"http/1.1").await;
+    tls.write_all(b"POST /a HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\nonly ten..").await.unwrap();
+    tls.flush().await.unwrap();
+    eventually("the upload to reach the app", Duration::from_secs(10), || async { upstream.connections() >= 2 }).await;
+    drop(tls);
+
+    eventually("both faults to be counted", Duration::from_secs(10), || async {
+        metric(admin, "sidecar_client_faults_total{reason=\"request_body\"}").await >= 2.0
+    })
+    .await;
+    assert_eq!(metric(admin, "sidecar_upstream_failures_total").await, 0.0);
+    sidecar.logs.wait_for("client request body", Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn protocol_errors_and_timeouts_are_counted_by_reason_and_logged_with_the_peer() {
+    let (_upstream, pki, sidecar) = scripted(&[
+        "--admin",
+        "127.0.0.1:0",
+        "--header-read-timeout",
+        "1s",
+        "--idle-timeout",
+        "2s",
+        "--max-header-size",
+        "8192",
+    ])
+    .await;
+    let admin = sidecar.admin_addr();
+
+    // hyper's own 400 and 431.
+    let response = raw_exchange(&sidecar, &pki, "NOT HTTP AT ALL\r\n\r\n").await;
+    assert_eq!(status_of(&response), 400, "{response}");
+    let big = format!("GET / HTTP/1.1\r\nhost: localhost\r\nx-big: {}\r\n\r\n", "a".repeat(10_000));
+    let response = raw_exchange(&sidecar, &pki, &big).await;
+    assert_eq!(status_of(&response), 431, "{response}");
+    // An HTTP/2 protocol error: DATA on stream 0.
+    let mut tls = raw_tls(&sidecar, &pki, b"h2").await;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0\0\0\0\x01\0\0\0\0\0").await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut Vec::new())).await;
+    // Slowloris: half a head, then nothing.
+    let mut tls = raw_tls(&sidecar, &pki, b"http/1.1").await;
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: loc").await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut Vec::new())).await;
+    // An HTTP/2 connection left idle.
+    let (_h2, connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), connection).await;
+
+    for reason in ["bad_request", "header_too_large", "h2_protocol", "header_read_timeout", "idle_timeout"] {
+        let label = format!("sidecar_client_faults_total{{reason=\"{reason}\"}}");
+        eventually(&label, Duration::from_secs(10), || async { metric(admin, &label).await >= 1.0 }).await;
+    }
+    sidecar.logs.wait_for("peer=127.0.0.1", Duration::from_secs(5));
 }

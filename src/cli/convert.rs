@@ -43,7 +43,11 @@ impl ProxyArgs {
             access_log: self.access_log.clone(),
             access_log_format: self.access_log_format,
             proxy_protocol: self.proxy_protocol,
-            upstream_policy: UpstreamPolicy { health_path: self.upstream_health_path.clone() },
+            upstream_policy: UpstreamPolicy {
+                health_path: self.upstream_health_path.clone(),
+                upgrade_protocols: self.upgrade_protocols.iter().map(|p| p.to_ascii_lowercase()).collect(),
+                max_requests_per_connection: self.max_requests_per_connection,
+            },
         }
     }
 }

@@ -437,6 +437,22 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_UPSTREAM_HEALTH_PATH", value_name = "PATH", value_parser = parse_health_path)]
     pub upstream_health_path: Option<String>,
 
+    /// Protocols a client may switch to with `Upgrade` (tunnelled to the app after its 101);
+    /// others (h2c, say) are not passed on
+    #[arg(
+        long,
+        env = "SIDECAR_UPGRADE_PROTOCOLS",
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "websocket"
+    )]
+    pub upgrade_protocols: Vec<String>,
+
+    /// Requests one client connection may make; then HTTP/1.1 closes it after the response
+    /// and HTTP/2 sends GOAWAY (nginx: 1000). 0: no limit
+    #[arg(long, env = "SIDECAR_MAX_REQUESTS_PER_CONNECTION", value_name = "N", default_value = "1000")]
+    pub max_requests_per_connection: u32,
+
     /// HTTPS port written into redirects [default: the --listen port]; set it when a Service
     /// or load balancer maps another port (e.g. 443) to --listen
     #[arg(long, env = "SIDECAR_PUBLIC_HTTPS_PORT", value_name = "PORT")]

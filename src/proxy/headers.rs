@@ -77,6 +77,19 @@ impl ConnectionOptions {
     }
 }
 
+/// True when every protocol the `Upgrade` field offers is in `allowed` (lowercase names; a
+/// version such as `/13` is ignored). After a 101 the proxy controls nothing of what flows, so
+/// h2c, say, would hand the app raw frames with whatever fields the client chose.
+pub(crate) fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let mut offered = headers
+        .get_all(UPGRADE)
+        .into_iter()
+        .flat_map(|value| value.to_str().unwrap_or("\0").split(','))
+        .map(|protocol| protocol.trim().split('/').next().unwrap_or(""))
+        .peekable();
+    offered.peek().is_some() && offered.all(|name| allowed.iter().any(|a| a.eq_ignore_ascii_case(name)))
+}
+
 /// The tokens of every `Connection` line, trimmed (lines that are not text are skipped).
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers

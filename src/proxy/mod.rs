@@ -25,8 +25,9 @@ use tokio::net::TcpStream;
 
 use crate::access_log::{AccessLog, ConnectionFacts, PendingEntry};
 use crate::config::ProxyConfig;
-use crate::metrics::{metrics, UpstreamFailure};
+use crate::metrics::{metrics, ClientFault, UpstreamFailure};
 use crate::transport::LastResponse;
+use faults::client_fault;
 use upstream::{UpstreamError, UpstreamPool};
 
 /// The largest body of a connection's last response that the client socket holds until
@@ -118,8 +119,10 @@ impl ConnectionContext {
                 );
             }
             let client_version = request.version();
-            let client_upgrade = (request.version() == Version::HTTP_11 && options.wants_upgrade(request.headers()))
-                .then(|| hyper::upgrade::on(&mut request));
+            let wants_upgrade = request.version() == Version::HTTP_11
+                && options.wants_upgrade(request.headers())
+                && headers::upgrade_allowed(request.headers(), &self.config.upstream_policy.upgrade_protocols);
+            let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
 
             let (mut parts, body) = request.into_parts();
             let mut added = headers::prepare_request(
@@ -145,6 +148,14 @@ impl ConnectionContext {
                     break 'response plain_response(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!("504 Gateway Timeout: upstream {upstream} {error}\n"),
+                    );
+                }
+                // The client's fault, not the app's: no upstream failure to alert on.
+                Err(UpstreamError::ClientBody(e)) => {
+                    client_fault(ClientFault::RequestBody, self.peer, &format_args!("client request body failed: {e}"));
+                    break 'response plain_response(
+                        StatusCode::BAD_REQUEST,
+                        "400 Bad Request: the request body could not be read\n".to_owned(),
                     );
                 }
                 Err(error) => {

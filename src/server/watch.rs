@@ -26,7 +26,8 @@ use crate::proxy::faults::client_fault;
 use crate::proxy::ProxyBody;
 use crate::transport::TlsSocket;
 
-/// Polls a connection to its end. On shutdown or when idle it asks the connection to finish gracefully (in-flight requests complete); an HTTP/1
+/// Polls a connection to its end. On shutdown, when idle, or when `finish` asks (the request
+/// cap) it asks the connection to finish gracefully (in-flight requests complete); an HTTP/1
 /// connection that has waited for a request head for the header-read timeout is closed at
 /// once, as no request is in flight. So is a connection that stays idle a quarter of the idle
 /// timeout more after the graceful finish began while no request waits for the app: no byte
@@ -82,7 +83,8 @@ pub(super) async fn drive<C>(
             if let Poll::Ready(expiry) = watch.as_mut().poll(&mut Context::from_waker(&watch_waker)) {
                 return Poll::Ready(Err(expiry));
             }
-            if !finishing && idle_finish.load(Ordering::Relaxed) {
+            let asked = idle_finish.load(Ordering::Relaxed) || finish.requested.load(Ordering::Relaxed);
+            if !finishing && asked {
                 finishing = true;
                 graceful_shutdown(connection.as_mut());
             }
@@ -92,10 +94,12 @@ pub(super) async fn drive<C>(
     .await;
     match result {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(%peer, "connection ended with an error: {e}"),
-        Err(Expiry::HeadTimeout(timeout)) => {
-            tracing::debug!(%peer, "closing connection: no complete request head within {timeout:?}")
-        }
+        Ok(Err(e)) => connection_error(&e, peer),
+        Err(Expiry::HeadTimeout(timeout)) => client_fault(
+            ClientFault::HeaderReadTimeout,
+            peer,
+            &format_args!("closing connection: no complete request head within {timeout:?}"),
+        ),
         Err(Expiry::Idle) => client_fault(
             ClientFault::Stalled,
             peer,
@@ -104,16 +108,48 @@ pub(super) async fn drive<C>(
     }
 }
 
-/// The waker handed to a connection's watch: notes that the watch has something to say and
-/// wakes the connection's task.
+/// Counts and logs a connection that hyper ended with an error: the requests it refused itself
+/// (400, 431) and HTTP/2 protocol errors are client faults; a connection reset is not.
+fn connection_error(error: &hyper::Error, peer: SocketAddr) {
+    let h2 = std::error::Error::source(error).and_then(|source| source.downcast_ref::<h2::Error>());
+    let fault = if error.is_parse_too_large() {
+        Some(ClientFault::HeaderTooLarge)
+    } else if error.is_parse() {
+        Some(ClientFault::BadRequest)
+    } else if let Some(h2) = h2 {
+        // Errors the library detected (floods, malformed frames) end in our GOAWAY.
+        (h2.is_library() || h2.is_go_away() && h2.reason() != Some(h2::Reason::NO_ERROR))
+            .then_some(ClientFault::H2Protocol)
+    } else {
+        None
+    };
+    match fault {
+        Some(fault) => client_fault(fault, peer, &format_args!("connection ended: {error}")),
+        None => tracing::debug!(%peer, "connection ended with an error: {error}"),
+    }
+}
+
+/// How a connection's watch reaches its task: the watch's wake-ups, and a graceful finish that
+/// the connection's service asks for (the request cap).
 pub(super) struct WatchWake {
     woken: AtomicBool,
     task: AtomicWaker,
+    requested: AtomicBool,
 }
 
 impl WatchWake {
     pub(super) fn new() -> Arc<WatchWake> {
-        Arc::new(WatchWake { woken: AtomicBool::new(true), task: AtomicWaker::new() })
+        Arc::new(WatchWake {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+            requested: AtomicBool::new(false),
+        })
+    }
+
+    /// Asks the connection to finish gracefully (HTTP/2: GOAWAY).
+    pub(super) fn request_finish(self: &Arc<Self>) {
+        self.requested.store(true, Ordering::Relaxed);
+        std::task::Wake::wake_by_ref(self);
     }
 }
 
