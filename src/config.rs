@@ -147,6 +147,8 @@ pub(crate) struct ProxyConfig {
 pub(crate) struct UpstreamPolicy {
     /// Readiness asks the app for this path (2xx required) rather than only connecting.
     pub(crate) health_path: Option<String>,
+    /// Upstream connections are reused; off, each request gets its own.
+    pub(crate) keepalive: bool,
     /// `Upgrade` protocols tunnelled to the app, lowercase; others are not passed on.
     pub(crate) upgrade_protocols: Vec<String>,
     /// Requests one client connection may start (HTTP/1.1: the last gets `Connection: close`;

@@ -289,6 +289,124 @@ async fn one_http2_connection_gets_goaway_after_1000_requests_and_resets_are_cou
 }
 
 // ---------------------------------------------------------------------------------------------
+// HTTP semantics.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_cookie_fields_reach_the_app_joined() {
+    let (upstream, pki, sidecar) = scripted(&[]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    let request = Request::get("/").header("cookie", "a=1").header("cookie", "b=2").body(empty()).unwrap();
+    assert_eq!(conn.send(request).await.unwrap().status(), StatusCode::OK);
+    let head = upstream.last_head().to_ascii_lowercase();
+    assert!(head.contains("\r\ncookie: a=1; b=2\r\n"), "{head}");
+    assert_eq!(head.matches("cookie:").count(), 1, "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_rules_of_rfc_9112_and_9113() {
+    let (upstream, pki, sidecar) = scripted(&[]).await;
+    for (what, request) in [
+        ("two Host lines", "GET / HTTP/1.1\r\nhost: a.example\r\nhost: b.example\r\nconnection: close\r\n\r\n"),
+        ("an invalid Host", "GET / HTTP/1.1\r\nhost: a/b@c\r\nconnection: close\r\n\r\n"),
+        ("no Host on HTTP/1.1", "GET / HTTP/1.1\r\nconnection: close\r\n\r\n"),
+    ] {
+        let response = raw_exchange(&sidecar, &pki, request).await;
+        assert_eq!(status_of(&response), 400, "{what}: {response}");
+    }
+    let seen = upstream.heads.lock().unwrap().len();
+    assert_eq!(seen, 0, "none of them reached the app");
+
+    // HTTP/1.0 may leave it out: the app gets the upstream's authority.
+    let response = raw_exchange(&sidecar, &pki, "GET /old HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status_of(&response), 200, "{response}");
+
+    // The absolute form wins over Host, and userinfo is never forwarded.
+    let request = "GET http://user:secret@good.example/abs HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n";
+    let response = raw_exchange(&sidecar, &pki, request).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    let head = upstream.last_head().to_ascii_lowercase();
+    assert!(head.starts_with("get /abs http/1.1\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nhost: good.example\r\n") && !head.contains("evil") && !head.contains("secret"),
+        "{head}"
+    );
+
+    // HTTP/2: :authority wins over a host field.
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    let request = Request::get("https://good.example/h2").header("host", "evil.example").body(empty()).unwrap();
+    assert_eq!(conn.send(request).await.unwrap().status(), StatusCode::OK);
+    let head = upstream.last_head().to_ascii_lowercase();
+    assert!(head.contains("\r\nhost: good.example\r\n") && !head.contains("evil"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_trailers_never_carry_framing_or_routing_fields() {
+    let (upstream, pki, sidecar) = scripted(&[]).await;
+    let request = "POST /t HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+                   5\r\nhello\r\n0\r\ncontent-length: 5\r\nhost: evil.example\r\ntransfer-encoding: chunked\r\n\
+                   x-checksum: 42\r\n\r\n";
+    let response = raw_exchange(&sidecar, &pki, request).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    let seen = upstream.last_head().to_ascii_lowercase();
+    let (_, body) = seen.split_once("\r\n\r\n").unwrap();
+    assert!(body.contains("x-checksum: 42"), "{seen}");
+    assert!(
+        !body.contains("evil") && !body.contains("content-length") && !body.contains("transfer-encoding"),
+        "{seen}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http10_response_with_transfer_encoding_ends_its_app_connection() {
+    let (upstream, pki, sidecar) = scripted(&[]).await;
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let (status, _, body) = conn.get("/http10-chunked").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(conn.get("/").await.0, StatusCode::OK);
+    assert_eq!(upstream.connections(), 2, "faulty framing: that connection is not reused");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expect_100_continue_is_answered_once_by_the_proxy_and_not_forwarded() {
+    let (upstream, pki, sidecar) = scripted(&[]).await;
+    let mut tls = raw_tls(&sidecar, &pki, b"http/1.1").await;
+    let head =
+        "POST /e HTTP/1.1\r\nhost: localhost\r\nexpect: 100-continue\r\ncontent-length: 5\r\nconnection: close\r\n\r\n";
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 25];
+    tls.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    tls.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 200 OK\r\n") && !rest.contains("100 Continue"), "{rest}");
+    let head = upstream.last_head().to_ascii_lowercase();
+    assert!(!head.contains("expect"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_upstream_keepalive_a_body_the_app_ignores_cannot_reach_the_next_client() {
+    // The body is the start of a request, which the next client's request would complete.
+    let smuggling = "GET /smuggled HTTP/1.1\r\nx-ignore: ";
+    let post = format!(
+        "POST /ignore-body HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{smuggling}",
+        smuggling.len()
+    );
+    // Pooled (the default), the hole is there; without keep-alive it is closed.
+    let cases: [(&[&str], &str); 2] = [(&[], "smuggled\n"), (&["--upstream-keepalive", "false"], "ok\n")];
+    for (flags, victim_gets) in cases {
+        let (_upstream, pki, sidecar) = scripted(flags).await;
+        let response = raw_exchange(&sidecar, &pki, &post).await;
+        assert!(response.ends_with("ignored\n"), "{response}");
+        let mut victim = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+        let (status, _, body) = victim.get("/victim").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, victim_gets), "{flags:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Faults are attributed and visible.
 // ---------------------------------------------------------------------------------------------
 

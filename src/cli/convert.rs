@@ -45,6 +45,7 @@ impl ProxyArgs {
             proxy_protocol: self.proxy_protocol,
             upstream_policy: UpstreamPolicy {
                 health_path: self.upstream_health_path.clone(),
+                keepalive: self.upstream_keepalive,
                 upgrade_protocols: self.upgrade_protocols.iter().map(|p| p.to_ascii_lowercase()).collect(),
                 max_requests_per_connection: self.max_requests_per_connection,
             },

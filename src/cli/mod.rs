@@ -437,6 +437,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_UPSTREAM_HEALTH_PATH", value_name = "PATH", value_parser = parse_health_path)]
     pub upstream_health_path: Option<String>,
 
+    /// Reuse connections to the app. Turn off for an app that may answer without reading a
+    /// request body: the unread body would be read as the next client's request
+    #[arg(long, env = "SIDECAR_UPSTREAM_KEEPALIVE", value_name = "BOOL", default_value = "true",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub upstream_keepalive: bool,
+
     /// Protocols a client may switch to with `Upgrade` (tunnelled to the app after its 101);
     /// others (h2c, say) are not passed on
     #[arg(

@@ -118,6 +118,10 @@ impl ConnectionContext {
                     "405 Method Not Allowed: CONNECT is not proxied\n".to_owned(),
                 );
             }
+            if let Some(reason) = headers::host_fault(version, request.headers()) {
+                client_fault(ClientFault::BadRequest, self.peer, &reason);
+                break 'response plain_response(StatusCode::BAD_REQUEST, format!("400 Bad Request: {reason}\n"));
+            }
             let client_version = request.version();
             let wants_upgrade = request.version() == Version::HTTP_11
                 && options.wants_upgrade(request.headers())

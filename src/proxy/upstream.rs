@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
 use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
-use super::headers::AddedFields;
+use super::headers::{self, AddedFields};
 use crate::config::ProxyConfig;
 use crate::sys::lock;
 
@@ -134,6 +134,8 @@ pub(super) struct Shared {
     /// bytes. A tokio timer registered and dropped for each cost ~0.5k instructions per
     /// keep-alive request more than this table (callgrind).
     waiting: Mutex<Slab<Waiting>>,
+    /// `--upstream-keepalive`: off, no connection is reused.
+    keepalive: bool,
 }
 
 /// A request waiting for its response head, as the pool's clock sees it.
@@ -368,7 +370,8 @@ impl RequestBody {
                     Ok(data) => self.queue.push_back(data),
                     Err(frame) => {
                         // Trailers end the body; only chunked framing can carry them.
-                        if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
+                        if let (true, Ok(mut trailers)) = (self.chunked, frame.into_trailers()) {
+                            headers::strip_trailer_fields(&mut trailers);
                             self.queue.push_back(h1::chunked_end(Some(&trailers)));
                             self.ended = true;
                         }
@@ -407,6 +410,7 @@ impl UpstreamPool {
             // Rounded up, so that a request never fails early.
             timeout_steps: timeouts.upstream.as_nanos().div_ceil(tick.as_nanos()) as u64,
             waiting: Mutex::new(Slab::new()),
+            keepalive: config.upstream_policy.keepalive,
         });
         tokio::spawn(run_clock(Arc::downgrade(&shared), tick));
         UpstreamPool { shared }
@@ -538,7 +542,7 @@ impl UpstreamPool {
 /// Back to the pool, for a connection whose response was read to its end and left nothing
 /// unread behind it.
 pub(super) fn release(pool: &Shared, mut connection: Box<UpstreamConnection>) {
-    if !connection.read_buf.is_empty() {
+    if !connection.read_buf.is_empty() || !pool.keepalive {
         return;
     }
     // After a large response (or request head) the buffer may be big; an idle connection

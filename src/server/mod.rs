@@ -384,6 +384,7 @@ struct PoolSettings {
     connect_timeout: Duration,
     idle_timeout: Duration,
     response_timeout: Duration,
+    keepalive: bool,
 }
 
 impl PoolSettings {
@@ -394,6 +395,7 @@ impl PoolSettings {
             connect_timeout: timeouts.upstream_connect,
             idle_timeout: timeouts.upstream_idle,
             response_timeout: timeouts.upstream,
+            keepalive: config.upstream_policy.keepalive,
         }
     }
 }
