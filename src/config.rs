@@ -139,6 +139,21 @@ pub(crate) struct ProxyConfig {
     pub(crate) access_log_format: AccessLogFormat,
     /// Every TLS connection starts with a PROXY protocol header naming the real client.
     pub(crate) proxy_protocol: bool,
+    pub(crate) upstream_policy: UpstreamPolicy,
+}
+
+/// How the proxy treats the app beyond its address: readiness, pooling, protocol switches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpstreamPolicy {
+    /// Readiness asks the app for this path (2xx required) rather than only connecting.
+    pub(crate) health_path: Option<String>,
+    /// Upstream connections are reused; off, each request gets its own.
+    pub(crate) keepalive: bool,
+    /// `Upgrade` protocols tunnelled to the app, lowercase; others are not passed on.
+    pub(crate) upgrade_protocols: Vec<String>,
+    /// Requests one client connection may start (HTTP/1.1: the last gets `Connection: close`;
+    /// HTTP/2: GOAWAY); 0 is no limit.
+    pub(crate) max_requests_per_connection: u32,
 }
 
 impl ProxyConfig {

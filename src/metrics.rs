@@ -91,6 +91,71 @@ pub(crate) enum UpstreamFailure {
     Other,
 }
 
+/// Faults of clients, by what the proxy saw: answered or cut off by hyper, timed out, cancelled
+/// or capped. Never counted as upstream failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientFault {
+    /// A request head hyper could not parse (it answered 400).
+    BadRequest,
+    /// A request head over `--max-header-size` (hyper answered 431).
+    HeaderTooLarge,
+    /// An HTTP/2 protocol error or flood, ended with GOAWAY.
+    H2Protocol,
+    /// A request the client cancelled (HTTP/2 reset, or closed the connection) before its
+    /// response head.
+    StreamCancelled,
+    HeaderReadTimeout,
+    IdleTimeout,
+    /// No byte moved for the idle timeout with a response in flight: closed at once.
+    Stalled,
+    /// The connection reached `--max-requests-per-connection`.
+    RequestCap,
+    /// The client's request body failed: aborted, or malformed chunked framing.
+    RequestBody,
+}
+
+impl ClientFault {
+    pub(crate) const ALL: [ClientFault; 9] = [
+        ClientFault::BadRequest,
+        ClientFault::HeaderTooLarge,
+        ClientFault::H2Protocol,
+        ClientFault::StreamCancelled,
+        ClientFault::HeaderReadTimeout,
+        ClientFault::IdleTimeout,
+        ClientFault::Stalled,
+        ClientFault::RequestCap,
+        ClientFault::RequestBody,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            ClientFault::BadRequest => "bad_request",
+            ClientFault::HeaderTooLarge => "header_too_large",
+            ClientFault::H2Protocol => "h2_protocol",
+            ClientFault::StreamCancelled => "stream_cancelled",
+            ClientFault::HeaderReadTimeout => "header_read_timeout",
+            ClientFault::IdleTimeout => "idle_timeout",
+            ClientFault::Stalled => "stalled",
+            ClientFault::RequestCap => "request_cap",
+            ClientFault::RequestBody => "request_body",
+        }
+    }
+}
+
+/// The client-fault counters, apart so that they merge as one block.
+struct ClientFaults {
+    counters: [Counter; 9],
+    family: Family<Labels1, Counter>,
+}
+
+impl ClientFaults {
+    fn new() -> ClientFaults {
+        let family = Family::<Labels1, Counter>::default();
+        let counters = ClientFault::ALL.map(|fault| family.get_or_create(&[("reason", fault.label())]).clone());
+        ClientFaults { counters, family }
+    }
+}
+
 pub struct Metrics {
     requests: [[Counter; 5]; 3],
     requests_family: Family<Labels2, Counter>,
@@ -105,6 +170,7 @@ pub struct Metrics {
     access_log_dropped: Counter,
     accept_failures: Counter,
     traffic: Traffic,
+    client_faults: ClientFaults,
 }
 
 /// The process's metrics.
@@ -140,6 +206,7 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             accept_failures: Counter::default(),
             traffic: Traffic::default(),
+            client_faults: ClientFaults::new(),
         }
     }
 
@@ -176,6 +243,10 @@ impl Metrics {
 
     pub(crate) fn handshake_failed(&self, reason: HandshakeFailure) {
         self.handshake_failures[reason as usize].inc();
+    }
+
+    pub(crate) fn client_fault(&self, fault: ClientFault) {
+        self.client_faults.counters[fault as usize].inc();
     }
 
     /// Counts a connection as open until the returned guard drops.
@@ -345,6 +416,12 @@ pub(crate) fn register(registry: &mut Registry) {
         "accept_failures",
         "Failed accepts on the proxy's listeners: out of file descriptors (see process_max_fds) or the like",
         m.accept_failures.clone(),
+    );
+    registry.register(
+        "client_faults",
+        "Client faults by reason: requests hyper refused (400, 431), HTTP/2 protocol errors, cancelled \
+         requests, timeouts, stalled connections closed, request caps reached, failed request bodies",
+        m.client_faults.family.clone(),
     );
 }
 

@@ -150,8 +150,10 @@ async fn a_stalled_access_log_never_blocks_requests() {
     // A reader that never reads: opening it non-blocking lets the sidecar open the write end.
     const O_NONBLOCK: i32 = 0o4000;
     let _reader = std::fs::OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(&fifo).unwrap();
-    let (_upstream, pki, sidecar) =
-        proxy_in_front_of_upstream(&["--access-log", fifo.to_str().unwrap(), "--admin", "127.0.0.1:0"]).await;
+    // One connection per client makes all its requests: no cap on requests per connection.
+    let flags =
+        ["--access-log", fifo.to_str().unwrap(), "--admin", "127.0.0.1:0", "--max-requests-per-connection", "0"];
+    let (_upstream, pki, sidecar) = proxy_in_front_of_upstream(&flags).await;
 
     // More requests than the pipe (64 KiB) and the queue (16384 lines) together can hold.
     const CLIENTS: usize = 8;

@@ -137,7 +137,7 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> AdminResponse 
     let method = request.method().clone();
     match (request.uri().path(), &method) {
         ("/healthz", &Method::GET | &Method::HEAD) => text(StatusCode::OK, "ok\n"),
-        ("/readyz", &Method::GET | &Method::HEAD) => readiness(state),
+        ("/readyz", &Method::GET | &Method::HEAD) => readiness(state).await,
         ("/status", &Method::GET | &Method::HEAD) => json_response(StatusCode::OK, status(state)),
         ("/metrics", &Method::GET | &Method::HEAD) => {
             let registry = state
@@ -173,10 +173,15 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> AdminResponse 
     }
 }
 
-fn readiness(state: &AdminState) -> AdminResponse {
+async fn readiness(state: &AdminState) -> AdminResponse {
     let mut reasons = Vec::new();
     if state.shutdown.is_cancelled() {
         reasons.push("shutting down".to_owned());
+    } else if let Some(proxy) = &state.proxy {
+        // Requests to an app that is down would all get 502: the Pod must leave the Service.
+        if let Err(reason) = proxy.live.upstream_health.status().await {
+            reasons.push(reason);
+        }
     }
     if let Some(sync) = &state.sync {
         reasons.extend(sync.not_ready());

@@ -2,7 +2,7 @@
 //! here, so nothing below `cli` knows how a setting was given.
 
 use super::{ProxyArgs, SyncArgs};
-use crate::config::{CertSource, Limits, ProxyConfig, Timeouts};
+use crate::config::{CertSource, Limits, ProxyConfig, Timeouts, UpstreamPolicy};
 use crate::devcert::default_state_dir;
 use crate::sync::spec::{default_history_dir, name_of, NotifySpec, SpecError, SyncSpec};
 
@@ -43,6 +43,12 @@ impl ProxyArgs {
             access_log: self.access_log.clone(),
             access_log_format: self.access_log_format,
             proxy_protocol: self.proxy_protocol,
+            upstream_policy: UpstreamPolicy {
+                health_path: self.upstream_health_path.clone(),
+                keepalive: self.upstream_keepalive,
+                upgrade_protocols: self.upgrade_protocols.iter().map(|p| p.to_ascii_lowercase()).collect(),
+                max_requests_per_connection: self.max_requests_per_connection,
+            },
         }
     }
 }

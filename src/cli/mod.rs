@@ -453,6 +453,33 @@ pub struct ProxyArgs {
     )]
     pub proxy_protocol: bool,
 
+    /// Readiness (/readyz) asks the app for this path and needs a 2xx; without it, a TCP
+    /// connection to the app must succeed. Checked in the background about once a second
+    #[arg(long, env = "SIDECAR_UPSTREAM_HEALTH_PATH", value_name = "PATH", value_parser = parse_health_path)]
+    pub upstream_health_path: Option<String>,
+
+    /// Reuse connections to the app. Turn off for an app that may answer without reading a
+    /// request body: the unread body would be read as the next client's request
+    #[arg(long, env = "SIDECAR_UPSTREAM_KEEPALIVE", value_name = "BOOL", default_value = "true",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub upstream_keepalive: bool,
+
+    /// Protocols a client may switch to with `Upgrade` (tunnelled to the app after its 101);
+    /// others (h2c, say) are not passed on
+    #[arg(
+        long,
+        env = "SIDECAR_UPGRADE_PROTOCOLS",
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "websocket"
+    )]
+    pub upgrade_protocols: Vec<String>,
+
+    /// Requests one client connection may make; then HTTP/1.1 closes it after the response
+    /// and HTTP/2 sends GOAWAY (nginx: 1000). 0: no limit
+    #[arg(long, env = "SIDECAR_MAX_REQUESTS_PER_CONNECTION", value_name = "N", default_value = "1000")]
+    pub max_requests_per_connection: u32,
+
     /// HTTPS port written into redirects [default: the --listen port]; set it when a Service
     /// or load balancer maps another port (e.g. 443) to --listen
     #[arg(long, env = "SIDECAR_PUBLIC_HTTPS_PORT", value_name = "PORT")]
@@ -480,6 +507,11 @@ pub(crate) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let mut resolved =
         (host, port).to_socket_addrs().map_err(|e| format!("cannot resolve host {host:?} ({e}); {expected}"))?;
     resolved.next().ok_or_else(|| format!("host {host:?} resolves to no address; {expected}"))
+}
+
+fn parse_health_path(s: &str) -> Result<String, String> {
+    let valid = s.starts_with('/') && s.bytes().all(|b| b.is_ascii_graphic());
+    valid.then(|| s.to_owned()).ok_or_else(|| format!("`{s}`: a path starting with /, without spaces"))
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -10,7 +10,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
 use super::h1::{self, ChunkState, Decoded, Framing, ProtocolError};
-use super::upstream::{self, RequestBody, Shared, UpstreamConnection, UPSTREAM_READ_BUFFER};
+use super::upstream::{self, ReadDeadline, RequestBody, Shared, UpstreamConnection, UPSTREAM_READ_BUFFER};
 use crate::access_log::PendingEntry;
 use crate::metrics::{metrics, UpstreamFailure};
 
@@ -35,6 +35,8 @@ pub(crate) enum BodyError {
     Protocol(#[from] ProtocolError),
     #[error("the client's request body failed: {0}")]
     ClientBody(hyper::Error),
+    #[error("upstream sent nothing more of the response body for {}", humantime::format_duration(*.0))]
+    Timeout(std::time::Duration),
 }
 
 /// Where reading an upstream body is.
@@ -51,8 +53,13 @@ enum Reading {
 pub(crate) struct UpstreamBody {
     reading: Reading,
     connection: Option<Box<UpstreamConnection>>,
-    /// Where the connection goes afterwards; `None` when it must not be reused.
+    /// The pool: its clock bounds the waits for more of the body, and the connection goes back
+    /// to it afterwards if `reusable`.
     pool: Option<Arc<Shared>>,
+    reusable: bool,
+    /// The wait for the next bytes, bounded by `--upstream-timeout` as the head's was: an app
+    /// that goes silent mid-body would otherwise hold client and connection forever.
+    deadline: Option<ReadDeadline>,
     /// The rest of a request body the upstream answered before receiving all of.
     pending_request: Option<Box<RequestBody>>,
     /// A failure to report at the next poll (see `fail`).
@@ -61,13 +68,22 @@ pub(crate) struct UpstreamBody {
 
 impl UpstreamBody {
     pub(super) fn empty() -> UpstreamBody {
-        UpstreamBody { reading: Reading::Done, connection: None, pool: None, pending_request: None, failed: None }
+        UpstreamBody {
+            reading: Reading::Done,
+            connection: None,
+            pool: None,
+            reusable: false,
+            deadline: None,
+            pending_request: None,
+            failed: None,
+        }
     }
 
     pub(super) fn new(
         connection: Box<UpstreamConnection>,
         framing: Framing,
-        pool: Option<Arc<Shared>>,
+        pool: Arc<Shared>,
+        reusable: bool,
         pending_request: Option<Box<RequestBody>>,
     ) -> UpstreamBody {
         let reading = match framing {
@@ -76,7 +92,15 @@ impl UpstreamBody {
             Framing::Chunked => Reading::Chunked(ChunkState::Size),
             Framing::UntilClose => Reading::UntilClose,
         };
-        UpstreamBody { reading, connection: Some(connection), pool, pending_request, failed: None }
+        UpstreamBody {
+            reading,
+            connection: Some(connection),
+            pool: Some(pool),
+            reusable,
+            deadline: None,
+            pending_request,
+            failed: None,
+        }
     }
 
     /// The connection of a 101 response, with what the upstream already sent past its head.
@@ -92,7 +116,7 @@ impl UpstreamBody {
         let Some(connection) = self.connection.as_mut() else { return Poll::Ready(None) };
         match RequestBody::poll_pending(&mut self.pending_request, cx, &mut connection.tcp) {
             Ok(None) => {}
-            Ok(Some(_)) => self.pool = None,
+            Ok(Some(_)) => self.reusable = false,
             Err(e) => return self.fail(cx, BodyError::ClientBody(e)),
         }
         loop {
@@ -137,14 +161,31 @@ impl UpstreamBody {
                 Reading::Length(left) => (left as usize).clamp(1024, UPSTREAM_READ_BUFFER),
                 _ => UPSTREAM_READ_BUFFER,
             };
-            match ready!(connection.poll_fill(cx, want)) {
+            let filled = match connection.poll_fill(cx, want) {
+                Poll::Ready(filled) => filled,
+                Poll::Pending => {
+                    let Some(pool) = &self.pool else { return Poll::Pending };
+                    // Made at the first wait: a body that came with its head never needs one.
+                    let deadline = self.deadline.get_or_insert_with(|| ReadDeadline::start(pool));
+                    if deadline.poll_expired(pool, cx) {
+                        let timeout = pool.timeout;
+                        return self.fail(cx, BodyError::Timeout(timeout));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match filled {
                 Ok(0) if self.reading == Reading::UntilClose => {
-                    self.pool = None;
+                    self.reusable = false;
                     self.finish();
                     return Poll::Ready(None);
                 }
                 Ok(0) => return self.fail(cx, BodyError::Closed),
-                Ok(_) => {}
+                Ok(_) => {
+                    if let (Some(pool), Some(deadline)) = (&self.pool, self.deadline.as_mut()) {
+                        deadline.restart(pool);
+                    }
+                }
                 Err(e) => return self.fail(cx, BodyError::Io(e)),
             }
         }
@@ -157,12 +198,20 @@ impl UpstreamBody {
     fn fail(&mut self, cx: &mut Context<'_>, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         // The head is already on its way to the client, so only the log and the metrics can
         // tell an operator that the app cut a response short.
-        if !matches!(error, BodyError::ClientBody(_)) {
-            tracing::warn!("response cut short: {error}");
-            metrics().upstream_failure(UpstreamFailure::Other);
+        match &error {
+            BodyError::ClientBody(_) => {}
+            BodyError::Timeout(_) => {
+                tracing::warn!("response cut short: {error}");
+                metrics().upstream_failure(UpstreamFailure::Timeout);
+            }
+            _ => {
+                tracing::warn!("response cut short: {error}");
+                metrics().upstream_failure(UpstreamFailure::Other);
+            }
         }
         self.reading = Reading::Done;
         self.connection = None;
+        self.clear_deadline();
         self.failed = Some(error);
         cx.waker().wake_by_ref();
         Poll::Pending
@@ -171,9 +220,18 @@ impl UpstreamBody {
     /// The body is complete: its connection goes back to the pool if it can be reused.
     fn finish(&mut self) {
         self.reading = Reading::Done;
+        self.clear_deadline();
         let connection = self.connection.take();
-        if let (Some(connection), Some(pool), None) = (connection, self.pool.take(), &self.pending_request) {
+        if let (Some(connection), Some(pool), None, true) =
+            (connection, self.pool.take(), &self.pending_request, self.reusable)
+        {
             upstream::release(&pool, connection);
+        }
+    }
+
+    fn clear_deadline(&mut self) {
+        if let (Some(pool), Some(deadline)) = (&self.pool, self.deadline.as_mut()) {
+            deadline.clear(pool);
         }
     }
 
@@ -187,6 +245,13 @@ impl UpstreamBody {
             Reading::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A client gone mid-body: the wait leaves the pool's table.
+        self.clear_deadline();
     }
 }
 

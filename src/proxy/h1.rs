@@ -149,8 +149,14 @@ pub fn parse_response(
         let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
         let fields = Fields::read(response.headers)?;
         let framing = fields.framing(status, method)?;
+        // HTTP/1.0 with Transfer-Encoding is faulty framing: read as sent, then closed (RFC 9112
+        // §6.1).
         let keep_alive = framing != Framing::UntilClose
-            && if version == Version::HTTP_10 { fields.connection_keep_alive } else { !fields.connection_close };
+            && if version == Version::HTTP_10 {
+                fields.connection_keep_alive && !fields.transfer_encoding
+            } else {
+                !fields.connection_close
+            };
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
 
         let base = buf.as_ptr() as usize;

@@ -1,7 +1,8 @@
 //! Header rules for forwarding: hop-by-hop stripping (RFC 9110 §7.6.1) and X-Forwarded-*.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, UPGRADE};
 use http::request::Parts;
+use http::Version;
 
 use crate::config::ForwardedPolicy;
 
@@ -42,6 +43,11 @@ pub enum ClientClaims {
 impl ClientClaims {
     fn strips(self, name: &str) -> bool {
         let identity = || name == X_CLIENT_CERT_SUBJECT.as_str();
+        // hyper has answered `Expect: 100-continue` by the time the body is read; passed on, the
+        // app would be asked again, and its 100 dropped (RFC 9110 §10.1.1).
+        if self != ClientClaims::Keep && name == "expect" {
+            return true;
+        }
         match self {
             ClientClaims::Keep => false,
             ClientClaims::StripIdentity => identity(),
@@ -74,6 +80,80 @@ impl ConnectionOptions {
     /// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
     pub(crate) fn wants_upgrade(self, headers: &HeaderMap) -> bool {
         self.upgrade && headers.contains_key(UPGRADE)
+    }
+}
+
+/// True when every protocol the `Upgrade` field offers is in `allowed` (lowercase names; a
+/// version such as `/13` is ignored). After a 101 the proxy controls nothing of what flows, so
+/// h2c, say, would hand the app raw frames with whatever fields the client chose.
+pub(crate) fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let mut offered = headers
+        .get_all(UPGRADE)
+        .into_iter()
+        .flat_map(|value| value.to_str().unwrap_or("\0").split(','))
+        .map(|protocol| protocol.trim().split('/').next().unwrap_or(""))
+        .peekable();
+    offered.peek().is_some() && offered.all(|name| allowed.iter().any(|a| a.eq_ignore_ascii_case(name)))
+}
+
+/// Why an HTTP/1 request's Host must be refused with 400 (RFC 9112 §3.2): more than one, none
+/// on HTTP/1.1, or one that is no `host[:port]`. HTTP/2 has `:authority`, checked by hyper.
+pub(crate) fn host_fault(version: Version, headers: &HeaderMap) -> Option<&'static str> {
+    if version == Version::HTTP_2 {
+        return None;
+    }
+    let mut hosts = headers.get_all(HOST).into_iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("more than one Host field"),
+        (None, _) if version == Version::HTTP_11 => Some("no Host field"),
+        (Some(host), None) if !is_host(host.as_bytes()) => Some("invalid Host field"),
+        _ => None,
+    }
+}
+
+/// `uri-host [":" port]` (RFC 3986): reg-name, IPv4 or IP-literal characters only, so no
+/// userinfo, path or white space. Empty is valid (a target without authority).
+fn is_host(value: &[u8]) -> bool {
+    value.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
+}
+
+/// Removes the trailer fields that must not follow a body (RFC 9110 §6.5.1): framing, routing,
+/// hop-by-hop, request modifiers and authentication, and the fields only the proxy asserts. An
+/// app that merges trailers into the head would otherwise take them as the client's claims.
+pub(crate) fn strip_trailer_fields(trailers: &mut HeaderMap) {
+    const FORBIDDEN: [&str; 18] = [
+        "content-length",
+        "content-encoding",
+        "content-type",
+        "content-range",
+        "host",
+        "connection",
+        "expect",
+        "max-forwards",
+        "range",
+        "cache-control",
+        "authorization",
+        "cookie",
+        "set-cookie",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "forwarded",
+    ];
+    let doomed: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            is_hop_by_hop(name)
+                || FORBIDDEN.contains(&name)
+                || name.starts_with("x-forwarded-")
+                || name == X_CLIENT_CERT_SUBJECT.as_str()
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        trailers.remove(name);
     }
 }
 
@@ -174,15 +254,32 @@ pub fn prepare_request(
     strip_hop_by_hop(headers, upgrade, claims);
 
     let mut added = AddedFields::default();
-    // HTTP/2 carries the host in :authority; an HTTP/1.1 upstream needs it as Host.
-    let host = match headers.get(HOST) {
-        Some(host) => Some(host.clone()),
-        None => {
-            let authority = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-            added.host = Some(authority.clone().unwrap_or_else(|| upstream_host.clone()));
-            authority
+    // HTTP/2's :authority and an HTTP/1.1 absolute-form target win over Host (RFC 9113 §8.3.1,
+    // RFC 9112 §3.2.2); userinfo is never forwarded. Without either, Host is kept, or (HTTP/1.0)
+    // the upstream's authority stands in.
+    let host = match parts.uri.authority() {
+        Some(authority) => {
+            let host_port = authority.as_str().rsplit_once('@').map_or(authority.as_str(), |(_, host)| host);
+            let host = HeaderValue::from_str(host_port).ok();
+            if headers.contains_key(HOST) {
+                headers.remove(HOST);
+            }
+            added.host = Some(host.clone().unwrap_or_else(|| upstream_host.clone()));
+            host
         }
+        None => match headers.get(HOST) {
+            Some(host) => Some(host.clone()),
+            None => {
+                added.host = Some(upstream_host.clone());
+                None
+            }
+        },
     };
+    // HTTP/2 clients split cookies into one field each; an HTTP/1.1 app expects one line
+    // (RFC 9113 §8.2.3).
+    if parts.version == Version::HTTP_2 {
+        join_cookies(headers);
+    }
 
     match policy {
         ForwardedPolicy::Overwrite => {
@@ -206,6 +303,24 @@ pub fn prepare_request(
         }
     }
     added
+}
+
+/// Joins several `cookie` fields into one, with "; ".
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(COOKIE).into_iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for value in headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, value);
+    }
 }
 
 /// `existing, ..., peer` with every X-Forwarded-For line the client sent folded into one.

@@ -2,11 +2,14 @@
 //! and splice upgraded (WebSocket) connections.
 
 pub(crate) mod body;
+pub(crate) mod faults;
 pub mod h1;
 pub mod headers;
+pub(crate) mod health;
 pub(crate) mod upstream;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,8 +25,9 @@ use tokio::net::TcpStream;
 
 use crate::access_log::{AccessLog, ConnectionFacts, PendingEntry};
 use crate::config::ProxyConfig;
-use crate::metrics::{metrics, UpstreamFailure};
+use crate::metrics::{metrics, ClientFault, UpstreamFailure};
 use crate::transport::LastResponse;
+use faults::client_fault;
 use upstream::{UpstreamError, UpstreamPool};
 
 /// The largest body of a connection's last response that the client socket holds until
@@ -46,6 +50,25 @@ pub(crate) struct ConnectionContext {
     access_log: Option<(Arc<AccessLog>, ConnectionFacts)>,
     /// HTTP/1 connections: where a response that ends the connection is announced.
     last_response: Option<LastResponse>,
+    /// Requests waiting for the app's response head: a connection that carries no bytes
+    /// meanwhile is waiting for the app, not stalled by its client.
+    awaiting_app: AtomicU32,
+}
+
+/// Counts a request as waiting for the app while it lives.
+struct AwaitingApp<'a>(&'a AtomicU32);
+
+impl<'a> AwaitingApp<'a> {
+    fn new(count: &'a AtomicU32) -> AwaitingApp<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        AwaitingApp(count)
+    }
+}
+
+impl Drop for AwaitingApp<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnectionContext {
@@ -60,7 +83,21 @@ impl ConnectionContext {
         let peer_ip =
             HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let client_subject = client_subject.and_then(|s| HeaderValue::from_str(&s).ok());
-        ConnectionContext { config, pool, peer, peer_ip, client_subject, access_log, last_response }
+        ConnectionContext {
+            config,
+            pool,
+            peer,
+            peer_ip,
+            client_subject,
+            access_log,
+            last_response,
+            awaiting_app: AtomicU32::new(0),
+        }
+    }
+
+    /// True while a request of this connection waits for the app's response head.
+    pub(crate) fn is_awaiting_app(&self) -> bool {
+        self.awaiting_app.load(Ordering::Relaxed) > 0
     }
 
     /// Forwards `request` to the upstream and returns its response, or the proxy's own error
@@ -82,9 +119,15 @@ impl ConnectionContext {
                     "405 Method Not Allowed: CONNECT is not proxied\n".to_owned(),
                 );
             }
+            if let Some(reason) = headers::host_fault(version, request.headers()) {
+                client_fault(ClientFault::BadRequest, self.peer, &reason);
+                break 'response plain_response(StatusCode::BAD_REQUEST, format!("400 Bad Request: {reason}\n"));
+            }
             let client_version = request.version();
-            let client_upgrade = (request.version() == Version::HTTP_11 && options.wants_upgrade(request.headers()))
-                .then(|| hyper::upgrade::on(&mut request));
+            let wants_upgrade = request.version() == Version::HTTP_11
+                && options.wants_upgrade(request.headers())
+                && headers::upgrade_allowed(request.headers(), &self.config.upstream_policy.upgrade_protocols);
+            let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
 
             let (mut parts, body) = request.into_parts();
             let mut added = headers::prepare_request(
@@ -97,7 +140,10 @@ impl ConnectionContext {
             added.client_subject.clone_from(&self.client_subject);
             let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
 
-            let mut response = match self.pool.send(&parts, body, &added).await {
+            let awaiting = AwaitingApp::new(&self.awaiting_app);
+            let sent = self.pool.send(&parts, body, &added).await;
+            drop(awaiting);
+            let mut response = match sent {
                 Ok((response, connect_time)) => {
                     upstream_connect = Some(connect_time);
                     response
@@ -110,6 +156,14 @@ impl ConnectionContext {
                     break 'response plain_response(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!("504 Gateway Timeout: upstream {upstream} {error}\n"),
+                    );
+                }
+                // The client's fault, not the app's: no upstream failure to alert on.
+                Err(UpstreamError::ClientBody(e)) => {
+                    client_fault(ClientFault::RequestBody, self.peer, &format_args!("client request body failed: {e}"));
+                    break 'response plain_response(
+                        StatusCode::BAD_REQUEST,
+                        "400 Bad Request: the request body could not be read\n".to_owned(),
                     );
                 }
                 Err(error) => {

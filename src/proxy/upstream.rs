@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
 use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
-use super::headers::AddedFields;
+use super::headers::{self, AddedFields};
 use crate::config::ProxyConfig;
 use crate::metrics::metrics;
 use crate::sys::lock;
@@ -98,7 +98,7 @@ impl UpstreamError {
     }
 }
 
-fn describe_io(io: &std::io::Error) -> String {
+pub(super) fn describe_io(io: &std::io::Error) -> String {
     match io.kind() {
         std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
         std::io::ErrorKind::TimedOut => "connect timed out".to_owned(),
@@ -129,11 +129,14 @@ pub(super) struct Shared {
     /// Ticks after which an idle connection is closed.
     idle_steps: u64,
     /// `--upstream-timeout`, and the ticks it lasts (rounded up).
-    timeout: Duration,
+    pub(super) timeout: Duration,
     timeout_steps: u64,
-    /// Requests waiting for a response head. A tokio timer registered and dropped for each
-    /// cost ~0.5k instructions per keep-alive request more than this table (callgrind).
+    /// Requests waiting for a response head, and response bodies waiting for their next
+    /// bytes. A tokio timer registered and dropped for each cost ~0.5k instructions per
+    /// keep-alive request more than this table (callgrind).
     waiting: Mutex<Slab<Waiting>>,
+    /// `--upstream-keepalive`: off, no connection is reused.
+    keepalive: bool,
 }
 
 /// A request waiting for its response head, as the pool's clock sees it.
@@ -144,32 +147,44 @@ struct Waiting {
     expired: bool,
 }
 
-/// A request's deadline for its response head, and its place in the pool's `waiting` table
-/// once it has had to wait.
-struct HeadDeadline<'a> {
-    shared: &'a Shared,
+/// A wait for the upstream bounded by `--upstream-timeout`: for a response head, or for the
+/// next bytes of a response body. It takes a place in the pool's `waiting` table only once it
+/// has had to wait.
+#[derive(Debug)]
+pub(super) struct ReadDeadline {
     /// The tick at which it has waited for the whole timeout. The tick under way may be nearly
     /// over when it starts: one more makes the wait at least the timeout.
     expires_at_step: u64,
     key: Option<usize>,
 }
 
-impl<'a> HeadDeadline<'a> {
-    fn start(shared: &'a Shared) -> HeadDeadline<'a> {
-        let expires_at_step = shared.step.load(Ordering::Relaxed) + shared.timeout_steps + 1;
-        HeadDeadline { shared, expires_at_step, key: None }
+impl ReadDeadline {
+    pub(super) fn start(shared: &Shared) -> ReadDeadline {
+        ReadDeadline { expires_at_step: ReadDeadline::from_now(shared), key: None }
+    }
+
+    fn from_now(shared: &Shared) -> u64 {
+        shared.step.load(Ordering::Relaxed) + shared.timeout_steps + 1
+    }
+
+    /// Bytes arrived: the wait starts again (the table entry follows at the next wait).
+    pub(super) fn restart(&mut self, shared: &Shared) {
+        self.expires_at_step = ReadDeadline::from_now(shared);
     }
 
     /// True once the clock has passed the deadline; until then the clock wakes `cx` when it does.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut waiting = lock(&self.shared.waiting);
-        let Some(key) = self.key else {
+    pub(super) fn poll_expired(&mut self, shared: &Shared, cx: &mut Context<'_>) -> bool {
+        let mut waiting = lock(&shared.waiting);
+        let Some(entry) = self.key.and_then(|key| waiting.get_mut(key)) else {
             let entry =
                 Waiting { expires_at_step: self.expires_at_step, waker: Some(cx.waker().clone()), expired: false };
             self.key = Some(waiting.insert(entry));
             return false;
         };
-        let Some(entry) = waiting.get_mut(key) else { return false };
+        if entry.expires_at_step != self.expires_at_step {
+            entry.expires_at_step = self.expires_at_step;
+            entry.expired = false;
+        }
         if entry.expired {
             return true;
         }
@@ -178,13 +193,24 @@ impl<'a> HeadDeadline<'a> {
         }
         false
     }
+
+    /// Leaves the table: the wait is over.
+    pub(super) fn clear(&mut self, shared: &Shared) {
+        if let Some(key) = self.key.take() {
+            lock(&shared.waiting).try_remove(key);
+        }
+    }
+}
+
+/// A request's deadline for its response head.
+struct HeadDeadline<'a> {
+    shared: &'a Shared,
+    deadline: ReadDeadline,
 }
 
 impl Drop for HeadDeadline<'_> {
     fn drop(&mut self) {
-        if let Some(key) = self.key {
-            lock(&self.shared.waiting).try_remove(key);
-        }
+        self.deadline.clear(self.shared);
     }
 }
 
@@ -349,7 +375,8 @@ impl RequestBody {
                     Ok(data) => self.queue.push_back(data),
                     Err(frame) => {
                         // Trailers end the body; only chunked framing can carry them.
-                        if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
+                        if let (true, Ok(mut trailers)) = (self.chunked, frame.into_trailers()) {
+                            headers::strip_trailer_fields(&mut trailers);
                             self.queue.push_back(h1::chunked_end(Some(&trailers)));
                             self.ended = true;
                         }
@@ -388,6 +415,7 @@ impl UpstreamPool {
             // Rounded up, so that a request never fails early.
             timeout_steps: timeouts.upstream.as_nanos().div_ceil(tick.as_nanos()) as u64,
             waiting: Mutex::new(Slab::new()),
+            keepalive: config.upstream_policy.keepalive,
         });
         tokio::spawn(run_clock(Arc::downgrade(&shared), tick));
         UpstreamPool { shared }
@@ -402,11 +430,14 @@ impl UpstreamPool {
         body: Incoming,
         added: &AddedFields,
     ) -> Result<(Response<UpstreamBody>, Duration), UpstreamError> {
-        let mut deadline = HeadDeadline::start(&self.shared);
+        let shared = &*self.shared;
+        let mut head = HeadDeadline { shared, deadline: ReadDeadline::start(shared) };
         let mut exchange = std::pin::pin!(self.send_now(parts, body, added));
         poll_fn(|cx| match exchange.as_mut().poll(cx) {
             Poll::Ready(result) => Poll::Ready(result),
-            Poll::Pending if deadline.poll_expired(cx) => Poll::Ready(Err(UpstreamError::Timeout(self.shared.timeout))),
+            Poll::Pending if head.deadline.poll_expired(shared, cx) => {
+                Poll::Ready(Err(UpstreamError::Timeout(shared.timeout)))
+            }
             Poll::Pending => Poll::Pending,
         })
         .await
@@ -482,8 +513,7 @@ impl UpstreamPool {
             }
             UpstreamBody::empty()
         } else {
-            let pool = reusable.then(|| self.shared.clone());
-            UpstreamBody::new(connection, head.framing, pool, pending_body)
+            UpstreamBody::new(connection, head.framing, self.shared.clone(), reusable, pending_body)
         };
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
@@ -528,7 +558,7 @@ impl UpstreamPool {
 /// Back to the pool, for a connection whose response was read to its end and left nothing
 /// unread behind it.
 pub(super) fn release(pool: &Shared, mut connection: Box<UpstreamConnection>) {
-    if !connection.read_buf.is_empty() {
+    if !connection.read_buf.is_empty() || !pool.keepalive {
         return;
     }
     // After a large response (or request head) the buffer may be big; an idle connection

@@ -10,6 +10,7 @@ use hyper_util::rt::TokioTimer;
 
 use super::BoxingExecutor;
 use crate::config::ProxyConfig;
+use crate::proxy::health::UpstreamHealth;
 use crate::tls::{TlsContext, TlsState};
 
 /// One immutable view of how connections are served; swapped whole on reload.
@@ -73,4 +74,6 @@ pub(crate) struct LiveState {
     pub(crate) tls: TlsState,
     pub(crate) tls_context: TlsContext,
     pub(crate) stats: ReloadStats,
+    /// The app's health for readiness, checked while the admin API runs.
+    pub(crate) upstream_health: Arc<UpstreamHealth>,
 }

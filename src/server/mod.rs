@@ -6,11 +6,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::header::CONNECTION;
+use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -21,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::access_log::{AccessLog, AccessLogError, ConnectionFacts};
 use crate::config::{CertSource, ProxyConfig, Upstream};
 use crate::devcert::{self, DevCertError};
-use crate::metrics::{metrics, HandshakeFailure};
+use crate::metrics::{metrics, ClientFault, HandshakeFailure};
+use crate::proxy::faults::client_fault;
 use crate::proxy::upstream::UpstreamPool;
 use crate::proxy::ConnectionContext;
 use crate::proxy_protocol::{self, ProxyHeaderError};
@@ -33,7 +36,7 @@ pub(crate) use live::{LiveState, ServingSnapshot};
 use redirect::RedirectServer;
 use reload::Reloader;
 pub(crate) use reload::{ConfigSource, ReloadHandle};
-use watch::{drive, ActivityIo, ConnectionWatch, Requests, ResponseBody};
+use watch::{drive, ActivityIo, ConnectionWatch, Requests, ResponseBody, WatchWake};
 
 mod live;
 mod redirect;
@@ -118,6 +121,7 @@ impl ProxyServer {
             tls: TlsState::new(tls),
             tls_context,
             stats: Default::default(),
+            upstream_health: Default::default(),
         });
         let reloader = Reloader::new(live.clone(), config_source);
         Ok(ProxyServer { listeners, local_addr, access_log, redirect, live, reloader, shutdown })
@@ -176,6 +180,12 @@ impl ProxyServer {
         }
         let max_connections = config.limits.max_connections;
         let drain_timeout = config.timeouts.drain;
+        // Only readiness reads the app's health: without the admin API nothing is checked.
+        if admin_addr.is_some() {
+            let live = self.live.clone();
+            let current = move || live.serving.load().config.clone();
+            tokio::spawn(self.live.upstream_health.clone().run(current, shutdown.clone()));
+        }
         drop((snapshot, tls));
 
         // Listeners and connections stop on this token, `--shutdown-delay` after `shutdown`.
@@ -375,6 +385,7 @@ struct PoolSettings {
     connect_timeout: Duration,
     idle_timeout: Duration,
     response_timeout: Duration,
+    keepalive: bool,
 }
 
 impl PoolSettings {
@@ -385,6 +396,7 @@ impl PoolSettings {
             connect_timeout: timeouts.upstream_connect,
             idle_timeout: timeouts.upstream_idle,
             response_timeout: timeouts.upstream,
+            keepalive: config.upstream_policy.keepalive,
         }
     }
 }
@@ -510,20 +522,75 @@ async fn serve_connection(
         activity,
         requests.clone().map(|requests| (timeouts.header_read, requests)),
     );
+    let finish = WatchWake::new();
+    let awaiting_app = {
+        let context = context.clone();
+        move || context.is_awaiting_app()
+    };
+    let cap = RequestCap::new(snapshot.config.upstream_policy.max_requests_per_connection, finish.clone(), http2);
     let service = service_fn(move |request| {
         let context = context.clone();
         let open = requests.as_ref().map(Requests::open);
+        let last = cap.count(peer);
         async move {
-            let response = context.forward(request).await;
+            let mut cancelled = CancelledRequest(Some(peer));
+            let mut response = context.forward(request).await;
+            cancelled.0 = None;
+            if last {
+                response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, std::convert::Infallible>(response.map(|body| ResponseBody { body, _open: open }))
         }
     });
     if http2 {
         let connection = snapshot.http2.serve_connection(io, service);
-        drive(connection, |c| c.graceful_shutdown(), watch, &shutdown, peer).await;
+        drive(connection, |c| c.graceful_shutdown(), watch, finish, awaiting_app, &shutdown, peer).await;
     } else {
         let connection = snapshot.http1.serve_connection(io, service).with_upgrades();
-        drive(connection, |c| c.graceful_shutdown(), watch, &shutdown, peer).await;
+        drive(connection, |c| c.graceful_shutdown(), watch, finish, awaiting_app, &shutdown, peer).await;
+    }
+}
+
+/// Counts a request whose handling was dropped before its response head, as when an HTTP/2
+/// client resets its stream (or any client goes away): invisible otherwise.
+struct CancelledRequest(Option<SocketAddr>);
+
+impl Drop for CancelledRequest {
+    fn drop(&mut self) {
+        if let Some(peer) = self.0 {
+            client_fault(ClientFault::StreamCancelled, peer, &"request cancelled before its response");
+        }
+    }
+}
+
+/// `--max-requests-per-connection`: the requests one connection has started, and what ends it
+/// at the cap (HTTP/1.1: `Connection: close` on the last response; HTTP/2: GOAWAY, as nginx does
+/// after 1000). Without it one connection could start app requests and reset them forever.
+struct RequestCap {
+    limit: u32,
+    started: AtomicU32,
+    finish: Arc<WatchWake>,
+    http2: bool,
+}
+
+impl RequestCap {
+    fn new(limit: u32, finish: Arc<WatchWake>, http2: bool) -> RequestCap {
+        RequestCap { limit, started: Default::default(), finish, http2 }
+    }
+
+    /// Counts one request; `true` when it is an HTTP/1.1 connection's last.
+    fn count(&self, peer: SocketAddr) -> bool {
+        // One connection's requests arrive on its task: no other writer.
+        let started = self.started.load(Ordering::Relaxed).saturating_add(1);
+        self.started.store(started, Ordering::Relaxed);
+        if self.limit == 0 || started != self.limit {
+            return false;
+        }
+        client_fault(ClientFault::RequestCap, peer, &format_args!("{started} requests on one connection: ending it"));
+        if self.http2 {
+            self.finish.request_finish();
+        }
+        !self.http2
     }
 }
 

@@ -20,13 +20,19 @@ use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::ClientFault;
 use crate::proxy::body::BodyError;
+use crate::proxy::faults::client_fault;
 use crate::proxy::ProxyBody;
 use crate::transport::TlsSocket;
 
-/// Polls a connection to its end. On shutdown or when idle it asks the connection to finish
-/// gracefully (in-flight requests complete); an HTTP/1 connection that has waited for a
-/// request head for the header-read timeout is closed at once, as no request is in flight.
+/// Polls a connection to its end. On shutdown, when idle, or when `finish` asks (the request
+/// cap) it asks the connection to finish gracefully (in-flight requests complete); an HTTP/1
+/// connection that has waited for a request head for the header-read timeout is closed at
+/// once, as no request is in flight. So is a connection that stays idle a quarter of the idle
+/// timeout more after the graceful finish began while no request waits for the app: no byte
+/// moving either way with a response in flight is a client that reads nothing (or a zero
+/// HTTP/2 window), which would otherwise pin its app connections for as long as it likes.
 ///
 /// The watch is polled only when its own waker fires, not at every wake-up of the connection:
 /// polling it locks the shutdown token's mutex and checks a timer, which under `select!` cost
@@ -35,38 +41,50 @@ pub(super) async fn drive<C>(
     connection: C,
     graceful_shutdown: impl Fn(Pin<&mut C>),
     mut watch: ConnectionWatch,
+    finish: Arc<WatchWake>,
+    awaiting_app: impl Fn() -> bool,
     shutdown: &CancellationToken,
     peer: SocketAddr,
 ) where
     C: Future<Output = hyper::Result<()>>,
 {
     // Set by the watch, read by the poll below: the same task, so relaxed.
-    let finish = AtomicBool::new(false);
+    let idle_finish = AtomicBool::new(false);
     let watch = async {
         let first = tokio::select! {
             _ = shutdown.cancelled() => None,
-            expiry = watch.expired(true) => Some(expiry),
+            expiry = watch.expired(Some(watch.idle)) => Some(expiry),
         };
-        match first {
-            Some(Expiry::HeadTimeout(timeout)) => return timeout,
-            Some(Expiry::Idle) => tracing::debug!(%peer, "closing idle connection"),
-            None => {}
-        }
-        finish.store(true, Ordering::Relaxed);
+        let stall_limit = match first {
+            Some(Expiry::HeadTimeout(timeout)) => return Expiry::HeadTimeout(timeout),
+            Some(Expiry::Idle) => {
+                client_fault(ClientFault::IdleTimeout, peer, &"closing idle connection");
+                Some(watch.idle / 4)
+            }
+            None => None,
+        };
+        idle_finish.store(true, Ordering::Relaxed);
         // A client that never completes its head would keep a graceful finish waiting.
-        watch.head_timeout().await
+        watch.restart_idle();
+        loop {
+            match watch.expired(stall_limit).await {
+                // The app is still thinking (bounded by --upstream-timeout): not the client's doing.
+                Expiry::Idle if awaiting_app() => watch.restart_idle(),
+                expiry => return expiry,
+            }
+        }
     };
     tokio::pin!(connection, watch);
-    let watch_wake = Arc::new(WatchWake { woken: AtomicBool::new(true), task: AtomicWaker::new() });
-    let watch_waker = std::task::Waker::from(watch_wake.clone());
+    let watch_waker = std::task::Waker::from(finish.clone());
     let mut finishing = false;
     let result = std::future::poll_fn(|cx| {
-        watch_wake.task.register(cx.waker());
-        if watch_wake.woken.swap(false, Ordering::AcqRel) {
-            if let Poll::Ready(timeout) = watch.as_mut().poll(&mut Context::from_waker(&watch_waker)) {
-                return Poll::Ready(Err(timeout));
+        finish.task.register(cx.waker());
+        if finish.woken.swap(false, Ordering::AcqRel) {
+            if let Poll::Ready(expiry) = watch.as_mut().poll(&mut Context::from_waker(&watch_waker)) {
+                return Poll::Ready(Err(expiry));
             }
-            if !finishing && finish.load(Ordering::Relaxed) {
+            let asked = idle_finish.load(Ordering::Relaxed) || finish.requested.load(Ordering::Relaxed);
+            if !finishing && asked {
                 finishing = true;
                 graceful_shutdown(connection.as_mut());
             }
@@ -76,16 +94,63 @@ pub(super) async fn drive<C>(
     .await;
     match result {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(%peer, "connection ended with an error: {e}"),
-        Err(timeout) => tracing::debug!(%peer, "closing connection: no complete request head within {timeout:?}"),
+        Ok(Err(e)) => connection_error(&e, peer),
+        Err(Expiry::HeadTimeout(timeout)) => client_fault(
+            ClientFault::HeaderReadTimeout,
+            peer,
+            &format_args!("closing connection: no complete request head within {timeout:?}"),
+        ),
+        Err(Expiry::Idle) => client_fault(
+            ClientFault::Stalled,
+            peer,
+            &"closing connection: no byte moved either way for the idle timeout with a response in flight",
+        ),
     }
 }
 
-/// The waker handed to a connection's watch: notes that the watch has something to say and
-/// wakes the connection's task.
-struct WatchWake {
+/// Counts and logs a connection that hyper ended with an error: the requests it refused itself
+/// (400, 431) and HTTP/2 protocol errors are client faults; a connection reset is not.
+fn connection_error(error: &hyper::Error, peer: SocketAddr) {
+    let h2 = std::error::Error::source(error).and_then(|source| source.downcast_ref::<h2::Error>());
+    let fault = if error.is_parse_too_large() {
+        Some(ClientFault::HeaderTooLarge)
+    } else if error.is_parse() {
+        Some(ClientFault::BadRequest)
+    } else if let Some(h2) = h2 {
+        // Errors the library detected (floods, malformed frames) end in our GOAWAY.
+        (h2.is_library() || h2.is_go_away() && h2.reason() != Some(h2::Reason::NO_ERROR))
+            .then_some(ClientFault::H2Protocol)
+    } else {
+        None
+    };
+    match fault {
+        Some(fault) => client_fault(fault, peer, &format_args!("connection ended: {error}")),
+        None => tracing::debug!(%peer, "connection ended with an error: {error}"),
+    }
+}
+
+/// How a connection's watch reaches its task: the watch's wake-ups, and a graceful finish that
+/// the connection's service asks for (the request cap).
+pub(super) struct WatchWake {
     woken: AtomicBool,
     task: AtomicWaker,
+    requested: AtomicBool,
+}
+
+impl WatchWake {
+    pub(super) fn new() -> Arc<WatchWake> {
+        Arc::new(WatchWake {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+            requested: AtomicBool::new(false),
+        })
+    }
+
+    /// Asks the connection to finish gracefully (HTTP/2: GOAWAY).
+    pub(super) fn request_finish(self: &Arc<Self>) {
+        self.requested.store(true, Ordering::Relaxed);
+        std::task::Wake::wake_by_ref(self);
+    }
 }
 
 impl std::task::Wake for WatchWake {
@@ -281,18 +346,15 @@ impl ConnectionWatch {
         ConnectionWatch { idle, activity, head, tick, seen_activity, seen_requests: (0, now) }
     }
 
-    /// Resolves when the header-read timeout has run out (never, for HTTP/2).
-    async fn head_timeout(&mut self) -> Duration {
-        loop {
-            if let Expiry::HeadTimeout(timeout) = self.expired(false).await {
-                return timeout;
-            }
-        }
+    /// From now on, idle time counts from now.
+    fn restart_idle(&mut self) {
+        self.seen_activity.1 = Instant::now();
     }
 
-    /// Resolves when a timeout has run out; with `idle` false, only the header-read timeout.
-    async fn expired(&mut self, idle: bool) -> Expiry {
-        if !idle && self.head.is_none() {
+    /// Resolves when a timeout has run out: the header-read timeout, or no I/O for `idle`
+    /// (`None`: only the header-read timeout, never for HTTP/2).
+    async fn expired(&mut self, idle: Option<Duration>) -> Expiry {
+        if idle.is_none() && self.head.is_none() {
             return std::future::pending().await;
         }
         loop {
@@ -300,7 +362,7 @@ impl ConnectionWatch {
             let activity = self.activity.load(Ordering::Relaxed);
             if activity != self.seen_activity.0 {
                 self.seen_activity = (activity, now);
-            } else if idle && now.duration_since(self.seen_activity.1) >= self.idle {
+            } else if idle.is_some_and(|idle| now.duration_since(self.seen_activity.1) >= idle) {
                 return Expiry::Idle;
             }
             if let Some((timeout, requests)) = &self.head {

@@ -189,8 +189,10 @@ pub enum After {
 /// How many `GET /together` requests the scripted upstream holds until all have arrived.
 pub const TOGETHER: usize = 5;
 
-/// A raw HTTP/1.1 upstream: for each request head it reads (bodies are read by Content-Length
-/// only), `script` gives the exact response bytes, keyed by the request line.
+/// A raw HTTP/1.1 upstream: for each request head it reads, `script` gives the exact response
+/// bytes, keyed by the request line. Bodies are read by Content-Length, or to the end of a
+/// chunked body, whose text (trailers too) is kept after its head in `heads`; a request to a
+/// path starting `/ignore-body` is answered without reading its body, as some apps do.
 pub struct ScriptedUpstream {
     pub url: String,
     connections: Arc<AtomicUsize>,
@@ -231,14 +233,24 @@ impl ScriptedUpstream {
                             })
                             .and_then(|v| v.parse::<usize>().ok())
                             .unwrap_or(0);
-                        while buf.len() < length {
-                            if !read_more(&mut tcp, &mut buf).await {
-                                return;
+                        let request_line = head.lines().next().unwrap_or("").to_owned();
+                        let mut record = head.clone();
+                        if request_line.split(' ').nth(1).is_some_and(|p| p.starts_with("/ignore-body")) {
+                            // The body stays in the buffer, to be read as the next request.
+                        } else if head.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked\r\n") {
+                            let Some(end) = read_chunked(&mut tcp, &mut buf).await else { return };
+                            record.push_str(&String::from_utf8_lossy(&buf[..end]));
+                            buf.drain(..end);
+                        } else {
+                            while buf.len() < length {
+                                if !read_more(&mut tcp, &mut buf).await {
+                                    return;
+                                }
                             }
+                            buf.drain(..length);
                         }
-                        buf.drain(..length);
-                        seen.lock().unwrap().push(head.clone());
-                        let request_line = head.lines().next().unwrap_or("");
+                        seen.lock().unwrap().push(record);
+                        let request_line = request_line.as_str();
                         if request_line.starts_with("GET /together ") {
                             together.wait().await;
                         }
@@ -271,6 +283,41 @@ async fn read_head(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option
         if !read_more(tcp, buf).await {
             return None;
         }
+    }
+}
+
+/// Reads until a complete chunked body, trailers included, is in `buf`; returns its length.
+/// `None`: closed, or not chunked framing.
+async fn read_chunked(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let Some(line) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+            if !read_more(tcp, buf).await {
+                return None;
+            }
+            continue;
+        };
+        let size_text = String::from_utf8_lossy(&buf[at..at + line]).into_owned();
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                let rest = &buf[at + line..];
+                if let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+                    return Some(at + line + end + 4);
+                }
+                if !read_more(tcp, buf).await {
+                    return None;
+                }
+            }
+        }
+        let next = at + line + 2 + size + 2;
+        while buf.len() < next {
+            if !read_more(tcp, buf).await {
+                return None;
+            }
+        }
+        at = next;
     }
 }
 
