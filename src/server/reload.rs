@@ -204,6 +204,10 @@ impl Reloader {
                     tracing::error!("cannot watch {} for changes ({e}); reload with SIGHUP instead", dir.display());
                 }
                 self.watch = Some(watch);
+                // A file replaced after the files were last read but before this watch existed
+                // was seen by no watch (the old one listened for other names): look once more.
+                // A look that finds nothing new changes and counts nothing.
+                let _ = self.triggers.send(Trigger::FileChange);
             }
             Err(e) => tracing::error!("cannot watch files for changes ({e}); reload with SIGHUP instead"),
         }
