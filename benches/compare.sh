@@ -369,9 +369,14 @@ start_sidecar() {  # sets SIDECAR_PID
     # No load balancer has to stop sending here first: on SIGTERM it drains at once instead of
     # accepting for the default 5 s, which outlasted cleanup's wait (it then got SIGKILL). No
     # request cap per connection, as nginx's keepalive_requests above: h2load does not reconnect.
+    # An older binary (SIDECAR_BIN from before the cap existed) has no such flag and no cap.
+    local uncapped=""
+    if "$SIDECAR_BIN" proxy --help 2>/dev/null | grep -q -- --max-requests-per-connection; then
+        uncapped="--max-requests-per-connection 1000000"
+    fi
     # shellcheck disable=SC2086
     "$SIDECAR_BIN" proxy --upstream "http://127.0.0.1:$UP" --listen "127.0.0.1:$SC" \
-        --cert "$WORK/tls/ec.crt" --key "$WORK/tls/ec.key" --log-level warn --shutdown-delay 0s --max-requests-per-connection 1000000 ${SIDECAR_ARGS:-} \
+        --cert "$WORK/tls/ec.crt" --key "$WORK/tls/ec.key" --log-level warn --shutdown-delay 0s $uncapped ${SIDECAR_ARGS:-} \
         >>"$WORK/sidecar.log" 2>&1 &
     SIDECAR_PID=$!
     STARTED+=("$SIDECAR_PID")
