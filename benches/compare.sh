@@ -484,13 +484,15 @@ to_ms() {
 measure() {
     local scenario=$1 who=$2 tool=$3; shift 3
     local pids app_pids out log="$WORK/$scenario.$who.log"
-    mapfile -t pids < <(pids_of "$(main_of "$who")")
-    mapfile -t app_pids < <(pids_of "$UP_MAIN")
     if [ "$tool" = wrk ]; then
         timeout $((WARM + 10)) wrk -d"${WARM}s" "$@" >/dev/null 2>&1 || true
     else
         timeout $((WARM + 10)) h2load -D "$WARM" "$@" >/dev/null 2>&1 || true
     fi
+    # Read after the warm-up and again after the run: a worker that died and was replaced
+    # meanwhile would take its CPU out of the count, and its successor's would be missed.
+    mapfile -t pids < <(pids_of "$(main_of "$who")")
+    mapfile -t app_pids < <(pids_of "$UP_MAIN")
     reset_hwm "${pids[@]}"
     local before after app_before app_after
     app_before=$(cpu_ticks "${app_pids[@]}")
@@ -502,6 +504,9 @@ measure() {
     fi
     after=$(cpu_ticks "${pids[@]}")
     app_after=$(cpu_ticks "${app_pids[@]}")
+    local same_proxy=1 same_app=1
+    [ "$(pids_of "$(main_of "$who")" | sort)" = "$(printf '%s\n' "${pids[@]}" | sort)" ] || same_proxy=0
+    [ "$(pids_of "$UP_MAIN" | sort)" = "$(printf '%s\n' "${app_pids[@]}" | sort)" ] || same_app=0
     R[$scenario.$who.hwm]=$(status_kb VmHWM "${pids[@]}")
     printf '%s\n' "$out" >"$WORK/$scenario.$who.out"
 
@@ -536,6 +541,8 @@ measure() {
     else
         R[$scenario.$who.cpu]=nan R[$scenario.$who.app]=nan
     fi
+    if [ $same_proxy = 0 ]; then say "  $scenario/$who: the proxy's processes changed during the run: CPU not counted"; R[$scenario.$who.cpu]=nan; fi
+    if [ $same_app = 0 ]; then say "  $scenario/$who: the app's processes changed during the run: app CPU not counted"; R[$scenario.$who.app]=nan; fi
     say "  $scenario/$who: ${R[$scenario.$who.rps]} req/s, p50 ${R[$scenario.$who.p50]} ms, p99 ${R[$scenario.$who.p99]} ms, ${R[$scenario.$who.cpu]} us CPU/req (app ${R[$scenario.$who.app]}), $errs errors"
 }
 
@@ -559,7 +566,9 @@ settle() {
     local s=$1 who=$2 n f values errs=0 hwm=0
     for f in rps p50 p99 reqs cpu app; do
         values=$(for ((n = 1; n <= ROUNDS; n++)); do echo "${R[$s.$who.r$n.$f]}"; done)
-        R[$s.$who.$f]=$(sort -g <<<"$values" | awk -v m=$(((ROUNDS + 1) / 2)) 'NR == m')
+        # A round that could not be counted (nan) is left out; with none left, nan.
+        R[$s.$who.$f]=$(grep -vx nan <<<"$values" | sort -g |
+            awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else print v[int((NR + 1) / 2)] }')
         R[$s.$who.$f.rounds]=$(paste -sd' ' <<<"$values")
     done
     for ((n = 1; n <= ROUNDS; n++)); do
