@@ -38,7 +38,7 @@ struct Range {
 }
 
 /// Why a watch stream ended.
-enum WatchEnd {
+pub(crate) enum WatchEnd {
     Shutdown,
     Compacted,
     Failed { message: String, stalled: bool },
@@ -269,13 +269,8 @@ impl EtcdSource {
                     false,
                 );
             }
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line = buffer.split_to(end + 1);
-                let line = line.trim_ascii();
-                if line.is_empty() {
-                    continue;
-                }
-                match self.on_message(line, revision, out, backoff).await {
+            while let Some(line) = next_line(&mut buffer) {
+                match self.on_message(line.trim_ascii(), revision, out, backoff).await {
                     Ok(true) => {}
                     Ok(false) => return WatchEnd::Shutdown,
                     Err(end) => return end,
@@ -292,6 +287,21 @@ impl EtcdSource {
         out: &Outbox,
         backoff: &mut Backoff,
     ) -> Result<bool, WatchEnd> {
+        match self.read_message(line, revision, backoff)? {
+            Some(msg) => Ok(out.send(msg).await),
+            None => Ok(true),
+        }
+    }
+
+    /// What one watch response says (`None`: nothing to pass on), with `revision` and
+    /// `backoff` brought up to date; `Err` ends the stream. Without I/O, so that the fuzz
+    /// target reaches it.
+    pub(crate) fn read_message(
+        &self,
+        line: &[u8],
+        revision: &mut Option<i64>,
+        backoff: &mut Backoff,
+    ) -> Result<Option<SourceMsg>, WatchEnd> {
         let failed = |message: String| WatchEnd::Failed { message, stalled: false };
         let message: Value = serde_json::from_slice(line)
             .map_err(|e| failed(self.protocol(format!("watch message is not JSON: {e}")).to_string()))?;
@@ -302,7 +312,7 @@ impl EtcdSource {
                 error.get("message").and_then(Value::as_str).unwrap_or("unknown error")
             )));
         }
-        let Some(result) = message.get("result") else { return Ok(true) };
+        let Some(result) = message.get("result") else { return Ok(None) };
         if result.get("canceled").and_then(Value::as_bool) == Some(true) {
             if result.get("compact_revision").and_then(int).unwrap_or(0) > 0 {
                 return Err(WatchEnd::Compacted);
@@ -344,6 +354,18 @@ impl EtcdSource {
             *revision = Some(revision.map_or(r, |old| old.max(r)));
         }
         // Only the last event matters: a burst in one message becomes one change.
-        Ok(out.send(msg.unwrap_or(SourceMsg::Unchanged)).await)
+        Ok(Some(msg.unwrap_or(SourceMsg::Unchanged)))
     }
+}
+
+/// Takes the next line of the watch stream that has anything on it (etcd's gateway ends each
+/// JSON message with a newline); `None` until one has arrived whole.
+pub(crate) fn next_line(buffer: &mut BytesMut) -> Option<BytesMut> {
+    while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+        let line = buffer.split_to(end + 1);
+        if !line.trim_ascii().is_empty() {
+            return Some(line);
+        }
+    }
+    None
 }

@@ -7,7 +7,7 @@ use http::header::{ETAG, IF_NONE_MATCH};
 use http::{HeaderValue, Method, StatusCode, Uri};
 
 use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
-use crate::sync::client::{self, HttpClient};
+use crate::sync::client::{self, HttpClient, Reply};
 use crate::sync::spec::SyncSpec;
 use crate::sync::write::short_hash;
 
@@ -22,7 +22,7 @@ pub struct HttpSource {
 }
 
 /// What one poll saw.
-enum Poll {
+pub(crate) enum Poll {
     Changed(Fetched),
     NotModified,
 }
@@ -65,6 +65,14 @@ impl HttpSource {
             }
             other => SourceError::Client(other),
         })?;
+        self.read_reply(reply)
+    }
+
+    /// What a reply to a poll says, with the ETag kept for the next one. Without I/O, so that
+    /// the fuzz target reaches it.
+    pub(crate) fn read_reply(&mut self, reply: Reply) -> Result<Poll, SourceError> {
+        let peer = client::peer_of(&self.url);
+        let what = self.url.path().to_owned();
         match reply.status {
             StatusCode::NOT_MODIFIED if self.etag.is_some() => Ok(Poll::NotModified),
             StatusCode::NOT_FOUND => Err(SourceError::Missing { peer, what }),
