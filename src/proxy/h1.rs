@@ -380,6 +380,10 @@ pub fn decode_chunked(
     loop {
         match *state {
             ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                // Refused whole as in pieces: the limit must not depend on how the line arrived.
+                Ok(httparse::Status::Complete((line, _))) if line > MAX_CHUNK_LINE => {
+                    return Err(ProtocolError::Chunked("chunk size line too long"))
+                }
                 Ok(httparse::Status::Complete((line, size))) => {
                     buf.advance(line);
                     *state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
@@ -416,6 +420,9 @@ pub fn decode_chunked(
                 }
                 let mut fields = [httparse::EMPTY_HEADER; 32];
                 match httparse::parse_headers(buf, &mut fields) {
+                    Ok(httparse::Status::Complete((len, _))) if len > max_trailers => {
+                        return Err(ProtocolError::Chunked("trailers too large"))
+                    }
                     Ok(httparse::Status::Complete((len, fields))) => {
                         let mut trailers = HeaderMap::with_capacity(fields.len());
                         for field in fields.iter() {
@@ -653,6 +660,31 @@ mod tests {
         for input in [&b"zz\r\nab\r\n"[..], b"2\r\nabXY", b"10000000000000000\r\n"] {
             assert!(matches!(decode_all(input), Err(ProtocolError::Chunked(_))), "{input:?}");
         }
+    }
+
+    #[test]
+    fn chunk_lines_and_trailers_over_the_limit_are_refused_however_they_arrive() {
+        // Found by fuzz/h1_chunked: arriving whole, they used to pass the limit that refuses
+        // them when they arrive in pieces.
+        let whole = |input: &[u8], max_trailers: usize| {
+            let (mut state, mut buf) = (ChunkState::Size, BytesMut::from(input));
+            loop {
+                match decode_chunked(&mut state, &mut buf, max_trailers)? {
+                    Decoded::End | Decoded::More => return Ok(()),
+                    Decoded::Data(_) | Decoded::Trailers(_) => {}
+                }
+            }
+        };
+        let trailers = format!("0\r\nx: {}\r\n\r\n", "y".repeat(1100));
+        assert!(matches!(decode_all(trailers.as_bytes()), Err(ProtocolError::Chunked("trailers too large"))));
+        assert!(matches!(whole(trailers.as_bytes(), 1024), Err(ProtocolError::Chunked("trailers too large"))));
+        let line = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE));
+        assert!(matches!(whole(line.as_bytes(), 1024), Err(ProtocolError::Chunked("chunk size line too long"))));
+        // Right at the limits, both pass.
+        let trailers = format!("0\r\nx: {}\r\n\r\n", "y".repeat(1024 - 7));
+        assert!(decode_all(trailers.as_bytes()).is_ok() && whole(trailers.as_bytes(), 1024).is_ok());
+        let line = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE - 4));
+        assert!(whole(line.as_bytes(), 1024).is_ok());
     }
 
     #[test]
