@@ -194,7 +194,7 @@ impl EtcdSource {
             Ok(uri) => uri,
             Err(e) => return failed(e.to_string(), false),
         };
-        let body = json!({ "create_request": { "key": self.key_b64, "start_revision": (seen + 1).to_string(), "progress_notify": true } });
+        let body = json!({ "create_request": { "key": self.key_b64, "start_revision": seen.saturating_add(1).to_string(), "progress_notify": true } });
         let request = client::request(Method::POST, &uri, body.to_string());
         let response = match self.client.open_stream(request, self.timeout).await {
             Ok(r) => r,
@@ -347,7 +347,8 @@ impl EtcdSource {
                 "etcd {}: watching {} from revision {}",
                 self.peer(),
                 self.what(),
-                revision.unwrap_or(0) + 1
+                // The server's revision, up to i64::MAX: the next one must not overflow.
+                revision.unwrap_or(0).saturating_add(1)
             );
         }
         if let Some(r) = header_revision {
@@ -368,4 +369,39 @@ pub(crate) fn next_line(buffer: &mut BytesMut) -> Option<BytesMut> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::spec::SourceSpec;
+
+    fn source() -> EtcdSource {
+        let argv = ["sidecar", "sync", "--source", "etcd://127.0.0.1:2379/k", "--dest", "/tmp/sidecar-test/k"];
+        let crate::cli::Command::Sync(args) = crate::cli::parse_from(argv).unwrap().command else {
+            unreachable!("a sync command line")
+        };
+        let spec = SyncSpec::from_args(&args).unwrap();
+        let SourceSpec::Etcd { base, key } = &spec.source else { unreachable!("an etcd source") };
+        EtcdSource::new(&spec, base, key)
+    }
+
+    #[test]
+    fn the_largest_revision_a_server_can_claim_does_not_overflow() {
+        // Found by fuzz/etcd_watch: after a header with revision i64::MAX, a `created` message
+        // overflowed computing the next revision for its log line (a panic in debug builds).
+        let source = source();
+        let (mut revision, mut backoff) = (None, Backoff::new(Duration::from_secs(1)));
+        let logging = tracing_subscriber::fmt().with_max_level(tracing::Level::DEBUG).with_writer(std::io::sink);
+        tracing::subscriber::with_default(logging.finish(), || {
+            for line in [
+                &br#"{"result":{"header":{"revision":"9223372036854775807"}}}"#[..],
+                br#"{"result":{"header":{"revision":"9223372036854775807"},"created":true}}"#,
+            ] {
+                let msg = source.read_message(line, &mut revision, &mut backoff);
+                assert!(matches!(msg, Ok(Some(SourceMsg::Unchanged))), "{}", String::from_utf8_lossy(line));
+            }
+        });
+        assert_eq!(revision, Some(i64::MAX));
+    }
 }
