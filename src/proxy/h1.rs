@@ -284,8 +284,12 @@ impl<'h> Fields<'h> {
                 }
                 17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
                     fields.transfer_encoding = true;
-                    let last = value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
-                    fields.chunked_last = last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+                    // The last coding named; empty list elements do not count (RFC 9110
+                    // §5.6.1), so `chunked,` ends in chunked, as does a later empty field.
+                    let mut codings = value.rsplit(|&b| b == b',').map(<[u8]>::trim_ascii);
+                    if let Some(last) = codings.find(|c| !c.is_empty()) {
+                        fields.chunked_last = last.eq_ignore_ascii_case(b"chunked");
+                    }
                     true
                 }
                 10 if name.eq_ignore_ascii_case(b"connection") => {
@@ -549,6 +553,21 @@ mod tests {
         assert_eq!((until_close.framing, until_close.keep_alive), (Framing::UntilClose, false));
         let gzip_only = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", Method::GET).unwrap().unwrap();
         assert_eq!((gzip_only.framing, gzip_only.keep_alive), (Framing::UntilClose, false));
+    }
+
+    #[test]
+    fn the_last_coding_is_the_last_one_named_not_an_empty_list_element() {
+        // Found by fuzz/h1_response: `chunked,` was read until close, and the chunk framing
+        // went to the client as if it were the body.
+        let framing = |text: &str| parse(text, Method::GET).unwrap().unwrap().framing;
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n"), Framing::Chunked);
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked , ,\r\n\r\n"), Framing::Chunked);
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: \r\n\r\n"),
+            Framing::Chunked
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip,\r\n\r\n"), Framing::UntilClose);
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: ,\r\n\r\n"), Framing::UntilClose);
     }
 
     #[test]
