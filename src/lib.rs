@@ -13,6 +13,10 @@ pub mod config;
 pub mod devca;
 pub mod devcert;
 pub mod file_watch;
+// The fuzz targets' one way in (fuzz/). Always compiled, not only under cfg(fuzzing), so that
+// a change that breaks it fails the normal build and clippy rather than the next fuzz run.
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
