@@ -452,6 +452,12 @@ impl Tls {
     }
 }
 
+/// How many certificates the PEM reader the TLS code uses finds in `pem`.
+pub fn pem_certificates(pem: &[u8]) -> usize {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem).count()
+}
+
 fn inputs(cert: &Path, key: &Path, client_ca: Option<&Path>) -> crate::tls::TlsInputs {
     crate::tls::TlsInputs {
         default: crate::tls::CertPair { cert: cert.to_owned(), key: key.to_owned() },

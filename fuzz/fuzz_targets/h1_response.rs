@@ -188,9 +188,10 @@ fn check_head(head: &ResponseHead, raw: &[u8], method: &Method) {
             }
             Framing::Chunked => {
                 assert!(!no_body && lengths.is_empty(), "chunked with a Content-Length");
-                let last = named("transfer-encoding").last().map(|f| f.value).unwrap_or_default();
+                // Empty list elements do not count (RFC 9110 §5.6.1): `chunked,` ends in chunked.
+                let last = codings.iter().rev().find(|c| !c.is_empty());
                 assert!(
-                    last.rsplit(|&b| b == b',').next().is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked")),
+                    last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")),
                     "chunked, but chunked is not the last coding: {codings:?}"
                 );
             }

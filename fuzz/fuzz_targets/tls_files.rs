@@ -17,7 +17,7 @@ use std::sync::LazyLock;
 
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
-use sidecar::fuzz_api::Tls;
+use sidecar::fuzz_api::{pem_certificates, Tls};
 use sidecar_fuzz::{scratch_dir, split};
 
 static TLS: LazyLock<Tls> = LazyLock::new(|| Tls::new().expect("a TLS context"));
@@ -32,11 +32,6 @@ fn pem(label: &str, der: &[u8]) -> Vec<u8> {
     }
     out.extend_from_slice(format!("-----END {label}-----\n").as_bytes());
     out
-}
-
-/// How many certificates a PEM bundle holds, as a reader that skips nothing would count them.
-fn certificates(bundle: &[u8]) -> usize {
-    split(bundle, b"-----BEGIN CERTIFICATE-----").len() - 1
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -63,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
     let checked = TLS.check(&cert_path, &key_path, ca_path);
     assert_eq!(checked.pair.as_ref().ok(), in_memory.as_ref().ok(), "memory and files disagree");
     if let Some(Ok(listed)) = &checked.client_ca {
-        assert_eq!(listed.len(), certificates(&ca), "the client CA bundle is listed short");
+        assert_eq!(listed.len(), pem_certificates(&ca), "the client CA bundle is listed short");
     }
     let built = TLS.build(&cert_path, &key_path, ca_path);
     let check_passes = checked.pair.is_ok() && !matches!(checked.client_ca, Some(Err(_)));
