@@ -169,15 +169,16 @@ fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<crate
 
 /// clap's message on one line, without its usage hints (which speak of a command line).
 fn first_error_line(rendered: &str) -> String {
-    rendered
+    let line = rendered
         .lines()
         .map(str::trim)
         .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
-        .join(" ")
-        .trim_start_matches("error: ")
-        .to_owned()
+        .join(" ");
+    // clap quotes a value as given: a CR in it, which `lines` does not split at, is escaped.
+    let line = line.trim_start_matches("error: ");
+    line.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
 }
 
 /// `line L, column C: message`: toml's own rendering spans several lines, a log line must not.
@@ -216,6 +217,16 @@ mod tests {
         assert!(problems.iter().all(|p| !p.contains(['\n', '\r'])), "{problems:?}");
         assert!(problems[0].contains("no option `p\\rq`"), "{problems:?}");
         assert!(problems[1].contains("unknown table [a\\nb]"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_value_with_a_line_break_is_reported_on_one_line() {
+        // Found by fuzz/config_toml: clap's message quotes the value, CR included.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[[sync]]\nsource = \"dtec://h/a\\rb\"\ndest = \"/tmp/x\"\n").unwrap();
+        let message = load_sync_sections(&path).unwrap_err().to_string();
+        assert!(!message.contains(['\r', '\n']) && message.contains("dtec://h/a\\rb"), "{message:?}");
     }
 
     #[test]
