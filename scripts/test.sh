@@ -14,3 +14,6 @@ else
     echo "clippy not installed: lint check skipped" >&2
 fi
 cargo test --locked --all-targets "$@"
+# A fuzzing smoke run: every target in fuzz/ builds, replays its seeds and fuzzes for a few
+# seconds; a crash or a broken invariant fails like a test (README.md, Fuzzing).
+scripts/fuzz.sh "${FUZZ_SECONDS:-10}"

@@ -35,6 +35,10 @@ pub mod cli;
 pub mod config;
 mod devca;
 mod devcert;
+// The fuzz targets' one way in (fuzz/). Always compiled, not only under cfg(fuzzing), so that
+// a change that breaks it fails the normal build and clippy rather than the next fuzz run.
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod metrics;
 pub mod proxy;
 mod proxy_protocol;

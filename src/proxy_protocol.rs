@@ -296,8 +296,7 @@ impl V2Prelude {
 
 /// Parses a whole v2 header held in memory (fixed part, addresses, TLVs) and returns it with
 /// the number of bytes it takes; what follows in `bytes` is not looked at.
-#[cfg(test)]
-fn parse_v2(bytes: &[u8]) -> Result<(Header, usize), ProxyHeaderError> {
+pub(crate) fn parse_v2(bytes: &[u8]) -> Result<(Header, usize), ProxyHeaderError> {
     let prelude =
         V2Prelude::parse(bytes.get(..V2_FIXED_LEN).ok_or(ProxyHeaderError::Truncated { received: bytes.len() })?)?;
     let total = V2_FIXED_LEN + prelude.len;

@@ -498,7 +498,11 @@ impl TlsContext {
         let bad = |reason: String| TlsError::BadClientCa { path: path.to_owned(), reason };
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem) {
-            roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+            let cert = cert.map_err(|e| bad(e.to_string()))?;
+            // webpki keeps a trust anchor's name and key without parsing them: a certificate
+            // broken there would be trusted, yet left out of what `sidecar check` lists.
+            cert_info(&cert).map_err(|e| bad(format!("a certificate in it is not valid X.509: {e}")))?;
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
         }
         if roots.is_empty() {
             return Err(bad("no PEM certificate in it".to_owned()));
@@ -553,4 +557,39 @@ pub(crate) fn client_subject(peer_certificates: Option<&[CertificateDer<'static>
     let leaf = peer_certificates?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     Some(cert.subject().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    fn pem(der: &[u8]) -> Vec<u8> {
+        let text = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = text.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).unwrap()).collect();
+        format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n")).into_bytes()
+    }
+
+    #[test]
+    fn a_client_ca_certificate_whose_key_does_not_parse_is_refused() {
+        // Found by fuzz/tls_files: such a certificate was trusted, and `sidecar check` listed
+        // the bundle without it.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        // The P-256 public key's BIT STRING (tag 3, 66 bytes) made an OCTET STRING.
+        let at = der.windows(3).position(|w| w == [0x03, 0x42, 0x00]).expect("a P-256 public key");
+        let mut broken = der.clone();
+        broken[at] = 0x04;
+
+        let context = TlsContext::new().unwrap();
+        let path = Path::new("ca.pem");
+        assert!(context.client_verifier(path, &pem(&der), ClientAuth::Require).is_ok());
+        match context.client_verifier(path, &pem(&broken), ClientAuth::Require) {
+            Err(TlsError::BadClientCa { reason, .. }) => assert!(reason.contains("not valid X.509"), "{reason}"),
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("a CA certificate with a broken key was trusted"),
+        }
+    }
 }

@@ -14,11 +14,13 @@ pub enum FileError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {} is not valid TOML: {message}", path.display())]
     Parse { path: PathBuf, message: String },
-    #[error("config file {}: unknown table [{table}] (known: [proxy], [[sync]])", path.display())]
+    // Keys are shown escaped: a quoted TOML key may hold a line break, and the message is one
+    // log line.
+    #[error("config file {}: unknown table [{}] (known: [proxy], [[sync]])", path.display(), table.escape_debug())]
     UnknownTable { path: PathBuf, table: String },
-    #[error("config file {}: [proxy] has no option `{key}` (see `sidecar proxy --help`)", path.display())]
+    #[error("config file {}: [proxy] has no option `{}` (see `sidecar proxy --help`)", path.display(), key.escape_debug())]
     UnknownKey { path: PathBuf, key: String },
-    #[error("config file {}: `{key}` must be a string, number or boolean", path.display())]
+    #[error("config file {}: `{}` must be a string, number or boolean", path.display(), key.escape_debug())]
     BadValue { path: PathBuf, key: String },
     #[error("config file {}: `sync` must be an array of tables, written [[sync]]", path.display())]
     SyncNotArray { path: PathBuf },
@@ -141,6 +143,7 @@ fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<SyncA
         let mut argv: Vec<String> = Vec::new();
         for (key, value) in options {
             let long = key.replace('_', "-");
+            let key = key.escape_debug();
             let arg = command
                 .get_arguments()
                 .find(|a| a.get_long() == Some(long.as_str()) && !PROCESS_ONLY.contains(&long.as_str()))
@@ -173,15 +176,16 @@ fn load_sync_sections_from(path: &Path, table: &toml::Table) -> Result<Vec<SyncA
 
 /// clap's message on one line, without its usage hints (which speak of a command line).
 fn first_error_line(rendered: &str) -> String {
-    rendered
+    let line = rendered
         .lines()
         .map(str::trim)
         .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
-        .join(" ")
-        .trim_start_matches("error: ")
-        .to_owned()
+        .join(" ");
+    // clap quotes a value as given: a CR in it, which `lines` does not split at, is escaped.
+    let line = line.trim_start_matches("error: ");
+    line.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
 }
 
 /// `line L, column C: message`: toml's own rendering spans several lines, a log line must not.
@@ -208,6 +212,29 @@ fn scalar_strings(value: &toml::Value) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_with_a_line_break_is_reported_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[\"a\\nb\"]\n[proxy]\n\"x\\ny\" = 1\nlisten = {}\n[[sync]]\n\"p\\rq\" = 1\n").unwrap();
+        let found = read_proxy_defaults(&path).unwrap();
+        let problems: Vec<String> = found.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems.iter().all(|p| !p.contains(['\n', '\r'])), "{problems:?}");
+        assert!(problems[0].contains("no option `p\\rq`"), "{problems:?}");
+        assert!(problems[1].contains("unknown table [a\\nb]"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_value_with_a_line_break_is_reported_on_one_line() {
+        // Found by fuzz/config_toml: clap's message quotes the value, CR included.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[[sync]]\nsource = \"dtec://h/a\\rb\"\ndest = \"/tmp/x\"\n").unwrap();
+        let message = load_sync_sections(&path).unwrap_err().to_string();
+        assert!(!message.contains(['\r', '\n']) && message.contains("dtec://h/a\\rb"), "{message:?}");
+    }
 
     #[test]
     fn every_problem_is_collected_and_the_proxy_still_gets_the_first() {

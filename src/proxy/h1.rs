@@ -302,8 +302,12 @@ impl<'h> Fields<'h> {
                 }
                 17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
                     fields.transfer_encoding = true;
-                    let last = value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
-                    fields.chunked_last = last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+                    // The last coding named; empty list elements do not count (RFC 9110
+                    // §5.6.1), so `chunked,` ends in chunked, as does a later empty field.
+                    let mut codings = value.rsplit(|&b| b == b',').map(<[u8]>::trim_ascii);
+                    if let Some(last) = codings.find(|c| !c.is_empty()) {
+                        fields.chunked_last = last.eq_ignore_ascii_case(b"chunked");
+                    }
                     true
                 }
                 10 if name.eq_ignore_ascii_case(b"connection") => {
@@ -398,6 +402,10 @@ pub(crate) fn decode_chunked(
     loop {
         match *state {
             ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                // Refused whole as in pieces: the limit must not depend on how the line arrived.
+                Ok(httparse::Status::Complete((line, _))) if line > MAX_CHUNK_LINE => {
+                    return Err(ProtocolError::Chunked("chunk size line too long"))
+                }
                 Ok(httparse::Status::Complete((line, size))) => {
                     buf.advance(line);
                     *state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
@@ -434,6 +442,9 @@ pub(crate) fn decode_chunked(
                 }
                 let mut fields = [httparse::EMPTY_HEADER; 32];
                 match httparse::parse_headers(buf, &mut fields) {
+                    Ok(httparse::Status::Complete((len, _))) if len > max_trailers => {
+                        return Err(ProtocolError::Chunked("trailers too large"))
+                    }
                     Ok(httparse::Status::Complete((len, fields))) => {
                         let mut trailers = HeaderMap::with_capacity(fields.len());
                         for field in fields.iter() {
@@ -563,6 +574,21 @@ mod tests {
     }
 
     #[test]
+    fn the_last_coding_is_the_last_one_named_not_an_empty_list_element() {
+        // Found by fuzz/h1_response: `chunked,` was read until close, and the chunk framing
+        // went to the client as if it were the body.
+        let framing = |text: &str| parse(text, Method::GET).unwrap().unwrap().framing;
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n"), Framing::Chunked);
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked , ,\r\n\r\n"), Framing::Chunked);
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: \r\n\r\n"),
+            Framing::Chunked
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip,\r\n\r\n"), Framing::UntilClose);
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: ,\r\n\r\n"), Framing::UntilClose);
+    }
+
+    #[test]
     fn ambiguous_or_invalid_lengths_are_refused() {
         for text in [
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -671,6 +697,31 @@ mod tests {
         for input in [&b"zz\r\nab\r\n"[..], b"2\r\nabXY", b"10000000000000000\r\n"] {
             assert!(matches!(decode_all(input), Err(ProtocolError::Chunked(_))), "{input:?}");
         }
+    }
+
+    #[test]
+    fn chunk_lines_and_trailers_over_the_limit_are_refused_however_they_arrive() {
+        // Found by fuzz/h1_chunked: arriving whole, they used to pass the limit that refuses
+        // them when they arrive in pieces.
+        let whole = |input: &[u8], max_trailers: usize| {
+            let (mut state, mut buf) = (ChunkState::Size, BytesMut::from(input));
+            loop {
+                match decode_chunked(&mut state, &mut buf, max_trailers)? {
+                    Decoded::End | Decoded::More => return Ok(()),
+                    Decoded::Data(_) | Decoded::Trailers(_) => {}
+                }
+            }
+        };
+        let trailers = format!("0\r\nx: {}\r\n\r\n", "y".repeat(1100));
+        assert!(matches!(decode_all(trailers.as_bytes()), Err(ProtocolError::Chunked("trailers too large"))));
+        assert!(matches!(whole(trailers.as_bytes(), 1024), Err(ProtocolError::Chunked("trailers too large"))));
+        let line = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE));
+        assert!(matches!(whole(line.as_bytes(), 1024), Err(ProtocolError::Chunked("chunk size line too long"))));
+        // Right at the limits, both pass.
+        let trailers = format!("0\r\nx: {}\r\n\r\n", "y".repeat(1024 - 7));
+        assert!(decode_all(trailers.as_bytes()).is_ok() && whole(trailers.as_bytes(), 1024).is_ok());
+        let line = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE - 4));
+        assert!(whole(line.as_bytes(), 1024).is_ok());
     }
 
     #[test]

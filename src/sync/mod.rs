@@ -8,7 +8,7 @@
 //! API. This is the engine only: `app` runs it, one destination alone for `sidecar sync`, every
 //! `[[sync]]` table of the config file beside `sidecar proxy`.
 
-mod client;
+pub(crate) mod client;
 pub mod hash;
 pub(crate) mod history;
 mod notify;

@@ -10,15 +10,25 @@ use http::Uri;
 
 use crate::sys::atomic_file::file_identity;
 
+// Names and paths are shown escaped: one with a line break must not split the message, which
+// is a log line or a line of `sidecar check`.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("sync {name}: --dest {} has no file name", dest.display())]
+    #[error("sync {}: --dest {} has no file name", name.escape_debug(), dest.display().to_string().escape_debug())]
     NoFileName { name: String, dest: PathBuf },
-    #[error("sync name `{0}` may only hold letters, digits, `.`, `_` and `-` (it is used in admin URLs)")]
+    #[error(
+        "sync name `{}` may only hold letters, digits, `.`, `_` and `-` (it is used in admin URLs)",
+        .0.escape_debug()
+    )]
     BadName(String),
     #[error("two sync destinations are named `{0}`; give each a distinct --name")]
     DuplicateName(String),
-    #[error("two sync destinations write {}: {} and {}", file.display(), first.display(), second.display())]
+    #[error(
+        "two sync destinations write {}: {} and {}",
+        file.display().to_string().escape_debug(),
+        first.display().to_string().escape_debug(),
+        second.display().to_string().escape_debug()
+    )]
     DuplicateDest { file: PathBuf, first: PathBuf, second: PathBuf },
     #[error("sync {name}: --max-quiet ({max}) is shorter than --min-quiet ({min})")]
     QuietOrder { name: String, min: String, max: String },
@@ -335,6 +345,26 @@ mod tests {
         for bad in ["etcd://h:1", "etcd:///k", "gopher://h/k", "file://rel", "", "consul://h:1/k?wait=0s"] {
             assert!(parse_source(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn a_name_or_path_with_a_line_break_stays_on_one_line() {
+        // Found by fuzz/config_toml: a [[sync]] dest with a CR in it named the destination, and
+        // the error about that name took two lines.
+        let spec = |dest: &str| {
+            let argv = ["sidecar", "sync", "--source", "/tmp/s", "--dest", dest];
+            let crate::cli::Command::Sync(args) = crate::cli::parse_from(argv).unwrap().command else {
+                unreachable!("a sync command line")
+            };
+            args.to_spec()
+        };
+        let message = spec("/tmp/a\rb").unwrap_err().to_string();
+        assert!(message.starts_with("sync name `a\\rb` may only hold"), "{message}");
+        let message = spec("/tmp/a\nb/..").unwrap_err().to_string();
+        assert!(message.contains("--dest /tmp/a\\nb/.. has no file name"), "{message}");
+        let message =
+            SpecError::DuplicateDest { file: "/tmp/a\nb".into(), first: "/x".into(), second: "/y".into() }.to_string();
+        assert_eq!(message, "two sync destinations write /tmp/a\\nb: /x and /y");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{Method, StatusCode, Uri};
 
 use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
-use crate::sync::client::{self, ClientError, HttpClient};
+use crate::sync::client::{self, ClientError, HttpClient, Reply};
 use crate::sync::spec::SyncSpec;
 
 pub(crate) struct ConsulSource {
@@ -25,7 +25,7 @@ pub(crate) struct ConsulSource {
     retry_max: Duration,
 }
 
-enum Answer {
+pub(crate) enum Answer {
     Value { fetched: Fetched },
     Unchanged,
 }
@@ -91,6 +91,14 @@ impl ConsulSource {
                 other => SourceError::Client(other),
             },
         )?;
+        self.read_reply(reply, blocking)
+    }
+
+    /// What a reply to a query says, with the index brought up to date. Without I/O, so that
+    /// the fuzz target reaches it.
+    pub(crate) fn read_reply(&mut self, reply: Reply, blocking: bool) -> Result<Answer, SourceError> {
+        let peer = client::peer_of(&self.base);
+        let what = format!("key {}", self.key);
         let index = reply
             .headers
             .get("x-consul-index")

@@ -8,7 +8,7 @@ use http::header::{CONTENT_LENGTH, ETAG, IF_NONE_MATCH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
 use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
-use crate::sync::client::{self, ClientError, HttpClient};
+use crate::sync::client::{self, ClientError, HttpClient, Reply};
 use crate::sync::hash::short_hash;
 use crate::sync::spec::SyncSpec;
 
@@ -23,7 +23,7 @@ pub(crate) struct HttpSource {
 }
 
 /// What one poll saw.
-enum Poll {
+pub(crate) enum Poll {
     Changed(Fetched),
     NotModified,
 }
@@ -66,6 +66,14 @@ impl HttpSource {
             }
             other => SourceError::Client(other),
         })?;
+        self.read_reply(reply)
+    }
+
+    /// What a reply to a poll says, with the ETag kept for the next one. Without I/O, so that
+    /// the fuzz target reaches it.
+    pub(crate) fn read_reply(&mut self, reply: Reply) -> Result<Poll, SourceError> {
+        let peer = client::peer_of(&self.url);
+        let what = self.url.path().to_owned();
         match reply.status {
             StatusCode::NOT_MODIFIED if self.etag.is_some() => Ok(Poll::NotModified),
             StatusCode::NOT_FOUND => Err(SourceError::Missing { peer, what }),
