@@ -7,6 +7,8 @@
 //!   If-None-Match); without one it is refused;
 //! - a success passes the body on untouched, its revision the ETag when there is one, else a
 //!   hash of the body (the same body, the same revision);
+//! - a success whose body was ended only by the connection closing (neither Content-Length
+//!   nor chunked framing) is refused: a body cut short cannot be told from a whole one;
 //! - 404 is "missing", other failures are refused.
 #![no_main]
 
@@ -21,11 +23,15 @@ fuzz_target!(|data: &[u8]| {
     for reply in replies(data) {
         let (status, body) = (reply.status, reply.body.clone());
         let etag = reply.headers.get("etag").cloned();
+        let chunked = reply.headers.get_all("transfer-encoding").iter().any(|v| {
+            v.to_str().is_ok_and(|v| v.to_ascii_lowercase().trim_end().ends_with("chunked"))
+        });
+        let framed = chunked || reply.headers.contains_key("content-length");
         let step = polls.reply(reply.status, reply.headers, reply.body);
         match step {
             SourceStep::Unchanged => assert!(status == 304 && etag_sent, "unchanged without If-None-Match"),
             SourceStep::Value { content, revision } => {
-                assert!(status.is_success(), "a value from {status}");
+                assert!(status.is_success() && framed, "a value from {status}, framed: {framed}");
                 assert_eq!(content, body, "the value is not the body");
                 match &etag {
                     Some(etag) => assert_eq!(revision, format!("etag {}", etag.to_str().unwrap_or("?"))),
@@ -40,8 +46,12 @@ fuzz_target!(|data: &[u8]| {
                     let _ = check_content(&content, format);
                 }
             }
+            SourceStep::Failed(message) if status.is_success() => {
+                assert!(!framed, "a framed success refused: {message}");
+                assert!(message.contains("neither Content-Length nor chunked"), "{message}");
+            }
             SourceStep::Failed(message) => {
-                assert!(!status.is_success() && !(status == 304 && etag_sent), "refused: {message}");
+                assert!(!(status == 304 && etag_sent), "refused: {message}");
                 assert_eq!(status == 404, message.contains("does not exist"), "{status}: {message}");
             }
             other => panic!("an HTTP reply gave {other:?}"),
