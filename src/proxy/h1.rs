@@ -150,13 +150,10 @@ pub fn parse_response(
         let fields = Fields::read(response.headers)?;
         let framing = fields.framing(status, method)?;
         // HTTP/1.0 with Transfer-Encoding is faulty framing: read as sent, then closed (RFC 9112
-        // §6.1).
+        // §6.1). `close` wins over `keep-alive` when a 1.0 head names both (RFC 9112 §9.3).
         let keep_alive = framing != Framing::UntilClose
-            && if version == Version::HTTP_10 {
-                fields.connection_keep_alive && !fields.transfer_encoding
-            } else {
-                !fields.connection_close
-            };
+            && !fields.connection_close
+            && (version != Version::HTTP_10 || (fields.connection_keep_alive && !fields.transfer_encoding));
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
 
         let base = buf.as_ptr() as usize;
@@ -663,6 +660,10 @@ mod tests {
         assert!(!keep("HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 1\r\n\r\n"));
         assert!(!keep("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"));
         assert!(keep("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n"));
+        // Found by fuzz/h1_response: a 1.0 head naming both was kept alive, so the next request
+        // went to a connection the app was closing.
+        assert!(!keep("HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 1\r\n\r\n"));
+        assert!(!keep("HTTP/1.0 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n"));
     }
 
     fn decode_all(input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>, bool), ProtocolError> {
