@@ -12,6 +12,7 @@ pub(crate) mod client;
 pub mod hash;
 pub(crate) mod history;
 mod notify;
+mod pace;
 mod process;
 mod shell;
 pub(crate) mod source;
@@ -99,9 +100,10 @@ impl SyncManager {
             let (source_tx, source_rx) = mpsc::channel(16);
             let (command_tx, command_rx) = mpsc::channel(4);
             tracing::info!(
-                "sync {}: {} -> {}{}",
+                "sync {}: {}{} -> {}{}",
                 spec.name,
                 spec.source,
+                spec.source_auth.describe().map(|a| format!(" ({a})")).unwrap_or_default(),
                 spec.dest.display(),
                 if spec.dest.exists() { "" } else { " (does not exist yet)" }
             );
