@@ -52,6 +52,8 @@ fn the_rate_applies_n_changes_per_window_and_coalesces_the_rest_into_one_later_a
     let status = sync.wait_status("app.conf", "no change waiting", T, |s| s["pacing"]["next_apply_at"].is_null());
     assert_eq!(status["counters"]["writes"], 3, "{status:#}");
     assert_eq!(status["counters"]["coalesced"], 2, "{status:#}");
+    let (_, metrics) = http_exchange(sync.admin, "GET", "/metrics", &[], "").expect("GET /metrics");
+    assert!(metrics.contains("sidecar_sync_coalesced_total{destination=\"app.conf\"} 2"), "{metrics}");
     let log = sync.proc.logs.text();
     assert!(!log.contains("\"v3\"") && !log.contains("\"v4\""), "{log}");
     eprintln!("paced apply {applied_after:?} after the first of the window (rate 2/5s)");
