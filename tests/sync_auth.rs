@@ -56,6 +56,8 @@ async fn etcd_with_auth_a_wrong_password_a_rotation_an_expired_token_and_a_revok
         SyncCommand::new(&source, &dest)
             .arg("--source-user", "app")
             .arg("--source-password-file", secret.path("password"))
+            // The most the log says: the secrets must not be in it either.
+            .arg("--log-level", "debug")
             .min_quiet("50ms")
             .retry_max("300ms")
             .source_timeout("2s")
@@ -107,6 +109,9 @@ async fn etcd_with_auth_a_wrong_password_a_rotation_an_expired_token_and_a_revok
         assert_ne!(status["state"], "synced", "{status:#}");
         etcd.put(KEY, "five");
         assert_eq!(read_text(&dest), "four");
+        let (_, all) = http_exchange(sync.admin, "GET", "/status", &[], "").expect("GET /status");
+        assert!(all.contains("permission denied"), "/status shows the error: {all}");
+        assert!(sync.proc.logs.text().contains("authenticated as user app"), "{}", sync.proc.logs.text());
         assert_no_secret(&visible(&sync), &[PASSWORD, ROTATED_PASSWORD, WRONG_PASSWORD, ROOT_PASSWORD]);
     });
 }
