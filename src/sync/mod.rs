@@ -107,6 +107,13 @@ impl SyncManager {
                 spec.dest.display(),
                 if spec.dest.exists() { "" } else { " (does not exist yet)" }
             );
+            if spec.source_auth.sent_in_clear(&spec.source) {
+                tracing::warn!(
+                    "sync {}: credentials go to {} over plain HTTP and can be read on the network; use TLS (etcd+https://, consul+https://, https://)",
+                    spec.name,
+                    spec.source
+                );
+            }
             tasks.push(tokio::spawn(source.run(source_tx, shutdown.clone())));
             tasks.push(tokio::spawn(worker.run(source_rx, command_rx, shutdown.clone())));
             destinations.push(Destination { name: spec.name.clone(), status, commands: command_tx });

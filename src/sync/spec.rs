@@ -324,6 +324,20 @@ impl SourceAuth {
         }
     }
 
+    /// A password or token that would cross the network in clear text: sent over plain HTTP
+    /// to a host that is not loopback. Worth a warning, not a refusal (a mesh may encrypt).
+    pub(crate) fn sent_in_clear(&self, source: &SourceSpec) -> bool {
+        let base = match source {
+            SourceSpec::Etcd { base, .. } | SourceSpec::Consul { base, .. } => base,
+            SourceSpec::Http { url } => url,
+            SourceSpec::File { .. } => return false,
+        };
+        let host = base.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let secret = self.password_file.is_some() || self.token_file.is_some() || !self.headers.is_empty();
+        secret && base.scheme_str() == Some("http") && !loopback
+    }
+
     /// For status and `sidecar check`: what is used, never the secrets.
     pub(crate) fn describe(&self) -> Option<String> {
         let mut parts = Vec::new();
@@ -542,6 +556,12 @@ mod tests {
             let message = spec(argv).unwrap_err().to_string();
             assert!(message.contains(refusal) && !message.contains("pw-in-url"), "{argv:?}: {message}");
         }
+        let clear = |source: &str| {
+            let auth = SourceAuth { token_file: Some("/t".into()), ..SourceAuth::default() };
+            auth.sent_in_clear(&parse_source(source).unwrap())
+        };
+        assert!(clear("http://config.internal/c") && clear("consul://10.0.0.1:8500/k"));
+        assert!(!clear("https://config.internal/c") && !clear("http://127.0.0.1:1/c") && !clear("etcd://[::1]:1/k"));
         assert!(parse_source_header("X-Tenant blue").is_err());
         assert!(parse_source_header("Host: evil").is_err());
         assert!(!parse_source_header("X-A: bad\u{7f}value").unwrap_err().contains("bad"));
