@@ -36,6 +36,7 @@ fn the_rate_applies_n_changes_per_window_and_coalesces_the_rest_into_one_later_a
     let waiting =
         sync.wait_status("app.conf", "a change waiting for its slot", T, |s| s["pacing"]["next_apply_at"].is_string());
     let next_apply_at = waiting["pacing"]["next_apply_at"].as_str().unwrap().to_owned();
+    assert_eq!(waiting["state"], "paced", "the file is behind the source: {waiting:#}");
     for (i, value) in ["v4", "v5"].iter().enumerate() {
         replace_file(&source, value);
         sync.wait_status("app.conf", "coalesced", T, |s| s["counters"]["coalesced"] == i as u64 + 1);
@@ -50,6 +51,7 @@ fn the_rate_applies_n_changes_per_window_and_coalesces_the_rest_into_one_later_a
     assert!(applied_after >= Duration::from_millis(4800), "applied {applied_after:?} after the first");
     assert!(applied_after < Duration::from_secs(8), "applied {applied_after:?} after the first");
     let status = sync.wait_status("app.conf", "no change waiting", T, |s| s["pacing"]["next_apply_at"].is_null());
+    assert_eq!(status["state"], "synced", "{status:#}");
     assert_eq!(status["counters"]["writes"], 3, "{status:#}");
     assert_eq!(status["counters"]["coalesced"], 2, "{status:#}");
     let (_, metrics) = http_exchange(sync.admin, "GET", "/metrics", &[], "").expect("GET /metrics");

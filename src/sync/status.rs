@@ -14,6 +14,9 @@ pub(crate) enum SyncState {
     Synced,
     /// The source cannot be read; the file on disk is kept.
     NotSynced,
+    /// A newer version waits for its slot (--max-apply-rate, --apply-jitter); the file holds
+    /// the one before. `pacing.next_apply_at` says when.
+    Paced,
     /// A watch or long poll went silent and was reconnected.
     Stalled,
     /// The source's value was refused (empty, too large, invalid, check failed): not written.

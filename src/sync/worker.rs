@@ -238,7 +238,7 @@ impl Worker {
                             }
                         }
                         SourceMsg::Unchanged => {
-                            if pending.is_none() && retry.is_none() && self.started {
+                            if pending.is_none() && retry.is_none() && paced.is_none() && self.started {
                                 let settled = self.settled;
                                 self.update(|s| match settled {
                                     SyncState::Synced => s.synced(),
@@ -273,6 +273,8 @@ impl Worker {
                             let at = pacer.slot(Instant::now());
                             paced = Some((value, at, rfc3339_at(at)));
                             self.show_pacing(&mut pacer, paced.as_ref());
+                            // Not `synced`: the source holds a version the file does not.
+                            self.update(|s| s.state = SyncState::Paced);
                             None
                         }
                         other => other,
