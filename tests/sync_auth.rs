@@ -92,8 +92,12 @@ async fn etcd_with_auth_a_wrong_password_a_rotation_an_expired_token_and_a_revok
 
         // The password is changed in etcd and in the Secret: the change of users makes etcd
         // refuse the old token ("auth store is old"); the new password is read and works.
+        let logins = || sync.proc.logs.text().matches("authenticated as user app").count();
+        let before = logins();
         etcd.change_password("app", ROTATED_PASSWORD);
         secret.set("password", ROTATED_PASSWORD);
+        // The watch's silence check meets the refusal and logs in again, with the new password.
+        wait_until("a login with the rotated password", T, || logins() > before);
         etcd.put(KEY, "four");
         wait_for_content(&dest, "four", T);
 
