@@ -83,8 +83,8 @@ fn jitter_delays_each_apply_within_its_bound() {
     eprintln!("applies after {delays:?} with --apply-jitter 1500ms");
     // The bound plus the quiet time and the file watch's own delay.
     assert!(delays.iter().all(|d| *d < Duration::from_millis(1500 + 700)), "{delays:?}");
-    // Random: four draws within 1.5s are not all alike (the chance they fall within 50ms of
-    // each other is about (0.07)^3).
+    // Random: four draws within 1.5s are not all alike (the chance that they all fall within
+    // 50ms of each other is about 4 * (50/1500)^3, 1.5 in 10 000).
     let (min, max) = (delays.iter().min().unwrap(), delays.iter().max().unwrap());
     assert!(*max - *min > Duration::from_millis(50), "{delays:?}");
 }
