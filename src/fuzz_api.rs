@@ -229,9 +229,11 @@ fn spec(source: SourceSpec, max_size: u64) -> SyncSpec {
         max_quiet: Duration::ZERO,
         max_size,
         source_timeout: Duration::from_secs(1),
-        source_ca: None,
+        source_auth: Default::default(),
         retry_max: Duration::from_secs(1),
         require_source: false,
+        max_apply_rate: None,
+        apply_jitter: Duration::ZERO,
     }
 }
 

@@ -305,6 +305,13 @@ impl Collector for LiveCollector {
             )?;
             let writes: Vec<_> = statuses.iter().map(|s| (name(s), s.counters.writes)).collect();
             counter_family(&mut encoder, "sync_writes", "New versions written to the destination", &writes)?;
+            let coalesced: Vec<_> = statuses.iter().map(|s| (name(s), s.counters.coalesced)).collect();
+            counter_family(
+                &mut encoder,
+                "sync_coalesced",
+                "Changes replaced by a newer one while waiting for their paced apply (--max-apply-rate, --apply-jitter)",
+                &coalesced,
+            )?;
         }
         Ok(())
     }

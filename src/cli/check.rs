@@ -22,11 +22,12 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Command, CommandFactory, FromArgMatches, ValueEnum};
 use time::OffsetDateTime;
 
-use super::file::read_proxy_defaults;
+use super::file::{load_sync_sections, read_proxy_defaults};
 use super::{parse_from, Cli, CliError, ProxyArgs};
 use crate::admin;
 use crate::config::{CertSource, ProxyConfig, Upstream};
 use crate::devcert;
+use crate::sync::client::check_source_auth;
 use crate::tls::{CertInfo, LoadedCert, TlsContext};
 
 /// A certificate closer than this to its expiry is reported as a warning.
@@ -226,6 +227,9 @@ pub(crate) fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
         report.summary.push(format!(
             "sync        {sync_tables} [[sync]] destination(s) in the config file (sources not contacted)"
         ));
+        if let Some(path) = &config_path {
+            check_sync_tables(path, &mut report);
+        }
     }
     let level = resolved.try_get_one::<String>("log_level").ok().flatten().cloned().unwrap_or_default();
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
@@ -242,6 +246,21 @@ pub(crate) fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
         }
     }
     Ok(report)
+}
+
+/// Each [[sync]] table's source and credentials: the files are read and the client
+/// certificate loaded, the secrets never shown, the source never contacted.
+fn check_sync_tables(path: &std::path::Path, report: &mut Report) {
+    // Problems with the tables themselves were reported with the file's.
+    let Ok(sections) = load_sync_sections(path) else { return };
+    for section in sections {
+        let Ok(spec) = section.to_spec() else { continue };
+        let auth = spec.source_auth.describe().map(|a| format!(" ({a})")).unwrap_or_default();
+        report.summary.push(format!("  {}: {}{auth} -> {}", spec.name, spec.source, spec.dest.display()));
+        for problem in check_source_auth(&spec.source_auth) {
+            report.problems.push(format!("sync {}: {problem}", spec.name));
+        }
+    }
 }
 
 fn days_left(not_after: OffsetDateTime) -> i64 {

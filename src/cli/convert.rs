@@ -4,7 +4,7 @@
 use super::{ProxyArgs, SyncArgs};
 use crate::config::{CertSource, Limits, ProxyConfig, Timeouts, UpstreamPolicy};
 use crate::devcert::default_state_dir;
-use crate::sync::spec::{default_history_dir, name_of, NotifySpec, SpecError, SyncSpec};
+use crate::sync::spec::{default_history_dir, name_of, NotifySpec, SourceAuth, SpecError, SyncSpec};
 
 impl ProxyArgs {
     /// The proxy's configuration snapshot.
@@ -82,9 +82,19 @@ impl SyncArgs {
             max_quiet: self.max_quiet,
             max_size: self.max_size,
             source_timeout: self.source_timeout,
-            source_ca: self.source_ca.clone(),
+            source_auth: SourceAuth {
+                user: self.source_user.clone(),
+                password_file: self.source_password_file.clone(),
+                token_file: self.source_token_file.clone(),
+                cert: self.source_cert.clone(),
+                key: self.source_key.clone(),
+                ca: self.source_ca.clone(),
+                headers: self.source_header.clone(),
+            },
             retry_max: self.retry_max,
             require_source: self.require_source,
+            max_apply_rate: self.max_apply_rate,
+            apply_jitter: self.apply_jitter,
             name,
         };
         spec.check()?;

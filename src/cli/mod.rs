@@ -21,7 +21,10 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use crate::access_log::{parse_target, AccessLogFormat, AccessLogTarget};
 use crate::config::{parse_cert_pair, parse_upstream, ForwardedPolicy, Upstream, RESTART_ONLY};
 use crate::devca::DEFAULT_NAMES;
-use crate::sync::spec::{parse_http_url, parse_signal, parse_source, SignalName, SourceSpec, ValidateFormat};
+use crate::sync::spec::{
+    parse_apply_rate, parse_http_url, parse_signal, parse_source, parse_source_header, ApplyRate, SignalName,
+    SourceHeader, SourceSpec, ValidateFormat,
+};
 use crate::sys::logging::LogFormat;
 use crate::sys::trust_store::TrustStore;
 use crate::tls::{CertPair, ClientAuth};
@@ -121,6 +124,16 @@ const SYNC_AFTER_HELP: &str = "\
 Sources: etcd://HOST:PORT/KEY (etcd v3, read then watched), consul://HOST:PORT/KEY[?wait=5m]
 (Consul KV blocking queries), http(s)://URL (polled with If-None-Match), file:///PATH or a path
 (watched; a mounted ConfigMap's ..data swap is seen). etcd+https:// and consul+https:// use TLS.
+
+Credentials come from files (a mounted Secret), read when used so a rotation is picked up:
+  etcd:    --source-user app --source-password-file /run/secrets/etcd/password
+           --source-cert c.pem --source-key k.pem --source-ca ca.pem  (--client-cert-auth)
+  consul:  --source-token-file /run/secrets/consul/token               (X-Consul-Token)
+  http(s): --source-token-file FILE (Bearer), or --source-user + --source-password-file
+           (Basic), plus --source-header 'X-Tenant: blue' (repeatable)
+Secrets never appear in logs, /status, /sync or errors. Pace a fleet's reloads with
+--max-apply-rate 3/1m (more changes are coalesced into the next allowed apply) and
+--apply-jitter 20s.
 
 On each change: compare by SHA-256 with the file on disk (equal: nothing happens), validate,
 write atomically (temp file, fsync, rename, fsync the directory; mode and owner kept), keep a
@@ -234,6 +247,47 @@ pub struct SyncArgs {
     /// PEM CA bundle for https sources [default: the system bundle]
     #[arg(long, env = "SIDECAR_SYNC_SOURCE_CA", value_name = "FILE")]
     pub source_ca: Option<PathBuf>,
+
+    /// etcd user (its token comes from /v3/auth/authenticate and is renewed when etcd says it
+    /// expired), or the user of HTTP Basic auth for an http(s) source; with --source-password-file
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_USER", value_name = "NAME", requires = "source_password_file")]
+    pub source_user: Option<String>,
+
+    /// File holding the password of --source-user (a mounted Secret); read when it is needed,
+    /// so a rotated Secret is picked up. Never logged or shown
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_PASSWORD_FILE", value_name = "FILE", requires = "source_user")]
+    pub source_password_file: Option<PathBuf>,
+
+    /// File holding a token: Consul's ACL token (sent as X-Consul-Token) or, for an http(s)
+    /// source, a bearer token (Authorization: Bearer). Read for every request, so a rotated
+    /// Secret is used at once. Never logged or shown
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_TOKEN_FILE", value_name = "FILE", conflicts_with = "source_user")]
+    pub source_token_file: Option<PathBuf>,
+
+    /// PEM client certificate for TLS to the source (etcd --client-cert-auth, mutual TLS);
+    /// with --source-key. Reloaded when the files change
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_CERT", value_name = "FILE", requires = "source_key")]
+    pub source_cert: Option<PathBuf>,
+
+    /// PEM private key of --source-cert
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_KEY", value_name = "FILE", requires = "source_cert")]
+    pub source_key: Option<PathBuf>,
+
+    /// An extra request header for an http(s) source, `Name: value`; repeat for more. Values
+    /// are never shown (they may be API keys)
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_HEADER", value_name = "HEADER", value_parser = parse_source_header)]
+    pub source_header: Vec<SourceHeader>,
+
+    /// Apply at most N changes per DURATION (e.g. 3/1m); changes beyond that wait for the next
+    /// allowed apply and are coalesced into it (the newest value wins). The first value at
+    /// start is applied at once and counts
+    #[arg(long, env = "SIDECAR_SYNC_MAX_APPLY_RATE", value_name = "N/DURATION", value_parser = parse_apply_rate)]
+    pub max_apply_rate: Option<ApplyRate>,
+
+    /// Delay each apply of a change by a random time up to this, so that a fleet watching one
+    /// key does not reload at the same instant (not the first apply at start)
+    #[arg(long, env = "SIDECAR_SYNC_APPLY_JITTER", value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub apply_jitter: Duration,
 
     /// Longest wait between retries of a failing source or write (exponential from 200ms,
     /// with jitter)

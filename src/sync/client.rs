@@ -18,7 +18,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use super::spec::SourceAuth;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ClientError {
@@ -30,12 +32,116 @@ pub(crate) enum ClientError {
     Tls { peer: String, source: std::io::Error },
     #[error("{peer} did not answer within {}", human_duration(*timeout))]
     Timeout { peer: String, timeout: Duration },
-    #[error("HTTP exchange with {peer} failed: {source}")]
-    Http { peer: String, source: hyper::Error },
+    #[error("HTTP exchange with {peer} failed: {}{}", with_causes(source), tls_hint(source, *client_cert))]
+    Http { peer: String, source: hyper::Error, client_cert: bool },
     #[error("response from {peer} is larger than {limit} bytes")]
     TooLarge { peer: String, limit: u64 },
     #[error("cannot read CA bundle {}: {message}", path.display())]
     Ca { path: PathBuf, message: String },
+    #[error("cannot use client certificate --source-cert {} with --source-key {}: {message}", cert.display(), key.display())]
+    ClientCert { cert: PathBuf, key: PathBuf, message: String },
+    // Never the content: it is a secret.
+    #[error("{option} {}: {message}", path.display())]
+    Secret { option: &'static str, path: PathBuf, message: String },
+}
+
+/// hyper's message and what caused it: "connection error" alone does not say that the server
+/// refused the client certificate.
+fn with_causes(error: &hyper::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
+/// A TLS alert from the server right after the handshake is how TLS 1.3 servers refuse a
+/// client certificate.
+fn tls_hint(error: &hyper::Error, client_cert: bool) -> &'static str {
+    let text = with_causes(error);
+    if !text.contains("alert") {
+        ""
+    } else if client_cert {
+        " (the server refused the TLS connection: is --source-cert signed by a CA it trusts?)"
+    } else {
+        " (the server refused the TLS connection: does it want a client certificate? give --source-cert and --source-key)"
+    }
+}
+
+/// A secret read from a file: never shown, not even by `Debug`.
+#[derive(Clone)]
+pub(crate) struct Secret(String);
+
+impl Secret {
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// As a header value marked sensitive (hpack and hyper's Debug leave it out).
+    pub(crate) fn header(&self, prefix: &str) -> HeaderValue {
+        let mut value = HeaderValue::from_str(&format!("{prefix}{}", self.0))
+            .expect("read_secret lets through only characters valid in a header");
+        value.set_sensitive(true);
+        value
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// Reads a password or token file, as mounted from a Kubernetes Secret. It is read on every
+/// use rather than watched: opening the path follows the `..data` symlink of the moment, so a
+/// rotation is seen by the next request with no event to miss, and a read of a small file is
+/// nothing next to the request it goes with. A final line break (`echo token > file`) is not
+/// part of the secret.
+pub(crate) fn read_secret(path: &Path, option: &'static str) -> Result<Secret, ClientError> {
+    let fail = |message: String| ClientError::Secret { option, path: path.to_owned(), message };
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let text = String::from_utf8(bytes).map_err(|_| fail("is not UTF-8 text".into()))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.is_empty() {
+        return Err(fail("is empty".into()));
+    }
+    if text.chars().any(|c| c.is_control() || !c.is_ascii()) {
+        return Err(fail("holds a line break, a control character or non-ASCII text (not shown)".into()));
+    }
+    Ok(Secret(text.to_owned()))
+}
+
+/// What `sidecar check` can tell about a source's credentials without contacting it: each file
+/// is readable and usable (the certificate and key load and match). Secrets are not shown.
+pub(crate) fn check_source_auth(auth: &SourceAuth) -> Vec<ClientError> {
+    let mut problems = Vec::new();
+    for (path, option) in [(&auth.password_file, "--source-password-file"), (&auth.token_file, "--source-token-file")] {
+        if let Some(path) = path {
+            if let Err(e) = read_secret(path, option) {
+                problems.push(e);
+            }
+        }
+    }
+    if auth.cert.is_some() || auth.ca.is_some() {
+        if let Err(e) = HttpClient::for_source(auth).tls_config() {
+            problems.push(e);
+        }
+    }
+    problems
+}
+
+/// Device, inode, modification time and length: a change of any means a new file.
+type FileStamp = (u64, u64, std::time::SystemTime, u64);
+
+/// What identifies a file's content without reading it.
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.dev(), meta.ino(), meta.modified().ok()?, meta.len()))
 }
 
 impl ClientError {
@@ -53,8 +159,11 @@ pub(crate) struct Reply {
 }
 
 pub(crate) struct HttpClient {
-    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The TLS configuration, with the stamps of the files it was made from.
+    tls: Option<(Arc<rustls::ClientConfig>, Vec<Option<FileStamp>>)>,
     ca_file: Option<PathBuf>,
+    /// `--source-cert` and `--source-key`.
+    client_cert: Option<(PathBuf, PathBuf)>,
     idle: Option<(String, SendRequest<Full<Bytes>>)>,
 }
 
@@ -65,12 +174,34 @@ const SYSTEM_BUNDLES: [&str; 3] =
 impl HttpClient {
     /// `ca_file` is read the first time an https URL is used.
     pub(crate) fn new(ca_file: Option<&Path>) -> HttpClient {
-        HttpClient { tls: None, ca_file: ca_file.map(Path::to_owned), idle: None }
+        HttpClient { tls: None, ca_file: ca_file.map(Path::to_owned), client_cert: None, idle: None }
     }
 
+    /// A client for the source: its CA and, when given, its client certificate.
+    pub(crate) fn for_source(auth: &SourceAuth) -> HttpClient {
+        let client_cert = match (&auth.cert, &auth.key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            _ => None,
+        };
+        HttpClient { client_cert, ..HttpClient::new(auth.ca.as_deref()) }
+    }
+
+    fn tls_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.ca_file.iter().cloned().collect();
+        if let Some((cert, key)) = &self.client_cert {
+            files.extend([cert.clone(), key.clone()]);
+        }
+        files
+    }
+
+    /// Made on the first https connection and again when the CA, certificate or key file has
+    /// changed (a renewed client certificate is used by the next connection).
     fn tls_config(&mut self) -> Result<Arc<rustls::ClientConfig>, ClientError> {
-        if let Some(config) = &self.tls {
-            return Ok(config.clone());
+        let stamps: Vec<_> = self.tls_files().iter().map(|p| file_stamp(p)).collect();
+        if let Some((config, made_from)) = &self.tls {
+            if *made_from == stamps {
+                return Ok(config.clone());
+            }
         }
         let path = match &self.ca_file {
             Some(path) => path.clone(),
@@ -89,14 +220,29 @@ impl HttpClient {
             return Err(ca_error("holds no certificate".into()));
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| ca_error(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut config = match &self.client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let fail = |message: String| ClientError::ClientCert { cert: cert.clone(), key: key.clone(), message };
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| fail(format!("certificate: {e}")))?;
+                if chain.is_empty() {
+                    return Err(fail("the certificate file holds no certificate".into()));
+                }
+                let private = PrivateKeyDer::from_pem_file(key).map_err(|e| fail(format!("key: {e}")))?;
+                builder.with_client_auth_cert(chain, private).map_err(|e| fail(e.to_string()))?
+            }
+        };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let config = Arc::new(config);
-        self.tls = Some(config.clone());
+        // Stamped before reading would miss a change made while reading; after is close enough
+        // for files that change once in weeks, and the next change is seen either way.
+        self.tls = Some((config.clone(), stamps));
         Ok(config)
     }
 
@@ -111,7 +257,8 @@ impl HttpClient {
             .await
             .map_err(|source| ClientError::Connect { peer: peer.clone(), source })?;
         let _ = tcp.set_nodelay(true);
-        let http = |source| ClientError::Http { peer: peer.clone(), source };
+        let client_cert = self.client_cert.is_some();
+        let http = |source| ClientError::Http { peer: peer.clone(), source, client_cert };
         if https {
             let config = self.tls_config()?;
             let name = ServerName::try_from(host.clone())
@@ -139,11 +286,14 @@ impl HttpClient {
     ) -> Result<Response<Incoming>, ClientError> {
         let uri = request.uri().clone();
         let peer = peer_of(&uri);
+        let client_cert = self.client_cert.is_some();
         let exchange = async {
             let mut send = self.connect(&uri).await?;
-            send.send_request(origin_form(request)?)
-                .await
-                .map_err(|source| ClientError::Http { peer: peer.clone(), source })
+            send.send_request(origin_form(request)?).await.map_err(|source| ClientError::Http {
+                peer: peer.clone(),
+                source,
+                client_cert,
+            })
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -160,6 +310,7 @@ impl HttpClient {
     ) -> Result<Reply, ClientError> {
         let uri = request.uri().clone();
         let peer = peer_of(&uri);
+        let client_cert = self.client_cert.is_some();
         let key =
             format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
         let (parts, body) = request.into_parts();
@@ -194,11 +345,13 @@ impl HttpClient {
                 Ok(response) => response,
                 Err(e) if reused && (e.is_closed() || e.is_incomplete_message() || e.is_canceled()) => {
                     send = self.connect(&uri).await?;
-                    send.send_request(build()?)
-                        .await
-                        .map_err(|source| ClientError::Http { peer: peer.clone(), source })?
+                    send.send_request(build()?).await.map_err(|source| ClientError::Http {
+                        peer: peer.clone(),
+                        source,
+                        client_cert,
+                    })?
                 }
-                Err(source) => return Err(ClientError::Http { peer: peer.clone(), source }),
+                Err(source) => return Err(ClientError::Http { peer: peer.clone(), source, client_cert }),
             };
             let (head, body) = response.into_parts();
             let body = read_limited(body, max_body, &peer).await?;
@@ -216,7 +369,7 @@ impl HttpClient {
 pub(crate) async fn read_limited(mut body: Incoming, limit: u64, peer: &str) -> Result<Bytes, ClientError> {
     let mut buffer = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|source| ClientError::Http { peer: peer.to_owned(), source })?;
+        let frame = frame.map_err(|source| ClientError::Http { peer: peer.to_owned(), source, client_cert: false })?;
         if let Some(data) = frame.data_ref() {
             if buffer.len() as u64 + data.len() as u64 > limit {
                 return Err(ClientError::TooLarge { peer: peer.to_owned(), limit });

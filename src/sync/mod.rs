@@ -12,6 +12,7 @@ pub(crate) mod client;
 pub mod hash;
 pub(crate) mod history;
 mod notify;
+mod pace;
 mod process;
 mod shell;
 pub(crate) mod source;
@@ -99,12 +100,20 @@ impl SyncManager {
             let (source_tx, source_rx) = mpsc::channel(16);
             let (command_tx, command_rx) = mpsc::channel(4);
             tracing::info!(
-                "sync {}: {} -> {}{}",
+                "sync {}: {}{} -> {}{}",
                 spec.name,
                 spec.source,
+                spec.source_auth.describe().map(|a| format!(" ({a})")).unwrap_or_default(),
                 spec.dest.display(),
                 if spec.dest.exists() { "" } else { " (does not exist yet)" }
             );
+            if spec.source_auth.sent_in_clear(&spec.source) {
+                tracing::warn!(
+                    "sync {}: credentials go to {} over plain HTTP and can be read on the network; use TLS (etcd+https://, consul+https://, https://)",
+                    spec.name,
+                    spec.source
+                );
+            }
             tasks.push(tokio::spawn(source.run(source_tx, shutdown.clone())));
             tasks.push(tokio::spawn(worker.run(source_rx, command_rx, shutdown.clone())));
             destinations.push(Destination { name: spec.name.clone(), status, commands: command_tx });

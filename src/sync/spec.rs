@@ -34,6 +34,8 @@ pub enum SpecError {
     QuietOrder { name: String, min: String, max: String },
     #[error("sync {name}: --history-keep must be at least 1")]
     HistoryKeep { name: String },
+    #[error("sync {name}: {message}")]
+    Auth { name: String, message: String },
 }
 
 /// Where a destination's content comes from.
@@ -224,6 +226,162 @@ impl NotifySpec {
     }
 }
 
+/// `--source-header 'Name: value'`: an extra request header for an http(s) source. The value
+/// may be a secret (an API key): it is never shown, only the name.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SourceHeader {
+    pub(crate) name: http::HeaderName,
+    pub(crate) value: http::HeaderValue,
+}
+
+impl fmt::Debug for SourceHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: [redacted]", self.name)
+    }
+}
+
+pub(crate) fn parse_source_header(s: &str) -> Result<SourceHeader, String> {
+    let Some((name, value)) = s.split_once(':') else {
+        return Err("expected `Name: value` (e.g. `X-Api-Version: 2`)".into());
+    };
+    let name: http::HeaderName =
+        name.trim().parse().map_err(|_| format!("`{}` is not a header name", name.trim().escape_debug()))?;
+    if matches!(name.as_str(), "host" | "content-length" | "transfer-encoding" | "connection" | "if-none-match") {
+        return Err(format!("{name} is set by the sidecar itself"));
+    }
+    // The value is not quoted back: it may be a secret.
+    let mut value = http::HeaderValue::from_str(value.trim())
+        .map_err(|_| format!("the value of {name} holds a character not allowed in a header"))?;
+    value.set_sensitive(true);
+    Ok(SourceHeader { name, value })
+}
+
+/// How the sidecar proves who it is to the source, and which CA it trusts for it. One struct
+/// for every source (and for anything else that talks to the same store). It holds file paths,
+/// never the secrets themselves: those are read when used, so a rotated Secret is picked up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceAuth {
+    /// etcd user, or the user of HTTP Basic auth.
+    pub(crate) user: Option<String>,
+    pub(crate) password_file: Option<PathBuf>,
+    /// Consul ACL token (X-Consul-Token) or HTTP bearer token.
+    pub(crate) token_file: Option<PathBuf>,
+    /// Client certificate and key (mutual TLS).
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
+    /// CA bundle for https sources (and the reload and health URLs).
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) headers: Vec<SourceHeader>,
+}
+
+impl SourceAuth {
+    /// Which options a source of this kind can use, refused otherwise: a password given to a
+    /// source that would ignore it is a configuration mistake, not something to skip quietly.
+    pub(crate) fn check_for(&self, source: &SourceSpec) -> Result<(), String> {
+        let (kind, tls) = match source {
+            SourceSpec::Etcd { base, .. } => ("an etcd", base.scheme_str() == Some("https")),
+            SourceSpec::Consul { base, .. } => ("a consul", base.scheme_str() == Some("https")),
+            SourceSpec::Http { url } => ("an http(s)", url.scheme_str() == Some("https")),
+            SourceSpec::File { .. } => ("a file", false),
+        };
+        let refuse = |option: &str| Err(format!("{option} does not apply to {kind} source"));
+        let base = match source {
+            SourceSpec::Etcd { base, .. } | SourceSpec::Consul { base, .. } => Some(base),
+            SourceSpec::Http { url } => Some(url),
+            SourceSpec::File { .. } => None,
+        };
+        if base.and_then(Uri::authority).is_some_and(|a| a.as_str().contains('@')) {
+            // Refused here rather than by the URL's parser, whose error would quote it.
+            return Err("a source URL with credentials in it (USER:PASSWORD@HOST) is refused: they would show in \
+                        process lists, logs and status; use --source-user with --source-password-file, or \
+                        --source-token-file"
+                .into());
+        }
+        if self.user.is_some() != self.password_file.is_some() {
+            return Err("--source-user and --source-password-file go together".into());
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err("--source-cert and --source-key go together".into());
+        }
+        if self.token_file.is_some() && self.user.is_some() {
+            return Err("give --source-token-file or --source-user, not both".into());
+        }
+        if self.cert.is_some() && !tls {
+            return Err(format!(
+                "--source-cert needs TLS to the source: {kind} source over https (etcd+https://, consul+https://, https://)"
+            ));
+        }
+        match source {
+            SourceSpec::Etcd { .. } if self.token_file.is_some() => refuse("--source-token-file (etcd: --source-user)"),
+            SourceSpec::Consul { .. } if self.user.is_some() => refuse("--source-user (consul: --source-token-file)"),
+            SourceSpec::Etcd { .. } | SourceSpec::Consul { .. } if !self.headers.is_empty() => {
+                refuse("--source-header")
+            }
+            SourceSpec::File { .. } if self.user.is_some() || self.token_file.is_some() || !self.headers.is_empty() => {
+                refuse("--source-user, --source-token-file or --source-header")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A password or token that would cross the network in clear text: sent over plain HTTP
+    /// to a host that is not loopback. Worth a warning, not a refusal (a mesh may encrypt).
+    pub(crate) fn sent_in_clear(&self, source: &SourceSpec) -> bool {
+        let base = match source {
+            SourceSpec::Etcd { base, .. } | SourceSpec::Consul { base, .. } => base,
+            SourceSpec::Http { url } => url,
+            SourceSpec::File { .. } => return false,
+        };
+        let host = base.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let secret = self.password_file.is_some() || self.token_file.is_some() || !self.headers.is_empty();
+        secret && base.scheme_str() == Some("http") && !loopback
+    }
+
+    /// For status and `sidecar check`: what is used, never the secrets.
+    pub(crate) fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(user) = &self.user {
+            parts.push(format!("user {user}"));
+        }
+        if self.token_file.is_some() {
+            parts.push("token".to_owned());
+        }
+        if let Some(cert) = &self.cert {
+            parts.push(format!("client certificate {}", cert.display()));
+        }
+        if !self.headers.is_empty() {
+            let names: Vec<&str> = self.headers.iter().map(|h| h.name.as_str()).collect();
+            parts.push(format!("headers {}", names.join(", ")));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
+
+/// `--max-apply-rate N/DURATION`: at most `count` applies in any `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyRate {
+    pub(crate) count: u32,
+    pub(crate) per: Duration,
+}
+
+impl fmt::Display for ApplyRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
+    }
+}
+
+pub(crate) fn parse_apply_rate(s: &str) -> Result<ApplyRate, String> {
+    let expected = "expected N/DURATION, e.g. 3/1m (at most 3 applies a minute)";
+    let (count, per) = s.split_once('/').ok_or_else(|| format!("`{s}`: {expected}"))?;
+    let count: u32 = count.trim().parse().map_err(|_| format!("`{s}`: {expected}"))?;
+    let per = humantime::parse_duration(per.trim()).map_err(|e| format!("`{s}`: {e}; {expected}"))?;
+    if count == 0 || per.is_zero() {
+        return Err(format!("`{s}`: N and DURATION must be more than 0"));
+    }
+    Ok(ApplyRate { count, per })
+}
+
 /// One destination's settings.
 #[derive(Debug, Clone)]
 pub struct SyncSpec {
@@ -243,9 +401,11 @@ pub struct SyncSpec {
     pub(crate) max_quiet: Duration,
     pub(crate) max_size: u64,
     pub(crate) source_timeout: Duration,
-    pub(crate) source_ca: Option<PathBuf>,
+    pub(crate) source_auth: SourceAuth,
     pub(crate) retry_max: Duration,
     pub(crate) require_source: bool,
+    pub(crate) max_apply_rate: Option<ApplyRate>,
+    pub(crate) apply_jitter: Duration,
 }
 
 impl SyncSpec {
@@ -261,6 +421,9 @@ impl SyncSpec {
         if self.history_keep == 0 {
             return Err(SpecError::HistoryKeep { name: self.name.clone() });
         }
+        self.source_auth
+            .check_for(&self.source)
+            .map_err(|message| SpecError::Auth { name: self.name.clone(), message })?;
         Ok(())
     }
 }
@@ -365,6 +528,48 @@ mod tests {
         let message =
             SpecError::DuplicateDest { file: "/tmp/a\nb".into(), first: "/x".into(), second: "/y".into() }.to_string();
         assert_eq!(message, "two sync destinations write /tmp/a\\nb: /x and /y");
+    }
+
+    #[test]
+    fn credentials_are_checked_against_the_source_and_never_shown_by_debug() {
+        let spec = |argv: &[&str]| {
+            let mut full = vec!["sidecar", "sync", "--dest", "/tmp/sidecar-test/c"];
+            full.extend_from_slice(argv);
+            let crate::cli::Command::Sync(args) = crate::cli::parse_from(full).unwrap().command else {
+                unreachable!("a sync command line")
+            };
+            args.to_spec()
+        };
+        let ok =
+            spec(&["--source", "https://h:1/c", "--source-header", "X-Api-Key: k-53cr3t", "--source-token-file", "/t"])
+                .unwrap();
+        let debug = format!("{ok:?}");
+        assert!(debug.contains("x-api-key: [redacted]") && !debug.contains("k-53cr3t"), "{debug}");
+        assert!(!format!("{:?}", ok.source_auth.headers[0].value).contains("k-53cr3t"));
+        for (argv, refusal) in [
+            (&["--source", "etcd://h:1/k", "--source-token-file", "/t"][..], "does not apply to an etcd source"),
+            (&["--source", "consul://h:1/k", "--source-user", "u", "--source-password-file", "/p"], "consul"),
+            (&["--source", "/etc/x", "--source-header", "A: b"], "does not apply to a file source"),
+            (&["--source", "etcd://h:1/k", "--source-cert", "/c", "--source-key", "/k"], "needs TLS"),
+            (&["--source", "http://u:pw-in-url@h:1/c"], "credentials in it"),
+        ] {
+            let message = spec(argv).unwrap_err().to_string();
+            assert!(message.contains(refusal) && !message.contains("pw-in-url"), "{argv:?}: {message}");
+        }
+        let clear = |source: &str| {
+            let auth = SourceAuth { token_file: Some("/t".into()), ..SourceAuth::default() };
+            auth.sent_in_clear(&parse_source(source).unwrap())
+        };
+        assert!(clear("http://config.internal/c") && clear("consul://10.0.0.1:8500/k"));
+        assert!(!clear("https://config.internal/c") && !clear("http://127.0.0.1:1/c") && !clear("etcd://[::1]:1/k"));
+        assert!(parse_source_header("X-Tenant blue").is_err());
+        assert!(parse_source_header("Host: evil").is_err());
+        assert!(!parse_source_header("X-A: bad\u{7f}value").unwrap_err().contains("bad"));
+        assert_eq!(parse_apply_rate("3/1m").unwrap(), ApplyRate { count: 3, per: Duration::from_secs(60) });
+        assert_eq!(parse_apply_rate("3/1m").unwrap().to_string(), "3/1m");
+        for bad in ["0/1m", "3/0s", "3", "x/1m", "3/soon"] {
+            assert!(parse_apply_rate(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub(crate) enum SyncState {
     Synced,
     /// The source cannot be read; the file on disk is kept.
     NotSynced,
+    /// A newer version waits for its slot (--max-apply-rate, --apply-jitter); the file holds
+    /// the one before. `pacing.next_apply_at` says when.
+    Paced,
     /// A watch or long poll went silent and was reconnected.
     Stalled,
     /// The source's value was refused (empty, too large, invalid, check failed): not written.
@@ -45,6 +48,23 @@ pub(crate) struct Counters {
     pub(crate) kills: u64,
     /// Signals not sent because the pid file named a process that is not the app.
     pub(crate) refused_signals: u64,
+    /// Changes that replaced one waiting for its paced apply (--max-apply-rate, --apply-jitter):
+    /// never applied themselves, their newest successor was.
+    pub(crate) coalesced: u64,
+}
+
+/// `--max-apply-rate` and `--apply-jitter` at work.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Pacing {
+    /// `N/DURATION`, when a rate is set.
+    pub(crate) max_apply_rate: Option<String>,
+    pub(crate) apply_jitter: String,
+    /// Applies counted in the rate's window when the status last changed.
+    pub(crate) applies_in_window: usize,
+    /// When the change waiting for its slot will be applied (none waiting: null).
+    pub(crate) next_apply_at: Option<String>,
+    /// The source revision of that change.
+    pub(crate) next_apply_revision: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -68,6 +88,9 @@ pub(crate) struct DestStatus {
     /// Hashes not applied again until the source offers something else.
     pub(crate) rejected: Vec<String>,
     pub(crate) counters: Counters,
+    /// Present when applies are paced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) pacing: Option<Pacing>,
     #[serde(skip)]
     pub(crate) history: Vec<Version>,
 }
@@ -88,6 +111,7 @@ impl DestStatus {
             synced_once: false,
             rejected: Vec::new(),
             counters: Counters::default(),
+            pacing: None,
             history: Vec::new(),
         }
     }

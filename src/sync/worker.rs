@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 use super::hash::{content_hash, file_hash};
 use super::history::{now_rfc3339, History, HistoryError, Version, VersionStatus};
 use super::notify::{Notifier, NotifyError};
+use super::pace::{rfc3339_at, Pacer};
 use super::source::{Backoff, Fetched, SourceMsg};
 use super::spec::SyncSpec;
-use super::status::{DestStatus, SyncState};
+use super::status::{DestStatus, Pacing, SyncState};
 use super::validate;
 use super::verify::{self, Verifier};
 use crate::sys::atomic_file::{self, FileMode};
@@ -72,6 +73,12 @@ impl Outcome {
         matches!(self, Outcome::Unchanged | Outcome::Applied)
     }
 
+    /// Whether the file was written (so the app was, or was to be, reloaded): what the apply
+    /// rate counts.
+    pub(crate) fn reached_the_app(&self) -> bool {
+        !matches!(self, Outcome::Unchanged | Outcome::Skipped | Outcome::Refused(_) | Outcome::WriteFailed(_))
+    }
+
     pub(crate) fn describe(&self) -> String {
         match self {
             Outcome::Unchanged => "already in step; nothing written".into(),
@@ -121,8 +128,8 @@ impl Worker {
         for temp in atomic_file::remove_stale_temps(&spec.dest) {
             tracing::info!("sync {}: removed {}, left by a write that did not finish", spec.name, temp.display());
         }
-        let notifier = Notifier::new(&spec.notify, spec.source_ca.as_deref());
-        let verifier = Verifier::new(spec.health_url.clone(), spec.health_timeout, spec.source_ca.as_deref());
+        let notifier = Notifier::new(&spec.notify, spec.source_auth.ca.as_deref());
+        let verifier = Verifier::new(spec.health_url.clone(), spec.health_timeout, spec.source_auth.ca.as_deref());
         let worker = Worker {
             spec,
             status,
@@ -186,8 +193,14 @@ impl Worker {
         let mut probe: Option<(Option<Fetched>, Instant)> = None;
         let mut probe_backoff = Backoff::new(self.spec.retry_max);
         let mut source_failing: Option<String> = None;
+        // A change waiting for the slot --max-apply-rate / --apply-jitter gave it.
+        let mut pacer = Pacer::new(self.spec.max_apply_rate, self.spec.apply_jitter);
+        // The slot is shown as wall-clock time, fixed when it is given.
+        let mut paced: Option<(Fetched, Instant, String)> = None;
+        self.show_pacing(&mut pacer, None);
         loop {
             let due = pending.as_ref().map(|(_, first, last)| (*last + min_quiet).min(*first + max_quiet));
+            let paced_due = paced.as_ref().map(|(_, at, _)| *at);
             let retry_due = retry.as_ref().map(|(_, at)| *at);
             let probe_due = probe.as_ref().map(|(_, at)| *at);
             let to_apply = tokio::select! {
@@ -204,6 +217,14 @@ impl Worker {
                             retry = None;
                             if !self.started {
                                 Some(fetched)
+                            } else if let Some((waiting, _, _)) = &mut paced {
+                                // Coalesced into the apply already scheduled: the newest wins.
+                                if waiting.content != fetched.content {
+                                    self.update(|s| s.counters.coalesced += 1);
+                                }
+                                *waiting = fetched;
+                                self.show_pacing(&mut pacer, paced.as_ref());
+                                None
                             } else {
                                 let now = Instant::now();
                                 match &mut pending {
@@ -217,7 +238,7 @@ impl Worker {
                             }
                         }
                         SourceMsg::Unchanged => {
-                            if pending.is_none() && retry.is_none() && self.started {
+                            if pending.is_none() && retry.is_none() && paced.is_none() && self.started {
                                 let settled = self.settled;
                                 self.update(|s| match settled {
                                     SyncState::Synced => s.synced(),
@@ -241,7 +262,25 @@ impl Worker {
                         }
                     }
                 }
-                _ = sleep_until(due) => pending.take().map(|(value, _, _)| value),
+                _ = sleep_until(due) => {
+                    let value = pending.take().map(|(value, _, _)| value);
+                    match value {
+                        // What is on disk already needs no slot: the apply finds it in step.
+                        Some(value)
+                            if pacer.is_active()
+                                && file_hash(&self.spec.dest).as_deref() != Some(&*content_hash(&value.content)) =>
+                        {
+                            let at = pacer.slot(Instant::now());
+                            paced = Some((value, at, rfc3339_at(at)));
+                            self.show_pacing(&mut pacer, paced.as_ref());
+                            // Not `synced`: the source holds a version the file does not.
+                            self.update(|s| s.state = SyncState::Paced);
+                            None
+                        }
+                        other => other,
+                    }
+                }
+                _ = sleep_until(paced_due) => paced.take().map(|(value, _, _)| value),
                 _ = sleep_until(retry_due) => retry.take().map(|(value, _)| value),
                 _ = sleep_until(probe_due) => {
                     let Some((value, _)) = probe.take() else { continue };
@@ -273,7 +312,12 @@ impl Worker {
             if let Some(value) = to_apply {
                 self.started = true;
                 probe = None;
-                match self.apply(value.clone(), Origin::Source).await {
+                let outcome = self.apply(value.clone(), Origin::Source).await;
+                if outcome.reached_the_app() {
+                    pacer.record(Instant::now());
+                }
+                self.show_pacing(&mut pacer, paced.as_ref());
+                match outcome {
                     Outcome::WaitingForApp(_) => {
                         probe = Some((Some(value), Instant::now() + probe_backoff.next_delay()))
                     }
@@ -289,6 +333,21 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The pacing part of the status (nothing when applies are not paced).
+    fn show_pacing(&self, pacer: &mut Pacer, waiting: Option<&(Fetched, Instant, String)>) {
+        if !pacer.is_active() {
+            return;
+        }
+        let pacing = Pacing {
+            max_apply_rate: self.spec.max_apply_rate.map(|r| r.to_string()),
+            apply_jitter: humantime::format_duration(self.spec.apply_jitter).to_string(),
+            applies_in_window: pacer.in_window(Instant::now()),
+            next_apply_at: waiting.map(|(_, _, at)| at.clone()),
+            next_apply_revision: waiting.map(|(value, _, _)| value.revision.clone()),
+        };
+        self.update(|s| s.pacing = Some(pacing));
     }
 
     /// Applies `value` if it differs from what the app has: the numbered steps of a change.

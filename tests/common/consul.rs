@@ -32,6 +32,9 @@ pub struct LongPollShared {
     pub stall: std::sync::atomic::AtomicBool,
     /// Answer at once even when the index did not move (a misbehaving server).
     pub no_block: std::sync::atomic::AtomicBool,
+    /// The ACL token every request must carry in X-Consul-Token, as Consul with ACLs on: 403
+    /// `ACL not found` otherwise.
+    pub token: Mutex<Option<String>>,
 }
 
 impl LongPollServer {
@@ -77,6 +80,12 @@ async fn long_poll(req: Request<Incoming>, shared: Arc<LongPollShared>) -> Resul
     let index: Option<u64> = param("index").and_then(|i| i.parse().ok());
     let wait = param("wait").and_then(|w| humantime_like(&w)).unwrap_or(Duration::from_secs(300));
     shared.requested.lock().unwrap().push(index);
+    let wanted = shared.token.lock().unwrap().clone();
+    if let Some(wanted) = wanted {
+        if req.headers().get("x-consul-token").and_then(|v| v.to_str().ok()) != Some(wanted.as_str()) {
+            return Ok(Response::builder().status(StatusCode::FORBIDDEN).body(full("ACL not found")).unwrap());
+        }
+    }
     if shared.stall.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }

@@ -54,7 +54,7 @@ impl SyncProcess {
 
     /// Polls `name`'s status until `done` holds; on timeout the panic shows the last status
     /// and the log.
-    fn wait_status(
+    pub fn wait_status(
         &self,
         name: &str,
         what: &str,

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use http::{Method, StatusCode, Uri};
 
-use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
+use super::{server_says, Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::client::{self, ClientError, HttpClient, Reply};
 use crate::sync::spec::SyncSpec;
 
 pub(crate) struct ConsulSource {
     client: HttpClient,
+    /// `--source-token-file`: the ACL token, read for every query.
+    token_file: Option<std::path::PathBuf>,
     base: Uri,
     key: String,
     wait: Duration,
@@ -33,7 +35,8 @@ pub(crate) enum Answer {
 impl ConsulSource {
     pub(crate) fn new(spec: &SyncSpec, base: &Uri, key: &str, wait: Duration, extra_query: &str) -> ConsulSource {
         ConsulSource {
-            client: HttpClient::new(spec.source_ca.as_deref()),
+            client: HttpClient::for_source(&spec.source_auth),
+            token_file: spec.source_auth.token_file.clone(),
             base: base.clone(),
             key: key.to_owned(),
             wait,
@@ -83,14 +86,31 @@ impl ConsulSource {
         let peer = client::peer_of(&self.base);
         let what = format!("key {}", self.key);
         let timeout = if blocking { self.timeout } else { self.timeout - self.wait - self.wait / 16 };
-        let reply = self.client.fetch(client::request(Method::GET, &url, ""), timeout, self.max_size).await.map_err(
-            |e| match e {
-                ClientError::TooLarge { limit, .. } => {
-                    SourceError::TooLarge { peer: peer.clone(), what: what.clone(), limit }
-                }
-                other => SourceError::Client(other),
-            },
-        )?;
+        let mut request = client::request(Method::GET, &url, "");
+        // Read for every query: a rotated Secret is used by the next one.
+        let token = match &self.token_file {
+            Some(path) => Some(client::read_secret(path, "--source-token-file")?),
+            None => None,
+        };
+        if let Some(token) = &token {
+            request.headers_mut().insert("x-consul-token", token.header(""));
+        }
+        let reply = self.client.fetch(request, timeout, self.max_size).await.map_err(|e| match e {
+            ClientError::TooLarge { limit, .. } => {
+                SourceError::TooLarge { peer: peer.clone(), what: what.clone(), limit }
+            }
+            other => SourceError::Client(other),
+        })?;
+        if matches!(reply.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            // Consul says `ACL not found` (unknown token) or `Permission denied` (no rights).
+            let said = server_says(&reply.body, &[token.as_ref().map_or("", |t| t.expose())]);
+            let sent = match &self.token_file {
+                Some(path) => format!("the ACL token in --source-token-file {}", path.display()),
+                None => "no ACL token (give --source-token-file)".into(),
+            };
+            let message = format!("{} {said}; sent {sent}", reply.status);
+            return Err(SourceError::Denied { peer: format!("consul {peer}"), what, message });
+        }
         self.read_reply(reply, blocking)
     }
 

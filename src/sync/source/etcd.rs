@@ -13,11 +13,14 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
-use http::{Method, Uri};
+use std::path::PathBuf;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderValue, Method, Uri};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
+use super::{server_says, Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::client::{self, ClientError, HttpClient};
 use crate::sync::spec::SyncSpec;
 use crate::sys::human_duration;
@@ -36,6 +39,11 @@ pub(crate) struct EtcdSource {
     retry_max: Duration,
     /// The `cluster_id` of the answers so far: another one is another etcd's history.
     cluster_id: Option<String>,
+    /// `--source-user` and `--source-password-file`.
+    login: Option<(String, PathBuf)>,
+    /// The token `/v3/auth/authenticate` gave, sent as `Authorization`; dropped when etcd says
+    /// it is invalid or from an older auth revision, and asked for again.
+    token: Option<HeaderValue>,
 }
 
 /// The key as a range read saw it.
@@ -69,8 +77,8 @@ fn int(v: &Value) -> Option<i64> {
 impl EtcdSource {
     pub(crate) fn new(spec: &SyncSpec, base: &Uri, key: &str) -> EtcdSource {
         EtcdSource {
-            client: HttpClient::new(spec.source_ca.as_deref()),
-            watch_client: HttpClient::new(spec.source_ca.as_deref()),
+            client: HttpClient::for_source(&spec.source_auth),
+            watch_client: HttpClient::for_source(&spec.source_auth),
             base: base.clone(),
             key: key.to_owned(),
             key_b64: B64.encode(key.as_bytes()),
@@ -78,7 +86,64 @@ impl EtcdSource {
             max_size: spec.max_size,
             retry_max: spec.retry_max,
             cluster_id: None,
+            login: match (&spec.source_auth.user, &spec.source_auth.password_file) {
+                (Some(user), Some(path)) => Some((user.clone(), path.clone())),
+                _ => None,
+            },
+            token: None,
         }
+    }
+
+    /// The token to send, authenticating first when there is none. The password file is read
+    /// for each authentication: a rotated password is used as soon as a token is needed again.
+    async fn token(&mut self, use_watch_client: bool, timeout: Duration) -> Result<Option<HeaderValue>, SourceError> {
+        let Some((user, path)) = self.login.clone() else { return Ok(None) };
+        if let Some(token) = &self.token {
+            return Ok(Some(token.clone()));
+        }
+        let password = client::read_secret(&path, "--source-password-file")?;
+        let uri = self.endpoint("v3/auth/authenticate")?;
+        let body = json!({ "name": user, "password": password.expose() }).to_string();
+        let client = if use_watch_client { &mut self.watch_client } else { &mut self.client };
+        let reply = client.fetch(client::request(Method::POST, &uri, body), timeout, 64 * 1024).await?;
+        let what = format!("authentication as user {user}");
+        if !reply.status.is_success() {
+            let said = etcd_says(&reply.body, password.expose());
+            return Err(SourceError::Denied {
+                peer: format!("etcd {}", self.peer()),
+                what,
+                message: format!("{said} (password from --source-password-file {})", path.display()),
+            });
+        }
+        let answer: Value = serde_json::from_slice(&reply.body).map_err(|e| SourceError::Protocol {
+            peer: self.peer(),
+            what: what.clone(),
+            message: format!("not JSON: {e}"),
+        })?;
+        let mut token = answer
+            .get("token")
+            .and_then(Value::as_str)
+            .and_then(|t| HeaderValue::from_str(t).ok())
+            .ok_or_else(|| SourceError::Protocol { peer: self.peer(), what, message: "no usable token".into() })?;
+        token.set_sensitive(true);
+        tracing::debug!("etcd {}: authenticated as user {user}", self.peer());
+        self.token = Some(token.clone());
+        Ok(Some(token))
+    }
+
+    /// What a refusal of the key means, in words that say what to fix.
+    fn refusal(&self, status: http::StatusCode, said: String) -> SourceError {
+        let auth_error = matches!(status.as_u16(), 401 | 403)
+            || ["permission denied", "auth", "user name is empty"].iter().any(|m| said.contains(m));
+        if !auth_error {
+            return SourceError::Status { peer: self.peer(), what: self.what(), status };
+        }
+        let who = match &self.login {
+            Some((user, _)) => format!("user {user} (does its role grant read on the key?)"),
+            None => "no user (etcd has auth enabled? give --source-user and --source-password-file)".into(),
+        };
+        let peer = format!("etcd {}", self.peer());
+        SourceError::Denied { peer, what: self.what(), message: format!("{status}: {said}; as {who}") }
     }
 
     fn peer(&self) -> String {
@@ -138,9 +203,15 @@ impl EtcdSource {
         let uri = self.endpoint("v3/kv/range")?;
         let body = json!({ "key": self.key_b64 }).to_string();
         let max = self.max_json();
-        let client = if use_watch_client { &mut self.watch_client } else { &mut self.client };
-        let reply =
-            client.fetch(client::request(Method::POST, &uri, body), timeout, max).await.map_err(|e| match e {
+        let mut renewed = false;
+        let reply = loop {
+            let token = self.token(use_watch_client, timeout).await?;
+            let mut request = client::request(Method::POST, &uri, body.clone());
+            if let Some(token) = token {
+                request.headers_mut().insert(AUTHORIZATION, token);
+            }
+            let client = if use_watch_client { &mut self.watch_client } else { &mut self.client };
+            let reply = client.fetch(request, timeout, max).await.map_err(|e| match e {
                 ClientError::TooLarge { .. } => SourceError::TooLarge {
                     peer: client::peer_of(&uri),
                     what: format!("key {}", self.key),
@@ -148,9 +219,20 @@ impl EtcdSource {
                 },
                 other => SourceError::Client(other),
             })?;
-        if !reply.status.is_success() {
-            return Err(SourceError::Status { peer: self.peer(), what: self.what(), status: reply.status });
-        }
+            if reply.status.is_success() {
+                break reply;
+            }
+            let said = etcd_says(&reply.body, "");
+            // An expired token, or one from before a change of users or roles: once more
+            // with a new one.
+            if self.login.is_some() && !renewed && token_is_stale(reply.status, &said) {
+                tracing::info!("etcd {}: the auth token was refused ({said}); authenticating again", self.peer());
+                self.token = None;
+                renewed = true;
+                continue;
+            }
+            return Err(self.refusal(reply.status, said));
+        };
         let answer: Value = serde_json::from_slice(&reply.body).map_err(|e| self.protocol(format!("not JSON: {e}")))?;
         let cluster_id = answer.pointer("/header/cluster_id").and_then(Value::as_str).map(str::to_owned);
         let revision =
@@ -242,7 +324,10 @@ impl EtcdSource {
             Err(e) => return failed(e.to_string(), false),
         };
         let body = json!({ "create_request": { "key": self.key_b64, "start_revision": seen.saturating_add(1).to_string(), "progress_notify": true } });
-        let request = client::request(Method::POST, &uri, body.to_string());
+        let mut request = client::request(Method::POST, &uri, body.to_string());
+        if let Some(token) = self.token.clone() {
+            request.headers_mut().insert(AUTHORIZATION, token);
+        }
         let response = match self.client.open_stream(request, self.timeout).await {
             Ok(r) => r,
             Err(e) => {
@@ -372,6 +457,10 @@ impl EtcdSource {
                 return Err(WatchEnd::Compacted);
             }
             let reason = result.get("cancel_reason").and_then(Value::as_str).unwrap_or("no reason given");
+            if token_is_stale(http::StatusCode::OK, reason) {
+                // The key is read again before the next watch: with a new token.
+                self.token = None;
+            }
             return Err(failed(format!("etcd {} cancelled the watch of {}: {reason}", self.peer(), self.what())));
         }
         let header_revision = result.pointer("/header/revision").and_then(int);
@@ -415,6 +504,25 @@ impl EtcdSource {
         // Only the last event matters: a burst in one message becomes one change.
         Ok(Some(msg.unwrap_or(SourceMsg::Unchanged)))
     }
+}
+
+/// etcd's message in an error answer (`{"error": ..., "message": ...}`), without `secret`.
+fn etcd_says(body: &[u8], secret: &str) -> String {
+    let message = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").or_else(|| v.get("error")).and_then(Value::as_str).map(str::to_owned));
+    match message {
+        Some(m) => server_says(m.as_bytes(), &[secret]),
+        None => server_says(body, &[secret]),
+    }
+}
+
+/// Whether etcd refused the token itself (expired, or older than the last change of users and
+/// roles) rather than the user's rights: a new token may fix it.
+fn token_is_stale(status: http::StatusCode, said: &str) -> bool {
+    status == http::StatusCode::UNAUTHORIZED
+        || said.contains("invalid auth token")
+        || said.contains("auth store is old")
 }
 
 /// Takes the next line of the watch stream that has anything on it (etcd's gateway ends each

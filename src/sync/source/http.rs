@@ -4,16 +4,18 @@
 
 use std::time::Duration;
 
-use http::header::{CONTENT_LENGTH, ETAG, IF_NONE_MATCH, TRANSFER_ENCODING};
+use base64::Engine as _;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, ETAG, IF_NONE_MATCH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
-use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
+use super::{server_says, Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::client::{self, ClientError, HttpClient, Reply};
 use crate::sync::hash::short_hash;
-use crate::sync::spec::SyncSpec;
+use crate::sync::spec::{SourceAuth, SyncSpec};
 
 pub(crate) struct HttpSource {
     client: HttpClient,
+    auth: SourceAuth,
     url: Uri,
     etag: Option<HeaderValue>,
     interval: Duration,
@@ -31,7 +33,8 @@ pub(crate) enum Poll {
 impl HttpSource {
     pub(crate) fn new(spec: &SyncSpec, url: &Uri) -> HttpSource {
         HttpSource {
-            client: HttpClient::new(spec.source_ca.as_deref()),
+            client: HttpClient::for_source(&spec.source_auth),
+            auth: spec.source_auth.clone(),
             url: url.clone(),
             etag: None,
             interval: spec.poll_interval,
@@ -58,6 +61,27 @@ impl HttpSource {
         if let Some(etag) = &self.etag {
             request.headers_mut().insert(IF_NONE_MATCH, etag.clone());
         }
+        for header in &self.auth.headers {
+            request.headers_mut().append(header.name.clone(), header.value.clone());
+        }
+        // Read for every poll: a rotated Secret is used by the next one.
+        let mut secret = None;
+        if let Some(path) = &self.auth.token_file {
+            let token = client::read_secret(path, "--source-token-file")?;
+            request.headers_mut().insert(AUTHORIZATION, token.header("Bearer "));
+            secret = Some(token);
+        } else if let (Some(user), Some(path)) = (&self.auth.user, &self.auth.password_file) {
+            let password = client::read_secret(path, "--source-password-file")?;
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", password.expose()));
+            let mut value = HeaderValue::from_str(&format!("Basic {basic}")).map_err(|_| SourceError::Denied {
+                peer: client::peer_of(&self.url),
+                what: self.url.path().to_owned(),
+                message: format!("--source-user {user} cannot be sent in a header"),
+            })?;
+            value.set_sensitive(true);
+            request.headers_mut().insert(AUTHORIZATION, value);
+            secret = Some(password);
+        }
         let peer = client::peer_of(&self.url);
         let what = self.url.path().to_owned();
         let reply = self.client.fetch(request, self.timeout, self.max_size).await.map_err(|e| match e {
@@ -66,6 +90,22 @@ impl HttpSource {
             }
             other => SourceError::Client(other),
         })?;
+        if matches!(reply.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            let said = server_says(&reply.body, &[secret.as_ref().map_or("", |s| s.expose())]);
+            let hint = match (&self.auth.token_file, &self.auth.user) {
+                (Some(path), _) => format!("the token in --source-token-file {}", path.display()),
+                (None, Some(user)) => format!("user {user} with the password in --source-password-file"),
+                (None, None) => {
+                    "no credentials given (--source-token-file, or --source-user with --source-password-file)".into()
+                }
+            };
+            let said = if said.is_empty() { String::new() } else { format!(" ({said})") };
+            return Err(SourceError::Denied {
+                peer: format!("{}://{peer}", self.url.scheme_str().unwrap_or("http")),
+                what,
+                message: format!("{}{said}; sent {hint}", reply.status),
+            });
+        }
         self.read_reply(reply)
     }
 

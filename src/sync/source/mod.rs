@@ -42,6 +42,9 @@ pub(crate) enum SourceError {
     Client(#[from] ClientError),
     #[error("{peer} answered {status} for {what}")]
     Status { peer: String, what: String, status: ::http::StatusCode },
+    /// The source refused our credentials or their rights (401, 403, etcd's auth errors).
+    #[error("{peer} refused {what}: {message}")]
+    Denied { peer: String, what: String, message: String },
     #[error("{what} does not exist at {peer}")]
     Missing { peer: String, what: String },
     #[error("{what} from {peer} is larger than --max-size ({limit} bytes)")]
@@ -60,6 +63,22 @@ impl SourceError {
     pub(crate) fn is_timeout(&self) -> bool {
         matches!(self, SourceError::Client(e) if e.is_timeout())
     }
+}
+
+/// What a server said in an error body, for a message: one line, short, and without any of
+/// `secrets` (a server that echoes the request must not make us log the token).
+pub(crate) fn server_says(body: &[u8], secrets: &[&str]) -> String {
+    let mut text: String = String::from_utf8_lossy(body)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect::<String>()
+        .trim()
+        .to_owned();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        text = text.replace(secret, "[redacted]");
+    }
+    text
 }
 
 /// A configured source.
