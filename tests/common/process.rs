@@ -57,6 +57,19 @@ impl LogLines {
         addr.trim_end_matches(';').parse().unwrap_or_else(|e| panic!("no address after {marker:?} ({e}): {line}"))
     }
 
+    /// Waits (at most `timeout`) until the process has closed its stdout and stderr.
+    pub fn wait_closed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        while !*self.closed.lock().unwrap_or_else(|e| e.into_inner()) {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            lines = self.changed.wait_timeout(lines, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
     pub fn count(&self, needle: &str) -> usize {
         self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
@@ -126,6 +139,10 @@ impl Sidecar {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // The reader threads may not have taken the last lines yet: wait for the end of
+                // both streams, so that the log is whole when this returns. Bounded, because a
+                // child the sidecar started may hold the pipes open.
+                self.logs.wait_closed(Duration::from_secs(2));
                 return status;
             }
             assert!(Instant::now() < deadline, "sidecar did not exit within {timeout:?}; log:\n{}", self.logs.text());
