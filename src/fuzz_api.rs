@@ -232,6 +232,7 @@ fn spec(source: SourceSpec, max_size: u64) -> SyncSpec {
         source_ca: None,
         retry_max: Duration::from_secs(1),
         require_source: false,
+        fleet: None,
     }
 }
 

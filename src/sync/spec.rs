@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::Uri;
 
+use super::fleet::FleetSpec;
 use crate::sys::atomic_file::file_identity;
 
 // Names and paths are shown escaped: one with a line break must not split the message, which
@@ -246,6 +247,8 @@ pub struct SyncSpec {
     pub(crate) source_ca: Option<PathBuf>,
     pub(crate) retry_max: Duration,
     pub(crate) require_source: bool,
+    /// `--fleet`: coordinate with the other instances through etcd.
+    pub(crate) fleet: Option<FleetSpec>,
 }
 
 impl SyncSpec {
