@@ -349,9 +349,22 @@ fn etcd_out_of_reach_for_the_fleet_keys_does_not_block_an_apply_and_the_status_c
     let member = start_member(&source, &fleet, "pod-solo", &[]);
     wait_status_keys(&fleet_etcd, 1, V1, "synced");
 
-    fleet_etcd.kill();
-    let revision = source.put(KEY, V2);
+    // Silent (SIGSTOP): each fleet request gives up after 5s, and the apply goes on.
+    fleet_etcd.signal("STOP");
+    let put_at = Instant::now();
+    source.put(KEY, V2);
     wait_for_content(&member.dest, V2, T);
+    let delayed = put_at.elapsed();
+    assert!(delayed < Duration::from_secs(15), "a silent fleet etcd delayed the apply by {delayed:?}");
+    eprintln!("apply with the fleet's etcd stopped: {delayed:?}");
+    let status = member.sync.status(NAME);
+    assert!(status["fleet"]["etcd_error"].as_str().unwrap().contains("did not answer within 5s"), "{status:#}");
+    fleet_etcd.signal("CONT");
+    wait_status_keys(&fleet_etcd, 1, V2, "synced");
+
+    fleet_etcd.kill();
+    let revision = source.put(KEY, V1);
+    wait_for_content(&member.dest, V1, T);
     let mut status = member.sync.wait_revision(NAME, &format!("revision {revision}"), T);
     let deadline = Instant::now() + T;
     while status["fleet"]["etcd_error"].is_null() {
@@ -365,7 +378,62 @@ fn etcd_out_of_reach_for_the_fleet_keys_does_not_block_an_apply_and_the_status_c
 
     // Back: the status is published again (on a new lease: the old one expired meanwhile).
     fleet_etcd.launch();
-    wait_status_keys(&fleet_etcd, 1, V2, "synced");
+    wait_status_keys(&fleet_etcd, 1, V1, "synced");
     wait_until("the fleet error to clear", T, || member.sync.status(NAME)["fleet"]["etcd_error"].is_null());
     member.sync.proc.logs.wait_for("fleet etcd answers again", T);
+
+    // A version this instance rejected stays refused while etcd cannot be asked, although the
+    // source offered another value in between (which clears the local rejection).
+    source.put(KEY, BAD);
+    member.sync.wait_state(NAME, "rolled-back", T);
+    let bad_hash = content_hash(BAD.as_bytes());
+    assert_eq!(fleet_etcd.get_prefix(&format!("{PREFIX}{NAME}/rejected/{bad_hash}/")).len(), 1);
+    let revision = source.put(KEY, V4);
+    member.sync.wait_revision(NAME, &format!("revision {revision}"), T);
+    let poller = Poller::start(vec![member.dest.clone()], "healthy\": false");
+    fleet_etcd.kill();
+    source.put(KEY, BAD);
+    let status = member.sync.wait_state(NAME, "fleet-rejected", T);
+    assert!(status["last_error"].as_str().unwrap().contains("etcd cannot be asked again now"), "{status:#}");
+    let (_, seen) = poller.finish();
+    assert!(seen.is_empty(), "the known-rejected version was written");
+    assert_eq!(read_text(&member.dest), V4);
+}
+
+#[test]
+fn a_fleet_over_tls_is_reached_with_the_source_ca() {
+    if !require_tool("etcd") {
+        return;
+    }
+    let pki = TestPki::new();
+    let leaf = pki.issue("etcd");
+    let etcd = Etcd::start_tls(&leaf.cert, &leaf.key);
+    let fleet = format!("etcd+https://127.0.0.1:{}{PREFIX}", etcd.client_port);
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
+    write(&source, V1);
+    let sync = SyncCommand::new(&source, &dest)
+        .arg("--name", NAME)
+        .poll_interval("100ms")
+        .min_quiet("50ms")
+        .arg("--fleet", &fleet)
+        .arg("--instance", "pod-tls")
+        .arg("--source-ca", pki.ca_path())
+        .start();
+    wait_for_content(&dest, V1, T);
+    wait_until("the status key to be published over TLS", T, || sync.status(NAME)["fleet"]["published"] == true);
+
+    let ca = pki.ca_path();
+    let out = fleet_command(&["status", "--fleet", &fleet, "--json", "--source-ca", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let instance = &json["destinations"][0]["instances"][0];
+    assert_eq!(instance["instance"], "pod-tls", "{json:#}");
+    assert_eq!(instance["applied_hash"], content_hash(V1.as_bytes()), "{json:#}");
+    assert_eq!(instance["app_healthy"], serde_json::Value::Null, "no --health-url: not known");
+
+    // Without the CA the server is not trusted, and the command says what failed.
+    let out = fleet_command(&["status", "--fleet", &fleet]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("TLS handshake with 127.0.0.1"), "{}", text(&out.stderr));
 }

@@ -55,6 +55,9 @@ impl ProxyArgs {
     }
 }
 
+/// The longest wait for one request to the fleet's etcd.
+const FLEET_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl FleetEtcdArgs {
     /// How `sidecar fleet` reaches etcd.
     pub(crate) fn gateway(&self) -> GatewayOptions {
@@ -101,7 +104,11 @@ impl SyncArgs {
                 waves: self.fleet_waves,
                 wave_delay: self.fleet_wave_delay,
                 lease_ttl: self.fleet_lease_ttl,
-                gateway: GatewayOptions { ca_file: self.source_ca.clone(), timeout: self.source_timeout },
+                // A hung etcd delays an apply by this much at most: the fleet keys are small.
+                gateway: GatewayOptions {
+                    ca_file: self.source_ca.clone(),
+                    timeout: self.source_timeout.min(FLEET_TIMEOUT_MAX),
+                },
             }),
             name,
         };

@@ -1,6 +1,7 @@
 //! A real etcd, as a sync source.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -12,19 +13,40 @@ pub struct Etcd {
     pub client_port: u16,
     peer_port: u16,
     pub data: tempfile::TempDir,
+    /// With TLS on the client port (certificate, key): plain HTTP `/health` then answers on
+    /// `metrics_port`, and the key helpers below (plain HTTP) do not apply.
+    tls: Option<(PathBuf, PathBuf)>,
+    metrics_port: u16,
 }
 
 impl Etcd {
     pub fn start() -> Etcd {
         let data = tempfile::tempdir().unwrap();
-        let mut etcd = Etcd { proc: None, client_port: free_port(), peer_port: free_port(), data };
+        let mut etcd =
+            Etcd { proc: None, client_port: free_port(), peer_port: free_port(), data, tls: None, metrics_port: 0 };
+        etcd.launch();
+        etcd
+    }
+
+    /// Serving its clients over TLS with `cert` and `key`.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Etcd {
+        let data = tempfile::tempdir().unwrap();
+        let mut etcd = Etcd {
+            proc: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            data,
+            tls: Some((cert.to_owned(), key.to_owned())),
+            metrics_port: free_port(),
+        };
         etcd.launch();
         etcd
     }
 
     /// Starts (again) on the same ports and data.
     pub fn launch(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new("etcd");
         cmd.args(["--name", "test", "--data-dir"])
@@ -34,8 +56,14 @@ impl Etcd {
             .args(["--initial-cluster", &format!("test={peer}")])
             .args(["--log-level", "warn"])
             .stdin(Stdio::null());
+        let mut health = self.addr();
+        if let Some((cert, key)) = &self.tls {
+            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+            cmd.args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", self.metrics_port)]);
+            health = SocketAddr::from(([127, 0, 0, 1], self.metrics_port));
+        }
         self.proc = Some(Sidecar::spawn(cmd));
-        let addr = self.addr();
+        let addr = health;
         wait_until(
             "etcd /health",
             Duration::from_secs(30),
