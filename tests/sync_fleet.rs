@@ -25,6 +25,7 @@ const V1: &str = "{\"v\": 1}";
 const V2: &str = "{\"v\": 2}";
 const BAD: &str = "{\"v\": 3, \"healthy\": false}";
 const V4: &str = "{\"v\": 4}";
+const WITHDRAWN: &str = "{\"v\": 2, \"withdrawn\": true}";
 const WAVE_DELAY: Duration = Duration::from_secs(6);
 
 /// One member of the fleet: its app, its sidecar, its destination.
@@ -170,6 +171,26 @@ fn a_bad_version_stops_at_the_first_wave_and_the_fleet_rolls_back_together() {
     assert!(wave_after >= WAVE_DELAY - Duration::from_millis(500), "wave 1 applied after {wave_after:?}");
     eprintln!("good version: canary after {canary_after:?}, wave 1 after {wave_after:?}");
     wait_status_keys(&etcd, 3, V2, "synced");
+
+    // A version withdrawn (the source goes back) before wave 1's time never reaches wave 1,
+    // and nobody says it is held back any more.
+    let poller = Poller::start(members[1..].iter().map(|m| m.dest.clone()).collect(), "withdrawn");
+    let withdrawn_at = Instant::now();
+    etcd.put(KEY, WITHDRAWN);
+    wait_for_content(&members[0].dest, WITHDRAWN, T);
+    members[1].sync.wait_state(NAME, "waiting-for-wave", T);
+    etcd.put(KEY, V2);
+    wait_for_content(&members[0].dest, V2, T);
+    for m in &members[1..] {
+        let status = m.sync.wait_state(NAME, "synced", T);
+        assert!(status["fleet"]["held_back"].is_null(), "{status:#}");
+    }
+    // Nothing can be waited for to show that nothing happens: past the wave's time, then look.
+    std::thread::sleep((withdrawn_at + WAVE_DELAY + Duration::from_secs(1)).saturating_duration_since(Instant::now()));
+    let (_, seen) = poller.finish();
+    assert!(seen.is_empty(), "a withdrawn version reached wave 1: {seen:?}");
+    let keys = wait_status_keys(&etcd, 3, V2, "synced");
+    assert!(keys.iter().all(|k| k["held_back"].is_null()), "{keys:#?}");
 
     // A bad version: applied by the canary only, rolled back there, recorded as rejected; the
     // others' files never hold it.

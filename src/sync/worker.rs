@@ -353,6 +353,10 @@ impl Worker {
     async fn apply(&mut self, value: Fetched, origin: Origin) -> Outcome {
         let hash = content_hash(&value.content);
         if origin == Origin::Source {
+            // Fleet hook: a version held back before is no longer what the source offers.
+            if let Some(fleet) = &self.fleet {
+                fleet.offered(&hash);
+            }
             if self.history.state.rejected.contains(&hash) {
                 tracing::info!(
                     "sync {}: {} was rejected before; not applied again until the source changes",

@@ -66,6 +66,8 @@ pub(crate) struct FleetGate {
     known_rejected: HashSet<String>,
     /// When each version may be applied here.
     due: HashMap<String, Instant>,
+    /// The version `held_back` is about.
+    held: Option<String>,
 }
 
 /// The gate for the worker and the publisher for its own task, for a destination with
@@ -101,6 +103,7 @@ pub(crate) fn attach(spec: &SyncSpec, status: &Arc<Mutex<DestStatus>>) -> Option
         writes,
         known_rejected: HashSet::new(),
         due: HashMap::new(),
+        held: None,
     };
     let publisher = StatusPublisher {
         gateway: EtcdGateway::new(&fleet.url.base, &fleet.gateway),
@@ -134,6 +137,13 @@ impl FleetGate {
         self.set(|f| f.etcd_error = Some(message));
     }
 
+    /// The source offers `hash`: a note about another version held back is out of date.
+    pub(crate) fn offered(&self, hash: &str) {
+        if self.held.as_deref().is_some_and(|held| held != hash) {
+            self.set(|f| f.held_back = None);
+        }
+    }
+
     /// Asked right before a version from the source is written (again after each wait).
     pub(crate) async fn may_apply(&mut self, hash: &str) -> Gate {
         let gate = self.decide(hash).await;
@@ -141,6 +151,7 @@ impl FleetGate {
             Gate::Apply => None,
             Gate::WaitUntil(_, why) | Gate::Rejected(why) => Some(why.clone()),
         };
+        self.held = held.is_some().then(|| hash.to_owned());
         self.set(|f| f.held_back = held);
         gate
     }
