@@ -396,6 +396,11 @@ fn etcd_out_of_reach_for_the_fleet_keys_does_not_block_an_apply_and_the_status_c
     assert!(status["fleet"]["etcd_error"].as_str().unwrap().contains("cannot connect"), "{status:#}");
     assert_eq!(status["fleet"]["published"], false, "{status:#}");
     member.sync.proc.logs.wait_for("applying on the local checks alone", T);
+    let (code, body) = http_exchange(member.sync.admin, "GET", &format!("/sync/{NAME}/fleet"), &[], "").unwrap();
+    assert_eq!(code, 502, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(view["error"].as_str().unwrap().contains("cannot connect"), "{view:#}");
+    assert_eq!(view["local"]["instance"], "pod-solo", "{view:#}");
 
     // Back: the status is published again (on a new lease: the old one expired meanwhile).
     fleet_etcd.launch();
@@ -452,6 +457,12 @@ fn a_fleet_over_tls_is_reached_with_the_source_ca() {
     assert_eq!(instance["instance"], "pod-tls", "{json:#}");
     assert_eq!(instance["applied_hash"], content_hash(V1.as_bytes()), "{json:#}");
     assert_eq!(instance["app_healthy"], serde_json::Value::Null, "no --health-url: not known");
+
+    // A destination without --fleet has no fleet view.
+    let plain = SyncCommand::new(&source, dir.path().join("other.json")).arg("--name", "plain").start();
+    let (code, body) = http_exchange(plain.admin, "GET", "/sync/plain/fleet", &[], "").unwrap();
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("runs without --fleet"), "{body}");
 
     // Without the CA the server is not trusted, and the command says what failed.
     let out = fleet_command(&["status", "--fleet", &fleet]);

@@ -46,6 +46,12 @@ struct Seen {
     by: String,
 }
 
+/// How long to wait from now for a wave `delay` after a version whose first sighting is `age`
+/// old by this machine's clock: the age counts only beyond [`MAX_CLOCK_SKEW`].
+fn wave_wait(delay: Duration, age: Duration) -> Duration {
+    delay - age.saturating_sub(MAX_CLOCK_SKEW).min(delay)
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -223,8 +229,7 @@ impl FleetGate {
                 Duration::ZERO
             }
         };
-        let credit = age.saturating_sub(MAX_CLOCK_SKEW).min(delay);
-        now + (delay - credit)
+        now + wave_wait(delay, age)
     }
 
     /// After this instance rolled `hash` back as unhealthy: `rejected/<hash>/<instance>`. A
@@ -245,5 +250,22 @@ impl FleetGate {
                 let _ = self.writes.send((key, value));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_ahead_by_less_than_the_skew_allowance_cannot_shorten_a_wave() {
+        let delay = Duration::from_secs(120);
+        // Just seen, or a clock that runs ahead of the first instance's by up to 30s: full wait.
+        assert_eq!(wave_wait(delay, Duration::ZERO), delay);
+        assert_eq!(wave_wait(delay, MAX_CLOCK_SKEW), delay);
+        // Seen 90s ago by a clock within the allowance: 60s of it count.
+        assert_eq!(wave_wait(delay, Duration::from_secs(90)), Duration::from_secs(60));
+        // A version rolled out long ago: an instance started now applies it at once.
+        assert_eq!(wave_wait(delay, Duration::from_secs(3600)), Duration::ZERO);
     }
 }
