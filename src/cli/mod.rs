@@ -102,6 +102,16 @@ lease: it vanishes when the instance dies), rejected/<hash>/<instance> (who roll
 back as unhealthy, when, why) and seen/<hash> (when the fleet first saw a version; the waves
 count from it). See `sidecar sync --help` for --fleet, --instance and the waves.";
 
+const FLEET_ROLLBACK_AFTER_HELP: &str = "\
+Examples:
+  sidecar fleet rollback --fleet etcd://etcd:2379/fleet/ --name web --to 4711
+  sidecar fleet rollback --fleet etcd://etcd:2379/fleet/ --name web --to 3f2a9c1b07de
+
+The instances apply the value like any change from the source: checked, in their waves, verified
+healthy. etcd keeps old revisions until it compacts them; an older one is refused, naming the
+oldest revision still kept. A version the fleet rejected is refused too (no instance would apply
+it).";
+
 /// `sidecar fleet ...`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum FleetCommand {
@@ -110,6 +120,7 @@ pub enum FleetCommand {
     Status(FleetStatusArgs),
     /// Write an earlier value of the source key back to it (read from etcd's history at its
     /// revision), so that every instance applies it through its normal path
+    #[command(after_help = FLEET_ROLLBACK_AFTER_HELP)]
     Rollback(FleetRollbackArgs),
 }
 
@@ -155,8 +166,9 @@ pub struct FleetRollbackArgs {
     #[arg(long, value_name = "NAME")]
     pub name: String,
 
-    /// The value to go back to: an etcd revision (a number, or r123456) or the hash of a
-    /// version (at least 6 hex digits, as `sidecar fleet status` shows it)
+    /// The value to go back to: an etcd revision (a number of up to 11 digits, or `r` and a
+    /// number: the key's value at that revision) or the hash of a version (at least 6 hex
+    /// digits, as `sidecar fleet status` shows it: the newest value with that hash)
     #[arg(long, value_name = "HASH-OR-REVISION", value_parser = parse_rollback_target)]
     pub to: RollbackTarget,
 
@@ -363,7 +375,7 @@ pub struct SyncArgs {
     pub fleet_wave_delay: Duration,
 
     /// With --fleet: the lease on this instance's status key; the key vanishes this long after
-    /// the instance dies
+    /// the instance dies (whole seconds; etcd raises a very short one to its minimum)
     #[arg(long, env = "SIDECAR_SYNC_FLEET_LEASE_TTL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub fleet_lease_ttl: Duration,
 
