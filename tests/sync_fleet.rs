@@ -351,6 +351,18 @@ fn rollback_finds_a_version_by_hash_and_refuses_a_compacted_revision_naming_the_
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains(&format!("the oldest available is {kept}")), "{stderr}");
+    // Keys under the prefix that are not the fleet's, or do not parse, do not stop the view.
+    etcd.put(&format!("{PREFIX}{NAME}/instances/liar"), "not JSON");
+    etcd.put(&format!("{PREFIX}{NAME}/unknown"), "{}");
+    etcd.put(
+        &format!("{PREFIX}{NAME}/rejected/abc/pod-1"),
+        "{\"instance\": \"pod-1\", \"at\": \"2026-01-01T00:00:00Z\", \"reason\": \"503\"}",
+    );
+    let out = fleet_command(&["status", "--fleet", &fleet]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.contains("web: 0 instance(s)") && table.contains("pod-1 at 2026-01-01T00:00:00Z: 503"), "{table}");
+
     // Asking for the value the key holds writes nothing.
     let out =
         fleet_command(&["rollback", "--fleet", &fleet, "--name", NAME, "--source", &source, "--to", &kept.to_string()]);
@@ -424,6 +436,16 @@ fn etcd_out_of_reach_for_the_fleet_keys_does_not_block_an_apply_and_the_status_c
     let (_, seen) = poller.finish();
     assert!(seen.is_empty(), "the known-rejected version was written");
     assert_eq!(read_text(&member.dest), V4);
+
+    // A rejection made while etcd is away is written when it is back.
+    let other_bad = "{\"v\": 5, \"healthy\": false}";
+    source.put(KEY, other_bad);
+    member.sync.proc.logs.wait_for("the rejection is written when etcd answers", T);
+    member.sync.wait_state(NAME, "rolled-back", T);
+    assert_eq!(read_text(&member.dest), V4);
+    fleet_etcd.launch();
+    let key = format!("{PREFIX}{NAME}/rejected/{}/pod-solo", content_hash(other_bad.as_bytes()));
+    wait_until("the rejection to be written after etcd came back", T, || fleet_etcd.get(&key).is_some());
 }
 
 #[test]
