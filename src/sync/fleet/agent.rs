@@ -116,7 +116,14 @@ impl StatusPublisher {
             };
             tokio::select! {
                 _ = self.changed.notified() => {}
-                write = self.writes.recv() => writes.extend(write),
+                write = self.writes.recv() => match write {
+                    Some(write) => writes.push(write),
+                    // The worker is gone: so is this destination.
+                    None => {
+                        self.stop(lease).await;
+                        return;
+                    }
+                },
                 _ = sleep_until(retry_at) => {}
                 _ = tokio::time::sleep_until(renew_at) => {
                     renew_at = Instant::now() + renew_every;
@@ -136,13 +143,17 @@ impl StatusPublisher {
                     }
                 }
                 _ = shutdown.cancelled() => {
-                    // Gone at once rather than after the TTL.
-                    if let Some(id) = lease {
-                        let _ = tokio::time::timeout(Duration::from_secs(2), self.gateway.revoke(id)).await;
-                    }
+                    self.stop(lease).await;
                     return;
                 }
             }
+        }
+    }
+
+    /// Revokes the lease: the status key goes at once rather than after the TTL.
+    async fn stop(&mut self, lease: Option<i64>) {
+        if let Some(id) = lease {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.gateway.revoke(id)).await;
         }
     }
 
