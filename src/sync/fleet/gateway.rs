@@ -11,7 +11,7 @@ use http::{Method, StatusCode, Uri};
 use serde_json::{json, Value};
 
 use crate::sync::client::{self, ClientError, HttpClient};
-use crate::sync::source::etcd::next_line;
+use crate::sync::source::etcd::{int, next_line};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -46,15 +46,6 @@ pub(crate) struct Kv {
     pub(crate) key: String,
     pub(crate) value: Bytes,
     pub(crate) mod_revision: i64,
-}
-
-/// etcd's gateway writes 64-bit integers as JSON strings.
-pub(crate) fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::String(s) => s.parse().ok(),
-        Value::Number(n) => n.as_i64(),
-        _ => None,
-    }
 }
 
 /// The end of the range that holds every key starting with `prefix`.
