@@ -234,6 +234,7 @@ fn spec(source: SourceSpec, max_size: u64) -> SyncSpec {
         require_source: false,
         max_apply_rate: None,
         apply_jitter: Duration::ZERO,
+        fleet: None,
     }
 }
 

@@ -755,7 +755,10 @@ fn generate_man_dir_writes_one_page_per_command() {
     let mut pages: Vec<String> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     pages.sort();
-    assert_eq!(pages, ["sidecar-cert.1", "sidecar-check.1", "sidecar-proxy.1", "sidecar-sync.1", "sidecar.1"]);
+    assert_eq!(
+        pages,
+        ["sidecar-cert.1", "sidecar-check.1", "sidecar-fleet.1", "sidecar-proxy.1", "sidecar-sync.1", "sidecar.1"]
+    );
     for page in &pages {
         assert!(run.stdout.contains(s(&dir.join(page))), "it says it wrote {page}: {run:?}");
         let roff = std::fs::read_to_string(dir.join(page)).unwrap();

@@ -232,7 +232,8 @@ fn status(state: &AdminState) -> Value {
     status
 }
 
-/// `GET /sync`, `GET /sync/{name}`, `GET /sync/{name}/history`, `POST /sync/{name}/rollback`
+/// `GET /sync`, `GET /sync/{name}`, `GET /sync/{name}/history`, `GET /sync/{name}/fleet`
+/// (with --fleet: this instance's part and the fleet as etcd holds it), `POST /sync/{name}/rollback`
 /// (the version from `?version=` or a JSON body `{"version": "ID or hash prefix"}`; without
 /// one, the previous good version).
 async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResponse {
@@ -252,6 +253,18 @@ async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResp
         },
         (["sync", name, "history"], &Method::GET | &Method::HEAD) => match sync.history(name) {
             Some(versions) => json_response(StatusCode::OK, json!({ "name": name, "versions": versions })),
+            None => unknown_destination(name),
+        },
+        (["sync", name, "fleet"], &Method::GET | &Method::HEAD) => match sync.fleet_view(name).await {
+            Some(Ok(view)) => json_response(StatusCode::OK, view),
+            Some(Err(None)) => json_response(
+                StatusCode::NOT_FOUND,
+                json!({ "error": format!("sync destination `{name}` runs without --fleet") }),
+            ),
+            Some(Err(Some(error))) => {
+                let local = sync.status(name).and_then(|s| s.fleet);
+                json_response(StatusCode::BAD_GATEWAY, json!({ "error": error, "local": local }))
+            }
             None => unknown_destination(name),
         },
         (["sync", name, "rollback"], &Method::POST) => {
@@ -307,7 +320,7 @@ async fn sync_route(state: &AdminState, request: Request<Incoming>) -> AdminResp
             }
         }
         (["sync", _, "rollback"], _) => method_not_allowed("POST"),
-        (["sync"] | ["sync", _] | ["sync", _, "history"], _) => method_not_allowed("GET, HEAD"),
+        (["sync"] | ["sync", _] | ["sync", _, "history" | "fleet"], _) => method_not_allowed("GET, HEAD"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -4,6 +4,7 @@
 
 mod cert;
 mod check;
+mod fleet;
 mod generate;
 mod output;
 mod proxy;
@@ -48,6 +49,7 @@ pub fn main() -> ExitCode {
         // One-shot commands print their results; they have nothing to log.
         Command::Check(_) => check::run(&argv),
         Command::Cert(args) => cert::run(&args),
+        Command::Fleet(command) => fleet::run(command),
         Command::Generate(what) => generate::run(what),
     }
 }

@@ -1,9 +1,11 @@
 //! Arguments, once parsed, into the runtime settings the roles take: the raw clap types stop
 //! here, so nothing below `cli` knows how a setting was given.
 
-use super::{ProxyArgs, SyncArgs};
+use super::{FleetEtcdArgs, ProxyArgs, SyncArgs};
 use crate::config::{CertSource, Limits, ProxyConfig, Timeouts, UpstreamPolicy};
 use crate::devcert::default_state_dir;
+use crate::sync::fleet::gateway::GatewayOptions;
+use crate::sync::fleet::{host_name, FleetSpec};
 use crate::sync::spec::{default_history_dir, name_of, NotifySpec, SourceAuth, SpecError, SyncSpec};
 
 impl ProxyArgs {
@@ -53,6 +55,22 @@ impl ProxyArgs {
     }
 }
 
+/// The longest wait for one request to the fleet's etcd.
+const FLEET_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl FleetEtcdArgs {
+    /// How `sidecar fleet` reaches etcd.
+    pub(crate) fn gateway(&self) -> GatewayOptions {
+        let auth = SourceAuth {
+            ca: self.source_ca.clone(),
+            cert: self.source_cert.clone(),
+            key: self.source_key.clone(),
+            ..SourceAuth::default()
+        };
+        GatewayOptions { auth, timeout: self.timeout }
+    }
+}
+
 impl SyncArgs {
     /// One destination's settings, checked.
     pub fn to_spec(&self) -> Result<SyncSpec, SpecError> {
@@ -95,6 +113,24 @@ impl SyncArgs {
             require_source: self.require_source,
             max_apply_rate: self.max_apply_rate,
             apply_jitter: self.apply_jitter,
+            fleet: self.fleet.clone().map(|url| FleetSpec {
+                url,
+                instance: self.instance.clone().unwrap_or_else(host_name),
+                reject_after: self.fleet_reject_after,
+                waves: self.fleet_waves,
+                wave_delay: self.fleet_wave_delay,
+                lease_ttl: self.fleet_lease_ttl,
+                // A hung etcd delays an apply by this much at most: the fleet keys are small.
+                gateway: GatewayOptions {
+                    auth: SourceAuth {
+                        ca: self.source_ca.clone(),
+                        cert: self.source_cert.clone(),
+                        key: self.source_key.clone(),
+                        ..SourceAuth::default()
+                    },
+                    timeout: self.source_timeout.min(FLEET_TIMEOUT_MAX),
+                },
+            }),
             name,
         };
         spec.check()?;
@@ -114,6 +150,38 @@ mod tests {
             Command::Proxy(args) => args.to_config(),
             _ => unreachable!("a proxy command line"),
         }
+    }
+
+    #[test]
+    fn fleet_options_come_from_flags_or_a_sync_table_and_default_to_the_host_name() {
+        let argv = ["sidecar", "sync", "--source", "etcd://127.0.0.1:2379/k", "--dest", "/tmp/sidecar-test/k"];
+        let Command::Sync(args) = parse_from(argv).unwrap().command else { unreachable!("a sync command line") };
+        assert!(args.to_spec().unwrap().fleet.is_none(), "off unless asked for");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sidecar.toml");
+        std::fs::write(
+            &file,
+            "[[sync]]\nsource = \"etcd://127.0.0.1:2379/k\"\ndest = \"/tmp/sidecar-test/k\"\n\
+             fleet = \"etcd+https://etcd:2379/fleet\"\nfleet-waves = 3\nfleet-wave-delay = \"90s\"\n\
+             fleet-reject-after = 2\nsource-ca = \"/etc/ca.pem\"\n",
+        )
+        .unwrap();
+        let tables = super::super::file::load_sync_sections(&file).unwrap();
+        let fleet = tables[0].to_spec().unwrap().fleet.unwrap();
+        assert_eq!(fleet.url.prefix, "/fleet/");
+        assert_eq!((fleet.waves, fleet.reject_after), (3, 2));
+        assert_eq!(fleet.wave_delay, std::time::Duration::from_secs(90));
+        assert_eq!(fleet.lease_ttl, std::time::Duration::from_secs(10));
+        assert_eq!(fleet.instance, crate::sync::fleet::host_name());
+        assert_eq!(
+            fleet.gateway.auth.ca.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem")),
+            "--source-ca serves the fleet's TLS too"
+        );
+        std::fs::write(&file, "[[sync]]\nsource = \"/tmp/s\"\ndest = \"/tmp/d\"\ninstance = \"a/b\"\n").unwrap();
+        let message = super::super::file::load_sync_sections(&file).unwrap_err().to_string();
+        assert!(message.contains("an instance id holds letters"), "{message}");
     }
 
     #[test]

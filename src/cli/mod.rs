@@ -21,6 +21,8 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use crate::access_log::{parse_target, AccessLogFormat, AccessLogTarget};
 use crate::config::{parse_cert_pair, parse_upstream, ForwardedPolicy, Upstream, RESTART_ONLY};
 use crate::devca::DEFAULT_NAMES;
+use crate::sync::fleet::rollback::{parse_rollback_target, RollbackTarget};
+use crate::sync::fleet::{parse_fleet_url, parse_instance, FleetUrl};
 use crate::sync::spec::{
     parse_apply_rate, parse_http_url, parse_signal, parse_source, parse_source_header, ApplyRate, SignalName,
     SourceHeader, SourceSpec, ValidateFormat,
@@ -72,6 +74,10 @@ pub enum Command {
     /// CA once and browsers, curl and other clients accept the certificate without warnings
     #[command(after_help = CERT_AFTER_HELP)]
     Cert(CertArgs),
+    /// The instances that sync one key through etcd with --fleet: what each runs, which
+    /// versions the fleet rejected, and a rollback of the whole fleet to an earlier value
+    #[command(subcommand, after_help = FLEET_AFTER_HELP)]
+    Fleet(FleetCommand),
     /// Shell completions and man pages, generated from these definitions (for packagers)
     #[command(hide = true, subcommand)]
     Generate(GenerateCommand),
@@ -92,6 +98,95 @@ NAMES, named after the first one (localhost+2.pem, localhost+2-key.pem). Keys ar
 mode 0600. The output says how to use the certificate with `sidecar proxy` and how to make this
 machine, and Firefox, trust the CA. Anyone holding ca-key.pem can make certificates that a
 machine trusting the CA accepts: keep it private, and never use the CA outside development.";
+
+const FLEET_AFTER_HELP: &str = "\
+Under the --fleet prefix, per sync name: instances/<instance> (each instance's status, under a
+lease: it vanishes when the instance dies), rejected/<hash>/<instance> (who rolled a version
+back as unhealthy, when, why) and seen/<hash> (when the fleet first saw a version; the waves
+count from it). See `sidecar sync --help` for --fleet, --instance and the waves.";
+
+const FLEET_ROLLBACK_AFTER_HELP: &str = "\
+Examples:
+  sidecar fleet rollback --fleet etcd://etcd:2379/fleet/ --name web --to 4711
+  sidecar fleet rollback --fleet etcd://etcd:2379/fleet/ --name web --to 3f2a9c1b07de
+
+The instances apply the value like any change from the source: checked, in their waves, verified
+healthy. etcd keeps old revisions until it compacts them; an older one is refused, naming the
+oldest revision still kept. A version the fleet rejected is refused too (no instance would apply
+it).";
+
+/// `sidecar fleet ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum FleetCommand {
+    /// Print each instance's version, state, since when, and app health, and the rejected
+    /// versions (a table, or JSON with --json)
+    Status(FleetStatusArgs),
+    /// Write an earlier value of the source key back to it (read from etcd's history at its
+    /// revision), so that every instance applies it through its normal path
+    #[command(after_help = FLEET_ROLLBACK_AFTER_HELP)]
+    Rollback(FleetRollbackArgs),
+}
+
+/// How `sidecar fleet` reaches etcd.
+#[derive(Debug, Clone, Args)]
+pub struct FleetEtcdArgs {
+    /// Where the fleet's keys are: etcd://HOST:PORT/PREFIX/ (or etcd+https://), as given to
+    /// `sidecar sync --fleet`
+    #[arg(long, env = "SIDECAR_SYNC_FLEET", value_name = "URL", value_parser = parse_fleet_url)]
+    pub fleet: FleetUrl,
+
+    /// PEM CA bundle for etcd+https:// [default: the system bundle]
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_CA", value_name = "FILE")]
+    pub source_ca: Option<PathBuf>,
+
+    /// PEM client certificate for an etcd that wants one (--client-cert-auth)
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_CERT", value_name = "FILE", requires = "source_key")]
+    pub source_cert: Option<PathBuf>,
+
+    /// PEM private key of --source-cert
+    #[arg(long, env = "SIDECAR_SYNC_SOURCE_KEY", value_name = "FILE", requires = "source_cert")]
+    pub source_key: Option<PathBuf>,
+
+    /// Time allowed for each request to etcd
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Options of `sidecar fleet status`.
+#[derive(Debug, Clone, Args)]
+pub struct FleetStatusArgs {
+    #[command(flatten)]
+    pub etcd: FleetEtcdArgs,
+
+    /// Only this sync destination [default: every name under the prefix]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Print JSON (for scripts) instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `sidecar fleet rollback`.
+#[derive(Debug, Clone, Args)]
+pub struct FleetRollbackArgs {
+    #[command(flatten)]
+    pub etcd: FleetEtcdArgs,
+
+    /// The sync destination's name (its --name)
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+
+    /// The value to go back to: an etcd revision (a number of up to 11 digits, or `r` and a
+    /// number: the key's value at that revision) or the hash of a version (at least 6 hex
+    /// digits, as `sidecar fleet status` shows it: the newest value with that hash)
+    #[arg(long, value_name = "HASH-OR-REVISION", value_parser = parse_rollback_target)]
+    pub to: RollbackTarget,
+
+    /// The source key to rewrite [default: the source the instances publish in their status]
+    #[arg(long, value_name = "URL", value_parser = parse_source)]
+    pub source: Option<SourceSpec>,
+}
 
 /// `sidecar proxy --help`'s closing text; the restart-only settings come from the list the
 /// reloader uses.
@@ -139,6 +234,12 @@ On each change: compare by SHA-256 with the file on disk (equal: nothing happens
 write atomically (temp file, fsync, rename, fsync the directory; mode and owner kept), keep a
 copy in the history directory, notify the app, and with --health-url verify it, rolling back
 to the last good version (and escalating SIGTERM, then SIGKILL) when it stays unhealthy.
+
+Fleets (--fleet etcd://HOST:PORT/PREFIX/): each instance publishes its status under a lease,
+records a version it rolled back as unhealthy, and does not apply a version that
+--fleet-reject-after instances rejected. With --fleet-waves K, instances fall into K waves by a
+hash of --instance; wave i applies a new version --fleet-wave-delay x i after the fleet first
+saw it, so a bad version stops at the first wave. See `sidecar fleet --help`.
 
 Every option also reads its SIDECAR_SYNC_* environment variable. `sidecar proxy --config FILE`
 runs each [[sync]] table of FILE (keys are these option names) beside the proxy.";
@@ -307,6 +408,38 @@ pub struct SyncArgs {
     /// Read the source once, print the difference with the file on disk, change nothing
     #[arg(long, env = "SIDECAR_SYNC_DRY_RUN")]
     pub dry_run: bool,
+
+    /// Coordinate with the other instances that sync this key, through etcd:
+    /// etcd://HOST:PORT/PREFIX/ (or etcd+https://, with --source-ca). Publishes this
+    /// instance's status, shares rejections of unhealthy versions, orders applies in waves
+    #[arg(long, env = "SIDECAR_SYNC_FLEET", value_name = "URL", value_parser = parse_fleet_url)]
+    pub fleet: Option<FleetUrl>,
+
+    /// This instance's id in the fleet [default: the host name, which in Kubernetes is the
+    /// Pod name]
+    #[arg(long, env = "SIDECAR_SYNC_INSTANCE", value_name = "ID", value_parser = parse_instance)]
+    pub instance: Option<String>,
+
+    /// With --fleet: a version rolled back as unhealthy by this many instances is not applied
+    /// by any other
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_REJECT_AFTER", value_name = "N", default_value = "1", value_parser = clap::value_parser!(u32).range(1..))]
+    pub fleet_reject_after: u32,
+
+    /// With --fleet: split the instances into this many waves (by a hash of --instance); wave
+    /// 0 applies a new version at once and is the canary
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_WAVES", value_name = "K", default_value = "1", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub fleet_waves: u32,
+
+    /// With --fleet-waves: wave i applies a new version this much x i after the fleet first
+    /// saw it, if no instance rejected it meanwhile. Longer than --health-timeout, so that the
+    /// canary's verdict comes first
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_WAVE_DELAY", value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    pub fleet_wave_delay: Duration,
+
+    /// With --fleet: the lease on this instance's status key; the key vanishes this long after
+    /// the instance dies (whole seconds; etcd raises a very short one to its minimum)
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_LEASE_TTL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub fleet_lease_ttl: Duration,
 
     /// Serve the admin API (/healthz, /readyz, /status, /sync) on ADDR; loopback only unless
     /// --admin-token-file is given

@@ -9,6 +9,7 @@
 //! `[[sync]]` table of the config file beside `sidecar proxy`.
 
 pub(crate) mod client;
+pub mod fleet;
 pub mod hash;
 pub(crate) mod history;
 mod notify;
@@ -49,6 +50,7 @@ pub(crate) enum SyncError {
 /// One running destination, as the admin API sees it.
 struct Destination {
     name: String,
+    fleet: Option<fleet::FleetSpec>,
     status: Arc<Mutex<DestStatus>>,
     commands: mpsc::Sender<WorkerCommand>,
 }
@@ -96,7 +98,7 @@ impl SyncManager {
         }
         let mut destinations = Vec::new();
         let mut tasks = Vec::new();
-        for (spec, status, worker, source) in prepared {
+        for (spec, status, mut worker, source) in prepared {
             let (source_tx, source_rx) = mpsc::channel(16);
             let (command_tx, command_rx) = mpsc::channel(4);
             tracing::info!(
@@ -114,9 +116,27 @@ impl SyncManager {
                     spec.source
                 );
             }
+            if let Some(publisher) = worker.take_fleet_publisher() {
+                if let Some(fleet) = &spec.fleet {
+                    tracing::info!(
+                        "sync {}: fleet {} as instance {} (wave {} of {})",
+                        spec.name,
+                        fleet.url,
+                        fleet.instance,
+                        fleet.wave(),
+                        fleet.waves
+                    );
+                }
+                tasks.push(tokio::spawn(publisher.run(shutdown.clone())));
+            }
             tasks.push(tokio::spawn(source.run(source_tx, shutdown.clone())));
             tasks.push(tokio::spawn(worker.run(source_rx, command_rx, shutdown.clone())));
-            destinations.push(Destination { name: spec.name.clone(), status, commands: command_tx });
+            destinations.push(Destination {
+                name: spec.name.clone(),
+                fleet: spec.fleet.clone(),
+                status,
+                commands: command_tx,
+            });
         }
         Ok(Arc::new(SyncManager { destinations, tasks: Mutex::new(tasks) }))
     }
@@ -131,6 +151,30 @@ impl SyncManager {
 
     pub(crate) fn history(&self, name: &str) -> Option<Vec<Version>> {
         self.status(name).map(|s| s.history)
+    }
+
+    /// `GET /sync/{name}/fleet`: this instance's part and the fleet as etcd holds it now.
+    /// `None` for an unknown name; `Err(None)` without --fleet.
+    pub(crate) async fn fleet_view(&self, name: &str) -> Option<Result<serde_json::Value, Option<String>>> {
+        let destination = self.destinations.iter().find(|d| d.name == name)?;
+        let Some(spec) = &destination.fleet else { return Some(Err(None)) };
+        let local = lock(&destination.status).fleet.clone();
+        let view = match fleet::read_view(&spec.url, &spec.gateway, Some(name)).await {
+            Ok(views) => views.into_iter().next(),
+            Err(e) => return Some(Err(Some(format!("fleet {}: {e}", spec.url)))),
+        };
+        let (instances, rejected) = view.map(|v| (v.instances, v.rejected)).unwrap_or_default();
+        Some(Ok(serde_json::json!({
+            "name": name,
+            "fleet": spec.url.to_string(),
+            "instance": spec.instance,
+            "wave": spec.wave(),
+            "waves": spec.waves,
+            "reject_after": spec.reject_after,
+            "local": local,
+            "instances": instances,
+            "rejected": rejected,
+        })))
     }
 
     /// Reasons this process is not ready: destinations never in step with their source.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::Uri;
 
+use super::fleet::FleetSpec;
 use crate::sys::atomic_file::file_identity;
 
 // Names and paths are shown escaped: one with a line break must not split the message, which
@@ -406,6 +407,8 @@ pub struct SyncSpec {
     pub(crate) require_source: bool,
     pub(crate) max_apply_rate: Option<ApplyRate>,
     pub(crate) apply_jitter: Duration,
+    /// `--fleet`: coordinate with the other instances through etcd.
+    pub(crate) fleet: Option<FleetSpec>,
 }
 
 impl SyncSpec {

@@ -34,6 +34,12 @@ pub(crate) enum SyncState {
     /// Even the last good version left the app unhealthy: it was terminated. The app is
     /// probed until it is healthy again (restarted with the last good file).
     Failed,
+    /// With --fleet-waves: a new version waits for this instance's wave; the last good
+    /// version stays meanwhile.
+    WaitingForWave,
+    /// The source's version was rejected by enough instances of the fleet (--fleet-reject-after):
+    /// not applied here; the last good version stays.
+    FleetRejected,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -67,6 +73,21 @@ pub(crate) struct Pacing {
     pub(crate) next_apply_revision: Option<String>,
 }
 
+/// This instance in its fleet (`--fleet`).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct FleetStatus {
+    /// Where the fleet's keys are, without credentials.
+    pub(crate) fleet: String,
+    pub(crate) instance: String,
+    pub(crate) wave: u32,
+    /// A newer version from the source that is not applied (yet), and why.
+    pub(crate) held_back: Option<String>,
+    /// Whether etcd holds this instance's current status.
+    pub(crate) published: bool,
+    /// The last failure to reach etcd for the fleet's keys; cleared when it answers again.
+    pub(crate) etcd_error: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct DestStatus {
     pub(crate) name: String,
@@ -91,6 +112,9 @@ pub(crate) struct DestStatus {
     /// Present when applies are paced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) pacing: Option<Pacing>,
+    /// With --fleet: this instance's part in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) fleet: Option<FleetStatus>,
     #[serde(skip)]
     pub(crate) history: Vec<Version>,
 }
@@ -112,6 +136,7 @@ impl DestStatus {
             rejected: Vec::new(),
             counters: Counters::default(),
             pacing: None,
+            fleet: None,
             history: Vec::new(),
         }
     }

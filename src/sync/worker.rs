@@ -10,6 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::fleet::agent::StatusPublisher;
+use super::fleet::gate::{self, FleetGate, Gate};
 use super::hash::{content_hash, file_hash};
 use super::history::{now_rfc3339, History, HistoryError, Version, VersionStatus};
 use super::notify::{Notifier, NotifyError};
@@ -66,6 +68,10 @@ pub(crate) enum Outcome {
     WaitingForApp(String),
     RolledBack(String),
     Failed(String),
+    /// Not this instance's wave yet (--fleet-waves): tried again then.
+    Deferred(Instant, String),
+    /// Rejected by the fleet (--fleet-reject-after): not written.
+    FleetRejected(String),
 }
 
 impl Outcome {
@@ -90,6 +96,8 @@ impl Outcome {
             Outcome::WaitingForApp(m) => format!("waiting for the app: {m}"),
             Outcome::RolledBack(m) => format!("rolled back: {m}"),
             Outcome::Failed(m) => format!("failed: {m}"),
+            Outcome::Deferred(_, m) => format!("deferred: {m}"),
+            Outcome::FleetRejected(m) => format!("not applied: {m}"),
         }
     }
 }
@@ -116,6 +124,9 @@ pub(crate) struct Worker {
     started: bool,
     /// The version an admin API rollback put in place, until the source replaces it.
     rolled_back_to: Option<u64>,
+    /// With --fleet: asked before applying, told of rejections and state changes.
+    fleet: Option<FleetGate>,
+    fleet_publisher: Option<StatusPublisher>,
 }
 
 fn short(hash: &str) -> &str {
@@ -130,6 +141,7 @@ impl Worker {
         }
         let notifier = Notifier::new(&spec.notify, spec.source_auth.ca.as_deref());
         let verifier = Verifier::new(spec.health_url.clone(), spec.health_timeout, spec.source_auth.ca.as_deref());
+        let (fleet, fleet_publisher) = gate::attach(&spec, &status).unzip();
         let worker = Worker {
             spec,
             status,
@@ -141,6 +153,8 @@ impl Worker {
             settled: SyncState::Synced,
             started: false,
             rolled_back_to: None,
+            fleet,
+            fleet_publisher,
         };
         let current = file_hash(&worker.spec.dest);
         let applied_revision = worker.history.state.applied_revision.clone();
@@ -156,8 +170,39 @@ impl Worker {
     }
 
     fn update(&self, f: impl FnOnce(&mut DestStatus)) {
-        let mut status = lock(&self.status);
-        f(&mut status);
+        f(&mut lock(&self.status));
+        // Fleet hook: publish my status.
+        if let Some(fleet) = &self.fleet {
+            fleet.status_changed();
+        }
+    }
+
+    /// The task that keeps this instance's status key in etcd (with --fleet), to be spawned.
+    pub(crate) fn take_fleet_publisher(&mut self) -> Option<StatusPublisher> {
+        self.fleet_publisher.take()
+    }
+
+    /// Fleet hook, before a version from the source is written: apply, wait, or not at all.
+    async fn fleet_gate(&mut self, hash: &str) -> Option<Outcome> {
+        let gate = self.fleet.as_mut()?.may_apply(hash).await;
+        match gate {
+            Gate::Apply => None,
+            Gate::WaitUntil(at, why) => {
+                tracing::info!("sync {}: {why}", self.name());
+                self.settled = SyncState::WaitingForWave;
+                self.update(|s| s.state = SyncState::WaitingForWave);
+                Some(Outcome::Deferred(at, why))
+            }
+            Gate::Rejected(why) => {
+                tracing::warn!("sync {}: {why}", self.name());
+                self.settled = SyncState::FleetRejected;
+                self.update(|s| {
+                    s.error(SyncState::FleetRejected, why.clone());
+                    s.synced_once = true;
+                });
+                Some(Outcome::FleetRejected(why))
+            }
+        }
     }
 
     fn name(&self) -> &str {
@@ -322,6 +367,8 @@ impl Worker {
                         probe = Some((Some(value), Instant::now() + probe_backoff.next_delay()))
                     }
                     Outcome::Failed(_) => probe = Some((None, Instant::now() + probe_backoff.next_delay())),
+                    // Asked again at its wave's time, unless a newer value replaces it first.
+                    Outcome::Deferred(at, _) => retry = Some((value, at)),
                     // A new value from the source replaces `retry`: a retry never outlives its version.
                     Outcome::WriteFailed(_) | Outcome::NotifyFailed(_) => {
                         retry = Some((value, Instant::now() + retry_backoff.next_delay()))
@@ -354,12 +401,21 @@ impl Worker {
     pub(crate) async fn apply_once(&mut self, value: Fetched) -> Outcome {
         self.started = true;
         self.latest = Some(value.clone());
-        self.apply(value, Origin::Source).await
+        loop {
+            match self.apply(value.clone(), Origin::Source).await {
+                Outcome::Deferred(at, _) => tokio::time::sleep_until(at).await,
+                outcome => return outcome,
+            }
+        }
     }
 
     async fn apply(&mut self, value: Fetched, origin: Origin) -> Outcome {
         let hash = content_hash(&value.content);
         if origin == Origin::Source {
+            // Fleet hook: a version held back before is no longer what the source offers.
+            if let Some(fleet) = &self.fleet {
+                fleet.offered(&hash);
+            }
             if self.history.state.rejected.contains(&hash) {
                 tracing::info!(
                     "sync {}: {} was rejected before; not applied again until the source changes",
@@ -450,6 +506,11 @@ impl Worker {
                             self.history.state.applied_revision.clone().unwrap_or_else(|| "found on disk".into());
                         self.keep_in_history(&old, &revision, disk_hash, VersionStatus::Initial);
                     }
+                }
+            }
+            if origin == Origin::Source {
+                if let Some(outcome) = self.fleet_gate(&hash).await {
+                    return outcome;
                 }
             }
             if let Err(outcome) = self.write(&value.content, &hash).await {
@@ -635,6 +696,10 @@ impl Worker {
     /// app is still unhealthy.
     async fn roll_back_bad(&mut self, bad: &str, bad_id: Option<u64>, reason: String) -> Outcome {
         tracing::error!("sync {}: the app is not healthy with {} ({reason}); rolling back", self.name(), short(bad));
+        // Fleet hook: record my rejection, so that the other instances do not apply it.
+        if let Some(fleet) = &mut self.fleet {
+            fleet.record_rejection(bad, &reason).await;
+        }
         if let Some(id) = bad_id {
             if let Err(e) = self.history.set_status(id, VersionStatus::Rejected) {
                 tracing::warn!("sync {}: {e}", self.name());

@@ -178,6 +178,41 @@ impl Etcd {
         answer["header"]["revision"].as_str().and_then(|r| r.parse().ok()).unwrap_or(0)
     }
 
+    /// The value of `key` now, `None` when it does not exist.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.get_prefix_range(key, None).into_iter().next().map(|(_, value)| value)
+    }
+
+    /// Every key starting with `prefix`, with its value, in key order.
+    pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        self.get_prefix_range(prefix, Some(&end))
+    }
+
+    fn get_prefix_range(&self, key: &str, end: Option<&[u8]>) -> Vec<(String, String)> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut body = serde_json::json!({ "key": b64.encode(key) });
+        if let Some(end) = end {
+            body["range_end"] = serde_json::json!(b64.encode(end));
+        }
+        let answer = self.call("/v3/kv/range", body);
+        let decode = |v: &serde_json::Value| String::from_utf8(b64.decode(v.as_str().unwrap_or("")).unwrap()).unwrap();
+        answer["kvs"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .iter()
+            .map(|kv| (decode(&kv["key"]), decode(&kv["value"])))
+            .collect()
+    }
+
+    /// Drops the history before `revision` (etcd keeps `revision` itself).
+    pub fn compact(&self, revision: i64) {
+        self.call("/v3/kv/compaction", serde_json::json!({ "revision": revision.to_string(), "physical": true }));
+    }
+
     pub fn delete(&self, key: &str) {
         use base64::Engine;
         self.call(

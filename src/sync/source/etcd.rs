@@ -66,7 +66,7 @@ pub(crate) enum WatchEnd {
 }
 
 /// etcd's gateway writes 64-bit integers as JSON strings.
-fn int(v: &Value) -> Option<i64> {
+pub(crate) fn int(v: &Value) -> Option<i64> {
     match v {
         Value::String(s) => s.parse().ok(),
         Value::Number(n) => n.as_i64(),
