@@ -21,7 +21,7 @@ use crate::sync::source::consul::{Answer, ConsulSource};
 use crate::sync::source::etcd::{self, EtcdSource, WatchEnd};
 use crate::sync::source::http::{HttpSource, Poll};
 use crate::sync::source::{Backoff, Fetched, SourceError, SourceMsg};
-use crate::sync::spec::{check_unique, default_history_dir, NotifySpec, SourceSpec, SyncSpec, ValidateFormat};
+use crate::sync::spec::{check_unique, default_history_dir, NotifySpec, Output, SourceSpec, SyncSpec, ValidateFormat};
 use crate::sync::validate;
 use crate::tls::{self, CertInfo, CertPair, ClientAuth, TlsContext, TlsInputs};
 
@@ -201,7 +201,7 @@ fn step(msg: SourceMsg) -> SourceStep {
     match msg {
         SourceMsg::Value(Fetched { content, revision }) => SourceStep::Value { content, revision },
         SourceMsg::Unchanged => SourceStep::Unchanged,
-        SourceMsg::Error { message, .. } => SourceStep::Error(message),
+        SourceMsg::Error { message, .. } | SourceMsg::Refused(message) => SourceStep::Error(message),
     }
 }
 
@@ -232,6 +232,7 @@ fn spec(source: SourceSpec, max_size: u64) -> SyncSpec {
         source_ca: None,
         retry_max: Duration::from_secs(1),
         require_source: false,
+        output: Output::File,
     }
 }
 

@@ -4,7 +4,7 @@
 use super::{ProxyArgs, SyncArgs};
 use crate::config::{CertSource, Limits, ProxyConfig, Timeouts, UpstreamPolicy};
 use crate::devcert::default_state_dir;
-use crate::sync::spec::{default_history_dir, name_of, NotifySpec, SpecError, SyncSpec};
+use crate::sync::spec::{default_history_dir, ends_with_slash, name_of, NotifySpec, Output, SpecError, SyncSpec};
 
 impl ProxyArgs {
     /// The proxy's configuration snapshot.
@@ -85,6 +85,11 @@ impl SyncArgs {
             source_ca: self.source_ca.clone(),
             retry_max: self.retry_max,
             require_source: self.require_source,
+            output: match (&self.template, ends_with_slash(&self.dest)) {
+                (Some(template), _) => Output::Template(template.clone()),
+                (None, true) => Output::Directory,
+                (None, false) => Output::File,
+            },
             name,
         };
         spec.check()?;

@@ -9,14 +9,17 @@
 //! `[[sync]]` table of the config file beside `sidecar proxy`.
 
 pub(crate) mod client;
+pub(crate) mod dest;
 pub mod hash;
 pub(crate) mod history;
+pub(crate) mod keyset;
 mod notify;
 mod process;
 mod shell;
 pub(crate) mod source;
 pub mod spec;
 pub(crate) mod status;
+pub(crate) mod template;
 pub(crate) mod validate;
 mod verify;
 pub(crate) mod worker;
