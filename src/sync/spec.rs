@@ -320,7 +320,7 @@ impl SyncSpec {
                 return Err(SpecError::TemplateIntoDirectory { name: name() });
             }
             // A template that cannot compile stops the start (and `sidecar check`), with its line.
-            let text = std::fs::read_to_string(path).map_err(|source| SpecError::TemplateUnreadable {
+            let text = template::read_file(path).map_err(|source| SpecError::TemplateUnreadable {
                 name: name(),
                 path: path.clone(),
                 source,

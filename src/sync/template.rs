@@ -1,7 +1,7 @@
 //! `--template FILE`: the keys under a prefix rendered into one file with minijinja (Jinja2
 //! syntax). The template sees `keys`, a map from each key's path below the prefix to its value,
-//! and helpers: `key(name)`, `key_or_default(name, default)`, `keys_under(prefix)`, and
-//! `parse_json` / `parse_yaml` (as filters and as functions). Undefined is strict: a missing
+//! and helpers: `key(name)`, `key_or_default(name, default)`, `keys_under(prefix)`,
+//! `parse_json` / `parse_yaml` (as filters and as functions), and the filter `to_json`. Undefined is strict: a missing
 //! key refuses the render, as does any template error, always with the template's file and
 //! line.
 
@@ -93,6 +93,44 @@ fn parse_yaml(value: Value) -> Result<Value, Error> {
     Ok(docs.first().map(yaml_value).unwrap_or_else(|| Value::from(())))
 }
 
+/// A value as JSON, for `to_json`: Jinja's own printing would write `True` and `None`.
+fn json_of(value: &Value, depth: usize) -> Result<serde_json::Value, Error> {
+    use minijinja::value::ValueKind;
+    if depth > 64 {
+        return Err(Error::new(ErrorKind::InvalidOperation, "to_json: nested too deep"));
+    }
+    Ok(match value.kind() {
+        ValueKind::Undefined | ValueKind::None => serde_json::Value::Null,
+        ValueKind::Bool => serde_json::Value::Bool(value.is_true()),
+        ValueKind::Number => match value.as_i64() {
+            Some(i) => serde_json::Value::from(i),
+            None => f64::try_from(value.clone())
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+        },
+        ValueKind::String => serde_json::Value::from(value.as_str().unwrap_or_default()),
+        ValueKind::Bytes => serde_json::Value::from(text_of(value, "to_json")?),
+        ValueKind::Map => {
+            let mut map = serde_json::Map::new();
+            for key in value.try_iter()? {
+                let item = value.get_item(&key)?;
+                map.insert(key.to_string(), json_of(&item, depth + 1)?);
+            }
+            serde_json::Value::Object(map)
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            serde_json::Value::Array(value.try_iter()?.map(|v| json_of(&v, depth + 1)).collect::<Result<_, _>>()?)
+        }
+        other => return Err(Error::new(ErrorKind::InvalidOperation, format!("to_json: cannot write a {other}"))),
+    })
+}
+
+fn to_json(value: Value) -> Result<String, Error> {
+    Ok(json_of(&value, 0)?.to_string())
+}
+
 fn environment(keys: Arc<BTreeMap<String, Value>>) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
@@ -107,6 +145,7 @@ fn environment(keys: Arc<BTreeMap<String, Value>>) -> Environment<'static> {
     env.add_filter("parse_json", parse_json);
     env.add_filter("parse_yaml", parse_yaml);
     env.add_function("parse_json", parse_json);
+    env.add_filter("to_json", to_json);
     env.add_function("parse_yaml", parse_yaml);
     let map = keys.clone();
     env.add_function("key", move |name: String| -> Result<Value, Error> {
@@ -145,6 +184,24 @@ pub(crate) fn render(name: &str, source: &str, set: &KeySet) -> Result<String, T
         });
     }
     Ok(rendered)
+}
+
+/// Largest template file read.
+const MAX_TEMPLATE: u64 = 4 * 1024 * 1024;
+
+/// Reads a template file: a regular file (not a device that never ends) of at most 4 MiB, UTF-8.
+pub(crate) fn read_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_TEMPLATE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_TEMPLATE {
+        return Err(std::io::Error::other(format!("larger than {MAX_TEMPLATE} bytes")));
+    }
+    Ok(text)
 }
 
 /// Checks that `source` compiles (for `sidecar check` and the start).
@@ -186,9 +243,10 @@ mod tests {
         let template = "host={{ keys[\"db/host\"] }}:{{ key('db/port') }}\n\
             a={{ (keys.flags | parse_json).a[1] }} c={{ parse_yaml(keys.y).b.c }}\n\
             mode={{ key_or_default('mode', 'safe') }} {{ keys['nope'] | default('dflt') }}\n\
+            {{ (keys.flags | parse_json) | to_json }} {{ parse_yaml('t: true') | to_json }}\n\
             {% for k, v in keys_under('db') | items %}{{ k }}={{ v }};{% endfor %}\n";
         let out = render("app.tmpl", template, &keys).unwrap();
-        assert_eq!(out, "host=db1:5432\na=2 c=3\nmode=safe dflt\nhost=db1;port=5432;\n");
+        assert_eq!(out, "host=db1:5432\na=2 c=3\nmode=safe dflt\n{\"a\":[1,2]} {\"t\":true}\nhost=db1;port=5432;\n");
     }
 
     #[test]

@@ -62,7 +62,7 @@ impl RenderedSource {
 
 impl TemplateFile {
     fn read(&self) -> Result<String, String> {
-        std::fs::read_to_string(&self.template)
+        template::read_file(&self.template)
             .map_err(|e| format!("cannot read template {}: {e}", self.template.display()))
     }
 
