@@ -325,6 +325,78 @@ async fn a_consul_prefix_renders_through_a_template() {
     });
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_render_stays_refused_while_the_source_answers_unchanged() {
+    let consul = LongPollServer::start().await;
+    consul.set_keys(&[("apps/x/db/host", "db1"), ("apps/x/db/port", "1")], 5);
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("app.j2");
+    write(&template, "host={{ keys[\"db/host\"] }}\nport={{ keys[\"db/port\"] }}\n");
+    let dest = dir.path().join("app.conf");
+    let source = format!("consul://{}/apps/x/", consul.addr);
+    let sync = tokio::task::block_in_place(|| {
+        SyncCommand::new(&source, &dest).arg("--template", &template).min_quiet("10ms").poll_interval("10ms").start()
+    });
+    tokio::task::block_in_place(|| {
+        wait_for_content(&dest, "host=db1\nport=1\n", T);
+        sync.wait_state("app.conf", "synced", T);
+        // The key goes: the render is refused.
+        consul.set_keys(&[("apps/x/db/host", "db1")], 6);
+        wait_refused(&sync, "app.conf", "line 2");
+        // A server answering at once with the same index: "nothing changed", many times over.
+        consul.shared.no_block.store(true, Ordering::SeqCst);
+        consul.shared.changed.notify_waiters();
+        let before = consul.requests().len();
+        wait_until("ten more answers", T, || consul.requests().len() > before + 10);
+        let status = sync.status("app.conf");
+        assert_eq!(status["state"], "refused", "an unchanged source does not make a refused render fine: {status:#}");
+        assert_eq!(status["counters"]["refused"], 1, "one refusal, not one per answer: {status:#}");
+        assert_eq!(read_text(&dest), "host=db1\nport=1\n");
+        consul.shared.no_block.store(false, Ordering::SeqCst);
+        consul.set_keys(&[("apps/x/db/host", "db1"), ("apps/x/db/port", "5432")], 7);
+        wait_for_content(&dest, "host=db1\nport=5432\n", T);
+        sync.wait_state("app.conf", "synced", T);
+    });
+}
+
+#[test]
+fn a_configmap_volume_is_read_through_its_data_link_as_one_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("volume");
+    // The kubelet's layout: a timestamped directory, ..data, and a link per key.
+    let version = |name: &str, host: &str, port: &str| {
+        let at = volume.join(name);
+        std::fs::create_dir_all(&at).unwrap();
+        write(&at.join("db.host"), host);
+        write(&at.join("db.port"), port);
+    };
+    version("..2026_01_01_00_00_00.1", "db1", "5432");
+    std::os::unix::fs::symlink("..2026_01_01_00_00_00.1", volume.join("..data")).unwrap();
+    for key in ["db.host", "db.port"] {
+        std::os::unix::fs::symlink(format!("..data/{key}"), volume.join(key)).unwrap();
+    }
+    let template = dir.path().join("app.j2");
+    write(&template, "{% for k, v in keys | items %}{{ k }}={{ v }};{% endfor %}\n");
+    let dest = dir.path().join("app.conf");
+    let sync = SyncCommand::new(slash(&volume), &dest)
+        .arg("--template", &template)
+        .poll_interval("1h")
+        .min_quiet("10ms")
+        .start();
+    wait_for_content(&dest, "db.host=db1;db.port=5432;\n", T);
+    assert_eq!(
+        sync.status("app.conf")["source_revision"].as_str().unwrap().split(',').next(),
+        Some("..data -> ..2026_01_01_00_00_00.1")
+    );
+
+    // The kubelet's update: a new directory, then ..data swapped by rename.
+    version("..2026_01_01_00_00_01.2", "db2", "6432");
+    std::os::unix::fs::symlink("..2026_01_01_00_00_01.2", volume.join("..data_tmp")).unwrap();
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
+    wait_for_content(&dest, "db.host=db2;db.port=6432;\n", T);
+    sync.wait_state("app.conf", "synced", T);
+}
+
 fn short(text: &str) -> String {
     sidecar::sync::hash::content_hash(text.as_bytes())[..12].to_owned()
 }
