@@ -437,3 +437,32 @@ async fn an_etcd_prefix_watch_brings_a_new_key_and_a_deleted_key_into_the_direct
         assert_eq!(current, "h2");
     });
 }
+
+#[test]
+fn once_and_dry_run_work_on_a_directory_of_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, _) = keys_dir(dir.path(), "");
+    let dest = dir.path().join("out");
+    let (source, target) = (slash(&keys), slash(&dest));
+    let run = |extra: &[&str]| {
+        let mut args = vec!["sync", "--source", &source, "--dest", &target];
+        args.extend_from_slice(extra);
+        output_within(sidecar_command(&args), Duration::from_secs(20))
+    };
+    let dry = run(&["--dry-run"]);
+    assert!(dry.status.success(), "{dry:?}");
+    let diff = String::from_utf8_lossy(&dry.stdout);
+    assert!(diff.contains("+db1") && diff.contains("db/host") && diff.contains("+fast"), "{diff}");
+    assert!(!dest.exists(), "--dry-run writes nothing");
+
+    let once = run(&["--once"]);
+    assert!(once.status.success(), "{}", String::from_utf8_lossy(&once.stderr));
+    assert_eq!(read_text(&dest.join("db/port")), "5432");
+    write(&keys.join("mode"), "slow");
+    let diff = run(&["--dry-run"]);
+    let diff = String::from_utf8_lossy(&diff.stdout);
+    assert!(diff.contains("-fast") && diff.contains("+slow") && !diff.contains("db/host"), "{diff}");
+    let again = run(&["--once"]);
+    assert!(again.status.success());
+    assert_eq!(read_text(&dest.join("mode")), "slow");
+}
