@@ -152,8 +152,9 @@ pub struct SyncArgs {
 
     /// Render the keys under the source's prefix (a source ending in /) into --dest with this
     /// Jinja2 template (minijinja): `{{ keys["db/host"] }}`, `key_or_default("x", "y")`,
-    /// `keys_under("db")`, `| parse_json`, `| parse_yaml`. A missing key or a template error
-    /// refuses the render, naming the template's line; the template file is watched
+    /// `keys_under("db")`, `| parse_json`, `| parse_yaml`, `| to_json`. A missing key or a
+    /// template error refuses the render, naming the template's line; the template file is
+    /// watched
     #[arg(long, env = "SIDECAR_SYNC_TEMPLATE", value_name = "FILE")]
     pub template: Option<PathBuf>,
 
