@@ -126,8 +126,7 @@ impl Source {
             Source::Http(s) => Box::pin(s.run(out)),
             Source::Consul(s) => Box::pin(s.run(out)),
             Source::File(s) => Box::pin(s.run(out)),
-            // Never nested: a template renders a prefix source, not another template.
-            Source::Rendered(_) => Box::pin(async {}),
+            Source::Rendered(s) => Box::pin(s.run(out)),
         }
     }
 }
