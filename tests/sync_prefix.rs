@@ -68,6 +68,16 @@ fn a_template_renders_several_keys_again_when_a_key_or_the_template_changes() {
     let writes = || sync.status("app.conf")["counters"]["writes"].as_u64().unwrap_or(0);
     wait_until("the fourth write counted", T, || writes() >= 4);
     assert_eq!(writes(), 4, "one write per change: {:#}", sync.status("app.conf"));
+
+    // The template gone: refused, the file kept; back as it was: in step again, unwritten.
+    let text = read_text(&template);
+    std::fs::remove_file(&template).unwrap();
+    let status = wait_refused(&sync, "app.conf", "cannot read template");
+    assert!(status["last_error"].as_str().unwrap().contains(s(&template)), "{status:#}");
+    replace_file(&template, &text);
+    sync.wait_state("app.conf", "synced", T);
+    assert_eq!(read_text(&dest), "host=db2\nport=5432\n");
+    assert_eq!(writes(), 4);
 }
 
 #[test]

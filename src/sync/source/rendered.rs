@@ -123,18 +123,13 @@ impl TemplateFile {
             if !rerender && !template_changed {
                 continue;
             }
-            let Some(set) = &last_set else {
-                last_text = text.ok();
-                continue;
-            };
+            // None while unreadable: the template readable again renders again, even unchanged.
+            last_text = text.as_ref().ok().cloned();
+            let Some(set) = &last_set else { continue };
             if template_changed && !rerender {
                 tracing::info!("template {} changed; rendering again", self.template.display());
             }
-            let msg = match text.and_then(|text| {
-                let rendered = self.render(&text, set);
-                last_text = Some(text);
-                rendered
-            }) {
+            let msg = match text.and_then(|text| self.render(&text, set)) {
                 Ok(fetched) => SourceMsg::Value(fetched),
                 Err(message) => SourceMsg::Refused(message),
             };
