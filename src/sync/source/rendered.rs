@@ -46,7 +46,7 @@ impl RenderedSource {
     pub(crate) async fn fetch(&mut self) -> Result<Fetched, SourceError> {
         let set = Box::pin(self.inner.fetch()).await?;
         let text = self.template.read().map_err(SourceError::Render)?;
-        self.template.render(&text, &set).map_err(SourceError::Render)
+        render(&self.template.template, &text, &set).map_err(SourceError::Render)
     }
 
     pub(crate) async fn run(self, out: Outbox) {
@@ -64,17 +64,6 @@ impl TemplateFile {
     fn read(&self) -> Result<String, String> {
         template::read_file(&self.template)
             .map_err(|e| format!("cannot read template {}: {e}", self.template.display()))
-    }
-
-    /// The set rendered with `text`; the revision names the set's and the template's.
-    fn render(&self, text: &str, set: &Fetched) -> Result<Fetched, String> {
-        let keys = KeySet::decode(&set.content).map_err(|e| e.to_string())?;
-        let rendered =
-            template::render(&self.template.display().to_string(), text, &keys).map_err(|e| e.to_string())?;
-        Ok(Fetched {
-            content: Bytes::from(rendered),
-            revision: format!("{}, template {}", set.revision, short_hash(text.as_bytes())),
-        })
     }
 
     async fn follow(&self, out: &Outbox, sets: &mut mpsc::Receiver<SourceMsg>) {
@@ -129,7 +118,18 @@ impl TemplateFile {
             if template_changed && !rerender {
                 tracing::info!("template {} changed; rendering again", self.template.display());
             }
-            let msg = match text.and_then(|text| self.render(&text, set)) {
+            let rendered = match text {
+                // On a blocking thread: a heavy template (up to its fuel) must not hold up the
+                // runtime, which also serves the admin API.
+                Ok(text) => {
+                    let (path, set) = (self.template.clone(), set.clone());
+                    tokio::task::spawn_blocking(move || render(&path, &text, &set))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("the render task failed: {e}")))
+                }
+                Err(message) => Err(message),
+            };
+            let msg = match rendered {
                 Ok(fetched) => SourceMsg::Value(fetched),
                 Err(message) => SourceMsg::Refused(message),
             };
@@ -138,4 +138,15 @@ impl TemplateFile {
             }
         }
     }
+}
+
+/// The set rendered with the template `text` (the file `path`); the revision names the set's
+/// and the template's.
+fn render(path: &Path, text: &str, set: &Fetched) -> Result<Fetched, String> {
+    let keys = KeySet::decode(&set.content).map_err(|e| e.to_string())?;
+    let rendered = template::render(&path.display().to_string(), text, &keys).map_err(|e| e.to_string())?;
+    Ok(Fetched {
+        content: Bytes::from(rendered),
+        revision: format!("{}, template {}", set.revision, short_hash(text.as_bytes())),
+    })
 }
