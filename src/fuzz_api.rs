@@ -6,7 +6,7 @@
 //! Not part of the program: nothing outside `fuzz/` calls this.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -17,11 +17,13 @@ use crate::cli::{parse_from, Command};
 use crate::proxy::h1;
 use crate::proxy_protocol;
 use crate::sync::client::Reply;
+use crate::sync::keyset::{self, KeySet};
 use crate::sync::source::consul::{Answer, ConsulSource};
 use crate::sync::source::etcd::{self, EtcdSource, WatchEnd};
 use crate::sync::source::http::{HttpSource, Poll};
 use crate::sync::source::{Backoff, Fetched, SourceError, SourceMsg};
-use crate::sync::spec::{check_unique, default_history_dir, NotifySpec, SourceSpec, SyncSpec, ValidateFormat};
+use crate::sync::spec::{check_unique, default_history_dir, NotifySpec, Output, SourceSpec, SyncSpec, ValidateFormat};
+use crate::sync::template;
 use crate::sync::validate;
 use crate::tls::{self, CertInfo, CertPair, ClientAuth, TlsContext, TlsInputs};
 
@@ -201,7 +203,7 @@ fn step(msg: SourceMsg) -> SourceStep {
     match msg {
         SourceMsg::Value(Fetched { content, revision }) => SourceStep::Value { content, revision },
         SourceMsg::Unchanged => SourceStep::Unchanged,
-        SourceMsg::Error { message, .. } => SourceStep::Error(message),
+        SourceMsg::Error { message, .. } | SourceMsg::Refused(message) => SourceStep::Error(message),
     }
 }
 
@@ -235,6 +237,7 @@ fn spec(source: SourceSpec, max_size: u64) -> SyncSpec {
         max_apply_rate: None,
         apply_jitter: Duration::ZERO,
         fleet: None,
+        output: Output::File,
     }
 }
 
@@ -471,4 +474,49 @@ fn inputs(cert: &Path, key: &Path, client_ca: Option<&Path>) -> TlsInputs {
         client_ca: client_ca.map(Path::to_owned),
         client_auth: ClientAuth::Require,
     }
+}
+
+// --- Key prefixes: key names as paths, sets, templates ---
+
+/// The relative path the key `name` gets below a `--dest DIR/`, or why it cannot.
+pub fn key_file_path(name: &str) -> Result<PathBuf, Refused> {
+    keyset::key_path(name).map_err(Refused::from)
+}
+
+fn key_set(pairs: &[(String, Vec<u8>)]) -> KeySet {
+    KeySet { keys: pairs.iter().map(|(k, v)| (k.clone(), Bytes::copy_from_slice(v))).collect() }
+}
+
+/// Every key's path of the set `pairs` (a later pair with the same name wins), or why the set
+/// cannot become a directory.
+pub fn key_set_paths(pairs: &[(String, Vec<u8>)]) -> Result<Vec<PathBuf>, Refused> {
+    let set = key_set(pairs);
+    set.paths().map(|paths| paths.into_iter().map(|(path, _)| path).collect()).map_err(Refused::from)
+}
+
+/// The set's serialisation, as history keeps it.
+pub fn encode_key_set(pairs: &[(String, Vec<u8>)]) -> Vec<u8> {
+    key_set(pairs).encode()
+}
+
+/// A serialised set read back, sorted by key.
+pub fn decode_key_set(data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Refused> {
+    KeySet::decode(data).map(|set| set.keys.into_iter().map(|(k, v)| (k, v.to_vec())).collect()).map_err(Refused::from)
+}
+
+/// A template render that failed: the template's name, the line, the message as shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateRefused {
+    pub template: String,
+    pub line: usize,
+    pub message: String,
+}
+
+/// `--template`: `source` (the template file `name`) rendered with the keys `pairs`.
+pub fn render_template(name: &str, source: &str, pairs: &[(String, Vec<u8>)]) -> Result<String, TemplateRefused> {
+    template::render(name, source, &key_set(pairs)).map_err(|e| TemplateRefused {
+        message: e.to_string(),
+        template: e.template,
+        line: e.line,
+    })
 }

@@ -81,22 +81,23 @@ async fn during_the_shutdown_delay_readiness_fails_but_new_connections_are_serve
     let signalled = Instant::now();
     s.sidecar.signal("TERM");
 
-    // 1. Readiness fails at once.
+    // 1. Readiness fails at once: while the delay still runs (the listener has not closed), not
+    // at its end. Told by the order of events, not by a time bound that a busy machine breaks.
     loop {
         let (status, body) = readyz(admin).await;
         if status == 503 {
             assert!(body.contains("shutting down"), "{body}");
             break;
         }
-        assert!(
-            signalled.elapsed() < Duration::from_millis(200),
-            "/readyz still {status} {:?} after SIGTERM",
-            signalled.elapsed()
-        );
+        assert!(signalled.elapsed() < DELAY, "/readyz still {status} {:?} after SIGTERM", signalled.elapsed());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let not_ready_after = signalled.elapsed();
-    assert!(not_ready_after < Duration::from_millis(200), "/readyz turned 503 only after {not_ready_after:?}");
+    assert_eq!(
+        s.sidecar.logs.count("no longer accepting connections"),
+        0,
+        "/readyz turned 503 only when the delay ended:\n{}",
+        s.sidecar.logs.text()
+    );
 
     // 2. For the delay, new TLS connections are accepted and served, and open ones still work.
     let line = wait_log(&s.sidecar, "shutdown delay 1s: still accepting", Duration::from_secs(1));

@@ -11,10 +11,11 @@ use super::output::say;
 use super::{current_thread_runtime, shutdown_on_signals};
 use crate::admin::AdminServer;
 use crate::cli::SyncArgs;
+use crate::sync::dest;
+use crate::sync::keyset::KeySet;
 use crate::sync::source::Source;
-use crate::sync::spec::SyncSpec;
+use crate::sync::spec::{Output, SyncSpec};
 use crate::sync::status::DestStatus;
-use crate::sync::validate::check_content;
 use crate::sync::worker::Worker;
 use crate::sync::SyncManager;
 
@@ -118,7 +119,7 @@ async fn dry_run(spec: &SyncSpec) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Err(e) = check_content(&fetched.content, spec.validate) {
+    if let Err(e) = dest::check(spec, &fetched.content) {
         tracing::error!("sync {}: the source's version would be refused: {e}", spec.name);
         return ExitCode::from(1);
     }
@@ -126,7 +127,7 @@ async fn dry_run(spec: &SyncSpec) -> ExitCode {
         tracing::error!("sync {}: the source's version would be refused: larger than --max-size", spec.name);
         return ExitCode::from(1);
     }
-    let old = std::fs::read(&spec.dest).unwrap_or_default();
+    let old = dest::read(spec).unwrap_or_default();
     if old == fetched.content {
         say(format_args!(
             "{} is in step with {} ({}): nothing would change",
@@ -136,16 +137,39 @@ async fn dry_run(spec: &SyncSpec) -> ExitCode {
         ));
         return ExitCode::SUCCESS;
     }
-    let old_text = String::from_utf8_lossy(&old);
-    let new_text = String::from_utf8_lossy(&fetched.content);
-    let diff = similar::TextDiff::from_lines(old_text.as_ref(), new_text.as_ref());
-    let dest = spec.dest.display().to_string();
-    let diff = diff
-        .unified_diff()
-        .context_radius(3)
-        .header(&dest, &format!("{} ({})", spec.source, fetched.revision))
-        .to_string();
+    let source = format!("{} ({})", spec.source, fetched.revision);
+    let diff = if spec.output == Output::Directory {
+        // One diff per file of the set; a file not there is empty on that side.
+        let old = KeySet::decode(&old).unwrap_or_default();
+        let new = KeySet::decode(&fetched.content).unwrap_or_default();
+        let mut names: Vec<&String> = old.keys.keys().chain(new.keys.keys()).collect();
+        names.sort();
+        names.dedup();
+        let mut out = String::new();
+        for name in names {
+            let (a, b) = (old.keys.get(name), new.keys.get(name));
+            if a != b {
+                let file = spec.dest.join(name).display().to_string();
+                out.push_str(&unified(
+                    a.map_or(&[][..], |v| v),
+                    b.map_or(&[][..], |v| v),
+                    &file,
+                    &format!("{source} {name}"),
+                ));
+            }
+        }
+        out
+    } else {
+        unified(&old, &fetched.content, &spec.dest.display().to_string(), &source)
+    };
     // `say` ends the line.
     say(diff.strip_suffix('\n').unwrap_or(&diff));
     ExitCode::SUCCESS
+}
+
+fn unified(old: &[u8], new: &[u8], old_name: &str, new_name: &str) -> String {
+    let old_text = String::from_utf8_lossy(old);
+    let new_text = String::from_utf8_lossy(new);
+    let diff = similar::TextDiff::from_lines(old_text.as_ref(), new_text.as_ref());
+    diff.unified_diff().context_radius(3).header(old_name, new_name).to_string()
 }

@@ -6,7 +6,9 @@ use crate::config::{CertSource, Limits, ProxyConfig, Timeouts, UpstreamPolicy};
 use crate::devcert::default_state_dir;
 use crate::sync::fleet::gateway::GatewayOptions;
 use crate::sync::fleet::{host_name, FleetSpec};
-use crate::sync::spec::{default_history_dir, name_of, NotifySpec, SourceAuth, SpecError, SyncSpec};
+use crate::sync::spec::{
+    default_history_dir, ends_with_slash, name_of, NotifySpec, Output, SourceAuth, SpecError, SyncSpec,
+};
 
 impl ProxyArgs {
     /// The proxy's configuration snapshot.
@@ -131,6 +133,11 @@ impl SyncArgs {
                     timeout: self.source_timeout.min(FLEET_TIMEOUT_MAX),
                 },
             }),
+            output: match (&self.template, ends_with_slash(&self.dest)) {
+                (Some(template), _) => Output::Template(template.clone()),
+                (None, true) => Output::Directory,
+                (None, false) => Output::File,
+            },
             name,
         };
         spec.check()?;

@@ -237,6 +237,43 @@ mod tests {
     }
 
     #[test]
+    fn sync_tables_take_templates_and_directories_and_a_broken_template_names_its_line() {
+        use crate::sync::spec::Output;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, template) = (dir.path().join("c.toml"), dir.path().join("app.j2"));
+        std::fs::write(&template, "host={{ keys[\"db/host\"] }}\n").unwrap();
+        let tables = format!(
+            "[[sync]]\nsource = \"etcd://127.0.0.1:2379/apps/x/\"\ndest = \"/tmp/app.conf\"\ntemplate = \"{}\"\n\
+             [[sync]]\nsource = \"consul://127.0.0.1:8500/apps/x/\"\ndest = \"/tmp/conf.d/\"\n",
+            template.display()
+        );
+        std::fs::write(&path, &tables).unwrap();
+        let sections = load_sync_sections(&path).unwrap();
+        let specs: Vec<_> = sections.iter().map(|s| s.to_spec().unwrap()).collect();
+        assert_eq!(specs[0].output, Output::Template(template.clone()));
+        assert_eq!((specs[1].output.clone(), specs[1].name.as_str()), (Output::Directory, "conf.d"));
+
+        std::fs::write(&template, "a\n{% for %}\n").unwrap();
+        let message = load_sync_sections(&path).unwrap_err().to_string();
+        assert!(message.contains("[[sync]] number 1") && message.contains("line 2"), "{message}");
+        std::fs::write(&template, "ok").unwrap();
+        for (table, word) in [
+            ("source = \"etcd://h:1/apps/x/\"\ndest = \"/tmp/app.conf\"", "--template FILE"),
+            ("source = \"etcd://h:1/apps/x\"\ndest = \"/tmp/conf.d/\"", "needs a key prefix"),
+            ("source = \"/srv/keys/\"\ndest = \"/tmp/conf.d/\"\ntemplate = \"/nonexistent/t\"", "must not end in /"),
+            (
+                "source = \"/srv/keys/\"\ndest = \"/tmp/app.conf\"\ntemplate = \"/nonexistent/t\"",
+                "cannot read --template",
+            ),
+            ("source = \"/srv/keys/\"\ndest = \"/tmp/app.conf\"\ntemplate = \"/dev/zero\"", "not a regular file"),
+        ] {
+            std::fs::write(&path, format!("[[sync]]\n{table}\n")).unwrap();
+            let message = load_sync_sections(&path).unwrap_err().to_string();
+            assert!(message.contains(word), "{table}: {message}");
+        }
+    }
+
+    #[test]
     fn every_problem_is_collected_and_the_proxy_still_gets_the_first() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

@@ -220,6 +220,12 @@ Sources: etcd://HOST:PORT/KEY (etcd v3, read then watched), consul://HOST:PORT/K
 (Consul KV blocking queries), http(s)://URL (polled with If-None-Match), file:///PATH or a path
 (watched; a mounted ConfigMap's ..data swap is seen). etcd+https:// and consul+https:// use TLS.
 
+A source ending in / is a key prefix (a directory, for a file source): all keys under it, as one
+set. Render them into one file with --template FILE, or give a --dest ending in / to get one file
+per key (keys named with .., an absolute path, NUL or empty components are refused):
+  sidecar sync --source etcd://etcd:2379/apps/legacy/ --template app.conf.j2 --dest /etc/app.conf
+  sidecar sync --source consul://consul:8500/apps/legacy/ --dest /etc/app/conf.d/
+
 Credentials come from files (a mounted Secret), read when used so a rotation is picked up:
   etcd:    --source-user app --source-password-file /run/secrets/etcd/password
            --source-cert c.pem --source-key k.pem --source-ca ca.pem  (--client-cert-auth)
@@ -248,13 +254,23 @@ runs each [[sync]] table of FILE (keys are these option names) beside the proxy.
 #[derive(Debug, Clone, Args)]
 pub struct SyncArgs {
     /// Where the config comes from: etcd://HOST:PORT/KEY, consul://HOST:PORT/KEY, http(s)://URL,
-    /// or a file path
+    /// or a file path; ending in / (etcd, Consul, a directory): every key under that prefix
     #[arg(long, env = "SIDECAR_SYNC_SOURCE", value_name = "URL", value_parser = parse_source)]
     pub source: SourceSpec,
 
-    /// The app's config file to keep in step (written atomically)
+    /// The app's config file to keep in step (written atomically); with a prefix source and a
+    /// trailing `/`, a directory: one file per key, the whole set swapped in at once through a
+    /// `..data` symlink, as the kubelet updates a mounted ConfigMap
     #[arg(long, env = "SIDECAR_SYNC_DEST", value_name = "FILE")]
     pub dest: PathBuf,
+
+    /// Render the keys under the source's prefix (a source ending in /) into --dest with this
+    /// Jinja2 template (minijinja): `{{ keys["db/host"] }}`, `key_or_default("x", "y")`,
+    /// `keys_under("db")`, `| parse_json`, `| parse_yaml`, `| to_json`. A missing key or a
+    /// template error refuses the render, naming the template's line; the template file is
+    /// watched
+    #[arg(long, env = "SIDECAR_SYNC_TEMPLATE", value_name = "FILE")]
+    pub template: Option<PathBuf>,
 
     /// Name of this destination in logs and the admin API [default: the --dest file name]
     #[arg(long, env = "SIDECAR_SYNC_NAME", value_name = "NAME")]

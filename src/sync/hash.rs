@@ -1,7 +1,5 @@
 //! Content hashes: how the sync role tells versions apart and names them.
 
-use std::path::Path;
-
 /// SHA-256 of `data`, lower-case hex.
 pub fn content_hash(data: &[u8]) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
@@ -11,11 +9,6 @@ pub fn content_hash(data: &[u8]) -> String {
 /// The first 12 hex digits of the hash, for names and logs.
 pub(crate) fn short_hash(data: &[u8]) -> String {
     content_hash(data)[..12].to_owned()
-}
-
-/// The hash of the file at `path`; `None` when it does not exist or cannot be read.
-pub(crate) fn file_hash(path: &Path) -> Option<String> {
-    std::fs::read(path).ok().map(|bytes| content_hash(&bytes))
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@
 //! `[[sync]]` table of the config file beside `sidecar proxy`.
 
 pub(crate) mod client;
+pub(crate) mod dest;
 pub mod fleet;
 pub mod hash;
 pub(crate) mod history;
+pub(crate) mod keyset;
 mod notify;
 mod pace;
 mod process;
@@ -19,6 +21,7 @@ mod shell;
 pub(crate) mod source;
 pub mod spec;
 pub(crate) mod status;
+pub(crate) mod template;
 pub(crate) mod validate;
 mod verify;
 pub(crate) mod worker;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::Uri;
 
 use super::fleet::FleetSpec;
+use super::template;
 use crate::sys::atomic_file::file_identity;
 
 // Names and paths are shown escaped: one with a line break must not split the message, which
@@ -37,6 +38,18 @@ pub enum SpecError {
     HistoryKeep { name: String },
     #[error("sync {name}: {message}")]
     Auth { name: String, message: String },
+    #[error(
+        "sync {name}: the source {source_url} is a key prefix (it ends in /): give --template FILE to render its keys into --dest, or a --dest ending in / for one file per key"
+    )]
+    PrefixNeedsOutput { name: String, source_url: String },
+    #[error("sync {name}: {what} needs a key prefix as the source (a URL or directory ending in /), not {source_url}")]
+    NeedsPrefix { name: String, what: &'static str, source_url: String },
+    #[error("sync {name}: --template renders one file: its --dest must not end in /")]
+    TemplateIntoDirectory { name: String },
+    #[error("sync {name}: cannot read --template {}: {source}", path.display())]
+    TemplateUnreadable { name: String, path: PathBuf, source: std::io::Error },
+    #[error("sync {name}: {error}")]
+    Template { name: String, error: template::TemplateError },
 }
 
 /// Where a destination's content comes from.
@@ -48,8 +61,36 @@ pub enum SourceSpec {
     Http { url: Uri },
     /// Consul KV blocking queries: `GET {base}/v1/kv/{key}?raw&index=N&wait=W`.
     Consul { base: Uri, key: String, wait: Duration, extra_query: String },
-    /// A local file, e.g. a key of a mounted ConfigMap (`..data` symlink swap).
+    /// A local file, e.g. a key of a mounted ConfigMap (`..data` symlink swap); a path ending
+    /// in `/` is a directory, each visible file a key.
     File { path: PathBuf },
+}
+
+impl SourceSpec {
+    /// Whether this names the keys under a prefix (ends in `/`) rather than one key.
+    pub(crate) fn is_prefix(&self) -> bool {
+        match self {
+            SourceSpec::Etcd { key, .. } | SourceSpec::Consul { key, .. } => key.ends_with('/'),
+            SourceSpec::File { path } => ends_with_slash(path),
+            SourceSpec::Http { .. } => false,
+        }
+    }
+}
+
+/// `conf.d/`: a path written as a directory.
+pub(crate) fn ends_with_slash(path: &Path) -> bool {
+    path.as_os_str().as_encoded_bytes().ends_with(b"/")
+}
+
+/// What a destination is made of its source's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// The value, as it is, into the file.
+    File,
+    /// The keys under the prefix, rendered with this template into the file.
+    Template(PathBuf),
+    /// One file per key under the prefix, swapped in as one set.
+    Directory,
 }
 
 impl fmt::Display for SourceSpec {
@@ -409,6 +450,7 @@ pub struct SyncSpec {
     pub(crate) apply_jitter: Duration,
     /// `--fleet`: coordinate with the other instances through etcd.
     pub(crate) fleet: Option<FleetSpec>,
+    pub(crate) output: Output,
 }
 
 impl SyncSpec {
@@ -427,6 +469,31 @@ impl SyncSpec {
         self.source_auth
             .check_for(&self.source)
             .map_err(|message| SpecError::Auth { name: self.name.clone(), message })?;
+        let name = || self.name.clone();
+        let source = || self.source.to_string();
+        match (&self.output, self.source.is_prefix()) {
+            (Output::File, true) => return Err(SpecError::PrefixNeedsOutput { name: name(), source_url: source() }),
+            (Output::Template(_), false) => {
+                return Err(SpecError::NeedsPrefix { name: name(), what: "--template", source_url: source() })
+            }
+            (Output::Directory, false) => {
+                return Err(SpecError::NeedsPrefix { name: name(), what: "a --dest ending in /", source_url: source() })
+            }
+            _ => {}
+        }
+        if let Output::Template(path) = &self.output {
+            if ends_with_slash(&self.dest) {
+                return Err(SpecError::TemplateIntoDirectory { name: name() });
+            }
+            // A template that cannot compile stops the start (and `sidecar check`), with its line.
+            let text = template::read_file(path).map_err(|source| SpecError::TemplateUnreadable {
+                name: name(),
+                path: path.clone(),
+                source,
+            })?;
+            template::compile(&path.display().to_string(), &text)
+                .map_err(|error| SpecError::Template { name: name(), error })?;
+        }
         Ok(())
     }
 }

@@ -2,7 +2,6 @@
 //! compare by hash, validate, write atomically, keep in history, notify, verify, roll back.
 //! It owns the history and the notifier, so changes to one destination never interleave.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -10,9 +9,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::dest;
 use super::fleet::agent::StatusPublisher;
 use super::fleet::gate::{self, FleetGate, Gate};
-use super::hash::{content_hash, file_hash};
+use super::hash::content_hash;
 use super::history::{now_rfc3339, History, HistoryError, Version, VersionStatus};
 use super::notify::{Notifier, NotifyError};
 use super::pace::{rfc3339_at, Pacer};
@@ -21,7 +21,6 @@ use super::spec::SyncSpec;
 use super::status::{DestStatus, Pacing, SyncState};
 use super::validate;
 use super::verify::{self, Verifier};
-use crate::sys::atomic_file::{self, FileMode};
 use crate::sys::lock;
 
 /// Requests from the admin API.
@@ -136,7 +135,7 @@ fn short(hash: &str) -> &str {
 impl Worker {
     pub(crate) fn new(spec: Arc<SyncSpec>, status: Arc<Mutex<DestStatus>>) -> Result<Worker, HistoryError> {
         let history = History::open(&spec.history_dir, spec.history_keep)?;
-        for temp in atomic_file::remove_stale_temps(&spec.dest) {
+        for temp in dest::remove_stale(&spec) {
             tracing::info!("sync {}: removed {}, left by a write that did not finish", spec.name, temp.display());
         }
         let notifier = Notifier::new(&spec.notify, spec.source_auth.ca.as_deref());
@@ -156,7 +155,7 @@ impl Worker {
             fleet,
             fleet_publisher,
         };
-        let current = file_hash(&worker.spec.dest);
+        let current = dest::hash(&worker.spec);
         let applied_revision = worker.history.state.applied_revision.clone();
         let rejected = worker.history.state.rejected.clone();
         let versions = worker.history.versions.clone();
@@ -292,6 +291,14 @@ impl Worker {
                             }
                             None
                         }
+                        SourceMsg::Refused(message) => {
+                            // What the source holds now cannot be made into the destination:
+                            // nothing older that was waiting is written either.
+                            pending = None;
+                            retry = None;
+                            self.refuse_unrendered(message);
+                            None
+                        }
                         SourceMsg::Error { message, stalled } => {
                             if source_failing.as_deref() != Some(message.as_str()) {
                                 tracing::warn!("sync {}: {message}; keeping {} as it is and retrying", self.name(), self.spec.dest.display());
@@ -313,7 +320,7 @@ impl Worker {
                         // What is on disk already needs no slot: the apply finds it in step.
                         Some(value)
                             if pacer.is_active()
-                                && file_hash(&self.spec.dest).as_deref() != Some(&*content_hash(&value.content)) =>
+                                && dest::hash(&self.spec).as_deref() != Some(&*content_hash(&value.content)) =>
                         {
                             let at = pacer.slot(Instant::now());
                             paced = Some((value, at, rfc3339_at(at)));
@@ -454,12 +461,13 @@ impl Worker {
                 format!("{} bytes is more than --max-size ({} bytes)", value.content.len(), self.spec.max_size),
             );
         }
-        if let Err(e) = validate::check_content(&value.content, self.spec.validate) {
-            return self.refuse(&hash, e.to_string());
+        if let Err(e) = dest::check(&self.spec, &value.content) {
+            return self.refuse(&hash, e);
         }
 
         let dest = self.spec.dest.clone();
-        let disk = file_hash(&dest);
+        let disk_content = dest::read(&self.spec);
+        let disk = disk_content.as_deref().map(content_hash);
         let version_id;
         if disk.as_deref() == Some(hash.as_str()) {
             let applied = self.history.state.applied_hash.clone();
@@ -501,7 +509,7 @@ impl Worker {
             // What is on disk now is kept as a rollback target before it is replaced.
             if let Some(disk_hash) = &disk {
                 if self.history.good_with_hash(disk_hash).is_none() {
-                    if let Ok(old) = std::fs::read(&dest) {
+                    if let Some(old) = disk_content {
                         let revision =
                             self.history.state.applied_revision.clone().unwrap_or_else(|| "found on disk".into());
                         self.keep_in_history(&old, &revision, disk_hash, VersionStatus::Initial);
@@ -611,28 +619,47 @@ impl Worker {
         true
     }
 
-    /// Steps 2–3: candidate file, `--check-cmd` on it, rename into place.
+    /// Steps 2–3: candidate file (or directory), `--check-cmd` on it, rename into place.
     async fn write(&mut self, content: &bytes::Bytes, hash: &str) -> Result<(), Outcome> {
-        let dest = self.spec.dest.clone();
+        let spec = self.spec.clone();
         let bytes = content.clone();
-        let prepared =
-            tokio::task::spawn_blocking(move || atomic_file::prepare(&dest, &bytes, FileMode::LikeExisting)).await;
+        let prepared = tokio::task::spawn_blocking(move || dest::prepare(&spec, &bytes)).await;
         let candidate = match prepared {
             Ok(Ok(candidate)) => candidate,
-            Ok(Err(e)) => return Err(self.write_failed(e.to_string())),
+            Ok(Err(e)) => return Err(self.write_failed(e)),
             Err(e) => return Err(self.write_failed(format!("write task failed: {e}"))),
         };
         if let Some(cmd) = self.spec.check_cmd.clone() {
-            if let Err(e) = validate::run_check(&cmd, candidate.path()).await {
+            let path = candidate.path();
+            if let Err(e) = validate::run_check(&cmd, &path).await {
                 drop(candidate);
                 return Err(self.refuse(hash, e.to_string()));
             }
         }
         match tokio::task::spawn_blocking(move || candidate.commit()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.write_failed(e.to_string())),
+            Ok(Err(e)) => Err(self.write_failed(e)),
             Err(e) => Err(self.write_failed(format!("write task failed: {e}"))),
         }
+    }
+
+    /// The source's value could not be made into the destination (a template that does not
+    /// render): shown like a refused version, nothing written.
+    fn refuse_unrendered(&mut self, reason: String) {
+        let message = format!("refused: {reason}; {} left as it is", self.spec.dest.display());
+        let repeated = lock(&self.status).last_error.as_deref() == Some(message.as_str());
+        if repeated {
+            tracing::debug!("sync {}: still {message}", self.name());
+        } else {
+            tracing::error!("sync {}: {message}", self.name());
+        }
+        self.settled = SyncState::Refused;
+        self.update(|s| {
+            if !repeated {
+                s.counters.refused += 1;
+            }
+            s.error(SyncState::Refused, message.clone());
+        });
     }
 
     fn keep_in_history(&mut self, content: &[u8], revision: &str, hash: &str, status: VersionStatus) -> Option<u64> {
@@ -737,13 +764,11 @@ impl Worker {
                 return Outcome::Failed(message);
             }
         };
-        let dest: PathBuf = self.spec.dest.clone();
-        let written =
-            tokio::task::spawn_blocking(move || atomic_file::write_atomic(&dest, &content, FileMode::LikeExisting))
-                .await;
+        let spec = self.spec.clone();
+        let written = tokio::task::spawn_blocking(move || dest::prepare(&spec, &content)?.commit()).await;
         if let Some(e) = match written {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Err(e)) => Some(e),
             Err(e) => Some(e.to_string()),
         } {
             let message = format!("cannot write back version {}: {e}", good.id);
@@ -813,7 +838,7 @@ impl Worker {
     /// version; written, notified and verified like any change. The source's current value is
     /// set aside so that it does not undo the rollback until the source changes.
     async fn rollback(&mut self, selector: Option<String>) -> Result<RollbackReport, RollbackRefused> {
-        let current = file_hash(&self.spec.dest);
+        let current = dest::hash(&self.spec);
         let version = match &selector {
             Some(s) => self
                 .history

@@ -40,13 +40,32 @@ impl DirectoryWatch {
         names: BTreeSet<OsString>,
         on_change: impl Fn() + Send + 'static,
     ) -> notify::Result<(DirectoryWatch, Vec<(PathBuf, notify::Error)>)> {
+        Self::watch(dirs, Some(names), on_change)
+    }
+
+    /// Like `new`, for every name in `dirs` and their subdirectories (a directory whose files
+    /// are all inputs).
+    pub(crate) fn every_name(
+        dirs: BTreeSet<PathBuf>,
+        on_change: impl Fn() + Send + 'static,
+    ) -> notify::Result<(DirectoryWatch, Vec<(PathBuf, notify::Error)>)> {
+        Self::watch(dirs, None, on_change)
+    }
+
+    fn watch(
+        dirs: BTreeSet<PathBuf>,
+        names: Option<BTreeSet<OsString>>,
+        on_change: impl Fn() + Send + 'static,
+    ) -> notify::Result<(DirectoryWatch, Vec<(PathBuf, notify::Error)>)> {
+        let mode = if names.is_some() { RecursiveMode::NonRecursive } else { RecursiveMode::Recursive };
         let wanted = names.clone();
         let handler = move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
-            let named = event
-                .paths
-                .iter()
-                .any(|p| p.file_name().is_some_and(|n| wanted.contains(n) || n.as_encoded_bytes().starts_with(b"..")));
+            let named = event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| {
+                    wanted.as_ref().is_none_or(|w| w.contains(n)) || n.as_encoded_bytes().starts_with(b"..")
+                })
+            });
             if named {
                 on_change();
             }
@@ -54,11 +73,11 @@ impl DirectoryWatch {
         let mut watcher = RecommendedWatcher::new(handler, notify::Config::default().with_event_kinds(change_kinds()))?;
         let mut failed = Vec::new();
         for dir in &dirs {
-            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            if let Err(e) = watcher.watch(dir, mode) {
                 failed.push((dir.clone(), e));
             }
         }
-        Ok((DirectoryWatch { _watcher: watcher, dirs, names }, failed))
+        Ok((DirectoryWatch { _watcher: watcher, dirs, names: names.unwrap_or_default() }, failed))
     }
 
     /// Whether this watch was made for these directories (those that could not be watched

@@ -2,6 +2,7 @@
 //! memory, directory watches, logging set-up, a small plain-HTTP listener, and the crate's one
 //! atomic file writer. Nothing here knows a role; it imports only `metrics` from the crate.
 
+pub(crate) mod atomic_dir;
 pub(crate) mod atomic_file;
 pub(crate) mod file_watch;
 pub(crate) mod logging;

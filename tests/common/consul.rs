@@ -16,6 +16,8 @@ use super::{empty, full, TestBody};
 
 /// A Consul-KV-like long-poll server written for the tests: `GET /v1/kv/KEY?raw&index=N&wait=W`
 /// blocks while N equals the current index (up to W), answers with `X-Consul-Index`.
+/// `GET /v1/kv/PREFIX?recurse` answers Consul's JSON list of the keys set with `set_keys`
+/// under PREFIX (values base64, a "folder" entry with a null value), 404 when there are none.
 pub struct LongPollServer {
     pub addr: SocketAddr,
     pub shared: Arc<LongPollShared>,
@@ -25,6 +27,8 @@ pub struct LongPollServer {
 #[derive(Default)]
 pub struct LongPollShared {
     pub value: Mutex<(Option<String>, u64)>,
+    /// The whole KV store for `?recurse` queries: full key to value.
+    pub keys: Mutex<std::collections::BTreeMap<String, String>>,
     pub changed: tokio::sync::Notify,
     /// Every request's `index` parameter (None when absent), in order.
     pub requested: Mutex<Vec<Option<u64>>>,
@@ -63,6 +67,13 @@ impl LongPollServer {
         self.shared.changed.notify_waiters();
     }
 
+    /// Replaces every key (for `?recurse`) and sets the index, in one step.
+    pub fn set_keys(&self, keys: &[(&str, &str)], index: u64) {
+        *self.shared.keys.lock().unwrap() = keys.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.shared.value.lock().unwrap().1 = index;
+        self.shared.changed.notify_waiters();
+    }
+
     pub fn requests(&self) -> Vec<Option<u64>> {
         self.shared.requested.lock().unwrap().clone()
     }
@@ -95,6 +106,10 @@ async fn long_poll(req: Request<Incoming>, shared: Arc<LongPollShared>) -> Resul
         let (value, current) = shared.value.lock().unwrap().clone();
         let blocking = index.is_some_and(|i| i == current) && !shared.no_block.load(Ordering::SeqCst);
         if !blocking || tokio::time::Instant::now() >= deadline {
+            if query.split('&').any(|p| p == "recurse") {
+                let prefix = req.uri().path().strip_prefix("/v1/kv/").unwrap_or("").to_owned();
+                return Ok(recurse(&shared.keys.lock().unwrap(), &prefix, current));
+            }
             let response = match value {
                 Some(v) => Response::builder().header("x-consul-index", current.to_string()).body(full(v)).unwrap(),
                 None => Response::builder()
@@ -107,6 +122,30 @@ async fn long_poll(req: Request<Incoming>, shared: Arc<LongPollShared>) -> Resul
         }
         let _ = tokio::time::timeout_at(deadline, changed).await;
     }
+}
+
+/// Consul's answer to `?recurse`: every key under `prefix`, the prefix itself as a folder.
+fn recurse(keys: &std::collections::BTreeMap<String, String>, prefix: &str, index: u64) -> Response<TestBody> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut entries: Vec<serde_json::Value> = keys
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| serde_json::json!({ "Key": k, "Value": b64.encode(v), "ModifyIndex": index, "Flags": 0 }))
+        .collect();
+    if entries.is_empty() {
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .header("x-consul-index", index.to_string())
+            .body(empty())
+            .unwrap();
+    }
+    entries.insert(0, serde_json::json!({ "Key": prefix, "Value": null, "ModifyIndex": 1, "Flags": 0 }));
+    Response::builder()
+        .header("x-consul-index", index.to_string())
+        .header("content-type", "application/json")
+        .body(full(serde_json::Value::from(entries).to_string()))
+        .unwrap()
 }
 
 fn humantime_like(s: &str) -> Option<Duration> {

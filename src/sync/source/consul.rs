@@ -3,13 +3,21 @@
 //! `X-Consul-Index` is kept, reset to 0 when it goes backwards (a restored snapshot, a new
 //! cluster) and never below 1 after a response, and the loop is rate-limited so that a server
 //! answering at once cannot make it spin.
+//!
+//! A key ending in `/` is a prefix: `GET /v1/kv/PREFIX?recurse` answers a JSON list of the
+//! keys under it, values in base64 (null for a "folder" entry, which is skipped); 404 means no
+//! keys. The set's revision is the `X-Consul-Index`.
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use bytes::Bytes;
 use http::{Method, StatusCode, Uri};
+use serde_json::Value;
 
 use super::{server_says, Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::client::{self, ClientError, HttpClient, Reply};
+use crate::sync::keyset::KeySet;
 use crate::sync::spec::SyncSpec;
 
 pub(crate) struct ConsulSource {
@@ -52,7 +60,8 @@ impl ConsulSource {
     }
 
     fn url(&self, blocking: bool) -> Result<Uri, SourceError> {
-        let mut url = format!("{}v1/kv/{}?raw", self.base, self.key);
+        let mode = if self.is_prefix() { "recurse" } else { "raw" };
+        let mut url = format!("{}v1/kv/{}?{mode}", self.base, self.key);
         if blocking && self.index > 0 {
             url.push_str(&format!("&index={}&wait={}ms", self.index, self.wait.as_millis()));
         }
@@ -63,6 +72,49 @@ impl ConsulSource {
         url.parse().map_err(|e: http::uri::InvalidUri| {
             SourceError::Client(ClientError::Url { url: url.clone(), message: e.to_string() })
         })
+    }
+
+    fn is_prefix(&self) -> bool {
+        self.key.ends_with('/')
+    }
+
+    /// The body limit: a prefix's values come base64 in JSON.
+    fn max_body(&self) -> u64 {
+        if self.is_prefix() {
+            self.max_size / 3 * 4 + 64 * 1024
+        } else {
+            self.max_size
+        }
+    }
+
+    /// The keys of a `?recurse` answer, by their path below the prefix.
+    fn read_list(&self, body: &[u8]) -> Result<KeySet, SourceError> {
+        let list: Vec<Value> =
+            serde_json::from_slice(body).map_err(|e| self.protocol(&format!("not a JSON list of keys: {e}")))?;
+        let mut set = KeySet::default();
+        let mut total = 0u64;
+        for entry in &list {
+            let key = entry.get("Key").and_then(Value::as_str).ok_or_else(|| self.protocol("an entry has no Key"))?;
+            let Some(name) = key.strip_prefix(self.key.as_str()) else { continue };
+            let value = match entry.get("Value") {
+                None | Some(Value::Null) if name.is_empty() || name.ends_with('/') => continue,
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::String(b64)) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| self.protocol(&format!("the value of {} is not base64: {e}", key.escape_debug())))?,
+                Some(_) => return Err(self.protocol(&format!("the value of {} is not a string", key.escape_debug()))),
+            };
+            total += value.len() as u64;
+            if total > self.max_size {
+                return Err(SourceError::TooLarge {
+                    peer: client::peer_of(&self.base),
+                    what: format!("key {}", self.key),
+                    limit: self.max_size,
+                });
+            }
+            set.keys.insert(name.to_owned(), Bytes::from(value));
+        }
+        Ok(set)
     }
 
     pub(crate) async fn fetch(&mut self) -> Result<Fetched, SourceError> {
@@ -95,7 +147,7 @@ impl ConsulSource {
         if let Some(token) = &token {
             request.headers_mut().insert("x-consul-token", token.header(""));
         }
-        let reply = self.client.fetch(request, timeout, self.max_size).await.map_err(|e| match e {
+        let reply = self.client.fetch(request, timeout, self.max_body()).await.map_err(|e| match e {
             ClientError::TooLarge { limit, .. } => {
                 SourceError::TooLarge { peer: peer.clone(), what: what.clone(), limit }
             }
@@ -134,13 +186,22 @@ impl ConsulSource {
         } else {
             index.max(1)
         };
+        let revision = format!("index {index}");
+        if self.is_prefix() && (reply.status.is_success() || reply.status == StatusCode::NOT_FOUND) {
+            if blocking && index == previous {
+                return Ok(Answer::Unchanged);
+            }
+            let set =
+                if reply.status == StatusCode::NOT_FOUND { KeySet::default() } else { self.read_list(&reply.body)? };
+            return Ok(Answer::Value { fetched: Fetched { content: Bytes::from(set.encode()), revision } });
+        }
         match reply.status {
             StatusCode::NOT_FOUND => Err(SourceError::Missing { peer, what }),
             status if status.is_success() => {
                 if blocking && index == previous {
                     return Ok(Answer::Unchanged);
                 }
-                Ok(Answer::Value { fetched: Fetched { content: reply.body, revision: format!("index {index}") } })
+                Ok(Answer::Value { fetched: Fetched { content: reply.body, revision } })
             }
             status => Err(SourceError::Status { peer, what, status }),
         }

@@ -8,6 +8,11 @@
 //! `--source-timeout` is checked with a read of the key within the other half: a server that
 //! does not answer, or a key that changed without an event, means the watch stalled, and it is
 //! reconnected.
+//!
+//! A key ending in `/` is a prefix: the range read and the watch cover `[prefix, range_end)`
+//! (the prefix with its last byte incremented), the set read is kept, and each watched event
+//! (a put or a delete under the prefix) changes it; the set's revision is the read's or the
+//! event's header revision.
 
 use std::time::Duration;
 
@@ -22,6 +27,7 @@ use serde_json::{json, Value};
 
 use super::{server_says, Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::client::{self, ClientError, HttpClient};
+use crate::sync::keyset::KeySet;
 use crate::sync::spec::SyncSpec;
 use crate::sys::human_duration;
 
@@ -44,11 +50,16 @@ pub(crate) struct EtcdSource {
     /// The token `/v3/auth/authenticate` gave, sent as `Authorization`; dropped when etcd says
     /// it is invalid or from an older auth revision, and asked for again.
     token: Option<HeaderValue>,
+    /// For a prefix: the end of its range, base64, and the set as last read and watched.
+    range_end_b64: Option<String>,
+    set: KeySet,
 }
 
 /// The key as a range read saw it.
 struct Range {
     value: Option<(Bytes, i64)>,
+    /// For a prefix: every key under it.
+    set: Option<KeySet>,
     revision: i64,
     cluster_id: Option<String>,
 }
@@ -91,6 +102,8 @@ impl EtcdSource {
                 _ => None,
             },
             token: None,
+            range_end_b64: key.ends_with('/').then(|| B64.encode(range_end(key.as_bytes()))),
+            set: KeySet::default(),
         }
     }
 
@@ -144,6 +157,29 @@ impl EtcdSource {
         };
         let peer = format!("etcd {}", self.peer());
         SourceError::Denied { peer, what: self.what(), message: format!("{status}: {said}; as {who}") }
+    }
+
+    /// The request body's key and, for a prefix, its range end.
+    fn key_range(&self) -> Value {
+        match &self.range_end_b64 {
+            Some(end) => json!({ "key": self.key_b64, "range_end": end }),
+            None => json!({ "key": self.key_b64 }),
+        }
+    }
+
+    /// A key of an answer, base64 as the gateway sends it, as its path below the prefix.
+    fn below_prefix(&self, kv: &Value) -> Result<Option<String>, SourceError> {
+        let encoded = kv.get("key").and_then(Value::as_str).unwrap_or("");
+        let key = B64.decode(encoded).map_err(|e| self.protocol(format!("key is not base64: {e}")))?;
+        let Some(below) = key.strip_prefix(self.key.as_bytes()) else { return Ok(None) };
+        match std::str::from_utf8(below) {
+            Ok(name) => Ok(Some(name.to_owned())),
+            Err(_) => Err(self.protocol(format!("key {} is not UTF-8", String::from_utf8_lossy(&key).escape_debug()))),
+        }
+    }
+
+    fn set_fetched(&self, revision: i64) -> Fetched {
+        Fetched { content: Bytes::from(self.set.encode()), revision: format!("revision {revision}") }
     }
 
     fn peer(&self) -> String {
@@ -201,7 +237,7 @@ impl EtcdSource {
 
     async fn range(&mut self, use_watch_client: bool, timeout: Duration) -> Result<Range, SourceError> {
         let uri = self.endpoint("v3/kv/range")?;
-        let body = json!({ "key": self.key_b64 }).to_string();
+        let body = self.key_range().to_string();
         let max = self.max_json();
         let mut renewed = false;
         let reply = loop {
@@ -237,15 +273,34 @@ impl EtcdSource {
         let cluster_id = answer.pointer("/header/cluster_id").and_then(Value::as_str).map(str::to_owned);
         let revision =
             answer.pointer("/header/revision").and_then(int).ok_or_else(|| self.protocol("no header.revision"))?;
-        let value = match answer.get("kvs").and_then(Value::as_array).and_then(|kvs| kvs.first()) {
+        let kvs = answer.get("kvs").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+        if self.range_end_b64.is_some() {
+            let mut set = KeySet::default();
+            let mut total = 0u64;
+            for kv in kvs {
+                let Some(name) = self.below_prefix(kv)? else { continue };
+                let (value, _) = self.decode_value(kv)?;
+                total += value.len() as u64;
+                if total > self.max_size {
+                    return Err(SourceError::TooLarge { peer: self.peer(), what: self.what(), limit: self.max_size });
+                }
+                set.keys.insert(name, value);
+            }
+            return Ok(Range { value: None, set: Some(set), revision, cluster_id });
+        }
+        let value = match kvs.first() {
             Some(kv) => Some(self.decode_value(kv)?),
             None => None,
         };
-        Ok(Range { value, revision, cluster_id })
+        Ok(Range { value, set: None, revision, cluster_id })
     }
 
     pub(crate) async fn fetch(&mut self) -> Result<Fetched, SourceError> {
         let range = self.range(false, self.timeout).await?;
+        if let Some(set) = range.set {
+            self.set = set;
+            return Ok(self.set_fetched(range.revision));
+        }
         match range.value {
             Some((content, modified)) => Ok(Fetched { content, revision: format!("revision {modified}") }),
             None => Err(SourceError::Missing { peer: self.peer(), what: self.what() }),
@@ -263,6 +318,10 @@ impl EtcdSource {
                     Ok(range) => {
                         self.cluster_id = range.cluster_id.clone();
                         let msg = match range.value {
+                            _ if range.set.is_some() => {
+                                self.set = range.set.unwrap_or_default();
+                                SourceMsg::Value(self.set_fetched(range.revision))
+                            }
                             Some((content, modified)) => {
                                 SourceMsg::Value(Fetched { content, revision: format!("revision {modified}") })
                             }
@@ -323,7 +382,10 @@ impl EtcdSource {
             Ok(uri) => uri,
             Err(e) => return failed(e.to_string(), false),
         };
-        let body = json!({ "create_request": { "key": self.key_b64, "start_revision": seen.saturating_add(1).to_string(), "progress_notify": true } });
+        let mut create = self.key_range();
+        create["start_revision"] = json!(seen.saturating_add(1).to_string());
+        create["progress_notify"] = json!(true);
+        let body = json!({ "create_request": create });
         let mut request = client::request(Method::POST, &uri, body.to_string());
         if let Some(token) = self.token.clone() {
             request.headers_mut().insert(AUTHORIZATION, token);
@@ -371,6 +433,20 @@ impl EtcdSource {
                             let header = json!({ "cluster_id": range.cluster_id, "revision": range.revision });
                             if let Err(why) = self.check_header(Some(&header), Some(known)) {
                                 return WatchEnd::HistoryChanged(why);
+                            }
+                            if let Some(set) = range.set.filter(|set| *set != self.set) {
+                                self.set = set;
+                                let _ = out.send(SourceMsg::Value(self.set_fetched(range.revision))).await;
+                                *revision = Some(range.revision);
+                                return failed(
+                                    format!(
+                                        "watch on {} stalled: the keys under {} changed by revision {} with no event; reconnecting",
+                                        self.peer(),
+                                        self.key,
+                                        range.revision
+                                    ),
+                                    true,
+                                );
                             }
                             if let Some((content, modified)) = range.value.filter(|(_, m)| *m > known) {
                                 let _ = out
@@ -467,7 +543,29 @@ impl EtcdSource {
         self.check_header(result.get("header"), *revision).map_err(WatchEnd::HistoryChanged)?;
         let events = result.get("events").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
         let mut msg = None;
-        for event in events {
+        if self.range_end_b64.is_some() {
+            let mut changed = false;
+            for event in events {
+                let Some(kv) = event.get("kv") else { continue };
+                let name = match self.below_prefix(kv) {
+                    Ok(Some(name)) => name,
+                    Ok(None) => continue,
+                    Err(e) => return Err(failed(e.to_string())),
+                };
+                changed = true;
+                if event.get("type").and_then(Value::as_str) == Some("DELETE") {
+                    self.set.keys.remove(&name);
+                } else {
+                    let (value, _) = self.decode_value(kv).map_err(|e| failed(e.to_string()))?;
+                    self.set.keys.insert(name, value);
+                }
+            }
+            if changed {
+                let at = header_revision.unwrap_or(0);
+                msg = Some(SourceMsg::Value(self.set_fetched(at)));
+            }
+        }
+        for event in events.iter().filter(|_| self.range_end_b64.is_none()) {
             let Some(kv) = event.get("kv") else { continue };
             if kv.get("key").and_then(Value::as_str) != Some(self.key_b64.as_str()) {
                 continue;
@@ -525,6 +623,19 @@ fn token_is_stale(status: http::StatusCode, said: &str) -> bool {
         || said.contains("auth store is old")
 }
 
+/// The end of the range of keys that start with `prefix`: the prefix with its last byte that
+/// is not 0xff incremented (and what follows it dropped); all keys when there is none.
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// Takes the next line of the watch stream that has anything on it (etcd's gateway ends each
 /// JSON message with a newline); `None` until one has arrived whole.
 pub(crate) fn next_line(buffer: &mut BytesMut) -> Option<BytesMut> {
@@ -550,6 +661,13 @@ mod tests {
         let spec = args.to_spec().unwrap();
         let SourceSpec::Etcd { base, key } = &spec.source else { unreachable!("an etcd source") };
         EtcdSource::new(&spec, base, key)
+    }
+
+    #[test]
+    fn a_prefix_range_ends_after_its_last_key() {
+        assert_eq!(range_end(b"/apps/x/"), b"/apps/x0");
+        assert_eq!(range_end(b"a\xff"), b"b");
+        assert_eq!(range_end(b"\xff\xff"), b"\0");
     }
 
     #[test]

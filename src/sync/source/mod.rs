@@ -7,6 +7,7 @@ pub(crate) mod consul;
 pub(crate) mod etcd;
 pub(crate) mod file;
 pub(crate) mod http;
+pub(crate) mod rendered;
 
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::client::ClientError;
-use super::spec::{SourceSpec, SyncSpec};
+use super::spec::{Output, SourceSpec, SyncSpec};
 
 /// One read of the source.
 #[derive(Debug, Clone)]
@@ -34,6 +35,9 @@ pub(crate) enum SourceMsg {
     Unchanged,
     /// The source could not be read. `stalled`: a watch or long poll that went silent.
     Error { message: String, stalled: bool },
+    /// The source was read, but what it holds cannot be made into the destination (a
+    /// template that does not render): refused, nothing written.
+    Refused(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,8 @@ pub(crate) enum SourceError {
     File { path: std::path::PathBuf, source: std::io::Error },
     #[error("{} is larger than --max-size ({limit} bytes)", path.display())]
     FileTooLarge { path: std::path::PathBuf, limit: u64 },
+    #[error("{0}")]
+    Render(String),
 }
 
 impl SourceError {
@@ -87,10 +93,19 @@ pub(crate) enum Source {
     Http(http::HttpSource),
     Consul(consul::ConsulSource),
     File(file::FileSource),
+    Rendered(rendered::RenderedSource),
 }
 
 impl Source {
     pub(crate) fn new(spec: &SyncSpec) -> Source {
+        let source = Self::reading(spec);
+        match &spec.output {
+            Output::Template(template) => Source::Rendered(rendered::RenderedSource::new(spec, source, template)),
+            Output::File | Output::Directory => source,
+        }
+    }
+
+    fn reading(spec: &SyncSpec) -> Source {
         match &spec.source {
             SourceSpec::Etcd { base, key } => Source::Etcd(etcd::EtcdSource::new(spec, base, key)),
             SourceSpec::Http { url } => Source::Http(http::HttpSource::new(spec, url)),
@@ -107,6 +122,7 @@ impl Source {
             Source::Http(s) => s.fetch().await,
             Source::Consul(s) => s.fetch().await,
             Source::File(s) => s.fetch().await,
+            Source::Rendered(s) => s.fetch().await,
         }
     }
 
@@ -118,6 +134,18 @@ impl Source {
             Source::Http(s) => s.run(out).await,
             Source::Consul(s) => s.run(out).await,
             Source::File(s) => s.run(out).await,
+            Source::Rendered(s) => s.run(out).await,
+        }
+    }
+
+    /// `run`, for a source that runs inside another.
+    pub(crate) fn run_boxed(self, out: Outbox) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        match self {
+            Source::Etcd(s) => Box::pin(s.run(out)),
+            Source::Http(s) => Box::pin(s.run(out)),
+            Source::Consul(s) => Box::pin(s.run(out)),
+            Source::File(s) => Box::pin(s.run(out)),
+            Source::Rendered(s) => Box::pin(s.run(out)),
         }
     }
 }
