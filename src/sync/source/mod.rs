@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::client::ClientError;
+use super::etcd_auth::LoginError;
 use super::spec::{SourceSpec, SyncSpec};
 
 /// One read of the source.
@@ -40,6 +41,9 @@ pub(crate) enum SourceMsg {
 pub(crate) enum SourceError {
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// etcd's login (`--source-user`) failed.
+    #[error(transparent)]
+    Login(#[from] LoginError),
     #[error("{peer} answered {status} for {what}")]
     Status { peer: String, what: String, status: ::http::StatusCode },
     /// The source refused our credentials or their rights (401, 403, etcd's auth errors).
@@ -61,7 +65,11 @@ pub(crate) enum SourceError {
 
 impl SourceError {
     pub(crate) fn is_timeout(&self) -> bool {
-        matches!(self, SourceError::Client(e) if e.is_timeout())
+        match self {
+            SourceError::Client(e) => e.is_timeout(),
+            SourceError::Login(e) => e.is_timeout(),
+            _ => false,
+        }
     }
 }
 
