@@ -9,6 +9,7 @@
 //! `[[sync]]` table of the config file beside `sidecar proxy`.
 
 pub(crate) mod client;
+pub(crate) mod etcd_auth;
 pub mod fleet;
 pub mod hash;
 pub(crate) mod history;
@@ -119,9 +120,10 @@ impl SyncManager {
             if let Some(publisher) = worker.take_fleet_publisher() {
                 if let Some(fleet) = &spec.fleet {
                     tracing::info!(
-                        "sync {}: fleet {} as instance {} (wave {} of {})",
+                        "sync {}: fleet {}{} as instance {} (wave {} of {})",
                         spec.name,
                         fleet.url,
+                        fleet.gateway.auth.describe().map(|a| format!(" ({a})")).unwrap_or_default(),
                         fleet.instance,
                         fleet.wave(),
                         fleet.waves

@@ -427,6 +427,17 @@ impl SyncSpec {
         self.source_auth
             .check_for(&self.source)
             .map_err(|message| SpecError::Auth { name: self.name.clone(), message })?;
+        if let Some(fleet) = &self.fleet {
+            let auth = &fleet.gateway.auth;
+            if auth.cert.is_some() && fleet.url.base.scheme_str() != Some("https") {
+                let message = format!(
+                    "a client certificate for the fleet (--fleet-cert, or the etcd source's --source-cert) needs \
+                     TLS to its etcd: --fleet etcd+https://…, not {}",
+                    fleet.url
+                );
+                return Err(SpecError::Auth { name: self.name.clone(), message });
+            }
+        }
         Ok(())
     }
 }
