@@ -560,6 +560,9 @@ fn a_fleet_on_an_etcd_with_authentication_logs_in_as_the_sources_user() {
     wait_until("the rejection to be recorded", T, || etcd.get(&rejected).is_some());
     let status = member.sync.status(NAME);
     assert!(status["fleet"]["etcd_error"].is_null(), "{status:#}");
+    // The admin API's fleet view reads etcd as the same user.
+    let view = http_get_json(member.sync.admin, &format!("/sync/{NAME}/fleet"));
+    assert_eq!(view["rejected"][0]["hash"], bad_hash.as_str(), "{view:#}");
 
     // `sidecar fleet status` with the user and its password reads the fleet...
     let login = ["--fleet-user", "app", "--fleet-password-file", path_str(&password_file)];
@@ -648,7 +651,10 @@ fn a_wrong_fleet_password_is_a_clear_error_and_does_not_block_the_local_apply() 
     etcd.put(KEY, V4);
     wait_status_keys(&etcd, 1, V4, "synced");
     member.sync.proc.logs.wait_for("the auth token of user pod was refused", T);
-    assert_no_secret(&member.sync.visible(), &[PASSWORD, FLEET_PASSWORD, WRONG_PASSWORD, ROOT_PASSWORD]);
+    let (_, view) = http_exchange(member.sync.admin, "GET", &format!("/sync/{NAME}/fleet"), &[], "").unwrap();
+    let keys: Vec<String> = etcd.get_prefix(PREFIX).into_iter().map(|(key, value)| format!("{key} {value}")).collect();
+    let shown = format!("{}\n{view}\n{}", member.sync.visible(), keys.join("\n"));
+    assert_no_secret(&shown, &[PASSWORD, FLEET_PASSWORD, WRONG_PASSWORD, ROOT_PASSWORD]);
 }
 
 #[test]

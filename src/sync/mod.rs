@@ -129,6 +129,13 @@ impl SyncManager {
                         fleet.waves
                     );
                 }
+                if let Some(fleet) = spec.fleet.as_ref().filter(|f| f.sends_password_in_clear()) {
+                    tracing::warn!(
+                        "sync {}: the fleet's etcd password goes to {} over plain HTTP and can be read on the network; use etcd+https://",
+                        spec.name,
+                        fleet.url
+                    );
+                }
                 tasks.push(tokio::spawn(publisher.run(shutdown.clone())));
             }
             tasks.push(tokio::spawn(source.run(source_tx, shutdown.clone())));
