@@ -23,19 +23,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Everything a user can see of a running sync: its log, /sync and /status.
-fn visible(sync: &SyncProcess) -> String {
-    let (_, status) = http_exchange(sync.admin, "GET", "/status", &[], "").expect("GET /status");
-    let (_, all) = http_exchange(sync.admin, "GET", "/sync", &[], "").expect("GET /sync");
-    format!("{}\n{status}\n{all}", sync.proc.logs.text())
-}
-
-fn assert_no_secret(text: &str, secrets: &[&str]) {
-    for secret in secrets {
-        assert!(!text.contains(secret), "a secret shows: {secret} in\n{text}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_with_auth_a_wrong_password_a_rotation_an_expired_token_and_a_revoked_role() {
     if !require_tool("etcd") {
@@ -116,7 +103,7 @@ async fn etcd_with_auth_a_wrong_password_a_rotation_an_expired_token_and_a_revok
         let (_, all) = http_exchange(sync.admin, "GET", "/status", &[], "").expect("GET /status");
         assert!(all.contains("permission denied"), "/status shows the error: {all}");
         assert!(sync.proc.logs.text().contains("authenticated as user app"), "{}", sync.proc.logs.text());
-        assert_no_secret(&visible(&sync), &[PASSWORD, ROTATED_PASSWORD, WRONG_PASSWORD, ROOT_PASSWORD]);
+        assert_no_secret(&sync.visible(), &[PASSWORD, ROTATED_PASSWORD, WRONG_PASSWORD, ROOT_PASSWORD]);
     });
 }
 
@@ -181,7 +168,11 @@ async fn etcd_with_client_certificate_auth_over_tls() {
         eprintln!("refused as: {error}");
         eprintln!("refused as: {error}");
         assert!(error.contains(&format!("localhost:{}", etcd.client_port)), "{error}");
-        let hint = if cert.is_some() { "is --source-cert signed by a CA it trusts" } else { "give --source-cert" };
+        let hint = if cert.is_some() {
+            "is the client certificate (--source-cert, --fleet-cert) signed by a CA it trusts"
+        } else {
+            "give --source-cert"
+        };
         assert!(error.contains(hint), "{error}");
         assert_eq!(read_text(&dest), "as deployed");
         if let Some(cert) = cert {
@@ -224,7 +215,7 @@ async fn consul_acl_token_is_sent_and_a_wrong_one_is_a_clear_error() {
         wait_for_content(&dest, "consul one", T);
         server.set(Some("consul two"), 6);
         wait_for_content(&dest, "consul two", T);
-        assert_no_secret(&visible(&sync), &["consul-token-1f9e", "consul-token-wrong-77aa"]);
+        assert_no_secret(&sync.visible(), &["consul-token-1f9e", "consul-token-wrong-77aa"]);
     });
 }
 
@@ -298,7 +289,7 @@ fn http_source_with_basic_auth_bearer_token_rotation_and_headers() {
     assert_eq!(read_text(&dest), "as deployed");
     secret.set("password", &format!("{PASSWORD}\n"));
     wait_for_content(&dest, "basic body", T);
-    assert_no_secret(&visible(&sync), &[PASSWORD, WRONG_PASSWORD, &b64.encode(format!("app:{PASSWORD}"))]);
+    assert_no_secret(&sync.visible(), &[PASSWORD, WRONG_PASSWORD, &b64.encode(format!("app:{PASSWORD}"))]);
     drop(sync);
 
     // Bearer, rotated while it runs: the server takes only the new token from then on.
@@ -319,7 +310,7 @@ fn http_source_with_basic_auth_bearer_token_rotation_and_headers() {
     token.set("token", "token-two-8c1d");
     write(&server_dir.path().join("body"), "bearer body 2");
     wait_for_content(&dest, "bearer body 2", T);
-    assert_no_secret(&visible(&sync), &["token-one-3b7f", "token-two-8c1d"]);
+    assert_no_secret(&sync.visible(), &["token-one-3b7f", "token-two-8c1d"]);
 
     // Without the extra header the server refuses: the header was what let it in.
     let dest = dir.path().join("noheader.conf");

@@ -449,7 +449,7 @@ fn etcd_out_of_reach_for_the_fleet_keys_does_not_block_an_apply_and_the_status_c
 }
 
 #[test]
-fn a_fleet_over_tls_is_reached_with_the_source_ca() {
+fn a_fleet_over_tls_uses_the_etcd_sources_ca_and_client_certificate() {
     if !require_tool("etcd") {
         return;
     }
@@ -483,11 +483,11 @@ fn a_fleet_over_tls_is_reached_with_the_source_ca() {
         "--fleet",
         &fleet,
         "--json",
-        "--source-ca",
+        "--fleet-ca",
         ca.to_str().unwrap(),
-        "--source-cert",
+        "--fleet-cert",
         cert,
-        "--source-key",
+        "--fleet-key",
         key,
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -506,7 +506,230 @@ fn a_fleet_over_tls_is_reached_with_the_source_ca() {
     assert!(body.contains("runs without --fleet"), "{body}");
 
     // Without the CA the server is not trusted, and the command says what failed.
-    let out = fleet_command(&["status", "--fleet", &fleet, "--source-cert", cert, "--source-key", key]);
+    let out = fleet_command(&["status", "--fleet", &fleet, "--fleet-cert", cert, "--fleet-key", key]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("TLS handshake with 127.0.0.1"), "{}", text(&out.stderr));
+}
+
+const ROOT_PASSWORD: &str = "root-pw-6d1f0a";
+const PASSWORD: &str = "app-pw-3c9e72";
+const FLEET_PASSWORD: &str = "pod-pw-a81b4d";
+const WRONG_PASSWORD: &str = "pod-pw-wrong-07e5c9";
+
+fn path_str(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Stops the member's sidecar for longer than etcd's `--auth-token-ttl 2`, so that etcd forgets
+/// its tokens. The wait is etcd's clock, not a condition this test could watch.
+fn expire_tokens(member: &Member) {
+    member.sync.proc.signal("STOP");
+    std::thread::sleep(Duration::from_secs(4));
+    member.sync.proc.signal("CONT");
+}
+
+#[test]
+fn a_fleet_on_an_etcd_with_authentication_logs_in_as_the_sources_user() {
+    if !require_tool("etcd") || !require_tool("python3") {
+        return;
+    }
+    // One user whose roles read the source key and read and write the fleet prefix: the same
+    // cluster, one set of credentials, given once as --source-*.
+    // Tokens live 2s unused, so that one can expire.
+    let mut etcd = Etcd::start_with(&["--auth-token-ttl", "2"]);
+    let v1_revision = etcd.put(KEY, V1);
+    etcd.enable_auth(ROOT_PASSWORD, "app", PASSWORD, KEY);
+    etcd.grant_prefix("app", PASSWORD, "fleet", "READWRITE", PREFIX);
+    let mut secret = MountedSecret::new();
+    secret.set("password", PASSWORD);
+    let password_file = secret.path("password");
+    let fleet = etcd.url(PREFIX);
+    let member = start_member(
+        &etcd,
+        &fleet,
+        "pod-auth",
+        &[("--source-user", "app"), ("--source-password-file", path_str(&password_file)), ("--log-level", "debug")],
+    );
+    wait_status_keys(&etcd, 1, V1, "synced");
+
+    // A bad version: rolled back, and the rejection recorded as user app.
+    let bad_hash = content_hash(BAD.as_bytes());
+    etcd.put(KEY, BAD);
+    member.sync.wait_state(NAME, "rolled-back", T);
+    let rejected = format!("{PREFIX}{NAME}/rejected/{bad_hash}/pod-auth");
+    wait_until("the rejection to be recorded", T, || etcd.get(&rejected).is_some());
+    let status = member.sync.status(NAME);
+    assert!(status["fleet"]["etcd_error"].is_null(), "{status:#}");
+    // The admin API's fleet view reads etcd as the same user.
+    let view = http_get_json(member.sync.admin, &format!("/sync/{NAME}/fleet"));
+    assert_eq!(view["rejected"][0]["hash"], bad_hash.as_str(), "{view:#}");
+
+    // `sidecar fleet status` with the user and its password reads the fleet...
+    let login = ["--fleet-user", "app", "--fleet-password-file", path_str(&password_file)];
+    let out = fleet_command(&[&["status", "--fleet", &fleet, "--json"][..], &login[..]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["destinations"][0]["instances"][0]["instance"], "pod-auth", "{json:#}");
+    assert_eq!(json["destinations"][0]["rejected"][0]["hash"], bad_hash.as_str(), "{json:#}");
+    // ...and without them says that etcd wants them.
+    let out = fleet_command(&["status", "--fleet", &fleet]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("etcd {} refused range", etcd.addr()))
+            && stderr.contains("etcd has authentication enabled: give --fleet-user and --fleet-password-file"),
+        "{stderr}"
+    );
+
+    // A rollback writes the source key, which user app may only read: refused, saying so.
+    let out = fleet_command(
+        &[&["rollback", "--fleet", &fleet, "--name", NAME, "--to", &v1_revision.to_string()][..], &login[..]].concat(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("refused put") && stderr.contains("permission denied"), "{stderr}");
+    assert!(stderr.contains("as user app (does its role grant readwrite"), "{stderr}");
+    assert!(stderr.contains("on the source key for a fleet rollback"), "{stderr}");
+    assert_eq!(etcd.get(KEY).as_deref(), Some(BAD), "nothing written");
+    assert_no_secret(&format!("{}{}", text(&out.stdout), stderr), &[PASSWORD]);
+
+    // The sidecar stopped for longer than the token's TTL: etcd forgets the token, refuses it
+    // once, and the fleet's calls log in again; the status key follows the next version.
+    expire_tokens(&member);
+    etcd.put(KEY, V2);
+    wait_status_keys(&etcd, 1, V2, "synced");
+    member.sync.proc.logs.wait_for("the auth token of user app was refused", T);
+    assert_no_secret(&member.sync.visible(), &[PASSWORD, ROOT_PASSWORD]);
+}
+
+#[test]
+fn a_wrong_fleet_password_is_a_clear_error_and_does_not_block_the_local_apply() {
+    if !require_tool("etcd") || !require_tool("python3") {
+        return;
+    }
+    // The source reads as user app; the fleet writes as user pod, with a password that is
+    // wrong until its Secret is rotated.
+    let mut etcd = Etcd::start_with(&["--auth-token-ttl", "2"]);
+    etcd.put(KEY, V1);
+    etcd.enable_auth(ROOT_PASSWORD, "app", PASSWORD, KEY);
+    etcd.grant_prefix("pod", FLEET_PASSWORD, "fleet", "READWRITE", PREFIX);
+    let (mut source_secret, mut fleet_secret) = (MountedSecret::new(), MountedSecret::new());
+    source_secret.set("password", PASSWORD);
+    fleet_secret.set("password", &format!("{WRONG_PASSWORD}\n"));
+    let (source_file, fleet_file) = (source_secret.path("password"), fleet_secret.path("password"));
+    let member = start_member(
+        &etcd,
+        &etcd.url(PREFIX),
+        "pod-wrong",
+        &[
+            ("--source-user", "app"),
+            ("--source-password-file", path_str(&source_file)),
+            ("--fleet-user", "pod"),
+            ("--fleet-password-file", path_str(&fleet_file)),
+            ("--log-level", "debug"),
+        ],
+    );
+    let revision = etcd.put(KEY, V2);
+    wait_for_content(&member.dest, V2, T);
+    member.sync.wait_revision(NAME, &format!("revision {revision}"), T);
+    let status = member.sync.wait_status(NAME, "a fleet error", T, |s| s["fleet"]["etcd_error"].is_string());
+    let error = status["fleet"]["etcd_error"].as_str().unwrap();
+    eprintln!("fleet error: {error}");
+    assert!(error.contains(&format!("etcd {} refused authentication as user pod", etcd.addr())), "{error}");
+    assert!(error.contains("invalid user ID or password") && error.contains("--fleet-password-file"), "{error}");
+    assert_eq!(status["fleet"]["published"], false, "{status:#}");
+    assert!(status_keys(&etcd).is_empty());
+
+    // The Secret is rotated: the next login reads the new file, and the status is published.
+    fleet_secret.set("password", FLEET_PASSWORD);
+    wait_status_keys(&etcd, 1, V2, "synced");
+    wait_until("the fleet error to clear", T, || member.sync.status(NAME)["fleet"]["etcd_error"].is_null());
+
+    // An expired token: the fleet logs in again, as its own user, on the code path the etcd
+    // source uses.
+    expire_tokens(&member);
+    etcd.put(KEY, V4);
+    wait_status_keys(&etcd, 1, V4, "synced");
+    member.sync.proc.logs.wait_for("the auth token of user pod was refused", T);
+    let (_, view) = http_exchange(member.sync.admin, "GET", &format!("/sync/{NAME}/fleet"), &[], "").unwrap();
+    let keys: Vec<String> = etcd.get_prefix(PREFIX).into_iter().map(|(key, value)| format!("{key} {value}")).collect();
+    let shown = format!("{}\n{view}\n{}", member.sync.visible(), keys.join("\n"));
+    assert_no_secret(&shown, &[PASSWORD, FLEET_PASSWORD, WRONG_PASSWORD, ROOT_PASSWORD]);
+}
+
+#[test]
+fn a_file_source_reaches_a_fleet_over_tls_with_a_client_certificate_of_its_own() {
+    if !require_tool("etcd") {
+        return;
+    }
+    // The source is a file: nothing to lend the fleet, whose etcd wants a client certificate.
+    let etcd = Etcd::start_tls(TestPki::new());
+    let tls = etcd.tls.as_ref().unwrap();
+    let client = tls.pki.issue("pod-file");
+    let fleet = format!("etcd+https://127.0.0.1:{}{PREFIX}", etcd.client_port);
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (dir.path().join("source.json"), dir.path().join("config.json"));
+    write(&source, V1);
+    let sync = SyncCommand::new(&source, &dest)
+        .arg("--name", NAME)
+        .min_quiet("50ms")
+        .arg("--fleet", &fleet)
+        .arg("--instance", "pod-file")
+        .arg("--fleet-ca", tls.pki.ca_path())
+        .arg("--fleet-cert", &client.cert)
+        .arg("--fleet-key", &client.key)
+        .start();
+    wait_for_content(&dest, V1, T);
+    let keys = wait_status_keys(&etcd, 1, V1, "synced");
+    assert_eq!(keys[0]["instance"], "pod-file", "{keys:#?}");
+    replace_file(&source, V2);
+    wait_status_keys(&etcd, 1, V2, "synced");
+    assert!(sync.status(NAME)["fleet"]["etcd_error"].is_null());
+
+    // Without a certificate etcd refuses the connection, and the error says what to give.
+    let out = fleet_command(&["status", "--fleet", &fleet, "--fleet-ca", path_str(&tls.pki.ca_path())]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("TLS handshake with 127.0.0.1") || text(&out.stderr).contains("--source-cert"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn sidecar_check_shows_the_fleets_credentials_by_path_and_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("fleet-password");
+    write(&password, FLEET_PASSWORD);
+    let config = dir.path().join("sidecar.toml");
+    let table = |password_file: &std::path::Path| {
+        format!(
+            "[[sync]]\nsource = \"{}\"\ndest = \"{}\"\nname = \"web\"\nfleet = \"etcd://127.0.0.1:1/fleet/\"\n\
+             instance = \"pod-check\"\nfleet-user = \"pod\"\nfleet-password-file = \"{}\"\n",
+            path_str(&dir.path().join("source.json")),
+            path_str(&dir.path().join("config.json")),
+            path_str(password_file)
+        )
+    };
+    let check = || {
+        let output = sidecar_command(&["check", "--upstream", "http://127.0.0.1:1", "--config", path_str(&config)])
+            .output()
+            .unwrap();
+        let text = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        (output.status.code(), text)
+    };
+    write(&config, &table(&password));
+    let (code, out) = check();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("fleet etcd 127.0.0.1:1/fleet/ (user pod, password file {})", password.display())),
+        "{out}"
+    );
+    assert_no_secret(&out, &[FLEET_PASSWORD]);
+
+    // A password file that cannot be read is a problem, named.
+    write(&config, &table(&dir.path().join("missing")));
+    let (code, out) = check();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("sync web fleet: --fleet-password-file") && out.contains("missing"), "{out}");
 }

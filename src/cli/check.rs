@@ -27,7 +27,8 @@ use super::{parse_from, Cli, CliError, ProxyArgs};
 use crate::admin;
 use crate::config::{CertSource, ProxyConfig, Upstream};
 use crate::devcert;
-use crate::sync::client::check_source_auth;
+use crate::sync::client::{check_fleet_auth, check_source_auth};
+use crate::sync::spec::SourceAuth;
 use crate::tls::{CertInfo, LoadedCert, TlsContext};
 
 /// A certificate closer than this to its expiry is reported as a warning.
@@ -260,7 +261,38 @@ fn check_sync_tables(path: &std::path::Path, report: &mut Report) {
         for problem in check_source_auth(&spec.source_auth) {
             report.problems.push(format!("sync {}: {problem}", spec.name));
         }
+        if let Some(fleet) = &spec.fleet {
+            let auth = fleet_credentials(&fleet.gateway.auth);
+            report.summary.push(format!("    fleet {}{auth} as instance {}", fleet.url, fleet.instance));
+            for problem in check_fleet_auth(&fleet.gateway.auth) {
+                report.problems.push(format!("sync {} fleet: {problem}", spec.name));
+            }
+        }
     }
+}
+
+/// The fleet's credentials by name and path, never their content: ` (user NAME, password file
+/// PATH, ...)`, or nothing.
+fn fleet_credentials(auth: &SourceAuth) -> String {
+    let mut parts = Vec::new();
+    if let Some(user) = &auth.user {
+        parts.push(format!("user {user}"));
+    }
+    let files = [
+        ("password file", &auth.password_file),
+        ("client certificate", &auth.cert),
+        ("key", &auth.key),
+        ("CA", &auth.ca),
+    ];
+    for (what, path) in files {
+        if let Some(path) = path {
+            parts.push(format!("{what} {}", path.display()));
+        }
+    }
+    if parts.is_empty() {
+        return String::new();
+    }
+    format!(" ({})", parts.join(", "))
 }
 
 fn days_left(not_after: OffsetDateTime) -> i64 {

@@ -1,13 +1,15 @@
 //! Arguments, once parsed, into the runtime settings the roles take: the raw clap types stop
 //! here, so nothing below `cli` knows how a setting was given.
 
+use std::path::PathBuf;
+
 use super::{FleetEtcdArgs, ProxyArgs, SyncArgs};
 use crate::config::{CertSource, Limits, ProxyConfig, Timeouts, UpstreamPolicy};
 use crate::devcert::default_state_dir;
 use crate::sync::fleet::gateway::GatewayOptions;
 use crate::sync::fleet::{host_name, FleetSpec};
 use crate::sync::spec::{
-    default_history_dir, ends_with_slash, name_of, NotifySpec, Output, SourceAuth, SpecError, SyncSpec,
+    default_history_dir, ends_with_slash, name_of, NotifySpec, Output, SourceAuth, SourceSpec, SpecError, SyncSpec,
 };
 
 impl ProxyArgs {
@@ -64,9 +66,11 @@ impl FleetEtcdArgs {
     /// How `sidecar fleet` reaches etcd.
     pub(crate) fn gateway(&self) -> GatewayOptions {
         let auth = SourceAuth {
-            ca: self.source_ca.clone(),
-            cert: self.source_cert.clone(),
-            key: self.source_key.clone(),
+            user: self.fleet_user.clone(),
+            password_file: self.fleet_password_file.clone(),
+            ca: self.fleet_ca.clone(),
+            cert: self.fleet_cert.clone(),
+            key: self.fleet_key.clone(),
             ..SourceAuth::default()
         };
         GatewayOptions { auth, timeout: self.timeout }
@@ -74,9 +78,54 @@ impl FleetEtcdArgs {
 }
 
 impl SyncArgs {
+    /// The fleet's credentials: each `--fleet-*` given, else (same cluster, one set of
+    /// credentials) the etcd source's `--source-*`. A user and its password, or a certificate
+    /// and its key, come from one place, never half from each.
+    fn fleet_auth(&self) -> SourceAuth {
+        let etcd_source = matches!(self.source, SourceSpec::Etcd { .. });
+        let inherit = |fleet: &Option<PathBuf>, source: &Option<PathBuf>| {
+            fleet.clone().or_else(|| source.clone().filter(|_| etcd_source))
+        };
+        let (user, password_file) = match (&self.fleet_user, &self.fleet_password_file) {
+            (Some(user), Some(file)) => (Some(user.clone()), Some(file.clone())),
+            _ if etcd_source => (self.source_user.clone(), self.source_password_file.clone()),
+            _ => (None, None),
+        };
+        let (cert, key) = match (&self.fleet_cert, &self.fleet_key) {
+            (Some(cert), Some(key)) => (Some(cert.clone()), Some(key.clone())),
+            _ if etcd_source => (self.source_cert.clone(), self.source_key.clone()),
+            _ => (None, None),
+        };
+        SourceAuth {
+            user,
+            password_file,
+            cert,
+            key,
+            ca: inherit(&self.fleet_ca, &self.source_ca),
+            ..SourceAuth::default()
+        }
+    }
+
+    /// The `--fleet-*` options given, by name (refused without --fleet).
+    fn fleet_options_given(&self) -> Vec<&'static str> {
+        let given = [
+            ("--fleet-ca", self.fleet_ca.is_some()),
+            ("--fleet-cert", self.fleet_cert.is_some()),
+            ("--fleet-key", self.fleet_key.is_some()),
+            ("--fleet-user", self.fleet_user.is_some()),
+            ("--fleet-password-file", self.fleet_password_file.is_some()),
+        ];
+        given.into_iter().filter(|(_, given)| *given).map(|(name, _)| name).collect()
+    }
+
     /// One destination's settings, checked.
     pub fn to_spec(&self) -> Result<SyncSpec, SpecError> {
         let name = name_of(self.name.as_deref(), &self.dest)?;
+        let fleet_options = self.fleet_options_given();
+        if self.fleet.is_none() && !fleet_options.is_empty() {
+            let message = format!("{} apply only with --fleet", fleet_options.join(", "));
+            return Err(SpecError::Auth { name, message });
+        }
         let targets_process = self.pid_file.is_some() || self.process_name.is_some();
         let spec = SyncSpec {
             source: self.source.clone(),
@@ -124,12 +173,7 @@ impl SyncArgs {
                 lease_ttl: self.fleet_lease_ttl,
                 // A hung etcd delays an apply by this much at most: the fleet keys are small.
                 gateway: GatewayOptions {
-                    auth: SourceAuth {
-                        ca: self.source_ca.clone(),
-                        cert: self.source_cert.clone(),
-                        key: self.source_key.clone(),
-                        ..SourceAuth::default()
-                    },
+                    auth: self.fleet_auth(),
                     timeout: self.source_timeout.min(FLEET_TIMEOUT_MAX),
                 },
             }),
@@ -189,6 +233,72 @@ mod tests {
         std::fs::write(&file, "[[sync]]\nsource = \"/tmp/s\"\ndest = \"/tmp/d\"\ninstance = \"a/b\"\n").unwrap();
         let message = super::super::file::load_sync_sections(&file).unwrap_err().to_string();
         assert!(message.contains("an instance id holds letters"), "{message}");
+    }
+
+    fn sync_spec(argv: &[&str]) -> Result<crate::sync::spec::SyncSpec, String> {
+        let mut full = vec!["sidecar", "sync", "--dest", "/tmp/sidecar-test/k"];
+        full.extend_from_slice(argv);
+        let Command::Sync(args) = parse_from(full).map_err(|e| e.to_string())?.command else {
+            unreachable!("a sync command line")
+        };
+        args.to_spec().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_fleet_uses_its_own_credentials_else_the_etcd_sources_and_never_half_of_each() {
+        use std::path::Path;
+        let etcd = ["--source", "etcd+https://127.0.0.1:2379/k", "--fleet", "etcd+https://127.0.0.1:2379/f/"];
+        let source_creds = [
+            "--source-user",
+            "app",
+            "--source-password-file",
+            "/run/s/pw",
+            "--source-cert",
+            "/run/s/c.pem",
+            "--source-key",
+            "/run/s/k.pem",
+            "--source-ca",
+            "/run/s/ca.pem",
+        ];
+        // Same cluster: the source's credentials serve the fleet.
+        let spec = sync_spec(&[&etcd[..], &source_creds[..]].concat()).unwrap();
+        let auth = spec.fleet.unwrap().gateway.auth;
+        assert_eq!(auth.user.as_deref(), Some("app"));
+        assert_eq!(auth.password_file.as_deref(), Some(Path::new("/run/s/pw")));
+        assert_eq!(auth.cert.as_deref(), Some(Path::new("/run/s/c.pem")));
+        assert_eq!(auth.ca.as_deref(), Some(Path::new("/run/s/ca.pem")));
+
+        // Each --fleet-* given wins; a user and its password come from one place.
+        let fleet_creds =
+            ["--fleet-user", "fleet", "--fleet-password-file", "/run/f/pw", "--fleet-ca", "/run/f/ca.pem"];
+        let spec = sync_spec(&[&etcd[..], &source_creds[..], &fleet_creds[..]].concat()).unwrap();
+        let auth = spec.fleet.unwrap().gateway.auth;
+        assert_eq!(auth.user.as_deref(), Some("fleet"));
+        assert_eq!(auth.password_file.as_deref(), Some(Path::new("/run/f/pw")));
+        assert_eq!(auth.ca.as_deref(), Some(Path::new("/run/f/ca.pem")));
+        assert_eq!(auth.cert.as_deref(), Some(Path::new("/run/s/c.pem")), "not given: the source's");
+        assert_eq!(auth.token_file, None);
+
+        // A file source lends nothing, and a client certificate for the fleet is fine there.
+        let file = ["--source", "/tmp/sidecar-test/src", "--fleet", "etcd+https://127.0.0.1:2379/f/"];
+        let spec = sync_spec(&[&file[..], &["--fleet-cert", "/c.pem", "--fleet-key", "/k.pem"][..]].concat()).unwrap();
+        let auth = spec.fleet.unwrap().gateway.auth;
+        assert_eq!((auth.cert.as_deref(), auth.user.as_deref()), (Some(Path::new("/c.pem")), None));
+        let spec = sync_spec(&[&file[..], &["--source-ca", "/ca.pem"][..]].concat());
+        assert!(
+            spec.is_ok_and(|s| s.fleet.unwrap().gateway.auth.ca.is_none()),
+            "a file source's CA is not the fleet's"
+        );
+
+        // Refused: --fleet-* without --fleet, a certificate over plain HTTP, half a login.
+        let message =
+            sync_spec(&["--source", "/tmp/s", "--fleet-user", "u", "--fleet-password-file", "/p"]).unwrap_err();
+        assert!(message.contains("--fleet-user, --fleet-password-file apply only with --fleet"), "{message}");
+        let plain =
+            ["--source", "/tmp/s", "--fleet", "etcd://127.0.0.1:2379/f/", "--fleet-cert", "/c", "--fleet-key", "/k"];
+        let message = sync_spec(&plain).unwrap_err();
+        assert!(message.contains("needs TLS to its etcd"), "{message}");
+        assert!(sync_spec(&["--source", "/tmp/s", "--fleet", "etcd://h:1/f/", "--fleet-user", "u"]).is_err());
     }
 
     #[test]

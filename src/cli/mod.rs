@@ -113,7 +113,10 @@ Examples:
 The instances apply the value like any change from the source: checked, in their waves, verified
 healthy. etcd keeps old revisions until it compacts them; an older one is refused, naming the
 oldest revision still kept. A version the fleet rejected is refused too (no instance would apply
-it).";
+it).
+
+It writes the source key: with etcd authentication, --fleet-user's role needs readwrite on that
+key (and read on the fleet prefix), not only the read the instances need.";
 
 /// `sidecar fleet ...`.
 #[derive(Debug, Clone, Subcommand)]
@@ -136,16 +139,27 @@ pub struct FleetEtcdArgs {
     pub fleet: FleetUrl,
 
     /// PEM CA bundle for etcd+https:// [default: the system bundle]
-    #[arg(long, env = "SIDECAR_SYNC_SOURCE_CA", value_name = "FILE")]
-    pub source_ca: Option<PathBuf>,
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_CA", value_name = "FILE")]
+    pub fleet_ca: Option<PathBuf>,
 
-    /// PEM client certificate for an etcd that wants one (--client-cert-auth)
-    #[arg(long, env = "SIDECAR_SYNC_SOURCE_CERT", value_name = "FILE", requires = "source_key")]
-    pub source_cert: Option<PathBuf>,
+    /// PEM client certificate for an etcd that wants one (--client-cert-auth); with
+    /// --fleet-key
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_CERT", value_name = "FILE", requires = "fleet_key")]
+    pub fleet_cert: Option<PathBuf>,
 
-    /// PEM private key of --source-cert
-    #[arg(long, env = "SIDECAR_SYNC_SOURCE_KEY", value_name = "FILE", requires = "source_cert")]
-    pub source_key: Option<PathBuf>,
+    /// PEM private key of --fleet-cert
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_KEY", value_name = "FILE", requires = "fleet_cert")]
+    pub fleet_key: Option<PathBuf>,
+
+    /// etcd user, for an etcd with authentication enabled; with --fleet-password-file. Its
+    /// role must grant read on the fleet prefix (status), and for rollback readwrite on the
+    /// source key
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_USER", value_name = "NAME", requires = "fleet_password_file")]
+    pub fleet_user: Option<String>,
+
+    /// File holding the password of --fleet-user (a mounted Secret). Never logged or shown
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_PASSWORD_FILE", value_name = "FILE", requires = "fleet_user")]
+    pub fleet_password_file: Option<PathBuf>,
 
     /// Time allowed for each request to etcd
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -245,7 +259,10 @@ Fleets (--fleet etcd://HOST:PORT/PREFIX/): each instance publishes its status un
 records a version it rolled back as unhealthy, and does not apply a version that
 --fleet-reject-after instances rejected. With --fleet-waves K, instances fall into K waves by a
 hash of --instance; wave i applies a new version --fleet-wave-delay x i after the fleet first
-saw it, so a bad version stops at the first wave. See `sidecar fleet --help`.
+saw it, so a bad version stops at the first wave. The fleet's etcd takes --fleet-ca,
+--fleet-cert/--fleet-key and --fleet-user/--fleet-password-file; with an etcd source, each one
+not given is the matching --source-* option (same cluster, one set of credentials). See
+`sidecar fleet --help`.
 
 Every option also reads its SIDECAR_SYNC_* environment variable. `sidecar proxy --config FILE`
 runs each [[sync]] table of FILE (keys are these option names) beside the proxy.";
@@ -426,10 +443,36 @@ pub struct SyncArgs {
     pub dry_run: bool,
 
     /// Coordinate with the other instances that sync this key, through etcd:
-    /// etcd://HOST:PORT/PREFIX/ (or etcd+https://, with --source-ca). Publishes this
+    /// etcd://HOST:PORT/PREFIX/ (or etcd+https://, with --fleet-ca). Publishes this
     /// instance's status, shares rejections of unhealthy versions, orders applies in waves
     #[arg(long, env = "SIDECAR_SYNC_FLEET", value_name = "URL", value_parser = parse_fleet_url)]
     pub fleet: Option<FleetUrl>,
+
+    /// With --fleet: PEM CA bundle for an etcd+https:// fleet [default: --source-ca when the
+    /// source is etcd, else the system bundle]
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_CA", value_name = "FILE")]
+    pub fleet_ca: Option<PathBuf>,
+
+    /// With --fleet: PEM client certificate for the fleet's etcd (--client-cert-auth); with
+    /// --fleet-key [default: --source-cert when the source is etcd]
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_CERT", value_name = "FILE", requires = "fleet_key")]
+    pub fleet_cert: Option<PathBuf>,
+
+    /// With --fleet: PEM private key of --fleet-cert [default: --source-key when the source is
+    /// etcd]
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_KEY", value_name = "FILE", requires = "fleet_cert")]
+    pub fleet_key: Option<PathBuf>,
+
+    /// With --fleet: etcd user for the fleet's keys (its role needs readwrite on the fleet
+    /// prefix); with --fleet-password-file [default: --source-user when the source is etcd]
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_USER", value_name = "NAME", requires = "fleet_password_file")]
+    pub fleet_user: Option<String>,
+
+    /// With --fleet: file holding the password of --fleet-user (a mounted Secret), read when a
+    /// token is needed. Never logged or shown [default: --source-password-file when the source
+    /// is etcd]
+    #[arg(long, env = "SIDECAR_SYNC_FLEET_PASSWORD_FILE", value_name = "FILE", requires = "fleet_user")]
+    pub fleet_password_file: Option<PathBuf>,
 
     /// This instance's id in the fleet [default: the host name, which in Kubernetes is the
     /// Pod name]

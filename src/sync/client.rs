@@ -38,7 +38,8 @@ pub(crate) enum ClientError {
     TooLarge { peer: String, limit: u64 },
     #[error("cannot read CA bundle {}: {message}", path.display())]
     Ca { path: PathBuf, message: String },
-    #[error("cannot use client certificate --source-cert {} with --source-key {}: {message}", cert.display(), key.display())]
+    // Named by its files: it may be the source's (--source-cert) or the fleet's (--fleet-cert).
+    #[error("cannot use client certificate {} with key {}: {message}", cert.display(), key.display())]
     ClientCert { cert: PathBuf, key: PathBuf, message: String },
     // Never the content: it is a secret.
     #[error("{option} {}: {message}", path.display())]
@@ -65,9 +66,9 @@ fn tls_hint(error: &hyper::Error, client_cert: bool) -> &'static str {
     if !text.contains("alert") {
         ""
     } else if client_cert {
-        " (the server refused the TLS connection: is --source-cert signed by a CA it trusts?)"
+        " (the server refused the TLS connection: is the client certificate (--source-cert, --fleet-cert) signed by a CA it trusts?)"
     } else {
-        " (the server refused the TLS connection: does it want a client certificate? give --source-cert and --source-key)"
+        " (the server refused the TLS connection: does it want a client certificate? give --source-cert and --source-key, or --fleet-cert and --fleet-key for the fleet's etcd)"
     }
 }
 
@@ -118,8 +119,17 @@ pub(crate) fn read_secret(path: &Path, option: &'static str) -> Result<Secret, C
 /// What `sidecar check` can tell about a source's credentials without contacting it: each file
 /// is readable and usable (the certificate and key load and match). Secrets are not shown.
 pub(crate) fn check_source_auth(auth: &SourceAuth) -> Vec<ClientError> {
+    check_auth_files(auth, "--source-password-file")
+}
+
+/// The same for the fleet's etcd (`--fleet-*`, or the etcd source's that it reuses).
+pub(crate) fn check_fleet_auth(auth: &SourceAuth) -> Vec<ClientError> {
+    check_auth_files(auth, "--fleet-password-file")
+}
+
+fn check_auth_files(auth: &SourceAuth, password_option: &'static str) -> Vec<ClientError> {
     let mut problems = Vec::new();
-    for (path, option) in [(&auth.password_file, "--source-password-file"), (&auth.token_file, "--source-token-file")] {
+    for (path, option) in [(&auth.password_file, password_option), (&auth.token_file, "--source-token-file")] {
         if let Some(path) = path {
             if let Err(e) = read_secret(path, option) {
                 problems.push(e);

@@ -10,6 +10,7 @@
 
 pub(crate) mod client;
 pub(crate) mod dest;
+pub(crate) mod etcd_auth;
 pub mod fleet;
 pub mod hash;
 pub(crate) mod history;
@@ -122,12 +123,20 @@ impl SyncManager {
             if let Some(publisher) = worker.take_fleet_publisher() {
                 if let Some(fleet) = &spec.fleet {
                     tracing::info!(
-                        "sync {}: fleet {} as instance {} (wave {} of {})",
+                        "sync {}: fleet {}{} as instance {} (wave {} of {})",
                         spec.name,
                         fleet.url,
+                        fleet.gateway.auth.describe().map(|a| format!(" ({a})")).unwrap_or_default(),
                         fleet.instance,
                         fleet.wave(),
                         fleet.waves
+                    );
+                }
+                if let Some(fleet) = spec.fleet.as_ref().filter(|f| f.sends_password_in_clear()) {
+                    tracing::warn!(
+                        "sync {}: the fleet's etcd password goes to {} over plain HTTP and can be read on the network; use etcd+https://",
+                        spec.name,
+                        fleet.url
                     );
                 }
                 tasks.push(tokio::spawn(publisher.run(shutdown.clone())));

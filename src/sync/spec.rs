@@ -494,6 +494,17 @@ impl SyncSpec {
             template::compile(&path.display().to_string(), &text)
                 .map_err(|error| SpecError::Template { name: name(), error })?;
         }
+        if let Some(fleet) = &self.fleet {
+            let auth = &fleet.gateway.auth;
+            if auth.cert.is_some() && fleet.url.base.scheme_str() != Some("https") {
+                let message = format!(
+                    "a client certificate for the fleet (--fleet-cert, or the etcd source's --source-cert) needs \
+                     TLS to its etcd: --fleet etcd+https://…, not {}",
+                    fleet.url
+                );
+                return Err(SpecError::Auth { name: self.name.clone(), message });
+            }
+        }
         Ok(())
     }
 }

@@ -20,6 +20,11 @@ pub(crate) struct Verifier {
     client: HttpClient,
 }
 
+/// The time one health request may take: never less than this, even at the deadline...
+const MIN_PROBE: Duration = Duration::from_millis(100);
+/// ...and never more than this, however long --health-timeout is.
+const MAX_PROBE: Duration = Duration::from_secs(5);
+
 impl Verifier {
     pub(crate) fn new(url: Option<Uri>, timeout: Duration, ca_file: Option<&std::path::Path>) -> Verifier {
         Verifier { url, timeout, client: HttpClient::new(ca_file) }
@@ -37,7 +42,7 @@ impl Verifier {
     /// One check: whether the app answers 2xx now.
     pub(crate) async fn probe(&mut self) -> bool {
         let Some(url) = self.url.clone() else { return true };
-        let budget = self.timeout.clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let budget = self.timeout.clamp(MIN_PROBE, MAX_PROBE);
         matches!(self.client.fetch(client::request(Method::GET, &url, ""), budget, 64 * 1024).await, Ok(r) if r.status.is_success())
     }
 
@@ -49,10 +54,11 @@ impl Verifier {
         let deadline = Instant::now() + self.timeout;
         let mut healthy_since: Option<Instant> = None;
         let mut last = format!("{url} was not checked");
+        // Whether `last` is an answer of the app's (a status), not a failure to get one.
+        let mut answered = false;
         loop {
             let now = Instant::now();
-            let budget =
-                deadline.saturating_duration_since(now).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            let budget = deadline.saturating_duration_since(now).clamp(MIN_PROBE, MAX_PROBE);
             match self.client.fetch(client::request(Method::GET, &url, ""), budget, 64 * 1024).await {
                 Ok(reply) if reply.status.is_success() => {
                     let since = *healthy_since.get_or_insert(now);
@@ -63,10 +69,17 @@ impl Verifier {
                 Ok(reply) => {
                     healthy_since = None;
                     last = format!("{url} answered {}", reply.status);
+                    answered = true;
                 }
                 Err(e) => {
                     healthy_since = None;
-                    last = e.to_string();
+                    // A last probe cut short by the deadline says less than the answer before
+                    // it ("answered 503"): keep that one as the reason.
+                    let cut_short = e.is_timeout() && budget < self.timeout.clamp(MIN_PROBE, MAX_PROBE);
+                    if !(cut_short && answered) {
+                        last = e.to_string();
+                        answered = false;
+                    }
                 }
             }
             if Instant::now() >= deadline {

@@ -162,6 +162,28 @@ impl Etcd {
         self.root_password = Some(root_password.to_owned());
     }
 
+    /// Gives `user` (created with `password` unless it exists) a new role `role` that grants
+    /// `perm` (`READ`, `WRITE` or `READWRITE`) on every key under `prefix`. Works before and
+    /// after `enable_auth` (as root, then); each change of users or roles makes etcd refuse
+    /// the tokens given before it ("auth store is old").
+    pub fn grant_prefix(&self, user: &str, password: &str, role: &str, perm: &str, prefix: &str) {
+        use base64::Engine;
+        use serde_json::json;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        self.call("/v3/auth/role/add", json!({ "name": role }));
+        self.call(
+            "/v3/auth/role/grant",
+            json!({ "name": role, "perm": { "permType": perm, "key": b64.encode(prefix), "range_end": b64.encode(end) } }),
+        );
+        let users = self.call("/v3/auth/user/list", json!({}));
+        if !users["users"].as_array().is_some_and(|u| u.iter().any(|name| name == user)) {
+            self.call("/v3/auth/user/add", json!({ "name": user, "password": password }));
+        }
+        self.call("/v3/auth/user/grant", json!({ "user": user, "role": role }));
+    }
+
     /// Takes role `reader` away from `user`.
     pub fn revoke_reader(&self, user: &str) {
         self.call("/v3/auth/user/revoke", serde_json::json!({ "name": user, "role": "reader" }));

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::{http_get_json, sidecar_command, Sidecar};
+use super::{http_exchange, http_get_json, sidecar_command, Sidecar};
 
 /// `sidecar sync ARGS --admin 127.0.0.1:0`, started and waited for.
 pub struct SyncProcess {
@@ -33,6 +33,13 @@ impl SyncProcess {
     /// The status of destination `name` from GET /sync/{name}.
     pub fn status(&self, name: &str) -> serde_json::Value {
         http_get_json(self.admin, &format!("/sync/{name}"))
+    }
+
+    /// Everything a user can see of a running sync: its log, /sync and /status.
+    pub fn visible(&self) -> String {
+        let (_, status) = http_exchange(self.admin, "GET", "/status", &[], "").expect("GET /status");
+        let (_, all) = http_exchange(self.admin, "GET", "/sync", &[], "").expect("GET /sync");
+        format!("{}\n{status}\n{all}", self.proc.logs.text())
     }
 
     pub fn state(&self, name: &str) -> String {
@@ -74,6 +81,12 @@ impl SyncProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+pub fn assert_no_secret(text: &str, secrets: &[&str]) {
+    for secret in secrets {
+        assert!(!text.contains(secret), "a secret shows: {secret} in\n{text}");
     }
 }
 

@@ -1,16 +1,20 @@
 //! The etcd v3 calls the fleet makes, through the same HTTP/JSON gateway and HTTP client as the
 //! etcd source: range (at a revision, by prefix, counted), put (under a lease), a
 //! create-if-absent transaction, lease grant, keepalive and revoke, and the compaction point.
+//! Every call logs in the way the etcd source does (one code path, [`crate::sync::etcd_auth`]):
+//! `--fleet-user` and `--fleet-password-file`, the token renewed when etcd says it is stale.
 
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use http::header::AUTHORIZATION;
 use http::{Method, StatusCode, Uri};
 use serde_json::{json, Value};
 
 use crate::sync::client::{self, ClientError, HttpClient};
-use crate::sync::source::etcd::{int, next_line};
+use crate::sync::etcd_auth::{self, etcd_says, is_auth_refusal, EtcdLogin, LoginError};
+use crate::sync::source::etcd::{int, next_line, range_end};
 use crate::sync::spec::SourceAuth;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -18,12 +22,13 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 /// Largest answer read from etcd: a fleet's status and rejection keys are small JSON values.
 const MAX_ANSWER: u64 = 16 * 1024 * 1024;
 
-/// How the fleet talks to etcd. One struct so that credentials (user and password, client
-/// certificate, token) join the CA here and reach every call without new parameters.
+/// How the fleet talks to etcd: its credentials and its time limit, for every call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct GatewayOptions {
-    /// The source's TLS settings, reused: `--source-ca` for `etcd+https://` (the system bundle
-    /// without it) and the client certificate (`--source-cert`, `--source-key`).
+    /// `--fleet-ca` (for `etcd+https://`; the system bundle without it), the client
+    /// certificate (`--fleet-cert`, `--fleet-key`), and the user (`--fleet-user`,
+    /// `--fleet-password-file`). Only those fields are used. With an etcd source, each one not
+    /// given is the source's.
     pub(crate) auth: SourceAuth,
     /// Time allowed for one call.
     pub(crate) timeout: Duration,
@@ -33,8 +38,13 @@ pub(crate) struct GatewayOptions {
 pub(crate) enum GatewayError {
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Login(#[from] LoginError),
     #[error("etcd {peer} answered {status} to {call}: {message}")]
     Status { peer: String, call: &'static str, status: StatusCode, message: String },
+    /// Refused for want of credentials or rights.
+    #[error("etcd {peer} refused {call}: {message}; {hint}")]
+    Denied { peer: String, call: &'static str, message: String, hint: String },
     #[error("etcd {peer} sent a malformed answer to {call}: {message}")]
     Protocol { peer: String, call: &'static str, message: String },
     #[error("etcd {peer}: revision {revision} of {key} has been compacted")]
@@ -49,25 +59,14 @@ pub(crate) struct Kv {
     pub(crate) mod_revision: i64,
 }
 
-/// The end of the range that holds every key starting with `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // Every byte 0xff: to the end of the key space.
-    vec![0]
-}
-
 pub(crate) struct EtcdGateway {
     client: HttpClient,
     /// Whether a client certificate is presented (for the hint in a refused handshake).
     client_cert_sent: bool,
     base: Uri,
     timeout: Duration,
+    /// `--fleet-user` and `--fleet-password-file`, with the token etcd gave for them.
+    login: Option<EtcdLogin>,
 }
 
 impl EtcdGateway {
@@ -77,6 +76,24 @@ impl EtcdGateway {
             client_cert_sent: options.auth.cert.is_some(),
             base: base.clone(),
             timeout: options.timeout,
+            login: match (&options.auth.user, &options.auth.password_file) {
+                (Some(user), Some(path)) => Some(EtcdLogin::new(base, user, path.clone(), "--fleet-password-file")),
+                _ => None,
+            },
+        }
+    }
+
+    /// What to change when etcd refuses a call for want of credentials or rights.
+    fn hint(&self, call: &str) -> String {
+        let writes = matches!(call, "put" | "txn" | "lease grant" | "lease keepalive" | "lease revoke");
+        match &self.login {
+            Some(login) => format!(
+                "as user {} (does its role grant {} on the fleet prefix{}?)",
+                login.user(),
+                if writes { "readwrite" } else { "read" },
+                if call == "put" { ", or on the source key for a fleet rollback" } else { "" }
+            ),
+            None => "etcd has authentication enabled: give --fleet-user and --fleet-password-file".into(),
         }
     }
 
@@ -90,13 +107,15 @@ impl EtcdGateway {
             .parse()
             .map_err(|e: http::uri::InvalidUri| ClientError::Url { url: url.clone(), message: e.to_string() })?;
         let reply =
-            self.client.fetch(client::request(Method::POST, &uri, body.to_string()), self.timeout, MAX_ANSWER).await?;
+            etcd_auth::post(self.login.as_mut(), &mut self.client, &uri, &body.to_string(), self.timeout, MAX_ANSWER)
+                .await?;
         let answer: Result<Value, _> = serde_json::from_slice(&reply.body);
         if !reply.status.is_success() {
-            let message = answer
-                .ok()
-                .and_then(|a| a.get("message").and_then(Value::as_str).map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)]).into_owned());
+            let message = etcd_says(&reply.body, "");
+            if is_auth_refusal(reply.status, &message) {
+                let hint = self.hint(call);
+                return Err(GatewayError::Denied { peer: self.peer(), call, message, hint });
+            }
             return Err(GatewayError::Status { peer: self.peer(), call, status: reply.status, message });
         }
         answer.map_err(|e| GatewayError::Protocol { peer: self.peer(), call, message: format!("not JSON: {e}") })
@@ -143,15 +162,14 @@ impl EtcdGateway {
 
     /// Every key that starts with `prefix`.
     pub(crate) async fn get_prefix(&mut self, prefix: &str) -> Result<Vec<Kv>, GatewayError> {
-        let body = json!({ "key": B64.encode(prefix), "range_end": B64.encode(prefix_end(prefix)) });
+        let body = json!({ "key": B64.encode(prefix), "range_end": B64.encode(range_end(prefix.as_bytes())) });
         let answer = self.call("range", "v3/kv/range", body).await?;
         self.kvs("range", &answer)
     }
 
     /// How many keys start with `prefix`.
     pub(crate) async fn count_prefix(&mut self, prefix: &str) -> Result<u64, GatewayError> {
-        let body =
-            json!({ "key": B64.encode(prefix), "range_end": B64.encode(prefix_end(prefix)), "count_only": true });
+        let body = json!({ "key": B64.encode(prefix), "range_end": B64.encode(range_end(prefix.as_bytes())), "count_only": true });
         let answer = self.call("range", "v3/kv/range", body).await?;
         // etcd leaves out a count of 0.
         Ok(answer.get("count").and_then(int).unwrap_or(0).max(0) as u64)
@@ -218,8 +236,11 @@ impl EtcdGateway {
         let uri: Uri = format!("{}v3/watch", self.base).parse().map_err(|e: http::uri::InvalidUri| {
             ClientError::Url { url: self.base.to_string(), message: e.to_string() }
         })?;
-        let response =
-            self.client.open_stream(client::request(Method::POST, &uri, body.to_string()), self.timeout).await?;
+        let mut request = client::request(Method::POST, &uri, body.to_string());
+        if let Some(login) = &mut self.login {
+            request.headers_mut().insert(AUTHORIZATION, login.token(&mut self.client, self.timeout).await?);
+        }
+        let response = self.client.open_stream(request, self.timeout).await?;
         let mut body = response.into_body();
         let mut buffer = bytes::BytesMut::new();
         let peer = self.peer();
@@ -259,7 +280,7 @@ mod tests {
 
     #[test]
     fn a_prefix_range_ends_after_its_last_key() {
-        assert_eq!(prefix_end("/fleet/"), b"/fleet0".to_vec());
-        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+        assert_eq!(range_end(b"/fleet/"), b"/fleet0".to_vec());
+        assert_eq!(range_end("a\u{7f}".as_bytes()), b"a\x80".to_vec());
     }
 }

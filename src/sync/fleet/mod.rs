@@ -93,6 +93,13 @@ impl FleetSpec {
         wave_of(&self.instance, self.waves)
     }
 
+    /// Whether `--fleet-password-file`'s password would cross the network in clear text (plain
+    /// HTTP to a host that is not loopback): worth a warning, as for a source.
+    pub(crate) fn sends_password_in_clear(&self) -> bool {
+        let etcd = SourceSpec::Etcd { base: self.url.base.clone(), key: self.url.prefix.clone() };
+        self.gateway.auth.sent_in_clear(&etcd)
+    }
+
     /// How long after a version is first seen this instance may apply it.
     pub(crate) fn delay(&self) -> Duration {
         self.wave_delay.saturating_mul(self.wave())

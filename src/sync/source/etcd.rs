@@ -18,15 +18,14 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
-use std::path::PathBuf;
-
 use http::header::AUTHORIZATION;
-use http::{HeaderValue, Method, Uri};
+use http::{Method, Uri};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-use super::{server_says, Backoff, Fetched, Outbox, SourceError, SourceMsg};
+use super::{Backoff, Fetched, Outbox, SourceError, SourceMsg};
 use crate::sync::client::{self, ClientError, HttpClient};
+use crate::sync::etcd_auth::{self, etcd_says, is_auth_refusal, token_is_stale, EtcdLogin, LoginError};
 use crate::sync::keyset::KeySet;
 use crate::sync::spec::SyncSpec;
 use crate::sys::human_duration;
@@ -45,11 +44,8 @@ pub(crate) struct EtcdSource {
     retry_max: Duration,
     /// The `cluster_id` of the answers so far: another one is another etcd's history.
     cluster_id: Option<String>,
-    /// `--source-user` and `--source-password-file`.
-    login: Option<(String, PathBuf)>,
-    /// The token `/v3/auth/authenticate` gave, sent as `Authorization`; dropped when etcd says
-    /// it is invalid or from an older auth revision, and asked for again.
-    token: Option<HeaderValue>,
+    /// `--source-user` and `--source-password-file`, with the token etcd gave for them.
+    login: Option<EtcdLogin>,
     /// For a prefix: the end of its range, base64, and the set as last read and watched.
     range_end_b64: Option<String>,
     set: KeySet,
@@ -98,61 +94,21 @@ impl EtcdSource {
             retry_max: spec.retry_max,
             cluster_id: None,
             login: match (&spec.source_auth.user, &spec.source_auth.password_file) {
-                (Some(user), Some(path)) => Some((user.clone(), path.clone())),
+                (Some(user), Some(path)) => Some(EtcdLogin::new(base, user, path.clone(), "--source-password-file")),
                 _ => None,
             },
-            token: None,
             range_end_b64: key.ends_with('/').then(|| B64.encode(range_end(key.as_bytes()))),
             set: KeySet::default(),
         }
     }
 
-    /// The token to send, authenticating first when there is none. The password file is read
-    /// for each authentication: a rotated password is used as soon as a token is needed again.
-    async fn token(&mut self, use_watch_client: bool, timeout: Duration) -> Result<Option<HeaderValue>, SourceError> {
-        let Some((user, path)) = self.login.clone() else { return Ok(None) };
-        if let Some(token) = &self.token {
-            return Ok(Some(token.clone()));
-        }
-        let password = client::read_secret(&path, "--source-password-file")?;
-        let uri = self.endpoint("v3/auth/authenticate")?;
-        let body = json!({ "name": user, "password": password.expose() }).to_string();
-        let client = if use_watch_client { &mut self.watch_client } else { &mut self.client };
-        let reply = client.fetch(client::request(Method::POST, &uri, body), timeout, 64 * 1024).await?;
-        let what = format!("authentication as user {user}");
-        if !reply.status.is_success() {
-            let said = etcd_says(&reply.body, password.expose());
-            return Err(SourceError::Denied {
-                peer: format!("etcd {}", self.peer()),
-                what,
-                message: format!("{said} (password from --source-password-file {})", path.display()),
-            });
-        }
-        let answer: Value = serde_json::from_slice(&reply.body).map_err(|e| SourceError::Protocol {
-            peer: self.peer(),
-            what: what.clone(),
-            message: format!("not JSON: {e}"),
-        })?;
-        let mut token = answer
-            .get("token")
-            .and_then(Value::as_str)
-            .and_then(|t| HeaderValue::from_str(t).ok())
-            .ok_or_else(|| SourceError::Protocol { peer: self.peer(), what, message: "no usable token".into() })?;
-        token.set_sensitive(true);
-        tracing::debug!("etcd {}: authenticated as user {user}", self.peer());
-        self.token = Some(token.clone());
-        Ok(Some(token))
-    }
-
     /// What a refusal of the key means, in words that say what to fix.
     fn refusal(&self, status: http::StatusCode, said: String) -> SourceError {
-        let auth_error = matches!(status.as_u16(), 401 | 403)
-            || ["permission denied", "auth", "user name is empty"].iter().any(|m| said.contains(m));
-        if !auth_error {
+        if !is_auth_refusal(status, &said) {
             return SourceError::Status { peer: self.peer(), what: self.what(), status };
         }
         let who = match &self.login {
-            Some((user, _)) => format!("user {user} (does its role grant read on the key?)"),
+            Some(login) => format!("user {} (does its role grant read on the key?)", login.user()),
             None => "no user (etcd has auth enabled? give --source-user and --source-password-file)".into(),
         };
         let peer = format!("etcd {}", self.peer());
@@ -239,36 +195,19 @@ impl EtcdSource {
         let uri = self.endpoint("v3/kv/range")?;
         let body = self.key_range().to_string();
         let max = self.max_json();
-        let mut renewed = false;
-        let reply = loop {
-            let token = self.token(use_watch_client, timeout).await?;
-            let mut request = client::request(Method::POST, &uri, body.clone());
-            if let Some(token) = token {
-                request.headers_mut().insert(AUTHORIZATION, token);
-            }
-            let client = if use_watch_client { &mut self.watch_client } else { &mut self.client };
-            let reply = client.fetch(request, timeout, max).await.map_err(|e| match e {
-                ClientError::TooLarge { .. } => SourceError::TooLarge {
+        let client = if use_watch_client { &mut self.watch_client } else { &mut self.client };
+        let reply =
+            etcd_auth::post(self.login.as_mut(), client, &uri, &body, timeout, max).await.map_err(|e| match e {
+                LoginError::Client(ClientError::TooLarge { .. }) => SourceError::TooLarge {
                     peer: client::peer_of(&uri),
                     what: format!("key {}", self.key),
                     limit: self.max_size,
                 },
-                other => SourceError::Client(other),
+                other => SourceError::Login(other),
             })?;
-            if reply.status.is_success() {
-                break reply;
-            }
-            let said = etcd_says(&reply.body, "");
-            // An expired token, or one from before a change of users or roles: once more
-            // with a new one.
-            if self.login.is_some() && !renewed && token_is_stale(reply.status, &said) {
-                tracing::info!("etcd {}: the auth token was refused ({said}); authenticating again", self.peer());
-                self.token = None;
-                renewed = true;
-                continue;
-            }
-            return Err(self.refusal(reply.status, said));
-        };
+        if !reply.status.is_success() {
+            return Err(self.refusal(reply.status, etcd_says(&reply.body, "")));
+        }
         let answer: Value = serde_json::from_slice(&reply.body).map_err(|e| self.protocol(format!("not JSON: {e}")))?;
         let cluster_id = answer.pointer("/header/cluster_id").and_then(Value::as_str).map(str::to_owned);
         let revision =
@@ -387,7 +326,7 @@ impl EtcdSource {
         create["progress_notify"] = json!(true);
         let body = json!({ "create_request": create });
         let mut request = client::request(Method::POST, &uri, body.to_string());
-        if let Some(token) = self.token.clone() {
+        if let Some(token) = self.login.as_ref().and_then(EtcdLogin::current) {
             request.headers_mut().insert(AUTHORIZATION, token);
         }
         let response = match self.client.open_stream(request, self.timeout).await {
@@ -535,7 +474,9 @@ impl EtcdSource {
             let reason = result.get("cancel_reason").and_then(Value::as_str).unwrap_or("no reason given");
             if token_is_stale(http::StatusCode::OK, reason) {
                 // The key is read again before the next watch: with a new token.
-                self.token = None;
+                if let Some(login) = &mut self.login {
+                    login.forget();
+                }
             }
             return Err(failed(format!("etcd {} cancelled the watch of {}: {reason}", self.peer(), self.what())));
         }
@@ -604,28 +545,9 @@ impl EtcdSource {
     }
 }
 
-/// etcd's message in an error answer (`{"error": ..., "message": ...}`), without `secret`.
-fn etcd_says(body: &[u8], secret: &str) -> String {
-    let message = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("message").or_else(|| v.get("error")).and_then(Value::as_str).map(str::to_owned));
-    match message {
-        Some(m) => server_says(m.as_bytes(), &[secret]),
-        None => server_says(body, &[secret]),
-    }
-}
-
-/// Whether etcd refused the token itself (expired, or older than the last change of users and
-/// roles) rather than the user's rights: a new token may fix it.
-fn token_is_stale(status: http::StatusCode, said: &str) -> bool {
-    status == http::StatusCode::UNAUTHORIZED
-        || said.contains("invalid auth token")
-        || said.contains("auth store is old")
-}
-
 /// The end of the range of keys that start with `prefix`: the prefix with its last byte that
 /// is not 0xff incremented (and what follows it dropped); all keys when there is none.
-fn range_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn range_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::client::ClientError;
+use super::etcd_auth::LoginError;
 use super::spec::{Output, SourceSpec, SyncSpec};
 
 /// One read of the source.
@@ -44,6 +45,9 @@ pub(crate) enum SourceMsg {
 pub(crate) enum SourceError {
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// etcd's login (`--source-user`) failed.
+    #[error(transparent)]
+    Login(#[from] LoginError),
     #[error("{peer} answered {status} for {what}")]
     Status { peer: String, what: String, status: ::http::StatusCode },
     /// The source refused our credentials or their rights (401, 403, etcd's auth errors).
@@ -67,7 +71,11 @@ pub(crate) enum SourceError {
 
 impl SourceError {
     pub(crate) fn is_timeout(&self) -> bool {
-        matches!(self, SourceError::Client(e) if e.is_timeout())
+        match self {
+            SourceError::Client(e) => e.is_timeout(),
+            SourceError::Login(e) => e.is_timeout(),
+            _ => false,
+        }
     }
 }
 
@@ -89,7 +97,8 @@ pub(crate) fn server_says(body: &[u8], secrets: &[&str]) -> String {
 
 /// A configured source.
 pub(crate) enum Source {
-    Etcd(etcd::EtcdSource),
+    // Boxed: the etcd source (login, prefix set, two clients) is the largest by far.
+    Etcd(Box<etcd::EtcdSource>),
     Http(http::HttpSource),
     Consul(consul::ConsulSource),
     File(file::FileSource),
@@ -107,7 +116,7 @@ impl Source {
 
     fn reading(spec: &SyncSpec) -> Source {
         match &spec.source {
-            SourceSpec::Etcd { base, key } => Source::Etcd(etcd::EtcdSource::new(spec, base, key)),
+            SourceSpec::Etcd { base, key } => Source::Etcd(Box::new(etcd::EtcdSource::new(spec, base, key))),
             SourceSpec::Http { url } => Source::Http(http::HttpSource::new(spec, url)),
             SourceSpec::Consul { base, key, wait, extra_query } => {
                 Source::Consul(consul::ConsulSource::new(spec, base, key, *wait, extra_query))
@@ -130,7 +139,7 @@ impl Source {
     pub(crate) async fn run(self, tx: mpsc::Sender<SourceMsg>, shutdown: CancellationToken) {
         let out = Outbox { tx, shutdown };
         match self {
-            Source::Etcd(s) => s.run(out).await,
+            Source::Etcd(s) => (*s).run(out).await,
             Source::Http(s) => s.run(out).await,
             Source::Consul(s) => s.run(out).await,
             Source::File(s) => s.run(out).await,
@@ -141,7 +150,7 @@ impl Source {
     /// `run`, for a source that runs inside another.
     pub(crate) fn run_boxed(self, out: Outbox) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         match self {
-            Source::Etcd(s) => Box::pin(s.run(out)),
+            Source::Etcd(s) => Box::pin((*s).run(out)),
             Source::Http(s) => Box::pin(s.run(out)),
             Source::Consul(s) => Box::pin(s.run(out)),
             Source::File(s) => Box::pin(s.run(out)),
