@@ -135,6 +135,41 @@ fn parse_unix(s: &str, protocol: UpstreamProtocol, path: &str) -> Result<Upstrea
     Ok(Upstream { protocol, address: UpstreamAddress::Unix(PathBuf::from(path)), host_header })
 }
 
+/// What is at a Unix socket upstream's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SocketState {
+    /// A socket this user may connect to.
+    Ready,
+    /// Nothing yet: the app creates it when it starts.
+    Missing,
+}
+
+/// Whether `path` can be a Unix socket upstream: `Err` names what is wrong with it (not a
+/// socket, not writable by this user, which connecting needs).
+pub(crate) fn upstream_socket(path: &std::path::Path) -> Result<SocketState, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SocketState::Missing),
+        Err(e) => return Err(format!("upstream socket {shown}: {e}")),
+    };
+    if !meta.file_type().is_socket() {
+        let kind = if meta.is_dir() { "a directory" } else { "not a socket" };
+        return Err(format!("upstream {shown} is {kind}: a unix:// upstream names the socket file the app listens on"));
+    }
+    let access =
+        rustix::fs::accessat(rustix::fs::CWD, path, rustix::fs::Access::WRITE_OK, rustix::fs::AtFlags::EACCESS);
+    if access.is_err() {
+        return Err(format!(
+            "upstream socket {shown} is not writable by this user (uid {}): connecting to a Unix socket needs write \
+             permission on it; run the proxy in the app's group and have the app make it group-writable",
+            rustix::process::geteuid().as_raw()
+        ));
+    }
+    Ok(SocketState::Ready)
+}
+
 /// Treatment of X-Forwarded-* headers that arrive from the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ForwardedPolicy {
