@@ -216,3 +216,36 @@ async fn readiness_and_metrics_follow_an_h2c_app() {
     let failures = metrics.lines().find(|l| l.starts_with("sidecar_upstream_failures_total{kind=\"connect\"}"));
     assert!(failures.is_some_and(|l| !l.ends_with(" 0")), "{metrics}");
 }
+
+#[test]
+fn the_upstream_kind_reloads_live_from_http_to_h2c() {
+    if !require_grpcio() || !require_tool("nginx") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("www");
+    std::fs::create_dir(&root).unwrap();
+    let nginx = Nginx::start(&root);
+    let app = GrpcApp::start("127.0.0.1:0");
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let config = dir.path().join("sidecar.toml");
+    let write_config = |upstream: &str| {
+        let text = format!(
+            "[proxy]\nupstream = \"{upstream}\"\ncert = \"{}\"\nkey = \"{}\"\nreload-debounce = \"20ms\"\n",
+            leaf.cert.display(),
+            leaf.key.display()
+        );
+        replace_file(&config, &text);
+    };
+    write_config(&nginx.url(""));
+    let sidecar = Sidecar::start(&["--config", config.to_str().unwrap(), "--workers", "1"]);
+    // nginx is no gRPC server: the call fails with what nginx answered.
+    let call = grpc_client(&pki, sidecar.addr.port(), &["call", "Unary", "x"]);
+    assert_ne!(call["code"], "OK", "{call}");
+
+    write_config(&format!("h2c://127.0.0.1:{}", app.port));
+    sidecar.logs.wait_for(&format!("upstream h2c://127.0.0.1:{}", app.port), Duration::from_secs(10));
+    let call = grpc_client(&pki, sidecar.addr.port(), &["unary"]);
+    assert_eq!((call["code"].as_str(), call["response"].as_str()), (Some("OK"), Some("hello")), "{call}");
+}
