@@ -102,7 +102,7 @@ fn deadlines_reach_the_app_and_a_slow_app_is_deadline_exceeded() {
 
 #[test]
 fn cancellation_crosses_the_proxy_both_ways() {
-    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&["--admin", "127.0.0.1:0"]) else { return };
     let port = sidecar.addr.port();
     let call = grpc_client(&pki, port, &["cancel"]);
     assert_eq!((call["first"].as_str(), call["code"].as_str()), (Some("first"), Some("CANCELLED")), "{call}");
@@ -112,6 +112,25 @@ fn cancellation_crosses_the_proxy_both_ways() {
 
     let call = grpc_client(&pki, port, &["call", "Unary", "cancel"]);
     assert_eq!(call["code"], "CANCELLED", "{call}");
+
+    // A client that gives up while still sending: its failure, never the app's.
+    let call = grpc_client(&pki, port, &["cancel_upload"]);
+    assert_eq!(call["code"], "CANCELLED", "{call}");
+    let admin = sidecar.admin_addr();
+    let metric = |name: &str| {
+        let (_, text) = http_exchange(admin, "GET", "/metrics", &[], "").unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    wait_until("the client's cancel to be counted as its fault", Duration::from_secs(10), || {
+        metric("sidecar_client_faults_total{reason=\"request_body\"}")
+            + metric("sidecar_client_faults_total{reason=\"stream_cancelled\"}")
+            >= 1.0
+    });
+    assert_eq!(metric("sidecar_upstream_failures_total{kind=\"other\"}"), 0.0);
+    assert_eq!(sidecar.logs.count("upstream request failed"), 0, "{}", sidecar.logs.text());
 }
 
 #[test]

@@ -138,6 +138,10 @@ impl Http2Pool {
                         if connection.sender.is_closed() {
                             self.forget(&connection);
                         }
+                        // The stream to the app was reset because the client's body failed.
+                        if let Some(client) = replay.client_error() {
+                            return Err(UpstreamError::ClientBody(client));
+                        }
                         return Err(UpstreamError::Http2(e));
                     }
                 }
@@ -295,6 +299,9 @@ struct Replay {
     overflowed: bool,
     trailers: Option<HeaderMap>,
     ended: bool,
+    /// The client's body failed (a reset, a connection gone): the failure is the client's,
+    /// whatever the app's stream then reports.
+    client_error: Option<hyper::Error>,
 }
 
 /// A request body that can be sent again from its start, by a clone made for another attempt.
@@ -308,14 +315,28 @@ pub(crate) struct ReplayBody {
 
 impl ReplayBody {
     fn new(body: Incoming) -> ReplayBody {
-        let replay =
-            Replay { body, sent: Vec::new(), sent_len: 0, frames: 0, overflowed: false, trailers: None, ended: false };
+        let replay = Replay {
+            body,
+            sent: Vec::new(),
+            sent_len: 0,
+            frames: 0,
+            overflowed: false,
+            trailers: None,
+            ended: false,
+            client_error: None,
+        };
         ReplayBody { shared: Arc::new(Mutex::new(replay)), position: 0, trailers_sent: false }
     }
 
     /// A new attempt could send the whole body again.
     fn can_replay(&self) -> bool {
-        !lock(&self.shared).overflowed
+        let replay = lock(&self.shared);
+        !replay.overflowed && replay.client_error.is_none()
+    }
+
+    /// How the client's body failed, if it did.
+    fn client_error(&self) -> Option<hyper::Error> {
+        lock(&self.shared).client_error.take()
     }
 }
 
@@ -370,7 +391,11 @@ impl Body for ReplayBody {
                 replay.ended = true;
                 Poll::Ready(None)
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => {
+                let shown = format!("the client's request body failed: {e}");
+                replay.client_error = Some(e);
+                Poll::Ready(Some(Err(shown.into())))
+            }
         }
     }
 

@@ -12,6 +12,7 @@ proxy's certificate (localhost). Scenarios:
   large SIZE               a unary call of SIZE bytes each way
   concurrent COUNT         COUNT unary calls at once
   cancel                   Wait, cancelled by the client after its first message
+  cancel_upload            ClientStream, its connection closed while the client still sends
   load SECONDS THREADS     unary calls back to back on THREADS threads for SECONDS
 """
 import base64
@@ -115,6 +116,20 @@ def run():
         first = next(call)
         call.cancel()
         return {"first": first.decode(), "code": call.code().name}
+    if scenario == "cancel_upload":
+        # A client stream cancelled while its request body is still open.
+        release = threading.Event()
+
+        def requests():
+            yield b"one"
+            release.wait(30)
+
+        call = method("ClientStream", "stream_unary").future(requests(), timeout=30)
+        time.sleep(0.5)
+        # The whole connection goes, as when a client process dies mid-upload.
+        channel.close()
+        release.set()
+        return {"code": call.exception().code().name}
     if scenario == "load":
         seconds, threads = float(args[0]), int(args[1])
         end = time.monotonic() + seconds
