@@ -268,3 +268,25 @@ fn the_upstream_kind_reloads_live_from_http_to_h2c() {
     let call = grpc_client(&pki, sidecar.addr.port(), &["unary"]);
     assert_eq!((call["code"].as_str(), call["response"].as_str()), (Some("OK"), Some("hello")), "{call}");
 }
+
+#[test]
+fn calls_under_way_finish_during_a_graceful_drain_and_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = ["--shutdown-delay", "0s", "--access-log", log.to_str().unwrap()];
+    let Some((app, pki, mut sidecar)) = grpc_behind_proxy(&extra) else { return };
+    let port = sidecar.addr.port();
+    let call = std::thread::spawn(move || grpc_client(&pki, port, &["call", "Sleep", "1500"]));
+    // The call has reached the app; the proxy is told to stop while it runs.
+    wait_until("the call to reach the app", Duration::from_secs(20), || {
+        app.events().iter().any(|l| l.starts_with("deadline "))
+    });
+    sidecar.signal("TERM");
+    let outcome = call.join().unwrap();
+    assert_eq!((outcome["code"].as_str(), outcome["response"].as_str()), (Some("OK"), Some("1500")), "{outcome}");
+    assert!(sidecar.wait_exit(Duration::from_secs(20)).success());
+    let logged = read_text(&log);
+    let line =
+        logged.lines().find(|l| l.contains("POST /test.Echo/Sleep HTTP/2.0")).unwrap_or_else(|| panic!("{logged}"));
+    assert!(line.contains("\" 200 "), "{line}");
+}
