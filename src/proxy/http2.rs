@@ -48,6 +48,13 @@ const REPLAY_LIMIT: usize = 64 * 1024;
 /// An idle connection is pinged this often, so that an app gone silent is found out.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Flow-control windows towards the proxy: a stream may have 1 MiB in flight, a connection
+/// 4 MiB, so that large gRPC messages are not held to HTTP/2's 64 KiB. Fixed rather than
+/// adaptive: the adaptive window pings the app to measure the bandwidth-delay product, which
+/// costs every stream a little on loopback, where the product is small anyway.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 4 << 20;
+
 /// One worker's HTTP/2 connections to the app.
 pub(crate) struct Http2Pool {
     address: UpstreamAddress,
@@ -94,19 +101,18 @@ impl Http2Pool {
     }
 
     /// Sends the request (`parts` already rewritten for the app, `added` the proxy's fields)
-    /// and returns the response once its head has arrived, failing with `Timeout` after
-    /// `deadline`. With the response: how long connecting took (zero on an open connection).
+    /// and returns the response once its head has arrived (`UpstreamPool::send_http2` bounds
+    /// the wait). With the response: how long connecting took (zero on an open connection).
     pub(crate) async fn send(
         &self,
         parts: &Parts,
         body: Incoming,
         added: &AddedFields,
         te_trailers: bool,
-        deadline: Duration,
     ) -> Result<(Response<Http2Body>, Duration), UpstreamError> {
         let (uri, mut headers) = self.request_head(parts, added, te_trailers);
         let replay = ReplayBody::new(body);
-        let exchange = async {
+        {
             let mut connect_time = Duration::ZERO;
             let mut retried = false;
             loop {
@@ -146,8 +152,7 @@ impl Http2Pool {
                     }
                 }
             }
-        };
-        tokio::time::timeout(deadline, exchange).await.map_err(|_| UpstreamError::Timeout(deadline))?
+        }
     }
 
     /// The request head as HTTP/2 carries it: the authority (from `:authority` or Host) in
@@ -210,9 +215,8 @@ impl Http2Pool {
         let mut builder = Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
-            // Large gRPC messages: windows grow with the measured bandwidth-delay product
-            // rather than staying at 64 KiB.
-            .adaptive_window(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(Duration::from_secs(10));
         let handshake = builder.handshake::<_, ReplayBody>(TokioIo::new(stream));

@@ -161,9 +161,8 @@ impl ConnectionContext {
                 None => self.pool.send(&parts, body, &added).await.map(|(r, t)| (r.map(ProxyBody::Upstream), t)),
                 Some(http2) => {
                     // A gRPC deadline shorter than --upstream-timeout bounds the wait too.
-                    let timeout = self.config.timeouts.upstream;
-                    let deadline = headers::grpc_timeout(&parts.headers).map_or(timeout, |d| d.min(timeout));
-                    let sent = http2.send(&parts, body, &added, te_trailers, deadline).await;
+                    let deadline = headers::grpc_timeout(&parts.headers);
+                    let sent = self.pool.send_http2(http2, &parts, body, &added, te_trailers, deadline).await;
                     sent.map(|(r, t)| (r.map(ProxyBody::Http2), t))
                 }
             };

@@ -26,7 +26,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use super::body::UpstreamBody;
 use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
 use super::headers::{self, AddedFields};
-use super::http2::Http2Pool;
+use super::http2::{Http2Body, Http2Pool};
 use super::stream::UpstreamStream;
 use crate::config::{ProxyConfig, UpstreamAddress, UpstreamProtocol};
 use crate::metrics::metrics;
@@ -455,6 +455,36 @@ impl UpstreamPool {
         let shared = &*self.shared;
         let mut head = HeadDeadline { shared, deadline: ReadDeadline::start(shared) };
         let mut exchange = std::pin::pin!(self.send_now(parts, body, added));
+        poll_fn(|cx| match exchange.as_mut().poll(cx) {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending if head.deadline.poll_expired(shared, cx) => {
+                Poll::Ready(Err(UpstreamError::Timeout(shared.timeout)))
+            }
+            Poll::Pending => Poll::Pending,
+        })
+        .await
+    }
+
+    /// The h2c upstream's exchange (`Http2Pool::send`), failing with `UpstreamError::Timeout`
+    /// when no response head has come within `--upstream-timeout`, or within `deadline` (a
+    /// gRPC call's own) if that is shorter. The usual wait is bounded by the pool's clock, as
+    /// HTTP/1.1's is: no timer per request.
+    pub(crate) async fn send_http2(
+        &self,
+        http2: &Http2Pool,
+        parts: &Parts,
+        body: Incoming,
+        added: &AddedFields,
+        te_trailers: bool,
+        deadline: Option<Duration>,
+    ) -> Result<(Response<Http2Body>, Duration), UpstreamError> {
+        let shared = &*self.shared;
+        let exchange = http2.send(parts, body, added, te_trailers);
+        if let Some(deadline) = deadline.filter(|d| *d < shared.timeout) {
+            return tokio::time::timeout(deadline, exchange).await.map_err(|_| UpstreamError::Timeout(deadline))?;
+        }
+        let mut head = HeadDeadline { shared, deadline: ReadDeadline::start(shared) };
+        let mut exchange = std::pin::pin!(exchange);
         poll_fn(|cx| match exchange.as_mut().poll(cx) {
             Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending if head.deadline.poll_expired(shared, cx) => {
