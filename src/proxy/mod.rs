@@ -109,7 +109,8 @@ impl ConnectionContext {
         let version = request.version();
         let entry = self.access_log.as_ref().map(|(log, facts)| PendingEntry::begin(log, started, *facts, &request));
         let options = headers::ConnectionOptions::of(request.headers());
-        let grpc = headers::is_grpc(request.headers());
+        // Every gRPC call is a POST: other requests skip the field lookup.
+        let grpc = request.method() == Method::POST && headers::is_grpc(request.headers());
         // hyper closes the connection after answering a request that asks to close.
         let last = self.last_response.as_ref().filter(|_| options.close);
         let mut upstream_connect = None;
