@@ -163,7 +163,8 @@ impl ConnectionContext {
                 Some(http2) => {
                     // A gRPC deadline shorter than --upstream-timeout bounds the wait too.
                     let deadline = headers::grpc_timeout(&parts.headers);
-                    let sent = self.pool.send_http2(http2, &parts, body, &added, te_trailers, deadline).await;
+                    // Boxed: inline, its state would grow the future of every HTTP/1.1 request.
+                    let sent = Box::pin(self.pool.send_http2(http2, &parts, body, &added, te_trailers, deadline)).await;
                     sent.map(|(r, t)| (r.map(ProxyBody::Http2), t))
                 }
             };
