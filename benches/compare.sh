@@ -11,6 +11,13 @@
 #   handshake  a new TLS handshake per request      wrk -t2 -c16 -H "Connection: close"
 #   big        1 MiB responses                      wrk -t2 -c16 on /big, offering only
 #                                                   TLS_AES_128_GCM_SHA256 (OPENSSL_CONF)
+#   grpc       gRPC-shaped HTTP/2 to an h2c app     h2load -t2 -c64 -m10, POST of a gRPC-framed
+#                                                   body with content-type application/grpc;
+#                                                   nginx grpc_pass, HAProxy `proto h2`, sidecar
+#                                                   --upstream h2c://
+#   unix       HTTP/1.1 keep-alive, app on a Unix   wrk -t2 -c64; the same app through its socket
+#              socket                               (nginx `server unix:`, HAProxy `unix@`,
+#                                                   sidecar --upstream unix://)
 #   memory     RSS idle, after load, and per idle keep-alive TLS connection (benches/idle_conns.py)
 # For each: requests/s, p50/p99 latency, proxy CPU microseconds per request (utime+stime+cutime+
 # cstime from /proc/PID/stat of every process of the proxy, before and after, over requests
@@ -237,14 +244,25 @@ http {
   proxy_temp_path $WORK/tmp/up-proxy;
   server {
     listen 127.0.0.1:$UP reuseport backlog=4096;
+    # The same app on a Unix socket, for the unix scenario (nginx makes it mode 0666).
+    listen unix:$WORK/app.sock backlog=4096;
     location / { return 200 "hello from the legacy app\n"; }
     location /big { alias $WORK/big.bin; }
   }
-  # Prior-knowledge cleartext HTTP/2, only for the HTTP/2 floor.
+  # Prior-knowledge cleartext HTTP/2: the HTTP/2 floor, and the gRPC-shaped scenario's app.
+  upstream self { server 127.0.0.1:$UP; keepalive 64; }
   server {
     listen 127.0.0.1:$UP_H2C$H2_LISTEN reuseport backlog=4096;
     $H2_ON
     location / { return 200 "hello from the legacy app\n"; }
+    # A gRPC server reads a call's message before it answers; \`return\` answers at once and
+    # resets the stream's unread body (RST_STREAM NO_ERROR), which nginx's grpc_pass counts as
+    # an error. Passing the POST on reads it first.
+    location /bench.Echo/ {
+      proxy_pass http://self/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
   }
 }
 EOF
@@ -254,7 +272,7 @@ EOF
 # log, unbuffered streaming of bodies. nginx preallocates (and touches) worker_connections slots,
 # so the load runs use the reference 4096 and only the idle-connection run, whose baseline is
 # taken with the same setting, gets enough for IDLE_CONNS clients.
-nginx_sidecar_conf() {  # nginx_sidecar_conf NAME WORKER_CONNECTIONS
+nginx_sidecar_conf() {  # nginx_sidecar_conf NAME WORKER_CONNECTIONS [APP_ADDRESS]
 cat >"$WORK/$1.conf" <<EOF
 worker_processes auto;
 daemon off;
@@ -266,7 +284,7 @@ http {
   keepalive_requests 1000000;
   client_body_temp_path $WORK/tmp/sc-body;
   proxy_temp_path $WORK/tmp/sc-proxy;
-  upstream app { server 127.0.0.1:$UP; keepalive 1024; }
+  upstream app { server ${3:-127.0.0.1:$UP}; keepalive 1024; }
   ssl_session_cache shared:SSL:10m;
   ssl_protocols TLSv1.2 TLSv1.3;
   server {
@@ -293,6 +311,38 @@ EOF
 }
 nginx_sidecar_conf nginx-sidecar 4096
 nginx_sidecar_conf nginx-sidecar-conns $((IDLE_CONNS + 4096))
+nginx_sidecar_conf nginx-unix 4096 "unix:$WORK/app.sock"
+
+# nginx in front of an h2c (gRPC) app: grpc_pass with the same keep-alive pool and headers.
+cat >"$WORK/nginx-grpc.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $WORK/nginx-grpc.pid;
+error_log $WORK/nginx-grpc.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/tmp/gr-body;
+  upstream grpc_app { server 127.0.0.1:$UP_H2C; keepalive 1024; }
+  ssl_session_cache shared:SSL:10m;
+  ssl_protocols TLSv1.2 TLSv1.3;
+  server {
+    listen 127.0.0.1:$NGX ssl$H2_LISTEN reuseport backlog=4096;
+    $H2_ON
+    ssl_certificate     $WORK/tls/ec.crt;
+    ssl_certificate_key $WORK/tls/ec.key;
+    location / {
+      grpc_pass grpc://grpc_app;
+      grpc_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      grpc_set_header X-Forwarded-Proto https;
+      grpc_set_header X-Forwarded-Host \$host;
+    }
+  }
+}
+EOF
+# A gRPC message as a client frames it: not compressed, a 4-byte length, then 16 bytes.
+printf '\0\0\0\0\020sixteen byte msg' >"$WORK/grpc.bin"
 
 # HAProxy as the TLS sidecar, tuned as nginx is: a thread per core, server connections shared
 # between clients (`http-reuse always`), at most 1024 as nginx's pool, ALPN h2 and http/1.1, a
@@ -301,7 +351,7 @@ nginx_sidecar_conf nginx-sidecar-conns $((IDLE_CONNS + 4096))
 # is below that, so the load runs get the reference maxconn within the limit. The idle run needs
 # IDLE_CONNS client connections, which share a few server connections: there `no strict-limits`
 # lets it start with one descriptor per connection (it then warns in haproxy-sidecar-conns.log).
-haproxy_sidecar_conf() {  # haproxy_sidecar_conf NAME MAXCONN [GLOBAL_LINE]
+haproxy_sidecar_conf() {  # haproxy_sidecar_conf NAME MAXCONN [GLOBAL_LINE] [SERVER_ADDRESS_AND_OPTIONS]
 cat >"$WORK/$1.cfg" <<EOF
 global
     nbthread $(nproc)
@@ -326,7 +376,7 @@ frontend fe
     http-request set-header X-Forwarded-Host %[req.hdr(host)]
     default_backend app
 backend app
-    server app 127.0.0.1:$UP maxconn 1024
+    server app ${4:-127.0.0.1:$UP} maxconn 1024
 EOF
 }
 NOFILE=$(ulimit -n)
@@ -334,6 +384,8 @@ HAPROXY_MAXCONN=9000
 [ "$NOFILE" = unlimited ] || [ $((2 * HAPROXY_MAXCONN + 64)) -le "$NOFILE" ] || HAPROXY_MAXCONN=$(((NOFILE - 64) / 2))
 haproxy_sidecar_conf haproxy-sidecar "$HAPROXY_MAXCONN"
 haproxy_sidecar_conf haproxy-sidecar-conns $((IDLE_CONNS + 512)) "no strict-limits"
+haproxy_sidecar_conf haproxy-grpc "$HAPROXY_MAXCONN" "" "127.0.0.1:$UP_H2C proto h2"
+haproxy_sidecar_conf haproxy-unix "$HAPROXY_MAXCONN" "" "unix@$WORK/app.sock"
 
 # The 1 MiB scenario compares bulk encryption, so every proxy must use the same cipher. The
 # sidecar has no flag for its suites, so the client pins it: wrk (OpenSSL) offers only
@@ -365,7 +417,7 @@ start_haproxy() {  # start_haproxy NAME: runs $WORK/NAME.cfg in the foreground, 
     STARTED+=("$HAPROXY_PID")
 }
 
-start_sidecar() {  # sets SIDECAR_PID
+start_sidecar() {  # sets SIDECAR_PID; the app is SC_UPSTREAM (default: the app over TCP)
     # No load balancer has to stop sending here first: on SIGTERM it drains at once instead of
     # accepting for the default 5 s, which outlasted cleanup's wait (it then got SIGKILL). No
     # request cap per connection, as nginx's keepalive_requests above: h2load does not reconnect.
@@ -375,7 +427,7 @@ start_sidecar() {  # sets SIDECAR_PID
         uncapped="--max-requests-per-connection 1000000"
     fi
     # shellcheck disable=SC2086
-    "$SIDECAR_BIN" proxy --upstream "http://127.0.0.1:$UP" --listen "127.0.0.1:$SC" \
+    "$SIDECAR_BIN" proxy --upstream "${SC_UPSTREAM:-http://127.0.0.1:$UP}" --listen "127.0.0.1:$SC" \
         --cert "$WORK/tls/ec.crt" --key "$WORK/tls/ec.key" --log-level warn --shutdown-delay 0s $uncapped ${SIDECAR_ARGS:-} \
         >>"$WORK/sidecar.log" 2>&1 &
     SIDECAR_PID=$!
@@ -466,7 +518,8 @@ for who in "${PROXIES[@]}"; do
     R[h2.$who.suite]=$(suite_of "$port" ${H2LOAD_TLS13:+-ciphersuites "$H2LOAD_TLS13"})
     R[big.$who.suite]=$(OPENSSL_CONF=$PIN_CONF suite_of "$port")
 done
-for s in keepalive h2 handshake big; do R[$s.floor.suite]="-"; done
+for who in "${PROXIES[@]}"; do R[grpc.$who.suite]=${R[h2.$who.suite]} R[unix.$who.suite]=${R[keepalive.$who.suite]}; done
+for s in keepalive h2 handshake big grpc unix; do R[$s.floor.suite]="-"; done
 
 # ---------------------------------------------------------------------------------------------
 # Load runs
@@ -557,6 +610,12 @@ h2_run() {
 handshake_run() { measure handshake "$1" wrk -t2 -c16 -H "Connection: close" "$(url_of "$1")/"; }
 # OPENSSL_CONF reaches wrk through measure's environment: warm-up and measured run alike.
 big_run() { OPENSSL_CONF=$PIN_CONF measure big "$1" wrk -t2 -c16 "$(url_of "$1")/big"; }
+# A unary gRPC call's shape: POST, content-type application/grpc, TE: trailers, a framed body.
+grpc_run() {
+    local url; url=$(url_of "$1")/bench.Echo/Unary; [ "$1" = floor ] && url=http://127.0.0.1:$UP_H2C/bench.Echo/Unary
+    measure grpc "$1" h2load -t2 -c64 -m10 -d "$WORK/grpc.bin" -H 'content-type: application/grpc' -H 'te: trailers' "$url"
+}
+unix_run() { measure unix "$1" wrk -t2 -c64 "$(url_of "$1")/"; }
 
 FIELDS=(rps p50 p99 err reqs cpu app hwm)
 # settle SCENARIO WHO: over the rounds, the median of each of requests/s, latencies and CPU per
@@ -567,7 +626,7 @@ settle() {
     for f in rps p50 p99 reqs cpu app; do
         values=$(for ((n = 1; n <= ROUNDS; n++)); do echo "${R[$s.$who.r$n.$f]}"; done)
         # A round that could not be counted (nan) is left out; with none left, nan.
-        R[$s.$who.$f]=$(grep -vx nan <<<"$values" | sort -g |
+        R[$s.$who.$f]=$({ grep -vx nan <<<"$values" || true; } | sort -g |
             awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else print v[int((NR + 1) / 2)] }')
         R[$s.$who.$f.rounds]=$(paste -sd' ' <<<"$values")
     done
@@ -612,6 +671,18 @@ for who in "${PROXIES[@]}"; do
     for s in keepalive h2 handshake big; do [ "${R[$s.$who.hwm]}" -gt "$peak" ] && peak=${R[$s.$who.hwm]}; done
     R[load.$who.hwm]=$peak
 done
+
+# The same proxies again, each in front of the app as an h2c (gRPC) server, then through its Unix
+# socket; the memory run below starts them afresh.
+say "scenario grpc: h2load -t2 -c64 -m10, gRPC-framed POSTs to the h2c app (nginx grpc_pass, HAProxy proto h2)"
+stop "$NGX_MAIN" "$HAP_MAIN" "$SC_MAIN"
+SC_UPSTREAM="h2c://127.0.0.1:$UP_H2C" start_proxies nginx-grpc haproxy-grpc
+in_rounds grpc
+
+say "scenario unix: wrk -t2 -c64, the app through its Unix socket"
+stop "$NGX_MAIN" "$HAP_MAIN" "$SC_MAIN"
+SC_UPSTREAM="unix://$WORK/app.sock" start_proxies nginx-unix haproxy-unix
+in_rounds unix
 
 # ---------------------------------------------------------------------------------------------
 # Memory per idle TLS connection, on freshly started proxies so that load leftovers do not blur it.
@@ -679,7 +750,7 @@ cmp_row() {
 of() { printf '%s\n' "${R[$1.nginx.$2]}" "${R[$1.haproxy.$2]}" "${R[$1.sidecar.$2]}"; }
 VERDICTS=()
 
-names=(keepalive "h1 keep-alive" h2 "h2" handshake "handshake" big "1 MiB")
+names=(keepalive "h1 keep-alive" h2 "h2" handshake "handshake" big "1 MiB" grpc "gRPC (h2c app)" unix "h1, app on a Unix socket")
 LEGEND="h1 keep-alive: wrk -t2 -c64 on /, HTTP/1.1 keep-alive. h2: h2load -t2 -c64 -m10 on / (floor: h2c).
 handshake: wrk -t2 -c16 -H 'Connection: close', a new TLS handshake per request (wrk resumes its TLS 1.3 session: PSK + X25519, no signature). 1 MiB: wrk -t2 -c16 on /big.
 app CPU: the upstream's processes over the same run, per request through that proxy (a proxy that opens
@@ -687,9 +758,12 @@ an app connection per client moves cost there). TLS suite: what each proxy picks
 (openssl s_client making the same offer): wrk offers OpenSSL's default list (AES-256-GCM first), h2load
 its own (AES-128-GCM first); in the 1 MiB run wrk offers only TLS_AES_128_GCM_SHA256 (OPENSSL_CONF), so
 every proxy encrypts with it.
+gRPC (h2c app): h2load -t2 -c64 -m10, POSTs of a 21-byte gRPC frame with content-type application/grpc and
+TE: trailers, to the app over prior-knowledge HTTP/2 (nginx grpc_pass with keepalive 1024, HAProxy proto h2;
+floor: the h2c app directly). h1, app on a Unix socket: as h1 keep-alive, the app reached through its socket.
 memory: RSS summed over the proxy's processes; per-connection KB = (RSS with N idle keep-alive TLS
 connections - RSS before) / N, on freshly started proxies."
-declare -A cpu_target=([keepalive]=0.75 [h2]=0.75 [handshake]=0.55 [big]=0.8)
+declare -A cpu_target=([keepalive]=0.75 [h2]=0.75 [handshake]=0.55 [big]=0.8 [grpc]=0.75)
 for ((i = 0; i < ${#names[@]}; i += 2)); do
     s=${names[i]} title=${names[i+1]}
     mapfile -t v3 < <(of "$s" rps)
@@ -705,10 +779,17 @@ for ((i = 0; i < ${#names[@]}; i += 2)); do
         cmp_row "$title" "p99 latency (ms)" - "${v3[@]}" "${R[$s.floor.p99]}"
     fi
     mapfile -t v3 < <(of "$s" cpu)
-    t=${cpu_target[$s]}
-    r=$(ratio "${v3[2]}" "${v3[0]}"); v=$(verdict "$r" "<=" "$t")
-    VERDICTS+=("$title CPU/request <= $t x nginx|$r|$v")
-    target="/nginx <= $t"
+    t=${cpu_target[$s]:-}
+    if [ -n "$t" ]; then
+        r=$(ratio "${v3[2]}" "${v3[0]}"); v=$(verdict "$r" "<=" "$t")
+        VERDICTS+=("$title CPU/request <= $t x nginx|$r|$v")
+        target="/nginx <= $t"
+    else
+        # The Unix socket's target is the sidecar's own TCP path, measured above.
+        r=$(ratio "${v3[2]}" "${R[keepalive.sidecar.cpu]}"); v=$(verdict "$r" "<=" 1)
+        VERDICTS+=("$title CPU/request <= the sidecar's over TCP|$r|$v")
+        target="<= sidecar h1 keep-alive"
+    fi
     if [ "$s" = keepalive ] || [ "$s" = h2 ]; then
         rh=$(ratio "${v3[2]}" "${v3[1]}"); vh=$(verdict "$rh" "<=" 1)
         VERDICTS+=("$title CPU/request <= HAProxy|$rh|$vh")
@@ -728,9 +809,10 @@ for ((i = 0; i < ${#names[@]}; i += 2)); do
     fi
     mapfile -t v3 < <(of "$s" hwm)
     cmp_row "$title" "peak RSS (MB)" mb "${v3[@]}" "-"
-    e_label="errors (socket, non-2xx)"; [ "$s" = h2 ] && e_label="errors (failed, errored, non-2xx)"
+    e_label="errors (socket, non-2xx)"
+    if [ "$s" = h2 ] || [ "$s" = grpc ]; then e_label="errors (failed, errored, non-2xx)"; fi
     mapfile -t v3 < <(of "$s" err)
-    if [ "$s" = keepalive ] || [ "$s" = h2 ]; then
+    if [ "$s" = keepalive ] || [ "$s" = h2 ] || [ "$s" = grpc ] || [ "$s" = unix ]; then
         v=$(verdict "${v3[2]}" "==" 0)
         row "$title" "$e_label" "${v3[@]}" "-" "-" "${R[$s.floor.err]}" "sidecar = 0" "$v"
         VERDICTS+=("$title errors = 0|${v3[2]}|$v")
@@ -768,7 +850,7 @@ VERDICTS+=("per idle TLS connection <= 16 KB and below HAProxy|${R[conns.sidecar
 # What the proxies logged (warn and up) during the whole run, most frequent message first;
 # HAProxy's start-up notices (its version and path) are left out.
 LOGS=""
-for f in sidecar.log nginx-sidecar.err nginx-sidecar-conns.err haproxy-sidecar.log haproxy-sidecar-conns.log upstream.err; do
+for f in sidecar.log nginx-sidecar.err nginx-sidecar-conns.err nginx-grpc.err nginx-unix.err haproxy-sidecar.log haproxy-sidecar-conns.log haproxy-grpc.log haproxy-unix.log upstream.err; do
     [ -f "$WORK/$f" ] || continue
     lines=$(grep -v '^\[NOTICE\]' "$WORK/$f" || true)
     [ -n "$lines" ] || continue

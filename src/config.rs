@@ -15,17 +15,44 @@ use crate::access_log::{AccessLogFormat, AccessLogTarget};
 use crate::devcert::{CERT_FILE, KEY_FILE};
 use crate::tls::{CertPair, ClientAuth, TlsInputs};
 
-/// The plain-HTTP app behind the proxy.
+/// The app behind the proxy: how it is spoken to and where it listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    authority: Authority,
-    /// The authority as a header value, made once.
+    protocol: UpstreamProtocol,
+    address: UpstreamAddress,
+    /// The Host field (HTTP/2: `:authority`) for a request that came without one, made once.
     host_header: http::HeaderValue,
 }
 
+/// What the proxy speaks to the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with the proxy's own client (`http://`, `unix://`).
+    Http1,
+    /// HTTP/2 with prior knowledge, cleartext (`h2c://`, `h2c+unix://`): gRPC apps.
+    H2c,
+}
+
+/// Where the app listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddress {
+    Tcp(Authority),
+    /// A Unix domain socket, by absolute path.
+    Unix(PathBuf),
+}
+
+/// The upstream URL forms, as an error names them.
+const ACCEPTED_UPSTREAMS: &str =
+    "http://HOST:PORT (HTTP/1.1), h2c://HOST:PORT (HTTP/2 cleartext, gRPC), unix:///PATH (HTTP/1.1 over a Unix socket) \
+     or h2c+unix:///PATH (HTTP/2 over a Unix socket)";
+
 impl Upstream {
-    pub(crate) fn authority(&self) -> &Authority {
-        &self.authority
+    pub(crate) fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
+    }
+
+    pub(crate) fn address(&self) -> &UpstreamAddress {
+        &self.address
     }
 
     /// The Host field for a request that came without one.
@@ -36,33 +63,48 @@ impl Upstream {
 
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", self.authority)
+        match (self.protocol, &self.address) {
+            (UpstreamProtocol::Http1, UpstreamAddress::Tcp(authority)) => write!(f, "http://{authority}"),
+            (UpstreamProtocol::H2c, UpstreamAddress::Tcp(authority)) => write!(f, "h2c://{authority}"),
+            (UpstreamProtocol::Http1, UpstreamAddress::Unix(path)) => write!(f, "unix://{}", path.display()),
+            (UpstreamProtocol::H2c, UpstreamAddress::Unix(path)) => write!(f, "h2c+unix://{}", path.display()),
+        }
     }
 }
 
-/// Accepts `http://host:port` (a bare `host:port` too). Paths are refused rather than silently
-/// rewritten, so that what the app sees is exactly what the client asked for.
+/// Accepts `http://host:port` (a bare `host:port` too), `h2c://host:port`, `unix:///path` and
+/// `h2c+unix:///path`. Paths are refused rather than silently rewritten, so that what the app
+/// sees is exactly what the client asked for.
 pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
-    let with_scheme = if s.contains("://") { s.to_owned() } else { format!("http://{s}") };
-    let uri: Uri = with_scheme.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => {
-            return Err(format!(
-                "`{s}`: scheme {other} is not supported; the upstream is spoken to in plain HTTP (http://HOST:PORT)"
-            ))
+    let (scheme, rest) = s.split_once("://").unwrap_or(("http", s));
+    let protocol = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "unix" => UpstreamProtocol::Http1,
+        "h2c" | "h2c+unix" => UpstreamProtocol::H2c,
+        "" => return Err(format!("`{s}` has no scheme; use {ACCEPTED_UPSTREAMS}")),
+        other => {
+            let hint = if other == "https" {
+                " (the app is spoken to in cleartext, normally on loopback or a Unix socket)"
+            } else {
+                ""
+            };
+            return Err(format!("`{s}`: scheme {other} is not supported{hint}; use {ACCEPTED_UPSTREAMS}"));
         }
-        None => return Err(format!("`{s}` has no scheme; use http://HOST:PORT")),
+    };
+    if scheme.to_ascii_lowercase().ends_with("unix") {
+        return parse_unix(s, protocol, rest);
     }
-    let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}` has no host; use http://HOST:PORT"))?;
+    let uri: Uri = format!("http://{rest}").parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}` has no host; use {ACCEPTED_UPSTREAMS}"))?;
     if authority.as_str().contains('@') {
         return Err(format!("`{s}`: credentials in the upstream URL are not supported"));
     }
     if authority.host().is_empty() {
-        return Err(format!("`{s}` has no host; use http://HOST:PORT"));
+        return Err(format!("`{s}` has no host; use {ACCEPTED_UPSTREAMS}"));
     }
     if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
-        return Err(format!("`{s}`: a path or query in the upstream URL is not supported; give only http://HOST:PORT"));
+        return Err(format!(
+            "`{s}`: a path or query in the upstream URL is not supported; give only {scheme}://HOST:PORT"
+        ));
     }
     // Without an explicit port http means 80; keep it explicit so logs and Host are unambiguous.
     let authority = if authority.port_u16().is_some() {
@@ -71,7 +113,61 @@ pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
         format!("{authority}:80").parse().map_err(|e| format!("`{s}`: {e}"))?
     };
     let host_header = http::HeaderValue::from_str(authority.as_str()).map_err(|e| format!("`{s}`: {e}"))?;
-    Ok(Upstream { authority, host_header })
+    Ok(Upstream { protocol, address: UpstreamAddress::Tcp(authority), host_header })
+}
+
+/// `unix:///run/app.sock`: the part after `//` is an absolute path (no host).
+fn parse_unix(s: &str, protocol: UpstreamProtocol, path: &str) -> Result<Upstream, String> {
+    if !path.starts_with('/') {
+        return Err(format!(
+            "`{s}`: a Unix socket upstream takes an absolute path, three slashes in all: unix:///run/app/app.sock"
+        ));
+    }
+    if path.contains(['?', '#']) || path.ends_with('/') || path.contains('\0') {
+        return Err(format!("`{s}`: expected the path of a socket file, as unix:///run/app/app.sock"));
+    }
+    // The bound the kernel puts on a socket address (sun_path, with its terminating NUL).
+    if path.len() > 107 {
+        return Err(format!("`{s}`: a Unix socket path is at most 107 bytes long; this one is {}", path.len()));
+    }
+    // What nginx sends to a Unix-socket upstream, too.
+    let host_header = http::HeaderValue::from_static("localhost");
+    Ok(Upstream { protocol, address: UpstreamAddress::Unix(PathBuf::from(path)), host_header })
+}
+
+/// What is at a Unix socket upstream's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SocketState {
+    /// A socket this user may connect to.
+    Ready,
+    /// Nothing yet: the app creates it when it starts.
+    Missing,
+}
+
+/// Whether `path` can be a Unix socket upstream: `Err` names what is wrong with it (not a
+/// socket, not writable by this user, which connecting needs).
+pub(crate) fn upstream_socket(path: &std::path::Path) -> Result<SocketState, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SocketState::Missing),
+        Err(e) => return Err(format!("upstream socket {shown}: {e}")),
+    };
+    if !meta.file_type().is_socket() {
+        let kind = if meta.is_dir() { "a directory" } else { "not a socket" };
+        return Err(format!("upstream {shown} is {kind}: a unix:// upstream names the socket file the app listens on"));
+    }
+    let access =
+        rustix::fs::accessat(rustix::fs::CWD, path, rustix::fs::Access::WRITE_OK, rustix::fs::AtFlags::EACCESS);
+    if access.is_err() {
+        return Err(format!(
+            "upstream socket {shown} is not writable by this user (uid {}): connecting to a Unix socket needs write \
+             permission on it; run the proxy in the app's group and have the app make it group-writable",
+            rustix::process::geteuid().as_raw()
+        ));
+    }
+    Ok(SocketState::Ready)
 }
 
 /// Treatment of X-Forwarded-* headers that arrive from the client.
@@ -273,6 +369,32 @@ mod tests {
         for bad in ["https://x:1", "ftp://x", "http://x:1/app", "http://x:1/?q", "http://u:p@x:1", "::::", ""] {
             assert!(parse_upstream(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn upstream_kinds_parse_and_print_as_given() {
+        for (given, shown) in [
+            ("h2c://127.0.0.1:50051", "h2c://127.0.0.1:50051"),
+            ("unix:///run/app/app.sock", "unix:///run/app/app.sock"),
+            ("h2c+unix:///tmp/g.sock", "h2c+unix:///tmp/g.sock"),
+            ("HTTP://127.0.0.1:1", "http://127.0.0.1:1"),
+        ] {
+            assert_eq!(parse_upstream(given).unwrap().to_string(), shown);
+        }
+        let unix = parse_upstream("unix:///run/app.sock").unwrap();
+        assert_eq!(unix.address(), &UpstreamAddress::Unix("/run/app.sock".into()));
+        assert_eq!((unix.protocol(), unix.host_header().as_bytes()), (UpstreamProtocol::Http1, &b"localhost"[..]));
+        assert_eq!(parse_upstream("h2c://app").unwrap().protocol(), UpstreamProtocol::H2c);
+    }
+
+    #[test]
+    fn a_wrong_scheme_or_socket_path_names_what_is_accepted() {
+        let error = parse_upstream("grpc://x:1").unwrap_err();
+        assert!(error.contains("h2c://HOST:PORT") && error.contains("unix:///PATH"), "{error}");
+        let error = parse_upstream("unix://run/app.sock").unwrap_err();
+        assert!(error.contains("absolute path"), "{error}");
+        assert!(parse_upstream("unix:///run/").is_err());
+        assert!(parse_upstream(&format!("unix:///{}", "a".repeat(120))).unwrap_err().contains("107 bytes"));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 use super::file::{load_sync_sections, read_proxy_defaults};
 use super::{parse_from, Cli, CliError, ProxyArgs};
 use crate::admin;
-use crate::config::{CertSource, ProxyConfig, Upstream};
+use crate::config::{upstream_socket, CertSource, ProxyConfig, SocketState, Upstream, UpstreamAddress};
 use crate::devcert;
 use crate::sync::client::{check_fleet_auth, check_source_auth};
 use crate::sync::spec::SourceAuth;
@@ -220,6 +220,9 @@ pub(crate) fn run(argv: &[OsString]) -> Result<Report, clap::Error> {
     report.summary.push(format!("listen      https://{} (not bound by check{proxy_note})", config.listen));
     if let Some(upstream) = &upstream {
         report.summary.push(format!("upstream    {upstream} (not contacted by check)"));
+        if let UpstreamAddress::Unix(path) = upstream.address() {
+            check_upstream_socket(path, &mut report);
+        }
     }
 
     check_tls(&config, &mut report);
@@ -390,6 +393,21 @@ fn cert_line(report: &mut Report, label: &str, cert: &LoadedCert) {
 }
 
 /// The listeners' addresses, and the admin API's rules, checked without binding anything.
+/// A Unix socket upstream: one that is not there yet is only a warning (an app that starts
+/// after the proxy creates it); one that is no socket, or that this user may not connect to,
+/// stops the proxy at start as it stops check.
+fn check_upstream_socket(path: &std::path::Path, report: &mut Report) {
+    match upstream_socket(path) {
+        Ok(SocketState::Ready) => {}
+        Ok(SocketState::Missing) => report.warnings.push(format!(
+            "upstream socket {} does not exist yet: the proxy starts anyway and answers 502 (gRPC: UNAVAILABLE) \
+             until the app creates it",
+            path.display()
+        )),
+        Err(problem) => report.problems.push(problem),
+    }
+}
+
 fn check_listeners(config: &ProxyConfig, report: &mut Report) {
     if let Some(addr) = config.redirect_http {
         report.summary.push(format!("redirect    http://{addr} -> https (not bound by check)"));

@@ -561,7 +561,9 @@ pub struct ProxyArgs {
     #[arg(long, env = "SIDECAR_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// The plain-HTTP app to forward to, as http://HOST:PORT (normally on loopback)
+    /// The app to forward to: http://HOST:PORT (HTTP/1.1, normally on loopback), h2c://HOST:PORT
+    /// (HTTP/2 cleartext: gRPC apps), unix:///PATH (HTTP/1.1 over a Unix socket) or
+    /// h2c+unix:///PATH. A socket that does not exist yet is fine: 502 until the app creates it
     #[arg(long, env = "SIDECAR_UPSTREAM", value_name = "URL", value_parser = parse_upstream)]
     pub upstream: Upstream,
 

@@ -7,9 +7,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::net::TcpStream;
 
 use super::h1::{self, ChunkState, Decoded, Framing, ProtocolError};
+use super::http2::Http2Body;
+use super::stream::UpstreamStream;
 use super::upstream::{self, ReadDeadline, RequestBody, Shared, UpstreamConnection, UPSTREAM_READ_BUFFER};
 use crate::access_log::PendingEntry;
 use crate::metrics::{metrics, UpstreamFailure};
@@ -18,6 +19,8 @@ use crate::metrics::{metrics, UpstreamFailure};
 /// the access log on, an upstream body is counted and its entry written when it ends.
 pub(crate) enum ProxyBody {
     Upstream(UpstreamBody),
+    /// From an h2c app (`http2`).
+    Http2(Http2Body),
     /// Boxed: the pending entry is large, and an enum is as big as its largest variant, so
     /// inline it would grow every response body, logged or not.
     Logged(Box<LoggedBody>),
@@ -37,6 +40,10 @@ pub(crate) enum BodyError {
     ClientBody(hyper::Error),
     #[error("upstream sent nothing more of the response body for {}", humantime::format_duration(*.0))]
     Timeout(std::time::Duration),
+    /// The source chain keeps h2's reason, which hyper's server passes on to the client in its
+    /// RST_STREAM (an app's CANCEL stays a CANCEL).
+    #[error("upstream HTTP/2 stream: {0}")]
+    Http2(#[source] hyper::Error),
 }
 
 /// Where reading an upstream body is.
@@ -104,9 +111,9 @@ impl UpstreamBody {
     }
 
     /// The connection of a 101 response, with what the upstream already sent past its head.
-    pub(crate) fn into_upgraded(mut self) -> Option<(TcpStream, Bytes)> {
+    pub(crate) fn into_upgraded(mut self) -> Option<(UpstreamStream, Bytes)> {
         let connection = *self.connection.take()?;
-        Some((connection.tcp, connection.read_buf.freeze()))
+        Some((connection.stream, connection.read_buf.freeze()))
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -114,7 +121,7 @@ impl UpstreamBody {
             return Poll::Ready(Some(Err(error)));
         }
         let Some(connection) = self.connection.as_mut() else { return Poll::Ready(None) };
-        match RequestBody::poll_pending(&mut self.pending_request, cx, &mut connection.tcp) {
+        match RequestBody::poll_pending(&mut self.pending_request, cx, &mut connection.stream) {
             Ok(None) => {}
             Ok(Some(_)) => self.reusable = false,
             Err(e) => return self.fail(cx, BodyError::ClientBody(e)),
@@ -258,12 +265,12 @@ impl Drop for UpstreamBody {
 /// An upstream body whose access-log entry is completed when it ends (or is dropped, when the
 /// client goes away mid-body).
 pub(crate) struct LoggedBody {
-    inner: UpstreamBody,
+    inner: ProxyBody,
     entry: Option<PendingEntry>,
 }
 
 impl LoggedBody {
-    pub(crate) fn new(inner: UpstreamBody, entry: PendingEntry) -> LoggedBody {
+    pub(crate) fn new(inner: ProxyBody, entry: PendingEntry) -> LoggedBody {
         LoggedBody { inner, entry: Some(entry) }
     }
 }
@@ -283,9 +290,10 @@ impl Body for ProxyBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(body) => body.poll_frame(cx),
+            ProxyBody::Http2(body) => body.poll_frame(cx),
             ProxyBody::Local(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
             ProxyBody::Logged(logged) => {
-                let poll = logged.inner.poll_frame(cx);
+                let poll = Pin::new(&mut logged.inner).poll_frame(cx);
                 match &poll {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let (Some(entry), Some(data)) = (logged.entry.as_mut(), frame.data_ref()) {
@@ -308,6 +316,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream(body) => body.is_end_stream(),
+            ProxyBody::Http2(body) => body.is_end_stream(),
             ProxyBody::Logged(logged) => logged.inner.is_end_stream(),
             ProxyBody::Local(body) => body.is_end_stream(),
         }
@@ -316,6 +325,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream(body) => body.size_hint(),
+            ProxyBody::Http2(body) => body.size_hint(),
             ProxyBody::Logged(logged) => logged.inner.size_hint(),
             ProxyBody::Local(body) => body.size_hint(),
         }

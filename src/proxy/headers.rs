@@ -117,6 +117,60 @@ fn is_host(value: &[u8]) -> bool {
     value.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
 }
 
+/// A gRPC request: `application/grpc`, or `application/grpc+proto` and the like. gRPC-Web
+/// (`application/grpc-web*`) is not: it works over HTTP/1.1 and is the app's to answer.
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(http::header::CONTENT_TYPE) else { return false };
+    let value = value.as_bytes();
+    value.len() >= 16
+        && value[..16].eq_ignore_ascii_case(b"application/grpc")
+        && matches!(value.get(16), None | Some(b'+' | b';'))
+}
+
+/// The client's `TE` lists `trailers`.
+pub(crate) fn te_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TE)
+        .into_iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|list| list.split(','))
+        .any(|coding| coding.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// A gRPC call's `grpc-timeout` (up to 8 digits and a unit: H, M, S, m, u, n).
+pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let value = headers.get("grpc-timeout")?.as_bytes();
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    let nanos_per = match unit {
+        b"H" => 3_600_000_000_000,
+        b"M" => 60_000_000_000,
+        b"S" => 1_000_000_000,
+        b"m" => 1_000_000,
+        b"u" => 1_000,
+        b"n" => 1,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_nanos(amount.saturating_mul(nanos_per)))
+}
+
+/// `text` percent-encoded as `grpc-message` wants it (gRPC over HTTP/2: bytes outside
+/// printable ASCII, and `%`, are encoded).
+pub(crate) fn grpc_message(text: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &byte in text {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// Removes the trailer fields that must not follow a body (RFC 9110 §6.5.1): framing, routing,
 /// hop-by-hop, request modifiers and authentication, and the fields only the proxy asserts. An
 /// app that merges trailers into the head would otherwise take them as the client's claims.
@@ -343,6 +397,46 @@ fn append_forwarded_for(headers: &HeaderMap, peer_ip: &HeaderValue) -> HeaderVal
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_requests_are_told_by_content_type_and_grpc_web_is_not_one() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            is_grpc(&headers)
+        };
+        assert!(with("application/grpc") && with("application/grpc+proto") && with("Application/GRPC;x=1"));
+        assert!(!with("application/grpc-web") && !with("application/grpc-web+proto") && !with("application/json"));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn grpc_timeouts_read_every_unit_and_refuse_the_rest() {
+        let timeout = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-timeout", HeaderValue::from_str(value).unwrap());
+            grpc_timeout(&headers)
+        };
+        assert_eq!(timeout("1H"), Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(timeout("2M"), Some(std::time::Duration::from_secs(120)));
+        assert_eq!(timeout("3S"), Some(std::time::Duration::from_secs(3)));
+        assert_eq!(timeout("250m"), Some(std::time::Duration::from_millis(250)));
+        assert_eq!(timeout("7u"), Some(std::time::Duration::from_micros(7)));
+        assert_eq!(timeout("99999999n"), Some(std::time::Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "123456789S", "1s", "-1S", "1.5S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn te_trailers_is_found_among_codings_and_grpc_messages_are_percent_encoded() {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::TE, HeaderValue::from_static("gzip, Trailers;q=1"));
+        assert!(te_trailers(&headers));
+        headers.insert(http::header::TE, HeaderValue::from_static("gzip"));
+        assert!(!te_trailers(&headers));
+        assert_eq!(grpc_message("100% d\u{e9}j\u{e0}\n".as_bytes()), "100%25 d%C3%A9j%C3%A0%0A");
+    }
     use http::Request;
 
     fn parts(build: impl FnOnce(http::request::Builder) -> http::request::Builder) -> Parts {

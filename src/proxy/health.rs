@@ -1,5 +1,5 @@
 //! Whether the app can take requests, for readiness: checked in the background about once a
-//! second (a TCP connection, or `GET --upstream-health-path` answered 2xx), so that a probe
+//! second (a connection, TCP or Unix socket, or `GET --upstream-health-path` answered 2xx), so that a probe
 //! costs the app nothing and gets a cached answer. One failed check is not enough: an app that
 //! drops one connection stays ready until the next check fails too.
 
@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::http2;
+use super::stream::UpstreamStream;
 use super::upstream::describe_io;
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, UpstreamProtocol};
 
 /// Time between two checks.
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -91,16 +92,19 @@ impl UpstreamHealth {
 
 /// One check, bounded by `--upstream-connect-timeout`.
 async fn check(config: &ProxyConfig) -> Result<(), String> {
-    let authority = config.upstream.authority();
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(80);
     let limit = config.timeouts.upstream_connect;
     let work = async {
-        let mut tcp =
-            TcpStream::connect((host, port)).await.map_err(|e| format!("cannot connect: {}", describe_io(&e)))?;
+        let mut tcp = UpstreamStream::connect(config.upstream.address(), limit)
+            .await
+            .map_err(|e| format!("cannot connect: {}", e.describe()))?;
         let Some(path) = &config.upstream_policy.health_path else { return Ok(()) };
+        let host = config.upstream.host_header();
+        if config.upstream.protocol() == UpstreamProtocol::H2c {
+            return http2::probe(tcp, path, host).await;
+        }
+        let host = String::from_utf8_lossy(host.as_bytes());
         let request = format!(
-            "GET {path} HTTP/1.1\r\nhost: {authority}\r\nuser-agent: sidecar-readiness\r\nconnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: sidecar-readiness\r\nconnection: close\r\n\r\n"
         );
         tcp.write_all(request.as_bytes()).await.map_err(|e| format!("GET {path}: {}", describe_io(&e)))?;
         // The status line is all a check needs.

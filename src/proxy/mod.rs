@@ -6,6 +6,8 @@ pub(crate) mod faults;
 pub mod h1;
 pub mod headers;
 pub(crate) mod health;
+pub(crate) mod http2;
+pub(crate) mod stream;
 pub(crate) mod upstream;
 
 use std::net::SocketAddr;
@@ -21,13 +23,13 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::access_log::{AccessLog, ConnectionFacts, PendingEntry};
 use crate::config::ProxyConfig;
 use crate::metrics::{metrics, ClientFault, UpstreamFailure};
 use crate::transport::LastResponse;
 use faults::client_fault;
+use stream::UpstreamStream;
 use upstream::{UpstreamError, UpstreamPool};
 
 /// The largest body of a connection's last response that the client socket holds until
@@ -107,6 +109,8 @@ impl ConnectionContext {
         let version = request.version();
         let entry = self.access_log.as_ref().map(|(log, facts)| PendingEntry::begin(log, started, *facts, &request));
         let options = headers::ConnectionOptions::of(request.headers());
+        // Every gRPC call is a POST: other requests skip the field lookup.
+        let grpc = request.method() == Method::POST && headers::is_grpc(request.headers());
         // hyper closes the connection after answering a request that asks to close.
         let last = self.last_response.as_ref().filter(|_| options.close);
         let mut upstream_connect = None;
@@ -123,8 +127,21 @@ impl ConnectionContext {
                 client_fault(ClientFault::BadRequest, self.peer, &reason);
                 break 'response plain_response(StatusCode::BAD_REQUEST, format!("400 Bad Request: {reason}\n"));
             }
+            if grpc && version != Version::HTTP_2 {
+                client_fault(ClientFault::BadRequest, self.peer, &"gRPC request over HTTP/1");
+                break 'response plain_response(
+                    StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                    "505 HTTP Version Not Supported: gRPC needs HTTP/2; this request came over HTTP/1 \
+                     (the client must offer h2 in TLS ALPN)\n"
+                        .to_owned(),
+                );
+            }
             let client_version = request.version();
-            let wants_upgrade = request.version() == Version::HTTP_11
+            let http2 = self.pool.http2();
+            // The one TE value that crosses a proxy (RFC 9113 §8.2.2): gRPC servers require it.
+            let te_trailers = http2.is_some() && headers::te_trailers(request.headers());
+            let wants_upgrade = http2.is_none()
+                && request.version() == Version::HTTP_11
                 && options.wants_upgrade(request.headers())
                 && headers::upgrade_allowed(request.headers(), &self.config.upstream_policy.upgrade_protocols);
             let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -141,7 +158,16 @@ impl ConnectionContext {
             let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
 
             let awaiting = AwaitingApp::new(&self.awaiting_app);
-            let sent = self.pool.send(&parts, body, &added).await;
+            let sent = match http2 {
+                None => self.pool.send(&parts, body, &added).await.map(|(r, t)| (r.map(ProxyBody::Upstream), t)),
+                Some(http2) => {
+                    // A gRPC deadline shorter than --upstream-timeout bounds the wait too.
+                    let deadline = headers::grpc_timeout(&parts.headers);
+                    // Boxed: inline, its state would grow the future of every HTTP/1.1 request.
+                    let sent = Box::pin(self.pool.send_http2(http2, &parts, body, &added, te_trailers, deadline)).await;
+                    sent.map(|(r, t)| (r.map(ProxyBody::Http2), t))
+                }
+            };
             drop(awaiting);
             let mut response = match sent {
                 Ok((response, connect_time)) => {
@@ -173,9 +199,12 @@ impl ConnectionContext {
 
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
             if switching {
-                let (Some(client_side), Some(upstream_side)) =
-                    (client_upgrade, std::mem::replace(response.body_mut(), UpstreamBody::empty()).into_upgraded())
-                else {
+                let upstream_side =
+                    match std::mem::replace(response.body_mut(), ProxyBody::Upstream(UpstreamBody::empty())) {
+                        ProxyBody::Upstream(body) => body.into_upgraded(),
+                        _ => None,
+                    };
+                let (Some(client_side), Some(upstream_side)) = (client_upgrade, upstream_side) else {
                     let reason = h1::ProtocolError::UnexpectedUpgrade.to_string();
                     break 'response self.bad_gateway(&parts.method, path, &reason, false);
                 };
@@ -186,7 +215,7 @@ impl ConnectionContext {
             // An intermediary speaks its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 app must
             // not downgrade, and so close, the client's keep-alive connection.
             *response.version_mut() = client_version;
-            response.map(ProxyBody::Upstream)
+            response
         };
         if let Some(last) = last {
             let small = hyper::body::Body::size_hint(response.body()).exact().is_some_and(|n| n <= HELD_LAST_RESPONSE);
@@ -200,20 +229,33 @@ impl ConnectionContext {
             // The same clock reading: the proxy's own part of it is microseconds.
             metrics().upstream_response(elapsed);
         }
-        let Some(mut entry) = entry else { return response };
-        entry.status = response.status();
-        response.map(|body| match body {
-            ProxyBody::Upstream(body) => {
-                entry.upstream_time = Some(elapsed);
-                entry.upstream_connect = upstream_connect;
-                ProxyBody::Logged(Box::new(body::LoggedBody::new(body, entry)))
+        // Metrics and the log keep the proxy's status (a 502 is a failure to alert on); a gRPC
+        // client gets it as a grpc-status it understands.
+        let grpc_error = (grpc && version == Version::HTTP_2)
+            .then(|| response.extensions().get::<LocalError>().map(|e| (response.status(), e.0.clone())))
+            .flatten();
+        let response = match entry {
+            None => response,
+            Some(mut entry) => {
+                entry.status = response.status();
+                response.map(|body| match body {
+                    local @ ProxyBody::Local(_) => {
+                        entry.bytes = hyper::body::Body::size_hint(&local).exact().unwrap_or(0);
+                        entry.finish();
+                        local
+                    }
+                    upstream => {
+                        entry.upstream_time = Some(elapsed);
+                        entry.upstream_connect = upstream_connect;
+                        ProxyBody::Logged(Box::new(body::LoggedBody::new(upstream, entry)))
+                    }
+                })
             }
-            local => {
-                entry.bytes = hyper::body::Body::size_hint(&local).exact().unwrap_or(0);
-                entry.finish();
-                local
-            }
-        })
+        };
+        match grpc_error {
+            Some((status, message)) => grpc_response(status, &message),
+            None => response,
+        }
     }
 
     /// The 502 for a request the upstream did not answer properly, logged and counted.
@@ -227,7 +269,7 @@ impl ConnectionContext {
 
 /// Copies bytes both ways between an upgraded client connection and the upstream's, after
 /// what the upstream sent along with its 101.
-async fn splice(client: OnUpgrade, (mut upstream, early): (TcpStream, Bytes), peer: SocketAddr) {
+async fn splice(client: OnUpgrade, (mut upstream, early): (UpstreamStream, Bytes), peer: SocketAddr) {
     let client = match client.await {
         Ok(client) => client,
         Err(e) => {
@@ -245,9 +287,35 @@ async fn splice(client: OnUpgrade, (mut upstream, early): (TcpStream, Bytes), pe
     }
 }
 
+/// The text of a response the proxy made itself, kept for a gRPC client's `grpc-message`.
+#[derive(Clone)]
+struct LocalError(Bytes);
+
 pub(crate) fn plain_response(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from(body))));
+    let body = Bytes::from(body);
+    let mut response = Response::new(ProxyBody::Local(Full::new(body.clone())));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.extensions_mut().insert(LocalError(body));
+    response
+}
+
+/// The proxy's own answer `status` with `text` as gRPC says it (HTTP 200, a Trailers-Only
+/// response: `grpc-status` and `grpc-message` in the head), as Envoy answers: a gRPC client
+/// reads no HTTP status, so a 502 would reach it as a vague "UNAVAILABLE: 502".
+fn grpc_response(status: StatusCode, text: &[u8]) -> Response<ProxyBody> {
+    let code = match status {
+        StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "14", // UNAVAILABLE
+        StatusCode::METHOD_NOT_ALLOWED => "12", // UNIMPLEMENTED
+        StatusCode::BAD_REQUEST => "13",    // INTERNAL
+        _ => "2",                           // UNKNOWN
+    };
+    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::new())));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from_static(code));
+    let message = headers::grpc_message(text.trim_ascii());
+    headers.insert("grpc-message", HeaderValue::from_str(&message).unwrap_or(HeaderValue::from_static("proxy error")));
     response
 }

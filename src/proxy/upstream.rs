@@ -6,6 +6,7 @@
 //! response body reads its connection directly (`body::UpstreamBody`).
 
 use std::collections::VecDeque;
+use std::error::Error as _;
 use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -21,12 +22,13 @@ use http::{Method, Response};
 use hyper::body::{Body, Frame, Incoming};
 use slab::Slab;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
 use super::h1::{self, Framing, ProtocolError, RequestFraming, ResponseHead};
 use super::headers::{self, AddedFields};
-use crate::config::ProxyConfig;
+use super::http2::{Http2Body, Http2Pool};
+use super::stream::UpstreamStream;
+use crate::config::{ProxyConfig, UpstreamAddress, UpstreamProtocol};
 use crate::metrics::metrics;
 use crate::sys::lock;
 
@@ -66,6 +68,8 @@ pub(crate) enum UpstreamError {
     Protocol(#[from] ProtocolError),
     #[error("the client's request body failed: {0}")]
     ClientBody(hyper::Error),
+    #[error("HTTP/2: {0}")]
+    Http2(#[source] hyper::Error),
 }
 
 impl UpstreamError {
@@ -80,6 +84,19 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(io) | UpstreamError::Send(io) | UpstreamError::Receive(io) => describe_io(io),
             UpstreamError::ConnectTimeout(_) => "connect timed out".to_owned(),
+            UpstreamError::Http2(e) => {
+                // hyper's own text is only "http2 error": the cause says what happened.
+                let h2 = e.source().and_then(|s| s.downcast_ref::<h2::Error>());
+                let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
+                // An app that answers the connection preface as HTTP/1.1 breaks the framing.
+                let local_error = h2.is_some_and(|h2| !h2.is_remote() && h2.reason() != Some(h2::Reason::NO_ERROR));
+                let hint = if local_error {
+                    " (does the app speak HTTP/2 with prior knowledge? For HTTP/1.1 use http:// or unix://)"
+                } else {
+                    ""
+                };
+                format!("HTTP/2: {e}{cause}{hint}")
+            }
             other => other.to_string(),
         }
     }
@@ -101,6 +118,8 @@ impl UpstreamError {
 pub(super) fn describe_io(io: &std::io::Error) -> String {
     match io.kind() {
         std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+        // A Unix socket upstream whose file is not there (yet): the app has not started.
+        std::io::ErrorKind::NotFound => "no such socket file (has the app started?)".to_owned(),
         std::io::ErrorKind::TimedOut => "connect timed out".to_owned(),
         std::io::ErrorKind::ConnectionReset => "connection reset by the upstream".to_owned(),
         std::io::ErrorKind::UnexpectedEof => "closed the connection in the middle of the response".to_owned(),
@@ -113,11 +132,12 @@ pub(super) fn describe_io(io: &std::io::Error) -> String {
 #[derive(Clone)]
 pub(crate) struct UpstreamPool {
     shared: Arc<Shared>,
+    /// An h2c upstream's connections; the HTTP/1.1 ones above then stay empty.
+    http2: Option<Arc<Http2Pool>>,
 }
 
 pub(super) struct Shared {
-    host: String,
-    port: u16,
+    address: UpstreamAddress,
     connect_timeout: Duration,
     /// Most recently used last: reuse takes from the end, so warm connections stay warm and
     /// the ones a burst left over age out at the front.
@@ -225,7 +245,7 @@ struct IdleConnection {
 /// back for every request, and by value those moves were `memcpy` calls (callgrind: ~120
 /// instructions per keep-alive request at 80 bytes, ~300 at 104).
 pub(crate) struct UpstreamConnection {
-    pub(super) tcp: TcpStream,
+    pub(super) stream: UpstreamStream,
     pub(super) read_buf: BytesMut,
     /// The request head being sent, reused from one request to the next.
     request_head: Vec<u8>,
@@ -240,18 +260,18 @@ impl UpstreamConnection {
         if self.read_buf.capacity() - self.read_buf.len() < want.min(1024) {
             self.read_buf.reserve(want);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.read_buf)
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read_buf)
     }
 
     /// An idle connection can take a request if nothing arrived on it while it was idle: the
     /// usual arrival is the upstream closing it. Costs no system call unless something did.
     fn is_quiet(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        match self.tcp.poll_read_ready(&mut cx) {
+        match self.stream.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             }
             Poll::Ready(Err(_)) => false,
         }
@@ -266,11 +286,11 @@ impl UpstreamConnection {
         body: &mut Option<Box<RequestBody>>,
     ) -> Result<ResponseHead, UpstreamError> {
         h1::encode_request_head(parts, added, framing, &mut self.request_head);
-        self.tcp.write_all(&self.request_head).await.map_err(UpstreamError::Send)?;
+        self.stream.write_all(&self.request_head).await.map_err(UpstreamError::Send)?;
         let method = &parts.method;
         let mut send_failed = None;
         poll_fn(|cx| loop {
-            match RequestBody::poll_pending(body, cx, &mut self.tcp) {
+            match RequestBody::poll_pending(body, cx, &mut self.stream) {
                 Ok(None) => {}
                 // The upstream may have answered and stopped reading (413): that answer is
                 // read below, and the connection goes once it is forwarded.
@@ -320,10 +340,10 @@ impl RequestBody {
     pub(super) fn poll_pending(
         pending: &mut Option<Box<RequestBody>>,
         cx: &mut Context<'_>,
-        tcp: &mut TcpStream,
+        stream: &mut UpstreamStream,
     ) -> Result<Option<std::io::Error>, hyper::Error> {
         let Some(body) = pending.as_mut() else { return Ok(None) };
-        let stopped = match body.poll_send(cx, tcp) {
+        let stopped = match body.poll_send(cx, stream) {
             Poll::Pending => return Ok(None),
             Poll::Ready(Ok(())) => None,
             Poll::Ready(Err(SendError::Io(e))) => Some(e),
@@ -334,7 +354,7 @@ impl RequestBody {
     }
 
     /// Ready once the whole body is written.
-    fn poll_send(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<Result<(), SendError>> {
+    fn poll_send(&mut self, cx: &mut Context<'_>, stream: &mut UpstreamStream) -> Poll<Result<(), SendError>> {
         loop {
             while !self.queue.is_empty() {
                 let mut slices = [IoSlice::new(&[]); 8];
@@ -343,7 +363,7 @@ impl RequestBody {
                     *slice = IoSlice::new(piece);
                 }
                 let mut written =
-                    ready!(Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..count])).map_err(SendError::Io)?;
+                    ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count])).map_err(SendError::Io)?;
                 if written == 0 {
                     return Poll::Ready(Err(SendError::Io(std::io::ErrorKind::WriteZero.into())));
                 }
@@ -398,15 +418,11 @@ impl UpstreamPool {
     /// Must be called within a Tokio runtime: it starts the pool's clock, the task that
     /// closes idle connections and times out requests.
     pub(crate) fn new(config: &ProxyConfig) -> UpstreamPool {
-        let authority = config.upstream.authority();
-        // `[::1]` in a URL is `::1` to the resolver.
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
         let timeouts = &config.timeouts;
         let tick =
             (timeouts.upstream_idle / IDLE_STEPS).min(timeouts.upstream / TIMEOUT_STEPS).max(Duration::from_millis(5));
         let shared = Arc::new(Shared {
-            host,
-            port: authority.port_u16().unwrap_or(80),
+            address: config.upstream.address().clone(),
             connect_timeout: timeouts.upstream_connect,
             idle: Mutex::new(Vec::new()),
             step: AtomicU64::new(0),
@@ -418,7 +434,13 @@ impl UpstreamPool {
             keepalive: config.upstream_policy.keepalive,
         });
         tokio::spawn(run_clock(Arc::downgrade(&shared), tick));
-        UpstreamPool { shared }
+        let http2 = (config.upstream.protocol() == UpstreamProtocol::H2c).then(|| Arc::new(Http2Pool::new(config)));
+        UpstreamPool { shared, http2 }
+    }
+
+    /// The HTTP/2 connections, when the upstream is h2c.
+    pub(crate) fn http2(&self) -> Option<&Http2Pool> {
+        self.http2.as_deref()
     }
 
     /// `send_now`, failing with `UpstreamError::Timeout` when no response head has come
@@ -433,6 +455,36 @@ impl UpstreamPool {
         let shared = &*self.shared;
         let mut head = HeadDeadline { shared, deadline: ReadDeadline::start(shared) };
         let mut exchange = std::pin::pin!(self.send_now(parts, body, added));
+        poll_fn(|cx| match exchange.as_mut().poll(cx) {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending if head.deadline.poll_expired(shared, cx) => {
+                Poll::Ready(Err(UpstreamError::Timeout(shared.timeout)))
+            }
+            Poll::Pending => Poll::Pending,
+        })
+        .await
+    }
+
+    /// The h2c upstream's exchange (`Http2Pool::send`), failing with `UpstreamError::Timeout`
+    /// when no response head has come within `--upstream-timeout`, or within `deadline` (a
+    /// gRPC call's own) if that is shorter. The usual wait is bounded by the pool's clock, as
+    /// HTTP/1.1's is: no timer per request.
+    pub(crate) async fn send_http2(
+        &self,
+        http2: &Http2Pool,
+        parts: &Parts,
+        body: Incoming,
+        added: &AddedFields,
+        te_trailers: bool,
+        deadline: Option<Duration>,
+    ) -> Result<(Response<Http2Body>, Duration), UpstreamError> {
+        let shared = &*self.shared;
+        let exchange = http2.send(parts, body, added, te_trailers);
+        if let Some(deadline) = deadline.filter(|d| *d < shared.timeout) {
+            return tokio::time::timeout(deadline, exchange).await.map_err(|_| UpstreamError::Timeout(deadline))?;
+        }
+        let mut head = HeadDeadline { shared, deadline: ReadDeadline::start(shared) };
+        let mut exchange = std::pin::pin!(exchange);
         poll_fn(|cx| match exchange.as_mut().poll(cx) {
             Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending if head.deadline.poll_expired(shared, cx) => {
@@ -541,13 +593,9 @@ impl UpstreamPool {
 
     async fn connect(&self) -> Result<Box<UpstreamConnection>, UpstreamError> {
         let shared = &self.shared;
-        let tcp = tokio::time::timeout(shared.connect_timeout, TcpStream::connect((shared.host.as_str(), shared.port)))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout(shared.connect_timeout))?
-            .map_err(UpstreamError::Connect)?;
-        let _ = tcp.set_nodelay(true);
+        let stream = UpstreamStream::connect(&shared.address, shared.connect_timeout).await?;
         Ok(Box::new(UpstreamConnection {
-            tcp,
+            stream,
             read_buf: BytesMut::new(),
             request_head: Vec::with_capacity(512),
             head_reader: h1::HeadReader::default(),

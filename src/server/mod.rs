@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, AccessLogError, ConnectionFacts};
-use crate::config::{CertSource, ProxyConfig, Upstream};
+use crate::config::{upstream_socket, CertSource, ProxyConfig, SocketState, Upstream, UpstreamAddress};
 use crate::devcert::{self, DevCertError};
 use crate::metrics::{metrics, ClientFault, HandshakeFailure};
 use crate::proxy::faults::client_fault;
@@ -53,6 +53,8 @@ pub(crate) enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     AccessLog(#[from] AccessLogError),
+    #[error("{0}")]
+    UpstreamSocket(String),
 }
 
 /// Spawns each HTTP/2 stream's future on the current runtime, boxed first. The future holds the
@@ -92,6 +94,15 @@ impl ProxyServer {
         config_source: Option<ConfigSource>,
         shutdown: CancellationToken,
     ) -> Result<ProxyServer, StartError> {
+        if let UpstreamAddress::Unix(path) = config.upstream.address() {
+            // Not there yet is fine: the app may start after the proxy (502 until then).
+            if upstream_socket(path).map_err(StartError::UpstreamSocket)? == SocketState::Missing {
+                tracing::warn!(
+                    "upstream socket {} does not exist yet: answering 502 (gRPC: UNAVAILABLE) until the app creates it",
+                    path.display()
+                );
+            }
+        }
         let tls_context = TlsContext::new()?;
         if let CertSource::DevSelfSigned { state_dir } = &config.cert {
             let dev = devcert::ensure(tls_context.provider(), state_dir)?;

@@ -8,6 +8,7 @@ mod chromium;
 mod consul;
 mod etcd;
 mod files;
+mod grpc;
 mod legacy_app;
 mod limits;
 mod nginx;
@@ -23,6 +24,6 @@ mod upstreams;
 // Each test binary uses a part of the harness; the rest of these re-exports is unused there.
 #[allow(unused_imports)]
 pub use {
-    body::*, chromium::*, consul::*, etcd::*, files::*, legacy_app::*, limits::*, nginx::*, plain_http::*, process::*,
-    promtool::*, proxy::*, relay::*, sync::*, tls::*, upstreams::*,
+    body::*, chromium::*, consul::*, etcd::*, files::*, grpc::*, legacy_app::*, limits::*, nginx::*, plain_http::*,
+    process::*, promtool::*, proxy::*, relay::*, sync::*, tls::*, upstreams::*,
 };

@@ -76,21 +76,37 @@ impl Upstream {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
-                task_log.connections.fetch_add(1, Ordering::SeqCst);
-                let log = task_log.clone();
-                tokio::spawn(async move {
-                    let service_log = log.clone();
-                    let service = service_fn(move |req| handle(req, service_log.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades()
-                        .await;
-                    log.closed.fetch_add(1, Ordering::SeqCst);
-                });
+                tokio::spawn(serve_http1(tcp, task_log.clone()));
             }
         });
         Upstream { addr, log, task }
     }
+
+    /// The same app on a Unix socket at `path` (`addr` is then unspecified).
+    pub async fn start_unix(path: &std::path::Path) -> Upstream {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        let log = Arc::new(UpstreamLog::default());
+        let task_log = log.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                tokio::spawn(serve_http1(stream, task_log.clone()));
+            }
+        });
+        Upstream { addr: SocketAddr::from(([0, 0, 0, 0], 0)), log, task }
+    }
+}
+
+async fn serve_http1<IO>(io: IO, log: Arc<UpstreamLog>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    log.connections.fetch_add(1, Ordering::SeqCst);
+    let service_log = log.clone();
+    let service = service_fn(move |req| handle(req, service_log.clone()));
+    let _ =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service).with_upgrades().await;
+    log.closed.fetch_add(1, Ordering::SeqCst);
 }
 
 async fn handle(mut req: Request<Incoming>, log: Arc<UpstreamLog>) -> Result<Response<TestBody>, Infallible> {

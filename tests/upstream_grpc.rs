@@ -1,0 +1,290 @@
+//! gRPC through the proxy to an h2c app: a real grpcio server behind the real binary, a real
+//! grpcio client over TLS in front, for every kind of call, metadata and trailers, deadlines,
+//! cancellation both ways, flow control, multiplexing, an app that restarts (GOAWAY) and one on
+//! a Unix socket that appears after the proxy started.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+
+/// The app on a loopback port and a one-worker proxy in front of it with `extra` flags.
+fn grpc_behind_proxy(extra: &[&str]) -> Option<(GrpcApp, TestPki, Sidecar)> {
+    if !require_grpcio() {
+        return None;
+    }
+    let app = GrpcApp::start("127.0.0.1:0");
+    let pki = TestPki::new();
+    let mut args = vec!["--workers", "1"];
+    args.extend_from_slice(extra);
+    let sidecar = start_sidecar(&format!("h2c://127.0.0.1:{}", app.port), &pki, &args, |_| {});
+    Some((app, pki, sidecar))
+}
+
+#[test]
+fn unary_calls_carry_metadata_binary_trailers_and_error_statuses() {
+    let Some((_app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let port = sidecar.addr.port();
+    let call = grpc_client(&pki, port, &["unary"]);
+    assert_eq!(call["code"], "OK", "{call}");
+    assert_eq!(call["response"], "hello");
+    // Text and binary metadata reach the app (it echoes x-* back as initial metadata).
+    assert_eq!(call["initial"]["x-text"], "t1", "{call}");
+    assert_eq!(call["initial"]["x-data-bin"], "AP8Q", "{call}");
+    // Trailers come back after the body: binary trailing metadata, intact.
+    assert_eq!(call["trailing"]["x-trailer-bin"], "AAH+/w==", "{call}");
+
+    let failed = grpc_client(&pki, port, &["call", "Unary", "abort"]);
+    assert_eq!(failed["code"], "INVALID_ARGUMENT", "{failed}");
+    assert_eq!(failed["details"], "bad request: d\u{e9}j\u{e0} vu", "{failed}");
+    assert_eq!(failed["trailing"]["x-detail-bin"], "3q2+7w==", "{failed}");
+}
+
+#[test]
+fn streaming_calls_of_thousands_of_messages_in_every_direction() {
+    let Some((_app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let port = sidecar.addr.port();
+    let server = grpc_client(&pki, port, &["server_stream", "5000", "100"]);
+    assert_eq!((server["count"].as_u64(), server["bytes"].as_u64()), (Some(5000), Some(500_000)), "{server}");
+    let client = grpc_client(&pki, port, &["client_stream", "5000", "100"]);
+    assert_eq!(client["response"], "5000:500000", "{client}");
+    // Each message waits for the echo of the one before: a proxy that buffered a stream would
+    // hang here.
+    let bidi = grpc_client(&pki, port, &["bidi", "2000"]);
+    assert_eq!(bidi["matched"].as_u64(), Some(2000), "{bidi}");
+}
+
+#[test]
+fn large_messages_flow_both_ways_through_the_windows() {
+    let Some((_app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    // 8 MiB each way: 128 times the initial HTTP/2 window, so flow control must move it.
+    let large = grpc_client(&pki, sidecar.addr.port(), &["large", &(8 << 20).to_string()]);
+    assert_eq!((large["same"].as_bool(), large["bytes"].as_u64()), (Some(true), Some(8 << 20)), "{large}");
+}
+
+#[test]
+fn many_concurrent_calls_share_a_few_app_connections() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let started = Instant::now();
+    // 300 calls of 200 ms each, all at once: served side by side, not one after another.
+    let calls = grpc_client(&pki, sidecar.addr.port(), &["concurrent", "300"]);
+    assert_eq!(calls["ok"].as_u64(), Some(300), "{calls}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    let peers = app.peers();
+    assert!((1..=4).contains(&peers.len()), "one worker opens at most 4 connections to the app, saw {peers:?}");
+}
+
+#[test]
+fn deadlines_reach_the_app_and_a_slow_app_is_deadline_exceeded() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&["--upstream-timeout", "1s"]) else { return };
+    let port = sidecar.addr.port();
+    // The client's deadline travels as grpc-timeout: the app sees it, and when it passes the
+    // app's call is cancelled.
+    let call = grpc_client(&pki, port, &["call", "Sleep", "5000", "400"]);
+    assert_eq!(call["code"], "DEADLINE_EXCEEDED", "{call}");
+    let seen = app.events().iter().find_map(|l| l.strip_prefix("deadline ").map(str::to_owned)).unwrap();
+    let left: f64 = seen.parse().unwrap_or_else(|_| panic!("the app saw no deadline: {seen}"));
+    assert!(left <= 0.4, "the app's time left: {left}");
+    app.wait_for_event("cancelled Sleep", Duration::from_secs(10));
+
+    // No deadline from the client: --upstream-timeout ends the wait (the app would answer after
+    // 3 s), and the client gets it as a gRPC status with the proxy's reason.
+    let call = grpc_client(&pki, port, &["call", "Sleep", "3000"]);
+    assert_eq!(call["code"], "DEADLINE_EXCEEDED", "{call}");
+    let details = call["details"].as_str().unwrap();
+    assert!(details.contains("gave no response within 1s"), "{call}");
+}
+
+#[test]
+fn cancellation_crosses_the_proxy_both_ways() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&["--admin", "127.0.0.1:0"]) else { return };
+    let port = sidecar.addr.port();
+    let call = grpc_client(&pki, port, &["cancel"]);
+    assert_eq!((call["first"].as_str(), call["code"].as_str()), (Some("first"), Some("CANCELLED")), "{call}");
+    // The app's stream was reset too: its handler saw the cancellation.
+    app.wait_for_event("cancelled Wait", Duration::from_secs(10));
+    assert!(sidecar.logs.count("response cut short") == 0, "a client's cancel is no upstream failure");
+
+    let call = grpc_client(&pki, port, &["call", "Unary", "cancel"]);
+    assert_eq!(call["code"], "CANCELLED", "{call}");
+
+    // A client that gives up while still sending: its failure, never the app's.
+    let call = grpc_client(&pki, port, &["cancel_upload"]);
+    assert_eq!(call["code"], "CANCELLED", "{call}");
+    let admin = sidecar.admin_addr();
+    let metric = |name: &str| {
+        let (_, text) = http_exchange(admin, "GET", "/metrics", &[], "").unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    wait_until("the client's cancel to be counted as its fault", Duration::from_secs(10), || {
+        metric("sidecar_client_faults_total{reason=\"request_body\"}")
+            + metric("sidecar_client_faults_total{reason=\"stream_cancelled\"}")
+            >= 1.0
+    });
+    assert_eq!(metric("sidecar_upstream_failures_total{kind=\"other\"}"), 0.0);
+    assert_eq!(sidecar.logs.count("upstream request failed"), 0, "{}", sidecar.logs.text());
+}
+
+#[test]
+fn an_app_down_is_unavailable_and_one_on_a_unix_socket_that_appears_later_is_served() {
+    if !require_grpcio() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("grpc.sock");
+    let pki = TestPki::new();
+    let upstream = format!("h2c+unix://{}", socket.display());
+    let sidecar = start_sidecar(&upstream, &pki, &["--workers", "1"], |_| {});
+    let port = sidecar.addr.port();
+    // No app yet: a gRPC status, not an HTTP 502 the client cannot read.
+    let call = grpc_client(&pki, port, &["call", "Unary", "early"]);
+    assert_eq!(call["code"], "UNAVAILABLE", "{call}");
+    assert!(call["details"].as_str().unwrap().contains("no such socket file"), "{call}");
+
+    let app = GrpcApp::start(&format!("unix:{}", socket.display()));
+    let call = grpc_client(&pki, port, &["unary"]);
+    assert_eq!((call["code"].as_str(), call["response"].as_str()), (Some("OK"), Some("hello")), "{call}");
+    let stream = grpc_client(&pki, port, &["server_stream", "1000", "10"]);
+    assert_eq!(stream["count"].as_u64(), Some(1000), "{stream}");
+
+    // The app goes away: UNAVAILABLE again, and served again once it is back.
+    drop(app);
+    let call = grpc_client(&pki, port, &["call", "Unary", "gone"]);
+    assert_eq!(call["code"], "UNAVAILABLE", "{call}");
+    let _ = std::fs::remove_file(&socket);
+    let _app = GrpcApp::start(&format!("unix:{}", socket.display()));
+    let call = grpc_client(&pki, port, &["call", "Unary", "back"]);
+    assert_eq!((call["code"].as_str(), call["response"].as_str()), (Some("OK"), Some("back")), "{call}");
+}
+
+#[test]
+fn an_app_that_restarts_gracefully_fails_no_call() {
+    // No GOAWAY from the proxy to the client: only the app's are under test.
+    let Some((first, pki, sidecar)) = grpc_behind_proxy(&["--max-requests-per-connection", "0"]) else { return };
+    let port = sidecar.addr.port();
+    let load = std::thread::spawn(move || grpc_client(&pki, port, &["load", "5", "8"]));
+    // Calls are under way; a new app takes over the port (SO_REUSEPORT, as grpcio sets it) and
+    // the old one stops gracefully: GOAWAY, then it finishes what it took.
+    wait_until("calls to reach the first app", Duration::from_secs(20), || first.events().len() >= 300);
+    let second = GrpcApp::start(&format!("127.0.0.1:{}", first.port));
+    first.proc.signal("TERM");
+    let outcome = load.join().unwrap();
+    // grpcio cancels the calls it had taken but not started when it stopped (stream ids up to
+    // its GOAWAY's last one): the app's own answer, which a client connected to it directly gets
+    // too. Every other call must succeed: none may fail in the proxy.
+    let errors = outcome["errors"].as_array().unwrap();
+    assert!(errors.iter().all(|e| e == "CANCELLED: CANCELLED"), "{outcome}");
+    assert!(outcome["failed"].as_u64().unwrap() <= 20, "{outcome}");
+    assert_eq!(sidecar.logs.count("upstream request failed"), 0, "{}", sidecar.logs.text());
+    assert!(outcome["ok"].as_u64().unwrap() > 100, "{outcome}");
+    assert!(!second.peers().is_empty(), "the calls after the restart went to the new app");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_request_over_http1_gets_a_clear_error() {
+    let Some((_app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let request = Request::post("/test.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(&b"\0\0\0\0\x05hello"[..]))
+        .unwrap();
+    let response = conn.send(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::HTTP_VERSION_NOT_SUPPORTED);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("gRPC needs HTTP/2"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_is_not_grpc_reaches_the_app_and_its_failure_stays_http() {
+    let Some((_app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    // grpcio resets a stream that is not gRPC: an HTTP 502 naming the reset, over either HTTP
+    // version to the proxy (HTTP/2 to the app).
+    for http2 in [true, false] {
+        let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), http2).await;
+        let (status, headers, body) = conn.get("/anything").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+        assert!(headers.get("grpc-status").is_none());
+        assert!(body.contains("stream error received"), "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_and_metrics_follow_an_h2c_app() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&["--admin", "127.0.0.1:0"]) else { return };
+    let admin = sidecar.admin_addr();
+    let ready = |admin| http_exchange(admin, "GET", "/readyz", &[], "").map_or(0, |(status, _)| status);
+    assert_eq!(ready(admin), 200);
+    let call = grpc_client(&pki, sidecar.addr.port(), &["unary"]);
+    assert_eq!(call["code"], "OK");
+    drop(app);
+    wait_until("readiness to fail with the app gone", Duration::from_secs(10), || ready(admin) == 503);
+    let call = grpc_client(&pki, sidecar.addr.port(), &["call", "Unary", "x"]);
+    assert_eq!(call["code"], "UNAVAILABLE", "{call}");
+    // Counted as the upstream failure it is, though the client got HTTP 200.
+    let (_, metrics) = http_exchange(admin, "GET", "/metrics", &[], "").unwrap();
+    let failures = metrics.lines().find(|l| l.starts_with("sidecar_upstream_failures_total{kind=\"connect\"}"));
+    assert!(failures.is_some_and(|l| !l.ends_with(" 0")), "{metrics}");
+}
+
+#[test]
+fn the_upstream_kind_reloads_live_from_http_to_h2c() {
+    if !require_grpcio() || !require_tool("nginx") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("www");
+    std::fs::create_dir(&root).unwrap();
+    let nginx = Nginx::start(&root);
+    let app = GrpcApp::start("127.0.0.1:0");
+    let pki = TestPki::new();
+    let leaf = pki.issue("leaf");
+    let config = dir.path().join("sidecar.toml");
+    let write_config = |upstream: &str| {
+        let text = format!(
+            "[proxy]\nupstream = \"{upstream}\"\ncert = \"{}\"\nkey = \"{}\"\nreload-debounce = \"20ms\"\n",
+            leaf.cert.display(),
+            leaf.key.display()
+        );
+        replace_file(&config, &text);
+    };
+    write_config(&nginx.url(""));
+    let sidecar = Sidecar::start(&["--config", config.to_str().unwrap(), "--workers", "1"]);
+    // nginx is no gRPC server: the call fails with what nginx answered.
+    let call = grpc_client(&pki, sidecar.addr.port(), &["call", "Unary", "x"]);
+    assert_ne!(call["code"], "OK", "{call}");
+
+    write_config(&format!("h2c://127.0.0.1:{}", app.port));
+    sidecar.logs.wait_for(&format!("upstream h2c://127.0.0.1:{}", app.port), Duration::from_secs(10));
+    let call = grpc_client(&pki, sidecar.addr.port(), &["unary"]);
+    assert_eq!((call["code"].as_str(), call["response"].as_str()), (Some("OK"), Some("hello")), "{call}");
+}
+
+#[test]
+fn calls_under_way_finish_during_a_graceful_drain_and_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = ["--shutdown-delay", "0s", "--access-log", log.to_str().unwrap()];
+    let Some((app, pki, mut sidecar)) = grpc_behind_proxy(&extra) else { return };
+    let port = sidecar.addr.port();
+    let call = std::thread::spawn(move || grpc_client(&pki, port, &["call", "Sleep", "1500"]));
+    // The call has reached the app; the proxy is told to stop while it runs.
+    wait_until("the call to reach the app", Duration::from_secs(20), || {
+        app.events().iter().any(|l| l.starts_with("deadline "))
+    });
+    sidecar.signal("TERM");
+    let outcome = call.join().unwrap();
+    assert_eq!((outcome["code"].as_str(), outcome["response"].as_str()), (Some("OK"), Some("1500")), "{outcome}");
+    assert!(sidecar.wait_exit(Duration::from_secs(20)).success());
+    let logged = read_text(&log);
+    let line =
+        logged.lines().find(|l| l.contains("POST /test.Echo/Sleep HTTP/2.0")).unwrap_or_else(|| panic!("{logged}"));
+    assert!(line.contains("\" 200 "), "{line}");
+}
