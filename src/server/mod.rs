@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +37,7 @@ pub(crate) use live::{LiveState, ServingSnapshot};
 use redirect::RedirectServer;
 use reload::Reloader;
 pub(crate) use reload::{ConfigSource, ReloadHandle};
-use watch::{drive, ActivityIo, ConnectionWatch, Requests, ResponseBody, WatchWake};
+use watch::{drive, wait_parked, ActivityIo, ConnectionWatch, Driven, Requests, ResponseBody, WatchWake};
 
 mod live;
 mod redirect;
@@ -505,7 +506,7 @@ async fn serve_connection(
         (log, ConnectionFacts { client: peer.ip(), tls_version, alpn })
     });
     let activity = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
+    let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
     let context = Arc::new(ConnectionContext::new(
         snapshot.config.clone(),
         upstream,
@@ -517,7 +518,7 @@ async fn serve_connection(
     // ALPN decides the protocol (RFC 9113 §3.2: HTTP/2 over TLS is negotiated, never sniffed),
     // so the header-read timeout runs from the first byte; without ALPN it is HTTP/1.1.
     let requests = (!http2).then(|| Arc::new(Requests::default()));
-    let watch = ConnectionWatch::new(
+    let mut watch = ConnectionWatch::new(
         timeouts.idle,
         activity,
         requests.clone().map(|requests| (timeouts.header_read, requests)),
@@ -544,12 +545,81 @@ async fn serve_connection(
     });
     if http2 {
         let connection = snapshot.http2.serve_connection(io, service);
-        drive(connection, |c| c.graceful_shutdown(), watch, finish, awaiting_app, &shutdown, peer).await;
+        tokio::pin!(connection);
+        let graceful = |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
+        drive(connection, graceful, &mut watch, &finish, awaiting_app, None, &shutdown, peer).await;
     } else {
-        let connection = snapshot.http1.serve_connection(io, service).with_upgrades();
-        drive(connection, |c| c.graceful_shutdown(), watch, finish, awaiting_app, &shutdown, peer).await;
+        let served = ServedHttp1 { snapshot: &snapshot, watch: &mut watch, finish: &finish, shutdown: &shutdown, peer };
+        // Boxed: hyper's connection state goes away while the connection is parked, and this
+        // task's own state machine stays small (it is sized for its largest state).
+        Box::pin(served.serve(io, service, awaiting_app)).await;
     }
 }
+
+/// What an HTTP/1 connection is served with across its parks.
+struct ServedHttp1<'a> {
+    snapshot: &'a ServingSnapshot,
+    watch: &'a mut ConnectionWatch,
+    finish: &'a Arc<WatchWake>,
+    shutdown: &'a CancellationToken,
+    peer: SocketAddr,
+}
+
+impl ServedHttp1<'_> {
+    /// Serves an HTTP/1.1 connection, parking it whenever it is found idle: hyper's connection
+    /// (its 8 KiB read and write buffers, its dispatcher) is dropped, the task waits for the
+    /// client's next bytes with only the TLS session held, and a new hyper connection then
+    /// serves them, starting with whatever hyper had read and not used. nginx and HAProxy
+    /// free an idle connection's buffers the same way. Parking happens at a tick of the
+    /// connection's watch that finds it quiet since the tick before, so a busy connection never
+    /// parks and costs nothing more per request.
+    async fn serve<S>(self, mut io: Http1Io, mut service: S, awaiting_app: impl Fn() -> bool)
+    where
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = ResponseBody> + Unpin,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let ServedHttp1 { snapshot, watch, finish, shutdown, peer } = self;
+        let parking = io.inner().parking.clone();
+        loop {
+            parking.store(false, Ordering::Relaxed);
+            watch.connection_started();
+            let mut connection = Box::new(snapshot.http1.serve_connection(io, service).with_upgrades());
+            let graceful = |c: Pin<&mut _>| hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c);
+            let driven = drive(
+                Pin::new(&mut *connection),
+                graceful,
+                watch,
+                finish,
+                &awaiting_app,
+                Some(&parking),
+                shutdown,
+                peer,
+            )
+            .await;
+            // `None`: the connection was upgraded (a WebSocket), which has taken the stream.
+            let parts = match (driven, connection.into_parts()) {
+                (Driven::Parked, Some(parts)) => parts,
+                _ => return,
+            };
+            tracing::debug!(%peer, "idle connection parked: its HTTP/1 buffers are freed until the client sends again");
+            io = parts.io;
+            service = parts.service;
+            let unread = &mut io.inner_mut().unread;
+            *unread = match unread.is_empty() {
+                true => parts.read_buf,
+                // hyper had not read all of what it was given; what it read comes first.
+                false => [parts.read_buf, std::mem::take(unread)].concat().into(),
+            };
+            if !wait_parked(io.inner_mut(), watch, shutdown, peer).await {
+                return;
+            }
+        }
+    }
+}
+
+/// A client's stream as hyper's HTTP/1 server reads and writes it.
+type Http1Io = TokioIo<ActivityIo<tokio_rustls::server::TlsStream<TlsSocket>>>;
 
 /// Counts a request whose handling was dropped before its response head, as when an HTTP/2
 /// client resets its stream (or any client goes away): invisible otherwise.
