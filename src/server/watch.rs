@@ -199,9 +199,10 @@ where
     };
     if graceful {
         io.parking.store(false, Ordering::Relaxed);
-        // Bounded as a graceful finish is in `drive`: a client that reads nothing cannot hold it.
+        // Bounded as a graceful finish is in `drive`: a client that reads nothing cannot hold
+        // it. Boxed: the timer would otherwise be part of every parked connection's state.
         let close = tokio::io::AsyncWriteExt::shutdown(io);
-        let _ = tokio::time::timeout(watch.idle / 4, close).await;
+        let _ = Box::pin(tokio::time::timeout(watch.idle / 4, close)).await;
     }
     false
 }
