@@ -656,12 +656,12 @@ impl ServedHttp1 {
         };
         tracing::debug!(%peer, "idle connection parked: its HTTP/1 buffers are freed until the client sends again");
         let mut io = parts.io;
-        let unread = &mut io.inner_mut().unread;
-        *unread = match unread.is_empty() {
-            true => parts.read_buf,
-            // hyper had not read all of what it was given; what it read comes first.
-            false => [parts.read_buf, std::mem::take(unread)].concat().into(),
-        };
+        // Copied, never kept as handed back: even empty, hyper's `read_buf` holds on to its
+        // whole 8 KiB read buffer. What hyper read comes before what it had not read yet.
+        if !parts.read_buf.is_empty() {
+            let unread = &mut io.inner_mut().unread;
+            *unread = [&parts.read_buf[..], &unread[..]].concat().into();
+        }
         Some((io, parts.service))
     }
 }
