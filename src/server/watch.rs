@@ -182,10 +182,15 @@ where
         true => Poll::Pending,
         false => Poll::Ready(()),
     });
+    watch.skip_to_expiry();
     let graceful = tokio::select! {
         biased;
         _ = shutdown.cancelled() => true,
-        () = readable => return true,
+        () = readable => {
+            // Back to a tick per step, the next one a step from now.
+            watch.tick.reset();
+            return true;
+        }
         expiry = watch.expired(Some(watch.idle), false) => match expiry {
             Expiry::HeadTimeout(timeout) => {
                 head_timeout(timeout, peer);
@@ -430,6 +435,11 @@ impl Body for ResponseBody {
     }
 }
 
+/// The longest an HTTP/1 connection's watch waits between two checks, so that an idle
+/// connection is parked one to two seconds after its last byte, whatever the timeouts. A
+/// parked connection's watch does not tick at all (see `ConnectionWatch::skip_to_expiry`).
+const PARK_CHECK: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Expiry {
     Idle,
@@ -440,8 +450,9 @@ pub(super) enum Expiry {
 
 /// The idle timeout (no I/O for that long), and for HTTP/1 the header-read timeout (no request
 /// served and no head completed for that long: the wait for a head counts, as in hyper, from
-/// the end of the previous response). Checked at quarter steps of the shorter of the two, so
-/// each fires between 1x and 1.25x its timeout.
+/// the end of the previous response). Checked at quarter steps of the shorter of the two (on
+/// HTTP/1 at least every [`PARK_CHECK`]), so each fires between 1x and 1.25x its timeout; on
+/// a parked connection at 1x.
 pub(super) struct ConnectionWatch {
     idle: Duration,
     activity: Arc<AtomicU64>,
@@ -462,7 +473,11 @@ impl ConnectionWatch {
         head: Option<(Duration, Arc<Requests>)>,
     ) -> ConnectionWatch {
         let shortest = head.as_ref().map_or(idle, |(timeout, _)| idle.min(*timeout));
-        let step = (shortest / 4).max(Duration::from_millis(10));
+        let mut step = (shortest / 4).max(Duration::from_millis(10));
+        if head.is_some() {
+            // HTTP/1 parks at the first tick that finds it quiet since the one before.
+            step = step.min(PARK_CHECK);
+        }
         let now = Instant::now();
         let mut tick = tokio::time::interval_at(now + step, step);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -475,6 +490,16 @@ impl ConnectionWatch {
     pub(super) fn connection_started(&mut self) {
         let received = self.head.as_ref().map_or(0, |(_, requests)| requests.received.load(Ordering::Relaxed));
         self.connection_start = (self.activity.load(Ordering::Relaxed), received);
+    }
+
+    /// While a connection is parked nothing moves, so the first tick that can find a timeout
+    /// run out is known: the watch sleeps until then instead of waking at every step.
+    fn skip_to_expiry(&mut self) {
+        let mut deadline = self.seen_activity.1 + self.idle;
+        if let Some((timeout, _)) = &self.head {
+            deadline = deadline.min(self.seen_requests.1 + *timeout);
+        }
+        self.tick.reset_at(deadline);
     }
 
     /// From now on, idle time counts from now.
