@@ -257,3 +257,39 @@ async fn a_client_closing_a_parked_connection_closes_it_on_the_proxy() {
         eventually_open(admin, 0.0).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_client_behind_a_proxy_header_is_the_same_after_a_park_in_forwarding_and_the_access_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let (upstream, pki, sidecar) = setup(&["--proxy-protocol", "--access-log", log.to_str().unwrap()]).await;
+    let mut tcp = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 51234 443\r\n").await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]));
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let mut buf = Vec::new();
+    for round in 1..=2 {
+        tls.write_all(GET.as_bytes()).await.unwrap();
+        read_until_count(&mut tls, &mut buf, HELLO, round).await;
+        parked(&sidecar, round);
+    }
+    for request in upstream.log.requests.lock().unwrap().iter() {
+        assert_eq!(request.headers["x-forwarded-for"], "203.0.113.7", "the app sees the client, parked or not");
+    }
+    let lines = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            if lines.len() >= 2 || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    assert_eq!(lines.len(), 2, "one access-log line per request: {lines:?}");
+    for line in &lines {
+        assert!(line.starts_with("203.0.113.7 "), "the access log names the client after a park too: {line}");
+    }
+}
