@@ -1,5 +1,7 @@
 //! Watching a client connection: the idle timeout and, on HTTP/1, the header-read timeout,
-//! both checked on one coarse per-connection tick rather than a timer per request.
+//! both checked on one coarse per-connection tick rather than a timer per request, and the
+//! moment an idle HTTP/1 connection is parked (its hyper connection dropped until the client
+//! sends again).
 //!
 //! hyper's own header-read timer boxes, registers and drops a timer entry for every request
 //! head, and wakes the connection once more after each: 1.5k of the 26.5k instructions of a
@@ -47,7 +49,7 @@ pub(super) enum Driven {
 /// With `parking` (HTTP/1), a connection found quiet at a tick of the watch, with no request
 /// open, is finished gracefully with `parking` set: hyper, idle, then finishes at once, and the
 /// stream's shutdown is skipped, so the caller can take the stream back and wait for the
-/// client's next bytes without hyper's buffers (see `serve_http1` in `super`).
+/// client's next bytes without hyper's buffers (see `ServedHttp1` in `super`).
 ///
 /// The watch is polled only when its own waker fires, not at every wake-up of the connection:
 /// polling it locks the shutdown token's mutex and checks a timer, which under `select!` cost
