@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Opens N keep-alive TLS connections to a proxy and holds them idle, for memory measurements.
 
-Usage: idle_conns.py HOST PORT N [--path /] [--parallel 200] [--timeout 120]
+Usage: idle_conns.py HOST PORT N [--path /] [--parallel 200] [--timeout 120] [--h2]
 
-Each connection completes the TLS handshake (ALPN http/1.1, no certificate check: the benchmark
-certificate is self-signed) and one GET request, whose response is read whole; then it stays
-open and silent. When all are done (or the timeout passed), one line goes to stdout:
+Each connection completes the TLS handshake (ALPN http/1.1, or h2 with --h2; no certificate
+check: the benchmark certificate is self-signed) and one GET request, whose response is read
+whole; then it stays open and silent. With --h2 the client sends the connection preface, an
+empty SETTINGS frame and the request on stream 1, acknowledges the server's SETTINGS, and reads
+until the response's END_STREAM. When all are done (or the timeout passed), one line goes to stdout:
     READY open=N failed=F seconds=S
 and the connections are held until a line (or EOF) arrives on stdin. Then it reports how many
 the server had closed meanwhile, as
@@ -29,6 +31,49 @@ def raise_fd_limit(wanted):
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_SETTINGS_ACK = bytes([0, 0, 0, 4, 1, 0, 0, 0, 0])
+
+
+def h2_frame(kind, flags, stream, payload):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def h2_request(path):
+    """Preface, empty SETTINGS, and GET `path` as HEADERS on stream 1 (END_STREAM|END_HEADERS).
+    HPACK: :method GET, :scheme https from the static table; :path and :authority literal
+    without indexing, names from the static table (4 and 1)."""
+    def literal(index, value):
+        value = value.encode()
+        assert index < 15 and len(value) < 127
+        return bytes([index, len(value)]) + value
+
+    block = bytes([0x82, 0x87]) + literal(4, path) + literal(1, "localhost")
+    return H2_PREFACE + h2_frame(4, 0, 0, b"") + h2_frame(1, 0x5, 1, block)
+
+
+def h2_response_complete(conn):
+    """Consumes whole frames from conn.buf; True once stream 1 has ended with status 200.
+    Acknowledges the server's SETTINGS; GOAWAY or RST_STREAM fails the connection."""
+    while len(conn.buf) >= 9:
+        length = int.from_bytes(conn.buf[:3], "big")
+        if len(conn.buf) < 9 + length:
+            return False
+        kind, flags, stream = conn.buf[3], conn.buf[4], int.from_bytes(conn.buf[5:9], "big") & 0x7FFFFFFF
+        payload, conn.buf = conn.buf[9:9 + length], conn.buf[9 + length:]
+        if kind == 4 and not flags & 1:
+            conn.tls.sendall(H2_SETTINGS_ACK)
+        elif kind == 7:
+            raise ConnectionError(f"GOAWAY {payload[4:8].hex()}")
+        elif kind == 3 and stream == 1:
+            raise ConnectionError(f"RST_STREAM {payload.hex()}")
+        elif kind == 1 and stream == 1 and payload[:1] != b"\x88":
+            raise ConnectionError(f"response HEADERS not :status 200: {payload[:8].hex()}")
+        if stream == 1 and kind in (0, 1) and flags & 1:
+            return True
+    return False
 
 
 class Conn:
@@ -62,6 +107,17 @@ def response_complete(conn):
     return len(conn.buf) >= conn.need
 
 
+def h2_goaway(conn, data):
+    """True if `data` (frames read from an idle HTTP/2 connection) holds a GOAWAY."""
+    conn.buf = data
+    while len(conn.buf) >= 9:
+        length, kind = int.from_bytes(conn.buf[:3], "big"), conn.buf[3]
+        if kind == 7:
+            return True
+        conn.buf = conn.buf[9 + length:]
+    return False
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("host")
@@ -70,6 +126,7 @@ def main():
     ap.add_argument("--path", default="/")
     ap.add_argument("--parallel", type=int, default=200, help="connections in setup at once")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--h2", action="store_true", help="HTTP/2 (ALPN h2) instead of HTTP/1.1")
     args = ap.parse_args()
 
     limit = raise_fd_limit(args.n + 64)
@@ -79,8 +136,11 @@ def main():
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2"] if args.h2 else ["http/1.1"])
     request = f"GET {args.path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: idle_conns\r\n\r\n".encode()
+    complete = response_complete
+    if args.h2:
+        request, complete = h2_request(args.path), h2_response_complete
 
     sel = selectors.DefaultSelector()
     idle, failed, started, in_setup = [], 0, 0, 0
@@ -123,6 +183,8 @@ def main():
                 return wait_for(conn, selectors.EVENT_READ)
             except ssl.SSLWantWriteError:
                 return wait_for(conn, selectors.EVENT_WRITE)
+            if args.h2 and conn.tls.selected_alpn_protocol() != "h2":
+                raise ConnectionError(f"ALPN {conn.tls.selected_alpn_protocol()!r}, not h2")
             conn.state = "send"
             conn.buf = request
         if conn.state == "send":
@@ -142,7 +204,7 @@ def main():
                 if not data:
                     raise ConnectionError("closed before the response was complete")
                 conn.buf += data
-                if response_complete(conn):
+                if complete(conn):
                     break
             conn.state = "idle"
             conn.buf = b""
@@ -184,8 +246,11 @@ def main():
         probe.register(conn.tls, selectors.EVENT_READ, conn)
     for key, _ in probe.select(timeout=0):
         try:
-            key.data.tls.recv(1)
-            closed += 1  # EOF, or data nobody asked for: either way not an idle keep-alive
+            data = key.data.tls.recv(65536)
+            # HTTP/1.1: EOF, or data nobody asked for: either way not an idle keep-alive.
+            # HTTP/2: EOF or a GOAWAY; late control frames (a SETTINGS ack) are not a close.
+            if not args.h2 or not data or h2_goaway(key.data, data):
+                closed += 1
         except ssl.SSLWantReadError:
             pass
         except (OSError, ValueError):

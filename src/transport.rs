@@ -109,6 +109,8 @@ impl TlsSocket {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+        // Its capacity goes too: a connection held its ticket once and may stay open for long.
+        self.held = Vec::new();
         Poll::Ready(Ok(()))
     }
 
@@ -126,7 +128,7 @@ impl TlsSocket {
             }
             let held = self.held.len();
             if written > held {
-                self.held.clear();
+                self.held = Vec::new();
                 return Poll::Ready(Ok(written - held));
             }
             self.held.drain(..written);

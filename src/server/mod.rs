@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +37,7 @@ pub(crate) use live::{LiveState, ServingSnapshot};
 use redirect::RedirectServer;
 use reload::Reloader;
 pub(crate) use reload::{ConfigSource, ReloadHandle};
-use watch::{drive, ActivityIo, ConnectionWatch, Requests, ResponseBody, WatchWake};
+use watch::{drive, wait_parked, ActivityIo, ConnectionWatch, Driven, Requests, ResponseBody, WatchWake};
 
 mod live;
 mod redirect;
@@ -434,26 +435,26 @@ struct Serving {
     access_log: Option<Arc<AccessLog>>,
 }
 
-async fn serve_connection(
+/// Reads the PROXY protocol header (when configured) and completes the TLS handshake: the
+/// stream and the client's address, or `None` when the connection is refused or abandoned.
+async fn accept(
     mut tcp: TcpStream,
     peer: SocketAddr,
-    serving: Serving,
-    shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
-) {
-    let Serving { acceptor, snapshot, upstream, access_log } = serving;
-    let timeouts = &snapshot.config.timeouts;
-    let _open = metrics().connection_opened();
+    acceptor: TlsAcceptor,
+    config: &ProxyConfig,
+    shutdown: &CancellationToken,
+) -> Option<(tokio_rustls::server::TlsStream<TlsSocket>, SocketAddr)> {
+    let timeouts = &config.timeouts;
     // The PROXY header and the TLS handshake share one deadline: a balancer writes its header
     // at once, so it needs no allowance of its own, and a silent client is cut off on time.
     let deadline = tokio::time::Instant::now() + timeouts.tls_handshake;
-    let peer = match snapshot.config.proxy_protocol {
+    let peer = match config.proxy_protocol {
         false => peer,
         true => {
             // Like a handshake, a header being read holds no request: shutdown abandons it.
             let header = tokio::select! {
                 header = tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut tcp)) => header,
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return None,
             };
             match header {
                 Ok(Ok(header)) => {
@@ -468,12 +469,12 @@ async fn serve_connection(
                         ProxyHeaderError::Io(_) => HandshakeFailure::Io,
                         _ => HandshakeFailure::ProxyHeader,
                     });
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "connection refused: no complete PROXY protocol header within {:?}", timeouts.tls_handshake);
                     metrics().handshake_failed(HandshakeFailure::Timeout);
-                    return;
+                    return None;
                 }
             }
         }
@@ -481,22 +482,56 @@ async fn serve_connection(
     // A handshake in progress holds no request: shutdown abandons it rather than waiting.
     let handshake = tokio::select! {
         handshake = tokio::time::timeout_at(deadline, acceptor.accept(TlsSocket::new(tcp))) => handshake,
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return None,
     };
-    let mut stream = match handshake {
+    let stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "TLS handshake failed: {e}");
             metrics().handshake_failed(HandshakeFailure::of(&e));
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake not completed within {:?}", timeouts.tls_handshake);
             metrics().handshake_failed(HandshakeFailure::Timeout);
-            return;
+            return None;
         }
     };
-    metrics().handshake_ok();
+    Some((stream, peer))
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    serving: Serving,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let Serving { acceptor, snapshot, upstream, access_log } = serving;
+    let _open = metrics().connection_opened();
+    // A task is sized for its largest state, and every local still in scope at an `.await`
+    // has its place in it, moved out or not: so the handshake is boxed and gone once done,
+    // and the stream and everything set up around it are out of scope before the connection
+    // is served. An idle connection then keeps only what it waits with.
+    let served = {
+        let accepted = Box::pin(accept(tcp, peer, acceptor, &snapshot.config, &shutdown)).await;
+        let Some((stream, peer)) = accepted else { return };
+        metrics().handshake_ok();
+        serve_tls(stream, peer, snapshot, upstream, access_log, shutdown)
+    };
+    served.await;
+}
+
+/// The future that serves an accepted TLS stream, boxed: HTTP/2 or HTTP/1.1 by ALPN.
+fn serve_tls(
+    mut stream: tokio_rustls::server::TlsStream<TlsSocket>,
+    peer: SocketAddr,
+    snapshot: Arc<ServingSnapshot>,
+    upstream: UpstreamPool,
+    access_log: Option<Arc<AccessLog>>,
+    shutdown: CancellationToken,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    let timeouts = &snapshot.config.timeouts;
     stream.get_mut().0.handshake_finished();
     let (socket, session) = stream.get_ref();
     let client_subject = tls::client_subject(session.peer_certificates());
@@ -516,7 +551,7 @@ async fn serve_connection(
         (log, ConnectionFacts { client: peer.ip(), tls_version, alpn })
     });
     let activity = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
+    let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
     let context = Arc::new(ConnectionContext::new(
         snapshot.config.clone(),
         upstream,
@@ -554,13 +589,96 @@ async fn serve_connection(
         }
     });
     if http2 {
-        let connection = snapshot.http2.serve_connection(io, service);
-        drive(connection, |c| c.graceful_shutdown(), watch, finish, awaiting_app, &shutdown, peer).await;
+        let connection = Box::pin(snapshot.http2.serve_connection(io, service));
+        Box::pin(async move {
+            let (mut connection, mut watch) = (connection, watch);
+            let graceful = |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
+            drive(connection.as_mut(), graceful, &mut watch, &finish, awaiting_app, None, &shutdown, peer).await;
+        })
     } else {
-        let connection = snapshot.http1.serve_connection(io, service).with_upgrades();
-        drive(connection, |c| c.graceful_shutdown(), watch, finish, awaiting_app, &shutdown, peer).await;
+        let served = ServedHttp1 { snapshot, watch, finish, shutdown, peer };
+        Box::pin(served.serve(io, service, awaiting_app))
     }
 }
+
+/// What an HTTP/1 connection is served with across its parks.
+struct ServedHttp1 {
+    snapshot: Arc<ServingSnapshot>,
+    watch: ConnectionWatch,
+    finish: Arc<WatchWake>,
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+}
+
+impl ServedHttp1 {
+    /// Serves an HTTP/1.1 connection, parking it whenever it is found idle: hyper's connection
+    /// (its 8 KiB read and write buffers, its dispatcher) is dropped, the task waits for the
+    /// client's next bytes with only the TLS session held, and a new hyper connection then
+    /// serves them, starting with whatever hyper had read and not used. nginx and HAProxy
+    /// free an idle connection's buffers the same way. Parking happens at a tick of the
+    /// connection's watch that finds it quiet since the tick before, so a busy connection never
+    /// parks and costs nothing more per request.
+    async fn serve<S>(mut self, mut io: Http1Io, mut service: S, awaiting_app: impl Fn() -> bool)
+    where
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = ResponseBody> + Unpin,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        loop {
+            // Boxed, and no part of it in scope at the wait below: a parked connection keeps
+            // only the stream, the service and what it waits with.
+            let served = Box::pin(self.until_parked(io, service, &awaiting_app));
+            match served.await {
+                Some((parked_io, parked_service)) => (io, service) = (parked_io, parked_service),
+                None => return,
+            }
+            if !wait_parked(io.inner_mut(), &mut self.watch, &self.shutdown, self.peer).await {
+                return;
+            }
+        }
+    }
+
+    /// Serves with a new hyper connection until it ends (`None`) or is parked: then the stream,
+    /// holding whatever hyper had read and not used, and the service.
+    async fn until_parked<S>(
+        &mut self,
+        io: Http1Io,
+        service: S,
+        awaiting_app: &impl Fn() -> bool,
+    ) -> Option<(Http1Io, S)>
+    where
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = ResponseBody> + Unpin,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let parking = io.inner().parking.clone();
+        parking.store(false, Ordering::Relaxed);
+        self.watch.connection_started();
+        let mut connection = Box::new(self.snapshot.http1.serve_connection(io, service).with_upgrades());
+        let graceful = |c: Pin<&mut _>| hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c);
+        let (watch, finish, shutdown, peer) = (&mut self.watch, &self.finish, &self.shutdown, self.peer);
+        let driven =
+            drive(Pin::new(&mut *connection), graceful, watch, finish, awaiting_app, Some(&parking), shutdown, peer)
+                .await;
+        // `None`: the connection was upgraded (a WebSocket), which has taken the stream.
+        let parts = match (driven, connection.into_parts()) {
+            (Driven::Parked, Some(parts)) => parts,
+            _ => return None,
+        };
+        tracing::debug!(%peer, "idle connection parked: its HTTP/1 buffers are freed until the client sends again");
+        let mut io = parts.io;
+        // Copied, never kept as handed back: even empty, hyper's `read_buf` holds on to its
+        // whole 8 KiB read buffer. What hyper read comes before what it had not read yet.
+        if !parts.read_buf.is_empty() {
+            let unread = &mut io.inner_mut().unread;
+            *unread = [&parts.read_buf[..], &unread[..]].concat().into();
+        }
+        Some((io, parts.service))
+    }
+}
+
+/// A client's stream as hyper's HTTP/1 server reads and writes it.
+type Http1Io = TokioIo<ActivityIo<tokio_rustls::server::TlsStream<TlsSocket>>>;
 
 /// Counts a request whose handling was dropped before its response head, as when an HTTP/2
 /// client resets its stream (or any client goes away): invisible otherwise.
