@@ -228,6 +228,24 @@ struct HeadDeadline<'a> {
     deadline: ReadDeadline,
 }
 
+/// `exchange`, failing with `UpstreamError::Timeout` when it has not ended within
+/// `--upstream-timeout`: bounded by the pool's clock, with no timer per request.
+async fn within_head_deadline<T>(
+    shared: &Shared,
+    exchange: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    let mut head = HeadDeadline { shared, deadline: ReadDeadline::start(shared) };
+    let mut exchange = std::pin::pin!(exchange);
+    poll_fn(|cx| match exchange.as_mut().poll(cx) {
+        Poll::Ready(result) => Poll::Ready(result),
+        Poll::Pending if head.deadline.poll_expired(shared, cx) => {
+            Poll::Ready(Err(UpstreamError::Timeout(shared.timeout)))
+        }
+        Poll::Pending => Poll::Pending,
+    })
+    .await
+}
+
 impl Drop for HeadDeadline<'_> {
     fn drop(&mut self) {
         self.deadline.clear(self.shared);
@@ -453,16 +471,7 @@ impl UpstreamPool {
         added: &AddedFields,
     ) -> Result<(Response<UpstreamBody>, Duration), UpstreamError> {
         let shared = &*self.shared;
-        let mut head = HeadDeadline { shared, deadline: ReadDeadline::start(shared) };
-        let mut exchange = std::pin::pin!(self.send_now(parts, body, added));
-        poll_fn(|cx| match exchange.as_mut().poll(cx) {
-            Poll::Ready(result) => Poll::Ready(result),
-            Poll::Pending if head.deadline.poll_expired(shared, cx) => {
-                Poll::Ready(Err(UpstreamError::Timeout(shared.timeout)))
-            }
-            Poll::Pending => Poll::Pending,
-        })
-        .await
+        within_head_deadline(shared, self.send_now(parts, body, added)).await
     }
 
     /// The h2c upstream's exchange (`Http2Pool::send`), failing with `UpstreamError::Timeout`
@@ -483,16 +492,7 @@ impl UpstreamPool {
         if let Some(deadline) = deadline.filter(|d| *d < shared.timeout) {
             return tokio::time::timeout(deadline, exchange).await.map_err(|_| UpstreamError::Timeout(deadline))?;
         }
-        let mut head = HeadDeadline { shared, deadline: ReadDeadline::start(shared) };
-        let mut exchange = std::pin::pin!(exchange);
-        poll_fn(|cx| match exchange.as_mut().poll(cx) {
-            Poll::Ready(result) => Poll::Ready(result),
-            Poll::Pending if head.deadline.poll_expired(shared, cx) => {
-                Poll::Ready(Err(UpstreamError::Timeout(shared.timeout)))
-            }
-            Poll::Pending => Poll::Pending,
-        })
-        .await
+        within_head_deadline(shared, exchange).await
     }
 
     /// Sends the request head `parts` (hop-by-hop fields gone; its target goes in origin
