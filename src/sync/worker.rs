@@ -296,6 +296,10 @@ impl Worker {
                             // nothing older that was waiting is written either.
                             pending = None;
                             retry = None;
+                            // Nor the older one waiting for its slot: the source moved past it.
+                            if paced.take().is_some() {
+                                self.show_pacing(&mut pacer, None);
+                            }
                             self.refuse_unrendered(message);
                             None
                         }
