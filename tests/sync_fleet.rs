@@ -733,3 +733,36 @@ fn sidecar_check_shows_the_fleets_credentials_by_path_and_reads_them() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("sync web fleet: --fleet-password-file") && out.contains("missing"), "{out}");
 }
+
+#[test]
+fn an_instance_that_starts_without_a_file_is_not_ready_on_a_version_the_fleet_rejected() {
+    if !require_tool("etcd") {
+        return;
+    }
+    // The fleet rejected the source's current version before this instance (a new Pod) came:
+    // it keeps that version out, and with no earlier file it has nothing to serve.
+    let etcd = Etcd::start();
+    etcd.put(KEY, BAD);
+    let bad_hash = content_hash(BAD.as_bytes());
+    etcd.put(&format!("{PREFIX}{NAME}/rejected/{bad_hash}/pod-0"), "{\"instance\": \"pod-0\"}");
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("config.json");
+    let sync = SyncCommand::new(etcd.url(KEY), &dest)
+        .arg("--name", NAME)
+        .min_quiet("50ms")
+        .arg("--fleet", etcd.url(PREFIX))
+        .arg("--instance", "pod-new")
+        .start();
+    let status = sync.wait_state(NAME, "fleet-rejected", T);
+    assert!(!dest.exists(), "the rejected version was written: {status:#}");
+    let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();
+    assert_eq!(code, 503, "ready with no file on disk: {body}");
+    assert!(body.contains("rejected by 1 instance(s)"), "/readyz says why: {body}");
+
+    // A version the fleet did not reject: written, and ready.
+    etcd.put(KEY, V1);
+    wait_for_content(&dest, V1, T);
+    sync.wait_state(NAME, "synced", T);
+    let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();
+    assert_eq!(code, 200, "{body}");
+}

@@ -197,7 +197,11 @@ impl Worker {
                 self.settled = SyncState::FleetRejected;
                 self.update(|s| {
                     s.error(SyncState::FleetRejected, why.clone());
-                    s.synced_once = true;
+                    // Ready on the last good version, when there is one on disk: an instance
+                    // that starts with no file has nothing to serve.
+                    if s.current_hash.is_some() {
+                        s.synced_once = true;
+                    }
                 });
                 Some(Outcome::FleetRejected(why))
             }
