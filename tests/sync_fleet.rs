@@ -766,3 +766,33 @@ fn an_instance_that_starts_without_a_file_is_not_ready_on_a_version_the_fleet_re
     let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();
     assert_eq!(code, 200, "{body}");
 }
+
+#[test]
+fn a_status_key_deleted_while_its_lease_lives_is_written_again() {
+    if !require_tool("etcd") {
+        return;
+    }
+    // The lease stays alive, so only reading the key shows that etcd no longer holds it
+    // (deleted by hand, by a process with the same --instance, or lost in a restore).
+    let etcd = Etcd::start();
+    etcd.put(KEY, V1);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("config.json");
+    let sync = SyncCommand::new(etcd.url(KEY), &dest)
+        .arg("--name", NAME)
+        .min_quiet("50ms")
+        .arg("--fleet", etcd.url(PREFIX))
+        .arg("--instance", "pod-kept")
+        .arg("--fleet-lease-ttl", "3s")
+        .start();
+    wait_status_keys(&etcd, 1, V1, "synced");
+    let key = format!("{PREFIX}{NAME}/instances/pod-kept");
+    etcd.delete(&key);
+    assert!(etcd.get(&key).is_none());
+    wait_status_keys(&etcd, 1, V1, "synced");
+    sync.proc.logs.wait_for("no longer holds this instance's status", T);
+
+    // Overwritten with something else (a stale copy): written back as well.
+    etcd.put(&key, "{\"instance\": \"pod-kept\", \"state\": \"starting\"}");
+    wait_status_keys(&etcd, 1, V1, "synced");
+}
