@@ -175,15 +175,32 @@ pub(crate) fn render(name: &str, source: &str, set: &KeySet) -> Result<String, T
     let context = Value::from(BTreeMap::from([("keys".to_owned(), Value::from(keys.as_ref().clone()))]));
     let fail = |e: Error| describe(name, &e);
     let template = env.template_from_named_str(name, source).map_err(fail)?;
-    let rendered = template.render(context).map_err(fail)?;
-    if rendered.len() > MAX_OUTPUT {
-        return Err(TemplateError {
-            template: name.to_owned(),
-            line: 1,
-            message: format!("the output is larger than {MAX_OUTPUT} bytes"),
-        });
+    // Written through a bound, so that a loop of large strings stops at the limit instead of
+    // holding gigabytes before it is measured.
+    let mut output = BoundedOutput(Vec::new());
+    template.render_captured_to(context, &mut output).map_err(fail)?;
+    String::from_utf8(output.0).map_err(|_| TemplateError {
+        template: name.to_owned(),
+        line: 1,
+        message: "the output is not UTF-8".into(),
+    })
+}
+
+/// The rendered output, refusing to grow past [`MAX_OUTPUT`].
+struct BoundedOutput(Vec<u8>);
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT {
+            return Err(std::io::Error::other(format!("the output is larger than {MAX_OUTPUT} bytes")));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
     }
-    Ok(rendered)
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Largest template file read.
@@ -265,5 +282,16 @@ mod tests {
         assert!(json.message.contains("not JSON"), "{json}");
         let endless = render("t.tmpl", "{% for i in range(100000000) %}{{ i }}{% endfor %}", &keys).unwrap_err();
         assert!(endless.to_string().starts_with("template t.tmpl line 1"), "{endless}");
+    }
+
+    #[test]
+    fn an_output_past_the_limit_stops_while_it_is_written() {
+        let keys = set(&[("a", "1")]);
+        // Strings of 40 MB, written one after the other: the second crosses the limit and
+        // the write fails there (measured only after the render, the whole output was held).
+        let huge = "start\n{% for i in range(3) %}\n{{ 'x' * 40000000 }}\n{% endfor %}\n";
+        let error = render("t.tmpl", huge, &keys).unwrap_err();
+        assert!(error.message.contains("failed to write output"), "{error}");
+        assert!(error.message.contains(&format!("larger than {MAX_OUTPUT} bytes")), "{error}");
     }
 }
