@@ -796,3 +796,36 @@ fn a_status_key_deleted_while_its_lease_lives_is_written_again() {
     etcd.put(&key, "{\"instance\": \"pod-kept\", \"state\": \"starting\"}");
     wait_status_keys(&etcd, 1, V1, "synced");
 }
+
+#[test]
+fn an_instance_restarted_while_its_wave_waits_stays_ready_on_its_last_good_version() {
+    if !require_tool("etcd") {
+        return;
+    }
+    let etcd = Etcd::start();
+    etcd.put(KEY, V1);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("config.json");
+    write(&dest, V1);
+    let instance = instances_one_canary(2).pop().unwrap();
+    let command = SyncCommand::new(etcd.url(KEY), &dest)
+        .arg("--name", NAME)
+        .min_quiet("50ms")
+        .arg("--fleet", etcd.url(PREFIX))
+        .arg("--instance", &instance)
+        .arg("--fleet-waves", "2")
+        .arg("--fleet-wave-delay", "1h");
+    let mut sync = command.start();
+    sync.wait_state(NAME, "synced", T);
+    etcd.put(KEY, V2);
+    sync.wait_state(NAME, "waiting-for-wave", T);
+
+    // Restarted (a rolling restart during the rollout): V1 is what it last ran, confirmed.
+    sync.proc.signal("TERM");
+    sync.proc.wait_exit(T);
+    let sync = command.start();
+    let status = sync.wait_state(NAME, "waiting-for-wave", T);
+    assert_eq!(read_text(&dest), V1, "{status:#}");
+    let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();
+    assert_eq!(code, 200, "not ready on the last good version while the wave waits: {body}");
+}

@@ -189,7 +189,15 @@ impl Worker {
             Gate::WaitUntil(at, why) => {
                 tracing::info!("sync {}: {why}", self.name());
                 self.settled = SyncState::WaitingForWave;
-                self.update(|s| s.state = SyncState::WaitingForWave);
+                // Ready on the version the app last ran confirmed (after a restart, too); not
+                // on a file that is not known to be one.
+                let last_good = self.history.state.applied_hash.clone();
+                self.update(|s| {
+                    s.state = SyncState::WaitingForWave;
+                    if last_good.is_some() && s.current_hash == last_good {
+                        s.synced_once = true;
+                    }
+                });
                 Some(Outcome::Deferred(at, why))
             }
             Gate::Rejected(why) => {
