@@ -136,6 +136,17 @@ fn environment(keys: Arc<BTreeMap<String, Value>>) -> Environment<'static> {
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     // A config file is not HTML, whatever the template's extension.
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    // A value that is not UTF-8 would be printed with its bad bytes replaced by U+FFFD: a file
+    // that says something the store does not. Refused where it is written instead.
+    env.set_formatter(|out, state, value| {
+        if value.kind() == minijinja::value::ValueKind::Bytes && value.as_str().is_none() {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "a value that is not UTF-8 cannot be written into the text (its bytes would be replaced)",
+            ));
+        }
+        minijinja::escape_formatter(out, state, value)
+    });
     env.set_fuel(Some(FUEL));
     env.set_recursion_limit(64);
     // A config file's last line ends with its newline, as the template's does.
@@ -282,6 +293,16 @@ mod tests {
         assert!(json.message.contains("not JSON"), "{json}");
         let endless = render("t.tmpl", "{% for i in range(100000000) %}{{ i }}{% endfor %}", &keys).unwrap_err();
         assert!(endless.to_string().starts_with("template t.tmpl line 1"), "{endless}");
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_refused_where_it_is_written() {
+        let mut keys = set(&[("a", "1")]);
+        keys.keys.insert("bin".into(), Bytes::from_static(b"ab\xffcd"));
+        assert_eq!(render("t.tmpl", "a={{ keys.a }}\n", &keys).unwrap(), "a=1\n");
+        let error = render("t.tmpl", "a={{ keys.a }}\nbin={{ keys.bin }}\n", &keys).unwrap_err();
+        assert_eq!(error.line, 2, "{error}");
+        assert!(error.message.contains("not UTF-8"), "{error}");
     }
 
     #[test]
