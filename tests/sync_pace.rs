@@ -124,3 +124,27 @@ fn a_refused_render_drops_the_change_waiting_for_its_slot() {
     assert_eq!(status["state"], "refused", "{status:#}");
     assert_eq!(status["counters"]["writes"], 1, "{status:#}");
 }
+
+#[test]
+fn a_source_error_while_a_change_is_paced_clears_when_the_source_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.conf");
+    let dest = dir.path().join("app.conf");
+    write(&source, "v1");
+    let sync = SyncCommand::new(&source, &dest)
+        .min_quiet("50ms")
+        .arg("--max-quiet", "100ms")
+        .arg("--max-apply-rate", "1/1h")
+        .start();
+    wait_for_content(&dest, "v1", T);
+    replace_file(&source, "v2");
+    sync.wait_state("app.conf", "paced", T);
+    // The source gone for a moment, then back with a newer value: the change waits again, and
+    // the state says so rather than the error that is over.
+    std::fs::remove_file(&source).unwrap();
+    sync.wait_state("app.conf", "not-synced", T);
+    write(&source, "v3");
+    let status = sync.wait_state("app.conf", "paced", T);
+    assert!(status["pacing"]["next_apply_revision"].is_string(), "{status:#}");
+    assert_eq!(read_text(&dest), "v1");
+}

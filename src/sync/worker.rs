@@ -280,6 +280,7 @@ impl Worker {
                                 }
                                 *waiting = fetched;
                                 self.show_pacing(&mut pacer, paced.as_ref());
+                                self.source_answers_while_paced();
                                 None
                             } else {
                                 let now = Instant::now();
@@ -300,6 +301,8 @@ impl Worker {
                                     SyncState::Synced => s.synced(),
                                     other => s.state = other,
                                 });
+                            } else if paced.is_some() {
+                                self.source_answers_while_paced();
                             }
                             None
                         }
@@ -402,6 +405,15 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// The source answers again while a change waits for its slot: the state says so, not the
+    /// source error that came in between (which would stay until the slot otherwise).
+    fn source_answers_while_paced(&self) {
+        let failing = matches!(lock(&self.status).state, SyncState::NotSynced | SyncState::Stalled);
+        if failing {
+            self.update(|s| s.state = SyncState::Paced);
         }
     }
 
