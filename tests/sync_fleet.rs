@@ -733,3 +733,99 @@ fn sidecar_check_shows_the_fleets_credentials_by_path_and_reads_them() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("sync web fleet: --fleet-password-file") && out.contains("missing"), "{out}");
 }
+
+#[test]
+fn an_instance_that_starts_without_a_file_is_not_ready_on_a_version_the_fleet_rejected() {
+    if !require_tool("etcd") {
+        return;
+    }
+    // The fleet rejected the source's current version before this instance (a new Pod) came:
+    // it keeps that version out, and with no earlier file it has nothing to serve.
+    let etcd = Etcd::start();
+    etcd.put(KEY, BAD);
+    let bad_hash = content_hash(BAD.as_bytes());
+    etcd.put(&format!("{PREFIX}{NAME}/rejected/{bad_hash}/pod-0"), "{\"instance\": \"pod-0\"}");
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("config.json");
+    let sync = SyncCommand::new(etcd.url(KEY), &dest)
+        .arg("--name", NAME)
+        .min_quiet("50ms")
+        .arg("--fleet", etcd.url(PREFIX))
+        .arg("--instance", "pod-new")
+        .start();
+    let status = sync.wait_state(NAME, "fleet-rejected", T);
+    assert!(!dest.exists(), "the rejected version was written: {status:#}");
+    let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();
+    assert_eq!(code, 503, "ready with no file on disk: {body}");
+    assert!(body.contains("rejected by 1 instance(s)"), "/readyz says why: {body}");
+
+    // A version the fleet did not reject: written, and ready.
+    etcd.put(KEY, V1);
+    wait_for_content(&dest, V1, T);
+    sync.wait_state(NAME, "synced", T);
+    let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn a_status_key_deleted_while_its_lease_lives_is_written_again() {
+    if !require_tool("etcd") {
+        return;
+    }
+    // The lease stays alive, so only reading the key shows that etcd no longer holds it
+    // (deleted by hand, by a process with the same --instance, or lost in a restore).
+    let etcd = Etcd::start();
+    etcd.put(KEY, V1);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("config.json");
+    let sync = SyncCommand::new(etcd.url(KEY), &dest)
+        .arg("--name", NAME)
+        .min_quiet("50ms")
+        .arg("--fleet", etcd.url(PREFIX))
+        .arg("--instance", "pod-kept")
+        .arg("--fleet-lease-ttl", "3s")
+        .start();
+    wait_status_keys(&etcd, 1, V1, "synced");
+    let key = format!("{PREFIX}{NAME}/instances/pod-kept");
+    etcd.delete(&key);
+    assert!(etcd.get(&key).is_none());
+    wait_status_keys(&etcd, 1, V1, "synced");
+    sync.proc.logs.wait_for("no longer holds this instance's status", T);
+
+    // Overwritten with something else (a stale copy): written back as well.
+    etcd.put(&key, "{\"instance\": \"pod-kept\", \"state\": \"starting\"}");
+    wait_status_keys(&etcd, 1, V1, "synced");
+}
+
+#[test]
+fn an_instance_restarted_while_its_wave_waits_stays_ready_on_its_last_good_version() {
+    if !require_tool("etcd") {
+        return;
+    }
+    let etcd = Etcd::start();
+    etcd.put(KEY, V1);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("config.json");
+    write(&dest, V1);
+    let instance = instances_one_canary(2).pop().unwrap();
+    let command = SyncCommand::new(etcd.url(KEY), &dest)
+        .arg("--name", NAME)
+        .min_quiet("50ms")
+        .arg("--fleet", etcd.url(PREFIX))
+        .arg("--instance", &instance)
+        .arg("--fleet-waves", "2")
+        .arg("--fleet-wave-delay", "1h");
+    let mut sync = command.start();
+    sync.wait_state(NAME, "synced", T);
+    etcd.put(KEY, V2);
+    sync.wait_state(NAME, "waiting-for-wave", T);
+
+    // Restarted (a rolling restart during the rollout): V1 is what it last ran, confirmed.
+    sync.proc.signal("TERM");
+    sync.proc.wait_exit(T);
+    let sync = command.start();
+    let status = sync.wait_state(NAME, "waiting-for-wave", T);
+    assert_eq!(read_text(&dest), V1, "{status:#}");
+    let (code, body) = http_exchange(sync.admin, "GET", "/readyz", &[], "").unwrap();
+    assert_eq!(code, 200, "not ready on the last good version while the wave waits: {body}");
+}

@@ -88,3 +88,63 @@ fn jitter_delays_each_apply_within_its_bound() {
     let (min, max) = (delays.iter().min().unwrap(), delays.iter().max().unwrap());
     assert!(*max - *min > Duration::from_millis(50), "{delays:?}");
 }
+
+#[test]
+fn a_refused_render_drops_the_change_waiting_for_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    write(&keys.join("host"), "db1");
+    let template = dir.path().join("app.conf.j2");
+    write(&template, "host={{ keys[\"host\"] }}\n");
+    let dest = dir.path().join("app.conf");
+    let window = Duration::from_secs(4);
+    let sync = SyncCommand::new(format!("{}/", keys.display()), &dest)
+        .arg("--template", &template)
+        .min_quiet("50ms")
+        .arg("--max-quiet", "100ms")
+        .arg("--max-apply-rate", "1/4s")
+        .start();
+    wait_for_content(&dest, "host=db1\n", T);
+    let first = Instant::now();
+
+    // A change waits for its slot; then the key it needs is deleted: the source now holds
+    // something that cannot be rendered, and the older change must not be written at the slot.
+    replace_file(&keys.join("host"), "db2");
+    sync.wait_status("app.conf", "a change waiting for its slot", T, |s| s["pacing"]["next_apply_at"].is_string());
+    std::fs::remove_file(keys.join("host")).unwrap();
+    let status = sync.wait_state("app.conf", "refused", T);
+    assert!(status["pacing"]["next_apply_at"].is_null(), "a change still waits: {status:#}");
+
+    // Nothing to wait on for a write that must not happen: past the slot, the file and the
+    // state are still what they were.
+    std::thread::sleep((first + window + Duration::from_secs(1)).saturating_duration_since(Instant::now()));
+    assert_eq!(read_text(&dest), "host=db1\n", "the change the source moved past was written");
+    let status = sync.status("app.conf");
+    assert_eq!(status["state"], "refused", "{status:#}");
+    assert_eq!(status["counters"]["writes"], 1, "{status:#}");
+}
+
+#[test]
+fn a_source_error_while_a_change_is_paced_clears_when_the_source_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.conf");
+    let dest = dir.path().join("app.conf");
+    write(&source, "v1");
+    let sync = SyncCommand::new(&source, &dest)
+        .min_quiet("50ms")
+        .arg("--max-quiet", "100ms")
+        .arg("--max-apply-rate", "1/1h")
+        .start();
+    wait_for_content(&dest, "v1", T);
+    replace_file(&source, "v2");
+    sync.wait_state("app.conf", "paced", T);
+    // The source gone for a moment, then back with a newer value: the change waits again, and
+    // the state says so rather than the error that is over.
+    std::fs::remove_file(&source).unwrap();
+    sync.wait_state("app.conf", "not-synced", T);
+    write(&source, "v3");
+    let status = sync.wait_state("app.conf", "paced", T);
+    assert!(status["pacing"]["next_apply_revision"].is_string(), "{status:#}");
+    assert_eq!(read_text(&dest), "v1");
+}

@@ -136,6 +136,17 @@ fn environment(keys: Arc<BTreeMap<String, Value>>) -> Environment<'static> {
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     // A config file is not HTML, whatever the template's extension.
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    // A value that is not UTF-8 would be printed with its bad bytes replaced by U+FFFD: a file
+    // that says something the store does not. Refused where it is written instead.
+    env.set_formatter(|out, state, value| {
+        if value.kind() == minijinja::value::ValueKind::Bytes && value.as_str().is_none() {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "a value that is not UTF-8 cannot be written into the text (its bytes would be replaced)",
+            ));
+        }
+        minijinja::escape_formatter(out, state, value)
+    });
     env.set_fuel(Some(FUEL));
     env.set_recursion_limit(64);
     // A config file's last line ends with its newline, as the template's does.
@@ -175,15 +186,32 @@ pub(crate) fn render(name: &str, source: &str, set: &KeySet) -> Result<String, T
     let context = Value::from(BTreeMap::from([("keys".to_owned(), Value::from(keys.as_ref().clone()))]));
     let fail = |e: Error| describe(name, &e);
     let template = env.template_from_named_str(name, source).map_err(fail)?;
-    let rendered = template.render(context).map_err(fail)?;
-    if rendered.len() > MAX_OUTPUT {
-        return Err(TemplateError {
-            template: name.to_owned(),
-            line: 1,
-            message: format!("the output is larger than {MAX_OUTPUT} bytes"),
-        });
+    // Written through a bound, so that a loop of large strings stops at the limit instead of
+    // holding gigabytes before it is measured.
+    let mut output = BoundedOutput(Vec::new());
+    template.render_captured_to(context, &mut output).map_err(fail)?;
+    String::from_utf8(output.0).map_err(|_| TemplateError {
+        template: name.to_owned(),
+        line: 1,
+        message: "the output is not UTF-8".into(),
+    })
+}
+
+/// The rendered output, refusing to grow past [`MAX_OUTPUT`].
+struct BoundedOutput(Vec<u8>);
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT {
+            return Err(std::io::Error::other(format!("the output is larger than {MAX_OUTPUT} bytes")));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
     }
-    Ok(rendered)
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Largest template file read.
@@ -265,5 +293,26 @@ mod tests {
         assert!(json.message.contains("not JSON"), "{json}");
         let endless = render("t.tmpl", "{% for i in range(100000000) %}{{ i }}{% endfor %}", &keys).unwrap_err();
         assert!(endless.to_string().starts_with("template t.tmpl line 1"), "{endless}");
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_refused_where_it_is_written() {
+        let mut keys = set(&[("a", "1")]);
+        keys.keys.insert("bin".into(), Bytes::from_static(b"ab\xffcd"));
+        assert_eq!(render("t.tmpl", "a={{ keys.a }}\n", &keys).unwrap(), "a=1\n");
+        let error = render("t.tmpl", "a={{ keys.a }}\nbin={{ keys.bin }}\n", &keys).unwrap_err();
+        assert_eq!(error.line, 2, "{error}");
+        assert!(error.message.contains("not UTF-8"), "{error}");
+    }
+
+    #[test]
+    fn an_output_past_the_limit_stops_while_it_is_written() {
+        let keys = set(&[("a", "1")]);
+        // Strings of 40 MB, written one after the other: the second crosses the limit and
+        // the write fails there (measured only after the render, the whole output was held).
+        let huge = "start\n{% for i in range(3) %}\n{{ 'x' * 40000000 }}\n{% endfor %}\n";
+        let error = render("t.tmpl", huge, &keys).unwrap_err();
+        assert!(error.message.contains("failed to write output"), "{error}");
+        assert!(error.message.contains(&format!("larger than {MAX_OUTPUT} bytes")), "{error}");
     }
 }

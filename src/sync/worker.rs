@@ -189,7 +189,15 @@ impl Worker {
             Gate::WaitUntil(at, why) => {
                 tracing::info!("sync {}: {why}", self.name());
                 self.settled = SyncState::WaitingForWave;
-                self.update(|s| s.state = SyncState::WaitingForWave);
+                // Ready on the version the app last ran confirmed (after a restart, too); not
+                // on a file that is not known to be one.
+                let last_good = self.history.state.applied_hash.clone();
+                self.update(|s| {
+                    s.state = SyncState::WaitingForWave;
+                    if last_good.is_some() && s.current_hash == last_good {
+                        s.synced_once = true;
+                    }
+                });
                 Some(Outcome::Deferred(at, why))
             }
             Gate::Rejected(why) => {
@@ -197,7 +205,11 @@ impl Worker {
                 self.settled = SyncState::FleetRejected;
                 self.update(|s| {
                     s.error(SyncState::FleetRejected, why.clone());
-                    s.synced_once = true;
+                    // Ready on the last good version, when there is one on disk: an instance
+                    // that starts with no file has nothing to serve.
+                    if s.current_hash.is_some() {
+                        s.synced_once = true;
+                    }
                 });
                 Some(Outcome::FleetRejected(why))
             }
@@ -268,6 +280,7 @@ impl Worker {
                                 }
                                 *waiting = fetched;
                                 self.show_pacing(&mut pacer, paced.as_ref());
+                                self.source_answers_while_paced();
                                 None
                             } else {
                                 let now = Instant::now();
@@ -288,6 +301,8 @@ impl Worker {
                                     SyncState::Synced => s.synced(),
                                     other => s.state = other,
                                 });
+                            } else if paced.is_some() {
+                                self.source_answers_while_paced();
                             }
                             None
                         }
@@ -296,6 +311,10 @@ impl Worker {
                             // nothing older that was waiting is written either.
                             pending = None;
                             retry = None;
+                            // Nor the older one waiting for its slot: the source moved past it.
+                            if paced.take().is_some() {
+                                self.show_pacing(&mut pacer, None);
+                            }
                             self.refuse_unrendered(message);
                             None
                         }
@@ -386,6 +405,15 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// The source answers again while a change waits for its slot: the state says so, not the
+    /// source error that came in between (which would stay until the slot otherwise).
+    fn source_answers_while_paced(&self) {
+        let failing = matches!(lock(&self.status).state, SyncState::NotSynced | SyncState::Stalled);
+        if failing {
+            self.update(|s| s.state = SyncState::Paced);
         }
     }
 

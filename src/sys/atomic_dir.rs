@@ -212,8 +212,10 @@ fn read_tree(dir: &Path, prefix: &str, files: &mut BTreeMap<String, Vec<u8>>) ->
     Ok(())
 }
 
-/// Removes what a write that did not finish left: `..data_tmp`, `..link_tmp`, and timestamped
-/// directories `..data` does not point to; returns what was removed.
+/// Removes what a write that did not finish left: `..data_tmp`, `..link_tmp`, timestamped
+/// directories `..data` does not point to, and visible links into `..data` that lead nowhere
+/// (a name of the set before a crash after the swap, or of a set never swapped in); returns
+/// what was removed.
 pub(crate) fn remove_stale(dest: &Path) -> Vec<PathBuf> {
     let current = std::fs::read_link(dest.join(DATA)).ok();
     let Ok(entries) = std::fs::read_dir(dest) else { return Vec::new() };
@@ -225,12 +227,14 @@ pub(crate) fn remove_stale(dest: &Path) -> Vec<PathBuf> {
             if std::fs::remove_file(&path).is_ok() {
                 removed.push(path);
             }
-        } else if name.as_encoded_bytes().starts_with(b"..")
-            && name != *DATA
-            && current.as_deref() != Some(Path::new(&name))
-            && entry.file_type().is_ok_and(|t| t.is_dir())
-            && std::fs::remove_dir_all(&path).is_ok()
-        {
+        } else if name.as_encoded_bytes().starts_with(b"..") {
+            let old_dir = name != *DATA
+                && current.as_deref() != Some(Path::new(&name))
+                && entry.file_type().is_ok_and(|t| t.is_dir());
+            if old_dir && std::fs::remove_dir_all(&path).is_ok() {
+                removed.push(path);
+            }
+        } else if points_into_data(&path) && !path.exists() && std::fs::remove_file(&path).is_ok() {
             removed.push(path);
         }
     }
@@ -290,5 +294,24 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dest.join("a")).unwrap(), "1");
         assert!(prepare(&dest, &[(PathBuf::from("../x"), b"".as_slice())]).is_err());
         assert!(read_current(dir.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_crash_between_the_swap_and_the_cleanup_leaves_no_name_that_leads_nowhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("d");
+        write(&dest, &[("a", "1"), ("gone", "x")]);
+        // The new set without `gone`, swapped in by hand; the process dies before the cleanup.
+        let candidate = prepare(&dest, &[(PathBuf::from("a"), b"2".as_slice())]).unwrap();
+        std::os::unix::fs::symlink(&candidate.dir_name, dest.join(DATA_TMP)).unwrap();
+        std::fs::rename(dest.join(DATA_TMP), dest.join(DATA)).unwrap();
+        let new_dir = candidate.dir_name.clone();
+        std::mem::forget(candidate);
+        assert!(std::fs::symlink_metadata(dest.join("gone")).is_ok() && !dest.join("gone").exists());
+
+        let removed = remove_stale(&dest);
+        assert_eq!(removed.len(), 2, "the old directory and the dangling link: {removed:?}");
+        assert_eq!(visible(&dest), vec![new_dir, "..data".into(), "a".into()]);
+        assert_eq!(std::fs::read_to_string(dest.join("a")).unwrap(), "2");
     }
 }

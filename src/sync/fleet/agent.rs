@@ -1,6 +1,6 @@
 //! The instance's status key: granted a lease, kept alive at a third of its TTL, written again
-//! whenever the destination's state changes (and after etcd comes back or the lease was
-//! lost), revoked on a clean stop. Rejections that could not be written at once are retried
+//! whenever the destination's state changes (and after etcd comes back, the lease was lost,
+//! or the key no longer holds what was written), revoked on a clean stop. Rejections that could not be written at once are retried
 //! here until etcd takes them.
 
 use std::sync::{Arc, Mutex};
@@ -129,7 +129,13 @@ impl StatusPublisher {
                     renew_at = Instant::now() + renew_every;
                     if let Some(id) = lease {
                         match self.gateway.keep_alive(id).await {
-                            Ok(true) => {}
+                            Ok(true) => {
+                                if let Some(status) = &published {
+                                    if !self.still_holds(status).await {
+                                        published = None;
+                                    }
+                                }
+                            }
                             Ok(false) => {
                                 tracing::warn!("sync {}: fleet lease {id:x} expired (etcd unreachable for longer than {}); granting a new one", self.name, humantime::format_duration(ttl));
                                 lease = None;
@@ -146,6 +152,27 @@ impl StatusPublisher {
                     self.stop(lease).await;
                     return;
                 }
+            }
+        }
+    }
+
+    /// Whether etcd still holds `status` as this instance's key. A live lease does not say so:
+    /// the key may have been deleted, overwritten by a process with the same --instance, or
+    /// etcd restored from a backup taken before the last write.
+    async fn still_holds(&mut self, status: &InstanceStatus) -> bool {
+        let key = self.keys.instance(&self.spec.instance);
+        match self.gateway.get(&key, None).await {
+            Ok((Some(kv), _)) if kv.value == serde_json::to_vec(status).unwrap_or_default() => true,
+            Ok(_) => {
+                tracing::warn!(
+                    "sync {}: fleet: {key} no longer holds this instance's status; writing it again",
+                    self.name
+                );
+                false
+            }
+            Err(e) => {
+                self.failed(&e);
+                false
             }
         }
     }
