@@ -98,12 +98,12 @@ fn a_refused_render_drops_the_change_waiting_for_its_slot() {
     let template = dir.path().join("app.conf.j2");
     write(&template, "host={{ keys[\"host\"] }}\n");
     let dest = dir.path().join("app.conf");
-    let window = Duration::from_secs(4);
+    let window = Duration::from_secs(10);
     let sync = SyncCommand::new(format!("{}/", keys.display()), &dest)
         .arg("--template", &template)
         .min_quiet("50ms")
         .arg("--max-quiet", "100ms")
-        .arg("--max-apply-rate", "1/4s")
+        .arg("--max-apply-rate", "1/10s")
         .start();
     wait_for_content(&dest, "host=db1\n", T);
     let first = Instant::now();
