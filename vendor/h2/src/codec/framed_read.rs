@@ -58,7 +58,20 @@ enum Continuable {
     PushPromise(frame::PushPromise),
 }
 
+/// The read buffer's size when the connection has bytes to read: tokio-util's own default.
+const READ_BUFFER_CAPACITY: usize = 8 * 1024;
+
 impl<T> FramedRead<T> {
+    /// sidecar patch: frees the read and HPACK scratch buffers when nothing is held in them,
+    /// so that an idle connection costs only its state. Called when the transport has
+    /// nothing more to read; the next read takes a buffer again.
+    fn release_idle_buffers(&mut self) {
+        if self.decoder.partial.is_none() && self.inner.read_buffer().is_empty() {
+            *self.inner.read_buffer_mut() = BytesMut::new();
+            self.decoder.hpack.release_idle_buffer();
+        }
+    }
+
     pub fn new(inner: InnerFramedRead<T, LengthDelimitedCodec>) -> FramedRead<T> {
         let decoder = FrameDecoder::new(inner.decoder().max_frame_length());
         FramedRead { inner, decoder }
@@ -419,12 +432,21 @@ where
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let span = tracing::trace_span!("FramedRead::poll_next");
         let _e = span.enter();
+        // sidecar patch: the read buffer is given back while the connection waits (below) and
+        // taken again here, at the size tokio-util would have given it.
+        if self.inner.read_buffer().capacity() == 0 {
+            self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
+        }
         loop {
             tracing::trace!("poll");
-            let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-                Some(Ok(bytes)) => bytes,
-                Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),
-                None => return Poll::Ready(None),
+            let bytes = match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => bytes,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(map_err(e)))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    self.release_idle_buffers();
+                    return Poll::Pending;
+                }
             };
 
             tracing::trace!(read.bytes = bytes.len());

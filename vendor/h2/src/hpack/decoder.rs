@@ -151,14 +151,25 @@ struct StringMarker {
 
 // ===== impl Decoder =====
 
+/// The Huffman scratch buffer's size, taken at the first string to decode.
+const SCRATCH_CAPACITY: usize = 4096;
+
 impl Decoder {
+    /// sidecar patch: frees the Huffman scratch buffer (decoded strings keep their own
+    /// reference to it); the next Huffman string takes a new one.
+    pub fn release_idle_buffer(&mut self) {
+        if self.buffer.is_empty() {
+            self.buffer = BytesMut::new();
+        }
+    }
+
     /// Creates a new `Decoder` with all settings set to default values.
     pub fn new(size: usize) -> Decoder {
         Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            buffer: BytesMut::new(),
         }
     }
 
@@ -215,7 +226,8 @@ impl Decoder {
                     let entry = self.decode_literal(src, true)?;
 
                     // Insert the header into the table
-                    self.table.insert(entry.clone());
+                    // sidecar patch: see `Header::detached`.
+                    self.table.insert(entry.detached());
                     consume(src);
 
                     if f(entry).is_break() {
@@ -333,6 +345,10 @@ impl Decoder {
 
         let offset = (buf.position() - old_pos) as usize;
         if huff {
+            // sidecar patch: the scratch buffer is freed on an idle connection; take it back.
+            if self.buffer.capacity() == 0 {
+                self.buffer.reserve(SCRATCH_CAPACITY);
+            }
             let ret = {
                 let raw = &buf.chunk()[..len];
                 huffman::decode(raw, &mut self.buffer).map(|buf| StringMarker {

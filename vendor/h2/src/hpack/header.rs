@@ -61,6 +61,30 @@ impl Header<Option<HeaderName>> {
 }
 
 impl Header {
+    /// sidecar patch: the same header in memory of its own, for the dynamic table. A decoded
+    /// value shares the connection's read or scratch buffer, and a value from the application
+    /// may share whatever buffer it was parsed from: an entry kept in the table would keep
+    /// that whole buffer alive as long as the connection lives, idle or not.
+    pub fn detached(&self) -> Header {
+        fn copy(value: &BytesStr) -> BytesStr {
+            BytesStr(Bytes::copy_from_slice(value.0.as_ref()))
+        }
+        match self {
+            Header::Field { name, value } => match HeaderValue::from_bytes(value.as_bytes()) {
+                Ok(mut copied) => {
+                    copied.set_sensitive(value.is_sensitive());
+                    Header::Field { name: name.clone(), value: copied }
+                }
+                Err(_) => self.clone(),
+            },
+            Header::Authority(v) => Header::Authority(copy(v)),
+            Header::Scheme(v) => Header::Scheme(copy(v)),
+            Header::Path(v) => Header::Path(copy(v)),
+            Header::Protocol(v) => Header::Protocol(Protocol::from(v.as_str())),
+            Header::Method(_) | Header::Status(_) => self.clone(),
+        }
+    }
+
     pub fn new(name: Bytes, value: Bytes) -> Result<Header, DecoderError> {
         if name.is_empty() {
             return Err(DecoderError::NeedMore(NeedMore::UnexpectedEndOfStream));

@@ -339,7 +339,8 @@ impl Table {
 
         self.slots.push_front(Slot {
             hash,
-            header,
+            // sidecar patch: see `Header::detached`.
+            header: header.detached(),
             next: None,
         });
     }

@@ -332,6 +332,9 @@ where
                                 continue;
                             }
 
+                            // sidecar patch: nothing to do until the peer speaks; a
+                            // connection without streams gives back their memory.
+                            self.inner.streams.release_idle_memory();
                             return Poll::Pending;
                         }
                     };

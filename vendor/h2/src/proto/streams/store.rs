@@ -79,6 +79,19 @@ pub(super) trait Resolve {
 // ===== impl Store =====
 
 impl Store {
+    /// sidecar patch: frees the slab's and the index's memory when no stream is stored;
+    /// whether none is.
+    pub(super) fn release_if_empty(&mut self) -> bool {
+        if !self.slab.is_empty() {
+            return false;
+        }
+        if self.slab.capacity() > 0 {
+            self.slab = slab::Slab::new();
+            self.ids = IndexMap::new();
+        }
+        true
+    }
+
     pub fn new() -> Self {
         Store {
             slab: slab::Slab::new(),
