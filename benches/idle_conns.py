@@ -43,14 +43,18 @@ def h2_frame(kind, flags, stream, payload):
 
 def h2_request(path):
     """Preface, empty SETTINGS, and GET `path` as HEADERS on stream 1 (END_STREAM|END_HEADERS).
-    HPACK: :method GET, :scheme https from the static table; :path and :authority literal
-    without indexing, names from the static table (4 and 1)."""
-    def literal(index, value):
+    HPACK as curl and browsers send a first request: :method GET and :scheme https from the
+    static table, :path literal without indexing, and :authority, user-agent and accept literal
+    with incremental indexing (static names 1, 58, 19), so that the server keeps them in its
+    dynamic table for the connection's life as it does for a real client. Not Huffman-coded:
+    the standard library has no coder."""
+    def literal(index, value, indexed):
         value = value.encode()
-        assert index < 15 and len(value) < 127
-        return bytes([index, len(value)]) + value
+        assert index < 63 and len(value) < 127
+        return bytes([(0x40 | index) if indexed else index, len(value)]) + value
 
-    block = bytes([0x82, 0x87]) + literal(4, path) + literal(1, "localhost")
+    block = (bytes([0x82, 0x87]) + literal(4, path, False) + literal(1, "localhost", True)
+             + literal(58, "idle_conns.py/1", True) + literal(19, "*/*", True))
     return H2_PREFACE + h2_frame(4, 0, 0, b"") + h2_frame(1, 0x5, 1, block)
 
 
