@@ -2,7 +2,9 @@
 //!
 //! Requests hand finished lines to a bounded queue and never wait for the disk: when the queue
 //! is full (a stalled disk or pipe), the line is dropped and counted
-//! (`sidecar_access_log_dropped_total`) rather than slowing the proxy down.
+//! (`sidecar_access_log_dropped_total`) rather than slowing the proxy down. On shutdown the
+//! server waits for the writer to catch up (`AccessLog::flush`), so that the last requests'
+//! lines are not lost with the process.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -57,8 +59,15 @@ pub(crate) enum AccessLogError {
 /// A handle to the writer thread; cloned into every connection.
 #[derive(Clone)]
 pub(crate) struct AccessLog {
-    queue: SyncSender<String>,
+    queue: SyncSender<Queued>,
     format: AccessLogFormat,
+}
+
+/// What the writer thread is handed.
+enum Queued {
+    Line(String),
+    /// Answered once everything queued before it is written and flushed.
+    Flush(SyncSender<()>),
 }
 
 impl AccessLog {
@@ -76,26 +85,58 @@ impl AccessLog {
                     .map_err(|source| AccessLogError::Open { path: path.clone(), source })?,
             ),
         };
+        AccessLog::writing_to(out, format).map(Some)
+    }
+
+    /// Starts the writer thread on `out`.
+    fn writing_to(out: Box<dyn Write + Send>, format: AccessLogFormat) -> Result<AccessLog, AccessLogError> {
         let (queue, lines) = sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("sidecar-access-log".into())
             .spawn(move || write_lines(lines, out))
             .map_err(AccessLogError::Thread)?;
-        Ok(Some(AccessLog { queue, format }))
+        Ok(AccessLog { queue, format })
+    }
+
+    /// Blocks until every line queued so far is written, or `limit` has passed; whether it
+    /// was. Called once the connections have drained, before the process exits.
+    pub(crate) fn flush(&self, limit: Duration) -> bool {
+        let (done, written) = sync_channel(1);
+        let deadline = Instant::now() + limit;
+        let mut message = Queued::Flush(done);
+        // The queue may be full (a slow disk): wait for room as long as the limit allows.
+        loop {
+            match self.queue.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        written.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok()
     }
 }
 
 /// Writes in batches: everything queued, then one flush.
-fn write_lines(lines: Receiver<String>, out: Box<dyn Write + Send>) {
+fn write_lines(lines: Receiver<Queued>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = lines.recv() {
-        let mut ok = out.write_all(line.as_bytes()).is_ok();
-        while let Ok(line) = lines.try_recv() {
-            ok &= out.write_all(line.as_bytes()).is_ok();
+    while let Ok(first) = lines.recv() {
+        let mut ok = true;
+        let mut flushed = Vec::new();
+        for queued in std::iter::once(first).chain(std::iter::from_fn(|| lines.try_recv().ok())) {
+            match queued {
+                Queued::Line(line) => ok &= out.write_all(line.as_bytes()).is_ok(),
+                Queued::Flush(done) => flushed.push(done),
+            }
         }
         if !(ok && out.flush().is_ok()) {
             // Reported once per batch; the proxy keeps serving either way.
             tracing::warn!("cannot write the access log; lines are being lost");
+        }
+        for done in flushed {
+            let _ = done.try_send(());
         }
     }
 }
@@ -163,7 +204,7 @@ impl PendingEntry {
             AccessLogFormat::Combined => self.combined(),
             AccessLogFormat::Json => self.json(),
         };
-        if let Err(TrySendError::Full(_)) = self.log.queue.try_send(line) {
+        if let Err(TrySendError::Full(_)) = self.log.queue.try_send(Queued::Line(line)) {
             metrics().access_log_dropped();
         }
     }
@@ -279,5 +320,45 @@ mod tests {
         let t = clf_time();
         assert_eq!(t.len(), "10/Oct/2000:13:55:36 +0000".len(), "{t}");
         assert!(t.ends_with(" +0000"));
+    }
+
+    /// A writer as slow as a stalled disk: every write takes a while.
+    struct SlowWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for SlowWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(30));
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn flush_returns_once_every_queued_line_is_written() {
+        let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = AccessLog::writing_to(Box::new(SlowWriter(written.clone())), AccessLogFormat::Combined).unwrap();
+        // Lines larger than the writer's buffer, so that each one is a slow write.
+        let line = format!("{}\n", "x".repeat(70 * 1024));
+        for _ in 0..5 {
+            log.queue.try_send(Queued::Line(line.clone())).unwrap();
+        }
+        assert!(log.flush(Duration::from_secs(10)));
+        assert_eq!(written.lock().unwrap().len(), 5 * line.len());
+    }
+
+    #[test]
+    fn flush_gives_up_at_its_limit() {
+        let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = AccessLog::writing_to(Box::new(SlowWriter(written)), AccessLogFormat::Combined).unwrap();
+        let line = format!("{}\n", "x".repeat(70 * 1024));
+        for _ in 0..20 {
+            log.queue.try_send(Queued::Line(line.clone())).unwrap();
+        }
+        let started = Instant::now();
+        assert!(!log.flush(Duration::from_millis(100)));
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

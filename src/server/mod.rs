@@ -44,6 +44,9 @@ mod redirect;
 mod reload;
 mod watch;
 
+/// How long the exit waits for the access log's writer to write what it was handed.
+const ACCESS_LOG_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StartError {
     #[error(transparent)]
@@ -243,6 +246,14 @@ impl ProxyServer {
                 "drain timeout reached with {} connection(s) still open; exiting anyway",
                 max_connections as usize - permits.available_permits()
             ),
+        }
+        // The writer thread may still hold the last requests' lines: the process must not
+        // end before they are written.
+        if let Some(log) = self.access_log.clone() {
+            let flushed = tokio::task::spawn_blocking(move || log.flush(ACCESS_LOG_FLUSH_LIMIT)).await;
+            if !matches!(flushed, Ok(true)) {
+                tracing::warn!("the access log did not catch up before exit; its last lines may be lost");
+            }
         }
     }
 }
