@@ -293,3 +293,30 @@ async fn the_client_behind_a_proxy_header_is_the_same_after_a_park_in_forwarding
         assert!(line.starts_with("203.0.113.7 "), "the access log names the client after a park too: {line}");
     }
 }
+
+/// HTTP/2: a connection gives back its buffers and stream tables whenever it has no stream
+/// left (vendor/h2/PATCHES.md), that is between every two requests here. Each request then
+/// takes them again: a head larger than a frame (CONTINUATION), a body larger than the
+/// buffers, and headers the client indexed in HPACK's dynamic table on the first request and
+/// refers to by index afterwards must all come through intact, in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http2_connection_that_freed_its_buffers_serves_large_heads_bodies_and_indexed_headers() {
+    let (upstream, pki, sidecar) = setup(&[]).await;
+    let mut h2 = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), true).await;
+    let large = "v".repeat(40 * 1024);
+    for round in 0..20u64 {
+        let len = 100_000 + round * 7919;
+        let request = Request::get(format!("/bytes/{len}"))
+            .header("x-indexed", "the same value every time")
+            .header("x-large", format!("{round}{large}"))
+            .body(empty())
+            .unwrap();
+        let response = h2.send(request).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let (received, checksum) = drain_body(response.into_body()).await;
+        assert_eq!((received, checksum), (len, pattern_checksum(len)), "round {round}");
+        let seen = upstream.last_request();
+        assert_eq!(seen.headers["x-indexed"], "the same value every time", "round {round}");
+        assert_eq!(seen.headers["x-large"].as_bytes(), format!("{round}{large}").as_bytes(), "round {round}");
+    }
+}

@@ -63,9 +63,8 @@ const READ_BUFFER_CAPACITY: usize = 8 * 1024;
 
 impl<T> FramedRead<T> {
     /// sidecar patch: frees the read and HPACK scratch buffers when nothing is held in them,
-    /// so that an idle connection costs only its state. Called when the transport has
-    /// nothing more to read; the next read takes a buffer again.
-    fn release_idle_buffers(&mut self) {
+    /// so that an idle connection costs only its state; the next read takes a buffer again.
+    pub(crate) fn release_idle_buffers(&mut self) {
         if self.decoder.partial.is_none() && self.inner.read_buffer().is_empty() {
             *self.inner.read_buffer_mut() = BytesMut::new();
             self.decoder.hpack.release_idle_buffer();
@@ -432,21 +431,17 @@ where
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let span = tracing::trace_span!("FramedRead::poll_next");
         let _e = span.enter();
-        // sidecar patch: the read buffer is given back while the connection waits (below) and
-        // taken again here, at the size tokio-util would have given it.
+        // sidecar patch: the read buffer is given back while the connection is idle
+        // (`release_idle_buffers`) and taken again here, at the size tokio-util gives it.
         if self.inner.read_buffer().capacity() == 0 {
             self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
         }
         loop {
             tracing::trace!("poll");
-            let bytes = match Pin::new(&mut self.inner).poll_next(cx) {
-                Poll::Ready(Some(Ok(bytes))) => bytes,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(map_err(e)))),
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => {
-                    self.release_idle_buffers();
-                    return Poll::Pending;
-                }
+            let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                Some(Ok(bytes)) => bytes,
+                Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),
+                None => return Poll::Ready(None),
             };
 
             tracing::trace!(read.bytes = bytes.len());

@@ -93,7 +93,7 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                // sidecar patch: taken at the first frame to buffer, freed once flushed.
+                // sidecar patch: taken at the first frame to buffer, freed when idle.
                 buf: Cursor::new(BytesMut::new()),
                 next: None,
                 last_data_frame: None,
@@ -170,15 +170,16 @@ where
             }
         }
 
-        // sidecar patch: everything buffered went out; give the buffer back, so that a
-        // connection waiting for its next frame holds none.
-        self.encoder.release_buffer();
-
         tracing::trace!("flushing buffer");
         // Flush the upstream
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
 
         Poll::Ready(Ok(()))
+    }
+
+    /// sidecar patch: frees the write buffer if everything in it has been written.
+    pub(crate) fn release_idle_buffer(&mut self) {
+        self.encoder.release_buffer();
     }
 
     /// Close the codec

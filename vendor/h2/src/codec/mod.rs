@@ -126,6 +126,15 @@ impl<T, B> Codec<T, B> {
     }
 }
 
+impl<T: AsyncWrite + Unpin, B: Buf> Codec<T, B> {
+    /// sidecar patch: frees the read, write and HPACK scratch buffers where they hold
+    /// nothing; the connection takes them again when it has frames to read or write.
+    pub(crate) fn release_idle_buffers(&mut self) {
+        self.inner.release_idle_buffers();
+        self.framed_write().release_idle_buffer();
+    }
+}
+
 impl<T, B> Codec<T, B>
 where
     T: AsyncWrite + Unpin,

@@ -333,8 +333,11 @@ where
                             }
 
                             // sidecar patch: nothing to do until the peer speaks; a
-                            // connection without streams gives back their memory.
-                            self.inner.streams.release_idle_memory();
+                            // connection without streams gives back their memory and its
+                            // buffers. One with streams keeps them: it is busy.
+                            if self.inner.streams.release_idle_memory() {
+                                self.codec.release_idle_buffers();
+                            }
                             return Poll::Pending;
                         }
                     };

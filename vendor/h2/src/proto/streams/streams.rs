@@ -1147,15 +1147,17 @@ where
     /// sidecar patch: frees the memory that the streams' tables and frame queues keep once no
     /// stream is left, so that an idle connection holds only its state. The next stream takes
     /// it again.
-    pub fn release_idle_memory(&self) {
+    /// Whether no stream was left.
+    pub fn release_idle_memory(&self) -> bool {
         let mut me = self.inner.lock().unwrap();
         let me = &mut *me;
         if !me.store.release_if_empty() {
-            return;
+            return false;
         }
         me.actions.recv.release_idle_buffer();
         // The same order as every other place that holds both locks.
         self.send_buffer.inner.lock().unwrap().release_if_empty();
+        true
     }
 
     pub fn has_streams_or_other_references(&self) -> bool {
