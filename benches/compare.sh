@@ -33,6 +33,9 @@
 #   ROUNDS=1         measured runs per proxy and load scenario, taken in turn (nginx, haproxy,
 #                    sidecar, floor, nginx, ...); the table shows each figure's median over the
 #                    rounds, errors summed over them, and each round's CPU (and keep-alive p99)
+#   SCENARIOS='keepalive h2 handshake big grpc unix memory'
+#                    which scenarios run, space-separated (default: all); the report shows only
+#                    those, e.g. SCENARIOS=grpc for the gRPC one alone (~2 min)
 #   IDLE_CONNS=10000 idle TLS connections held for the per-connection memory figure
 #   IDLE_SETTLE=13   seconds the idle connections are held before the RSS is read
 #   BENCH_UPSTREAM_PORT=18080 BENCH_UPSTREAM_H2C_PORT=18081 BENCH_NGINX_PORT=18443
@@ -47,6 +50,8 @@ set -euo pipefail
 DUR=${DUR:-8}
 WARM=${WARM:-1}
 ROUNDS=${ROUNDS:-1}
+ALL_SCENARIOS="keepalive h2 handshake big grpc unix memory"
+SCENARIOS=${SCENARIOS:-$ALL_SCENARIOS}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 IDLE_SETTLE=${IDLE_SETTLE:-13}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -190,6 +195,12 @@ fmt() { printf "%.${2:-1}f" "$1"; }
 # Setup
 
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS=$ROUNDS: a positive whole number, please"
+for s in $SCENARIOS; do
+    [[ " $ALL_SCENARIOS " == *" $s "* ]] || die "SCENARIOS: no scenario '$s' (there are: $ALL_SCENARIOS)"
+done
+[ -n "${SCENARIOS// /}" ] || die "SCENARIOS is empty (there are: $ALL_SCENARIOS)"
+# wanted SCENARIO: true when SCENARIOS names it.
+wanted() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 install_tools
 TICK=$(getconf CLK_TCK)
 # The proxies and the idle-connection client each hold IDLE_CONNS sockets (plus a few).
@@ -453,7 +464,7 @@ start_proxies() {  # start_proxies NGINX_CONF_NAME HAPROXY_CONF_NAME [idle]
 }
 
 PROXIES=(nginx haproxy sidecar)
-say "upstream :$UP (h2c :$UP_H2C), nginx :$NGX, haproxy :$HAP, sidecar :$SC ($SIDECAR_BIN); nginx $NGINX_VERSION, HAProxy $HAPROXY_VERSION; DUR=${DUR}s, ROUNDS=$ROUNDS"
+say "upstream :$UP (h2c :$UP_H2C), nginx :$NGX, haproxy :$HAP, sidecar :$SC ($SIDECAR_BIN); nginx $NGINX_VERSION, HAProxy $HAPROXY_VERSION; DUR=${DUR}s, ROUNDS=$ROUNDS; scenarios: $SCENARIOS"
 start_nginx upstream; UP_MAIN=$NGINX_PID
 wait_http "http://127.0.0.1:$UP/"
 start_proxies nginx-sidecar haproxy-sidecar
@@ -508,7 +519,7 @@ PY
         die "wrk did not take the pinned suite from OPENSSL_CONF (got '${suite:-nothing}'); the 1 MiB run would not be comparable"
     say "  wrk under $PIN_CONF negotiates $suite with a server that prefers AES-256"
 }
-pin_probe
+wanted big && pin_probe
 
 # suite_of PORT [s_client flags]: the TLS suite the server on PORT picks from the offer that
 # openssl s_client makes (OpenSSL's default offer, as wrk's, unless flags or OPENSSL_CONF say).
@@ -660,37 +671,49 @@ in_rounds() {
     for who in "${PROXIES[@]}" floor; do settle "$1" "$who"; done
 }
 
+if wanted keepalive; then
 say "scenario keepalive: wrk -t2 -c64"
 in_rounds keepalive
+fi
 
+if wanted h2; then
 say "scenario h2: h2load -t2 -c64 -m10"
 in_rounds h2
+fi
 
+if wanted handshake; then
 say "scenario handshake: wrk -t2 -c16 -H 'Connection: close'"
 in_rounds handshake
+fi
 
+if wanted big; then
 say "scenario big: wrk -t2 -c16 /big (1 MiB), offering only TLS_AES_128_GCM_SHA256"
 in_rounds big
+fi
 
 for who in "${PROXIES[@]}"; do
     mapfile -t pids < <(pids_of "$(main_of "$who")")
     R[load.$who.rss]=$(status_kb VmRSS "${pids[@]}")
     peak=0
-    for s in keepalive h2 handshake big; do [ "${R[$s.$who.hwm]}" -gt "$peak" ] && peak=${R[$s.$who.hwm]}; done
+    for s in keepalive h2 handshake big; do wanted $s && [ "${R[$s.$who.hwm]}" -gt "$peak" ] && peak=${R[$s.$who.hwm]}; done
     R[load.$who.hwm]=$peak
 done
 
 # The same proxies again, each in front of the app as an h2c (gRPC) server, then through its Unix
 # socket; the memory run below starts them afresh.
+if wanted grpc; then
 say "scenario grpc: h2load -t2 -c64 -m10, gRPC-framed POSTs to the h2c app (nginx grpc_pass, HAProxy proto h2)"
 stop "$NGX_MAIN" "$HAP_MAIN" "$SC_MAIN"
 SC_UPSTREAM="h2c://127.0.0.1:$UP_H2C" start_proxies nginx-grpc haproxy-grpc
 in_rounds grpc
+fi
 
+if wanted unix; then
 say "scenario unix: wrk -t2 -c64, the app through its Unix socket"
 stop "$NGX_MAIN" "$HAP_MAIN" "$SC_MAIN"
 SC_UPSTREAM="unix://$WORK/app.sock" start_proxies nginx-unix haproxy-unix
 in_rounds unix
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Memory per idle TLS connection, on freshly started proxies so that load leftovers do not blur it.
@@ -700,6 +723,7 @@ in_rounds unix
 # frees an idle HTTP/1.1 connection's buffers 1-2 s after its last byte, and its allocator hands
 # freed memory back to the system every 10 s.
 for proto in h1 h2; do
+wanted memory || break
 key=conns; flag=""
 [ "$proto" = h2 ] && { key=conns2; flag=--h2; }
 say "scenario memory ($proto): $IDLE_CONNS idle keep-alive TLS connections per proxy (fresh processes)"
@@ -782,6 +806,7 @@ connections - RSS before) / N, on freshly started proxies."
 declare -A cpu_target=([keepalive]=0.75 [h2]=0.75 [handshake]=0.55 [big]=0.8 [grpc]=0.75)
 for ((i = 0; i < ${#names[@]}; i += 2)); do
     s=${names[i]} title=${names[i+1]}
+    wanted "$s" || continue
     mapfile -t v3 < <(of "$s" rps)
     cmp_row "$title" "requests/s" int "${v3[@]}" "$(fmt "${R[$s.floor.rps]}" 0)"
     mapfile -t v3 < <(of "$s" p50)
@@ -839,17 +864,22 @@ for ((i = 0; i < ${#names[@]}; i += 2)); do
     row "$title" "TLS suite" "${v3[@]}" "-" "-" "${R[$s.floor.suite]}"
 done
 mem="memory"
+# The idle RSS is read whatever ran; after load, only after the first four scenarios (any of
+# them); the idle-connection rows only when the memory scenario ran.
 mapfile -t v3 < <(of idle rss)
 r=$(ratio "${v3[2]}" "${v3[0]}"); v=$(verdict "$r" "<=" 0.5)
 cmp_row "$mem" "RSS idle (MB)" mb "${v3[@]}" "-" "/nginx <= 0.5" "$v"
 VERDICTS+=("RSS idle <= 0.5 x nginx|$r|$v")
+if wanted keepalive || wanted h2 || wanted handshake || wanted big; then
 mapfile -t v3 < <(of load rss)
 r=$(ratio "${v3[2]}" "${v3[0]}"); v=$(verdict "$r" "<=" 1)
 cmp_row "$mem" "RSS after load (MB)" mb "${v3[@]}" "-" "/nginx <= 1" "$v"
 VERDICTS+=("RSS after load <= nginx|$r|$v")
 mapfile -t v3 < <(of load hwm)
 cmp_row "$mem" "peak RSS, all load (MB)" mb "${v3[@]}" "-"
+fi
 for key in conns conns2; do
+wanted memory || break
 proto="HTTP/1.1"; [ "$key" = conns2 ] && proto="HTTP/2"
 mapfile -t v3 < <(of $key open)
 row "$mem" "idle $proto TLS conns held (of $IDLE_CONNS)" "${v3[@]}" "-" "-" "-"
@@ -901,7 +931,7 @@ MD="$OUT_DIR/compare-$DATE.md"
     echo "# sidecar vs nginx and HAProxy, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "Host: $(nproc) cores, $(uname -r); nginx $NGINX_VERSION, HAProxy $HAPROXY_VERSION; wrk and h2load on the same cores."
-    echo "DUR=${DUR}s per run (after a ${WARM}s warm-up), ROUNDS=$ROUNDS (each figure is the median over the rounds); sidecar: \`$SIDECAR_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))."
+    echo "DUR=${DUR}s per run (after a ${WARM}s warm-up), ROUNDS=$ROUNDS (each figure is the median over the rounds); scenarios: $SCENARIOS; sidecar: \`$SIDECAR_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))."
     echo "CPU = utime+stime(+children) of the proxy's processes per completed request (app CPU: the upstream's, over the same run); RSS summed over them."
     echo "The floor is the upstream reached directly in plaintext (its CPU column is the app's own)."
     echo
