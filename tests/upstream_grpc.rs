@@ -131,6 +131,84 @@ fn cancellation_crosses_the_proxy_both_ways() {
     assert_eq!(sidecar.logs.count("upstream request failed"), 0, "{}", sidecar.logs.text());
 }
 
+/// A client stream that stops without ending: reset by the client, or its connection gone.
+/// The app must see its request reset, not a clean end it would answer as if whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_stream_reset_or_cut_short_reaches_the_app_as_a_cancel() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let count = |line: &str| app.events().iter().filter(|l| *l == line).count();
+    for (n, how) in ["RST_STREAM", "connection closed"].into_iter().enumerate() {
+        let (mut h2, connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+        let (_response, mut body) = h2.send_request(grpc_post("/test.Echo/ClientStream"), false).unwrap();
+        body.send_data(grpc_message(b"one"), false).unwrap();
+        body.send_data(grpc_message(b"two"), false).unwrap();
+        // The app has both: the call is under way, its request still open.
+        wait_until("the app to take two messages", Duration::from_secs(10), || count("got ClientStream 2") == n + 1);
+        match how {
+            "RST_STREAM" => body.send_reset(h2::Reason::CANCEL),
+            _ => {
+                connection.abort();
+                drop((h2, body));
+            }
+        }
+        wait_until(&format!("the app to see the call cancelled ({how})"), Duration::from_secs(10), || {
+            count("cancelled ClientStream") == n + 1
+        });
+    }
+    let done: Vec<String> = app.events().into_iter().filter(|l| l.starts_with("done ClientStream")).collect();
+    assert!(done.is_empty(), "the app took a cut-short request as whole: {done:?}");
+    // The client's doing: nothing the app should be blamed for.
+    assert_eq!(sidecar.logs.count("response cut short"), 0, "{}", sidecar.logs.text());
+    assert_eq!(sidecar.logs.count("upstream request failed"), 0, "{}", sidecar.logs.text());
+}
+
+/// A client that opens a large server stream and never reads it: the proxy takes from the app
+/// only what the windows allow, so the app is held back and the proxy's memory stays flat.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_holds_the_app_back_not_the_proxys_memory() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let before = sidecar.rss_kib();
+    let (mut h2, _connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+    // 1 GB in 100 000 messages of 10 KB; the client's window stays at its first 64 KiB.
+    let (response, mut body) = h2.send_request(grpc_post("/test.Echo/ServerStream"), false).unwrap();
+    body.send_data(grpc_message(b"100000:10000"), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let streamed =
+        || app.events().iter().filter_map(|l| l.strip_prefix("streamed ")?.parse::<u64>().ok()).max().unwrap_or(0);
+    // Held back: what the app has handed on stops growing.
+    let mut last = (u64::MAX, Instant::now());
+    wait_until("the app to be held back by flow control", Duration::from_secs(30), || {
+        let now = streamed();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(2)
+    });
+    let sent = streamed() * 10_000;
+    // The client's window, the proxy's to the app (1 MiB a stream), the socket buffers and
+    // grpcio's own: far below the 1 GB a proxy reading it all would take.
+    assert!(sent < 64 << 20, "the app handed on {sent} bytes to a client that reads nothing");
+    let grown = sidecar.rss_kib().saturating_sub(before);
+    assert!(grown < 32 << 10, "the proxy grew by {grown} KiB for one unread stream");
+    drop(response);
+}
+
+/// The app goes away in the middle of a response: the client sees the stream fail, never a
+/// clean end, and the proxy counts it as the app's failure.
+#[test]
+fn an_app_gone_mid_stream_fails_the_call_and_is_counted() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let port = sidecar.addr.port();
+    let watch = std::thread::spawn(move || grpc_client(&pki, port, &["watch"]));
+    app.wait_for_event("ticking Wait", Duration::from_secs(20));
+    app.proc.signal("KILL");
+    let call = watch.join().unwrap();
+    assert!(call["count"].as_u64().unwrap() >= 5, "{call}");
+    assert!(["INTERNAL", "UNAVAILABLE", "UNKNOWN"].contains(&call["code"].as_str().unwrap()), "{call}");
+    wait_until("the proxy to log the cut", Duration::from_secs(10), || sidecar.logs.count("response cut short") == 1);
+}
+
 #[test]
 fn an_app_down_is_unavailable_and_one_on_a_unix_socket_that_appears_later_is_served() {
     if !require_grpcio() {
