@@ -1,10 +1,13 @@
 //! gRPC through the proxy to an h2c app: a real grpcio server behind the real binary, a real
 //! grpcio client over TLS in front, for every kind of call, metadata and trailers, deadlines,
 //! cancellation both ways, flow control, multiplexing, an app that restarts (GOAWAY) and one on
-//! a Unix socket that appears after the proxy started.
+//! a Unix socket that appears after the proxy started. And an h2c app from the h2 crate, for a
+//! frame grpcio does not send on demand (REFUSED_STREAM).
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -207,6 +210,93 @@ fn an_app_gone_mid_stream_fails_the_call_and_is_counted() {
     assert!(call["count"].as_u64().unwrap() >= 5, "{call}");
     assert!(["INTERNAL", "UNAVAILABLE", "UNKNOWN"].contains(&call["code"].as_str().unwrap()), "{call}");
     wait_until("the proxy to log the cut", Duration::from_secs(10), || sidecar.logs.count("response cut short") == 1);
+}
+
+/// An h2c app that resets with REFUSED_STREAM (RFC 9113 §8.7: not processed, safe to send
+/// again) each stream whose number (from 0, over all its connections) `refuse` picks, and echoes
+/// the others' request bodies. Returns its port and the number of streams it has seen.
+async fn refusing_app(refuse: fn(usize) -> bool) -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    if refuse(counted.fetch_add(1, Ordering::SeqCst)) {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        let mut echoed = Vec::new();
+                        while let Some(Ok(data)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(data.len());
+                            echoed.extend_from_slice(&data);
+                        }
+                        let mut send = respond.send_response(http::Response::new(()), false).unwrap();
+                        let _ = send.send_data(echoed.into(), true);
+                    });
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// Reads a response body to its end.
+async fn body_text(mut body: h2::RecvStream) -> String {
+    let mut text = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+        text.extend_from_slice(&data);
+    }
+    String::from_utf8(text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_stream_is_sent_again_once_with_its_body_whole_or_streaming() {
+    // Every first attempt is refused, every second one served.
+    let (port, seen) = refusing_app(|n| n % 2 == 0).await;
+    let pki = TestPki::new();
+    let sidecar = start_sidecar(&format!("h2c://127.0.0.1:{port}"), &pki, &["--workers", "1"], |_| {});
+    let (mut h2, _connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+
+    // A body whole when the headers go.
+    let (response, mut body) = h2.send_request(grpc_post("/whole"), false).unwrap();
+    body.send_data("the whole body".into(), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body_text(response.into_body()).await, "the whole body");
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+
+    // A body still streaming when the app refuses: what went out is sent again, the rest follows.
+    let (response, mut body) = h2.send_request(grpc_post("/streaming"), false).unwrap();
+    body.send_data("part one, ".into(), false).unwrap();
+    wait_until("the second attempt to reach the app", Duration::from_secs(10), || seen.load(Ordering::SeqCst) == 4);
+    body.send_data("part two".into(), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body_text(response.into_body()).await, "part one, part two");
+    assert_eq!(seen.load(Ordering::SeqCst), 4);
+    assert_eq!(sidecar.logs.count("upstream request failed"), 0, "{}", sidecar.logs.text());
+
+    // Refused again: once only, then the client is told.
+    let (port, seen) = refusing_app(|_| true).await;
+    let sidecar = start_sidecar(&format!("h2c://127.0.0.1:{port}"), &pki, &["--workers", "1"], |_| {});
+    let (mut h2, _connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+    let request = Request::post("https://localhost/refused").body(()).unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    body.send_data("refused".into(), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let text = body_text(response.into_body()).await;
+    assert!(text.contains("refused stream"), "{text}");
+    assert_eq!(seen.load(Ordering::SeqCst), 2, "one retry, no more");
 }
 
 #[test]
