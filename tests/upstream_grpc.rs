@@ -197,6 +197,38 @@ async fn a_client_that_never_reads_holds_the_app_back_not_the_proxys_memory() {
     drop(response);
 }
 
+/// Clients that never read their large streams hold their own streams' windows, not the app
+/// connection's: a call from anyone else on the same worker is still served.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_never_read_do_not_stall_other_calls() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let streamed = || app.events().iter().filter(|l| l.starts_with("streamed ")).count();
+    let mut unread = Vec::new();
+    // More than the 4 MiB a connection window of four streams' worth would let through.
+    for _ in 0..6 {
+        let (mut h2, connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+        let (response, mut body) = h2.send_request(grpc_post("/test.Echo/ServerStream"), false).unwrap();
+        body.send_data(grpc_message(b"100000:10000"), true).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+        unread.push((h2, connection, response, body));
+    }
+    // Held back: the streams' output stops growing.
+    let mut last = (usize::MAX, Instant::now());
+    wait_until("the unread streams to be held back", Duration::from_secs(30), || {
+        let now = streamed();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(2)
+    });
+    let port = sidecar.addr.port();
+    let call = tokio::task::spawn_blocking(move || grpc_client(&pki, port, &["call", "Unary", "still served", "5000"]));
+    let call = call.await.unwrap();
+    assert_eq!((call["code"].as_str(), call["response"].as_str()), (Some("OK"), Some("still served")), "{call}");
+    assert!(app.peers().len() <= 4, "{:?}", app.peers());
+    drop(unread);
+}
+
 /// The app goes away in the middle of a response: the client sees the stream fail, never a
 /// clean end, and the proxy counts it as the app's failure.
 #[test]

@@ -58,12 +58,15 @@ const REPLAY_LIMIT: usize = 64 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Flow-control windows towards the proxy: a stream may have 1 MiB in flight, a connection
-/// 4 MiB, so that large gRPC messages are not held to HTTP/2's 64 KiB. Fixed rather than
-/// adaptive: the adaptive window pings the app to measure the bandwidth-delay product, which
-/// costs every stream a little on loopback, where the product is small anyway.
+/// Flow-control windows towards the proxy: a stream may have 1 MiB in flight, so that large
+/// gRPC messages are not held to HTTP/2's 64 KiB. Fixed rather than adaptive: the adaptive
+/// window pings the app to measure the bandwidth-delay product, which costs every stream a
+/// little on loopback, where the product is small anyway.
 const STREAM_WINDOW: u32 = 1 << 20;
-const CONNECTION_WINDOW: u32 = 4 << 20;
+/// Room for every stream's window at once: a client that does not read holds its stream's
+/// window (what the proxy keeps for it is bounded by that), and with a smaller connection
+/// window a few such clients would stop every other call on the connection.
+const CONNECTION_WINDOW: u32 = STREAM_WINDOW * STREAMS_PER_CONNECTION as u32;
 
 /// The largest response header block taken from the app, and what h2 may hold of a request
 /// body beyond the app's window (one client frame at a time is handed to it).
