@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -100,17 +99,6 @@ async fn raw_exchange(sidecar: &Sidecar, pki: &TestPki, request: &str) -> String
 /// The status code of the first response in `text`.
 fn status_of(text: &str) -> u16 {
     text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no response: {text:?}"))
-}
-
-/// An HTTP/2 client from the h2 crate over a TLS session with the sidecar.
-async fn h2_client(
-    sidecar: &Sidecar,
-    pki: &TestPki,
-    builder: &h2::client::Builder,
-) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
-    let tls = raw_tls(sidecar, pki, b"h2").await;
-    let (send, connection) = builder.handshake(tls).await.unwrap();
-    (send, tokio::spawn(connection))
 }
 
 fn h2_get(path: &str) -> Request<()> {

@@ -1,10 +1,13 @@
 //! gRPC through the proxy to an h2c app: a real grpcio server behind the real binary, a real
 //! grpcio client over TLS in front, for every kind of call, metadata and trailers, deadlines,
 //! cancellation both ways, flow control, multiplexing, an app that restarts (GOAWAY) and one on
-//! a Unix socket that appears after the proxy started.
+//! a Unix socket that appears after the proxy started. And an h2c app from the h2 crate, for a
+//! frame grpcio does not send on demand (REFUSED_STREAM).
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -129,6 +132,203 @@ fn cancellation_crosses_the_proxy_both_ways() {
     });
     assert_eq!(metric("sidecar_upstream_failures_total{kind=\"other\"}"), 0.0);
     assert_eq!(sidecar.logs.count("upstream request failed"), 0, "{}", sidecar.logs.text());
+}
+
+/// A client stream that stops without ending: reset by the client, or its connection gone.
+/// The app must see its request reset, not a clean end it would answer as if whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_stream_reset_or_cut_short_reaches_the_app_as_a_cancel() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let count = |line: &str| app.events().iter().filter(|l| *l == line).count();
+    for (n, how) in ["RST_STREAM", "connection closed"].into_iter().enumerate() {
+        let (mut h2, connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+        let (_response, mut body) = h2.send_request(grpc_post("/test.Echo/ClientStream"), false).unwrap();
+        body.send_data(grpc_message(b"one"), false).unwrap();
+        body.send_data(grpc_message(b"two"), false).unwrap();
+        // The app has both: the call is under way, its request still open.
+        wait_until("the app to take two messages", Duration::from_secs(10), || count("got ClientStream 2") == n + 1);
+        match how {
+            "RST_STREAM" => body.send_reset(h2::Reason::CANCEL),
+            _ => {
+                connection.abort();
+                drop((h2, body));
+            }
+        }
+        wait_until(&format!("the app to see the call cancelled ({how})"), Duration::from_secs(10), || {
+            count("cancelled ClientStream") == n + 1
+        });
+    }
+    let done: Vec<String> = app.events().into_iter().filter(|l| l.starts_with("done ClientStream")).collect();
+    assert!(done.is_empty(), "the app took a cut-short request as whole: {done:?}");
+    // The client's doing: nothing the app should be blamed for.
+    assert_eq!(sidecar.logs.count("response cut short"), 0, "{}", sidecar.logs.text());
+    assert_eq!(sidecar.logs.count("upstream request failed"), 0, "{}", sidecar.logs.text());
+}
+
+/// A client that opens a large server stream and never reads it: the proxy takes from the app
+/// only what the windows allow, so the app is held back and the proxy's memory stays flat.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_holds_the_app_back_not_the_proxys_memory() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let before = sidecar.rss_kib();
+    let (mut h2, _connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+    // 1 GB in 100 000 messages of 10 KB; the client's window stays at its first 64 KiB.
+    let (response, mut body) = h2.send_request(grpc_post("/test.Echo/ServerStream"), false).unwrap();
+    body.send_data(grpc_message(b"100000:10000"), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let streamed =
+        || app.events().iter().filter_map(|l| l.strip_prefix("streamed ")?.parse::<u64>().ok()).max().unwrap_or(0);
+    // Held back: what the app has handed on stops growing.
+    let mut last = (u64::MAX, Instant::now());
+    wait_until("the app to be held back by flow control", Duration::from_secs(30), || {
+        let now = streamed();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(2)
+    });
+    let sent = streamed() * 10_000;
+    // The client's window, the proxy's to the app (1 MiB a stream), the socket buffers and
+    // grpcio's own: far below the 1 GB a proxy reading it all would take.
+    assert!(sent < 64 << 20, "the app handed on {sent} bytes to a client that reads nothing");
+    let grown = sidecar.rss_kib().saturating_sub(before);
+    assert!(grown < 32 << 10, "the proxy grew by {grown} KiB for one unread stream");
+    drop(response);
+}
+
+/// Clients that never read their large streams hold their own streams' windows, not the app
+/// connection's: a call from anyone else on the same worker is still served.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_never_read_do_not_stall_other_calls() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let streamed = || app.events().iter().filter(|l| l.starts_with("streamed ")).count();
+    let mut unread = Vec::new();
+    // More than the 4 MiB a connection window of four streams' worth would let through.
+    for _ in 0..6 {
+        let (mut h2, connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+        let (response, mut body) = h2.send_request(grpc_post("/test.Echo/ServerStream"), false).unwrap();
+        body.send_data(grpc_message(b"100000:10000"), true).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+        unread.push((h2, connection, response, body));
+    }
+    // Held back: the streams' output stops growing.
+    let mut last = (usize::MAX, Instant::now());
+    wait_until("the unread streams to be held back", Duration::from_secs(30), || {
+        let now = streamed();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(2)
+    });
+    let port = sidecar.addr.port();
+    let call = tokio::task::spawn_blocking(move || grpc_client(&pki, port, &["call", "Unary", "still served", "5000"]));
+    let call = call.await.unwrap();
+    assert_eq!((call["code"].as_str(), call["response"].as_str()), (Some("OK"), Some("still served")), "{call}");
+    assert!(app.peers().len() <= 4, "{:?}", app.peers());
+    drop(unread);
+}
+
+/// The app goes away in the middle of a response: the client sees the stream fail, never a
+/// clean end, and the proxy counts it as the app's failure.
+#[test]
+fn an_app_gone_mid_stream_fails_the_call_and_is_counted() {
+    let Some((app, pki, sidecar)) = grpc_behind_proxy(&[]) else { return };
+    let port = sidecar.addr.port();
+    let watch = std::thread::spawn(move || grpc_client(&pki, port, &["watch"]));
+    app.wait_for_event("ticking Wait", Duration::from_secs(20));
+    app.proc.signal("KILL");
+    let call = watch.join().unwrap();
+    assert!(call["count"].as_u64().unwrap() >= 5, "{call}");
+    assert!(["INTERNAL", "UNAVAILABLE", "UNKNOWN"].contains(&call["code"].as_str().unwrap()), "{call}");
+    wait_until("the proxy to log the cut", Duration::from_secs(10), || sidecar.logs.count("response cut short") == 1);
+}
+
+/// An h2c app that resets with REFUSED_STREAM (RFC 9113 §8.7: not processed, safe to send
+/// again) each stream whose number (from 0, over all its connections) `refuse` picks, and echoes
+/// the others' request bodies. Returns its port and the number of streams it has seen.
+async fn refusing_app(refuse: fn(usize) -> bool) -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    if refuse(counted.fetch_add(1, Ordering::SeqCst)) {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        let mut echoed = Vec::new();
+                        while let Some(Ok(data)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(data.len());
+                            echoed.extend_from_slice(&data);
+                        }
+                        let mut send = respond.send_response(http::Response::new(()), false).unwrap();
+                        let _ = send.send_data(echoed.into(), true);
+                    });
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// Reads a response body to its end.
+async fn body_text(mut body: h2::RecvStream) -> String {
+    let mut text = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+        text.extend_from_slice(&data);
+    }
+    String::from_utf8(text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_stream_is_sent_again_once_with_its_body_whole_or_streaming() {
+    // Every first attempt is refused, every second one served.
+    let (port, seen) = refusing_app(|n| n % 2 == 0).await;
+    let pki = TestPki::new();
+    let sidecar = start_sidecar(&format!("h2c://127.0.0.1:{port}"), &pki, &["--workers", "1"], |_| {});
+    let (mut h2, _connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+
+    // A body whole when the headers go.
+    let (response, mut body) = h2.send_request(grpc_post("/whole"), false).unwrap();
+    body.send_data("the whole body".into(), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body_text(response.into_body()).await, "the whole body");
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+
+    // A body still streaming when the app refuses: what went out is sent again, the rest follows.
+    let (response, mut body) = h2.send_request(grpc_post("/streaming"), false).unwrap();
+    body.send_data("part one, ".into(), false).unwrap();
+    wait_until("the second attempt to reach the app", Duration::from_secs(10), || seen.load(Ordering::SeqCst) == 4);
+    body.send_data("part two".into(), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body_text(response.into_body()).await, "part one, part two");
+    assert_eq!(seen.load(Ordering::SeqCst), 4);
+    assert_eq!(sidecar.logs.count("upstream request failed"), 0, "{}", sidecar.logs.text());
+
+    // Refused again: once only, then the client is told.
+    let (port, seen) = refusing_app(|_| true).await;
+    let sidecar = start_sidecar(&format!("h2c://127.0.0.1:{port}"), &pki, &["--workers", "1"], |_| {});
+    let (mut h2, _connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+    let request = Request::post("https://localhost/refused").body(()).unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    body.send_data("refused".into(), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let text = body_text(response.into_body()).await;
+    assert!(text.contains("refused stream"), "{text}");
+    assert_eq!(seen.load(Ordering::SeqCst), 2, "one retry, no more");
 }
 
 #[test]

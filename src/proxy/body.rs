@@ -43,7 +43,7 @@ pub(crate) enum BodyError {
     /// The source chain keeps h2's reason, which hyper's server passes on to the client in its
     /// RST_STREAM (an app's CANCEL stays a CANCEL).
     #[error("upstream HTTP/2 stream: {0}")]
-    Http2(#[source] hyper::Error),
+    Http2(#[source] h2::Error),
 }
 
 /// Where reading an upstream body is.

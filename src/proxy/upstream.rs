@@ -6,7 +6,6 @@
 //! response body reads its connection directly (`body::UpstreamBody`).
 
 use std::collections::VecDeque;
-use std::error::Error as _;
 use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -69,7 +68,7 @@ pub(crate) enum UpstreamError {
     #[error("the client's request body failed: {0}")]
     ClientBody(hyper::Error),
     #[error("HTTP/2: {0}")]
-    Http2(#[source] hyper::Error),
+    Http2(#[source] h2::Error),
 }
 
 impl UpstreamError {
@@ -85,17 +84,14 @@ impl UpstreamError {
             UpstreamError::Connect(io) | UpstreamError::Send(io) | UpstreamError::Receive(io) => describe_io(io),
             UpstreamError::ConnectTimeout(_) => "connect timed out".to_owned(),
             UpstreamError::Http2(e) => {
-                // hyper's own text is only "http2 error": the cause says what happened.
-                let h2 = e.source().and_then(|s| s.downcast_ref::<h2::Error>());
-                let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
                 // An app that answers the connection preface as HTTP/1.1 breaks the framing.
-                let local_error = h2.is_some_and(|h2| !h2.is_remote() && h2.reason() != Some(h2::Reason::NO_ERROR));
+                let local_error = !e.is_remote() && e.reason() != Some(h2::Reason::NO_ERROR);
                 let hint = if local_error {
                     " (does the app speak HTTP/2 with prior knowledge? For HTTP/1.1 use http:// or unix://)"
                 } else {
                     ""
                 };
-                format!("HTTP/2: {e}{cause}{hint}")
+                format!("HTTP/2: {e}{hint}")
             }
             other => other.to_string(),
         }

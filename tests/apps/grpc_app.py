@@ -5,8 +5,10 @@ that no protoc or generated code is needed.
 Usage: grpc_app.py ADDRESS EVENTS_FILE, where ADDRESS is HOST:PORT (port 0: any free port) or
 unix:/PATH. Prints "listening on PORT" (0 for a Unix socket) once it serves. Appends what the
 tests check afterwards to EVENTS_FILE, one line each: "peer PEER" for every call (the proxy's
-connection it came on), "cancelled METHOD" when Sleep or Wait saw its call cancelled, "deadline SECONDS" with
-the time left that Sleep saw. SIGTERM stops it gracefully (GOAWAY, 5 s for calls under way).
+connection it came on), "cancelled METHOD" when Sleep, Wait or ClientStream saw its call
+cancelled, "deadline SECONDS" with the time left that Sleep saw, "streamed N" every 100 messages
+ServerStream has handed on, "got ClientStream N" for the first 3 messages ClientStream took and
+"done ClientStream COUNT:BYTES" when its request ended cleanly, "ticking Wait" at Wait's fifth tick. SIGTERM stops it gracefully (GOAWAY, 5 s for calls under way).
 
 Service test.Echo:
   Unary         echoes the request; x-* metadata comes back as initial metadata, and the
@@ -71,16 +73,35 @@ def server_stream(request, context):
     seen(context)
     count, size = (int(n) for n in request.split(b":"))
     payload = b"s" * size
-    for _ in range(count):
+    for n in range(1, count + 1):
         yield payload
+        if n % 100 == 0:
+            event("streamed %d" % n)
 
 
 def client_stream(requests, context):
     seen(context)
     count = total = 0
-    for message in requests:
-        count += 1
-        total += len(message)
+    try:
+        for message in requests:
+            count += 1
+            total += len(message)
+            if count <= 3:
+                event("got ClientStream %d" % count)
+    except grpc.RpcError:
+        # The request stream was reset, not ended: grpcio raises rather than stop iterating.
+        event("cancelled ClientStream")
+        raise
+    # grpcio may end the iteration instead when a reset races its read; the call then turns
+    # inactive moments later, where a request that really ended keeps it active until the
+    # answer goes.
+    settle = time.monotonic() + 0.3
+    while context.is_active() and time.monotonic() < settle:
+        time.sleep(0.01)
+    if not context.is_active():
+        event("cancelled ClientStream")
+        return b""
+    event("done ClientStream %d:%d" % (count, total))
     return b"%d:%d" % (count, total)
 
 
@@ -95,9 +116,13 @@ def wait(request, context):
     # Wait never ends by itself: its end is the client's cancel reaching the app.
     context.add_callback(lambda: event("cancelled Wait"))
     yield b"first"
+    ticks = 0
     while context.is_active():
         time.sleep(0.05)
         yield b"tick"
+        ticks += 1
+        if ticks == 5:
+            event("ticking Wait")
 
 
 handlers = grpc.method_handlers_generic_handler(

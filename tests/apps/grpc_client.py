@@ -12,6 +12,7 @@ proxy's certificate (localhost). Scenarios:
   large SIZE               a unary call of SIZE bytes each way
   concurrent COUNT         COUNT unary calls at once
   cancel                   Wait, cancelled by the client after its first message
+  watch                    Wait, read until the call fails (the app goes away): its code
   cancel_upload            ClientStream, its connection closed while the client still sends
   load SECONDS THREADS     unary calls back to back on THREADS threads for SECONDS
 """
@@ -116,6 +117,15 @@ def run():
         first = next(call)
         call.cancel()
         return {"first": first.decode(), "code": call.code().name}
+    if scenario == "watch":
+        call = method("Wait", "unary_stream")(b"", timeout=60)
+        count = 0
+        try:
+            for _ in call:
+                count += 1
+        except grpc.RpcError as e:
+            return {"count": count, "code": e.code().name, "details": e.details()}
+        return {"count": count, "code": call.code().name}
     if scenario == "cancel_upload":
         # A client stream cancelled while its request body is still open.
         release = threading.Event()

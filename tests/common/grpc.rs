@@ -84,3 +84,20 @@ pub fn grpc_client(pki: &TestPki, port: u16, scenario: &[&str]) -> serde_json::V
     assert!(output.status.success(), "grpc_client.py {scenario:?} failed: {stderr}");
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("grpc_client.py printed {stdout:?} ({e}): {stderr}"))
 }
+
+/// A gRPC call's request head, for a raw HTTP/2 client (`h2_client`).
+pub fn grpc_post(path: &str) -> http::Request<()> {
+    http::Request::post(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// `payload` framed as one gRPC message (uncompressed).
+pub fn grpc_message(payload: &[u8]) -> bytes::Bytes {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    framed.extend_from_slice(payload);
+    framed.into()
+}

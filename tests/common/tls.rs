@@ -104,6 +104,20 @@ pub async fn tls_connect(
     tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
 }
 
+/// An HTTP/2 client from the h2 crate (for frames hyper's client will not send: resets, a
+/// window never opened) over a verified TLS session with the sidecar; the task drives its
+/// connection.
+pub async fn h2_client(
+    sidecar: &super::Sidecar,
+    pki: &TestPki,
+    builder: &h2::client::Builder,
+) -> (h2::client::SendRequest<bytes::Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let config = client_config(pki.ca_pem.as_bytes(), &[b"h2"]);
+    let tls = tls_connect(sidecar.addr, config, "localhost").await.expect("TLS handshake with the sidecar");
+    let (send, connection) = builder.handshake(tls).await.unwrap();
+    (send, tokio::spawn(connection))
+}
+
 /// An HTTP/1.1 or HTTP/2 connection to the sidecar, over a verified TLS session.
 pub enum HttpsConnection {
     H1(hyper::client::conn::http1::SendRequest<TestBody>),
