@@ -58,11 +58,13 @@ const REPLAY_LIMIT: usize = 64 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Flow-control windows towards the proxy: a stream may have 1 MiB in flight, so that large
-/// gRPC messages are not held to HTTP/2's 64 KiB. Fixed rather than adaptive: the adaptive
-/// window pings the app to measure the bandwidth-delay product, which costs every stream a
-/// little on loopback, where the product is small anyway.
-const STREAM_WINDOW: u32 = 1 << 20;
+/// Flow-control windows towards the proxy: a stream may have 256 KiB in flight, so that large
+/// gRPC messages are not held to HTTP/2's 64 KiB, while a client that does not read makes the
+/// proxy keep no more than that for its stream (a hostile client opening many streams would
+/// otherwise pin a window each). Fixed rather than adaptive: the adaptive window pings the app
+/// to measure the bandwidth-delay product, which costs every stream a little on loopback,
+/// where the product is small anyway.
+const STREAM_WINDOW: u32 = 256 << 10;
 /// Room for every stream's window at once: a client that does not read holds its stream's
 /// window (what the proxy keeps for it is bounded by that), and with a smaller connection
 /// window a few such clients would stop every other call on the connection.
