@@ -462,3 +462,17 @@ async fn protocol_errors_and_timeouts_are_counted_by_reason_and_logged_with_the_
     }
     sidecar.logs.wait_for("peer=127.0.0.1", Duration::from_secs(5));
 }
+
+/// `h2c://` in front of an app that speaks HTTP/1.1: its answer to the connection preface
+/// breaks HTTP/2's framing. The client gets a 502 and the log says what is likely wrong.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2c_upstream_that_speaks_http1_is_a_502_with_a_hint() {
+    let upstream = Upstream::start().await;
+    let pki = TestPki::new();
+    let h2c = format!("h2c://{}", upstream.addr);
+    let sidecar = start_sidecar(&h2c, &pki, &[], |_| {});
+    let mut conn = HttpsConnection::open(sidecar.addr, pki.ca_pem.as_bytes(), false).await;
+    let (status, _, _) = conn.get("/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    sidecar.logs.wait_for("does the app speak HTTP/2 with prior knowledge?", Duration::from_secs(10));
+}

@@ -98,6 +98,8 @@ struct ConnectionState {
     in_flight: AtomicUsize,
     /// Its task has ended: the connection is gone.
     closed: AtomicBool,
+    /// A response head came on it: the app speaks HTTP/2.
+    answered: AtomicBool,
 }
 
 /// Counts one stream on its connection while it lives.
@@ -174,7 +176,10 @@ impl Http2Pool {
                 self.forget(&connection);
             }
             if retried || !not_processed || !body.can_replay() {
-                return Err(UpstreamError::Http2(error));
+                return Err(UpstreamError::Http2 {
+                    error,
+                    app_answered: connection.state.answered.load(Ordering::Relaxed),
+                });
             }
             tracing::debug!("the app did not process a request ({error}): sending it again on another connection");
             retried = true;
@@ -254,7 +259,7 @@ impl Http2Pool {
         let (sender, mut connection) = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
-            .map_err(UpstreamError::Http2)?;
+            .map_err(|error| UpstreamError::Http2 { error, app_answered: false })?;
         let state = Arc::new(ConnectionState::default());
         let pings = connection.ping_pong();
         let watched = state.clone();
@@ -344,6 +349,7 @@ fn http2_response(
     cancel: Option<CancelPump>,
     client_failed: Option<Arc<AtomicBool>>,
 ) -> Response<Http2Body> {
+    in_flight.0.answered.store(true, Ordering::Relaxed);
     let remaining =
         response.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     response.map(|recv| Http2Body {

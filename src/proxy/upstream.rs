@@ -67,8 +67,13 @@ pub(crate) enum UpstreamError {
     Protocol(#[from] ProtocolError),
     #[error("the client's request body failed: {0}")]
     ClientBody(hyper::Error),
-    #[error("HTTP/2: {0}")]
-    Http2(#[source] h2::Error),
+    #[error("HTTP/2: {error}")]
+    Http2 {
+        #[source]
+        error: h2::Error,
+        /// Whether the connection it failed on had brought a response before.
+        app_answered: bool,
+    },
 }
 
 impl UpstreamError {
@@ -83,10 +88,12 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(io) | UpstreamError::Send(io) | UpstreamError::Receive(io) => describe_io(io),
             UpstreamError::ConnectTimeout(_) => "connect timed out".to_owned(),
-            UpstreamError::Http2(e) => {
-                // An app that answers the connection preface as HTTP/1.1 breaks the framing.
-                let local_error = !e.is_remote() && e.reason() != Some(h2::Reason::NO_ERROR);
-                let hint = if local_error {
+            UpstreamError::Http2 { error: e, app_answered } => {
+                // An app that answers the connection preface as HTTP/1.1 breaks the framing or
+                // closes the connection; one that has answered on it speaks HTTP/2, and a
+                // failure there (an app restarting) must not point at the wrong cause.
+                let first_failed = !app_answered && !e.is_remote() && e.reason() != Some(h2::Reason::NO_ERROR);
+                let hint = if first_failed {
                     " (does the app speak HTTP/2 with prior knowledge? For HTTP/1.1 use http:// or unix://)"
                 } else {
                     ""
