@@ -374,16 +374,7 @@ async fn websocket_upgrade_is_passed_through_both_ways() {
     let (upstream, pki, sidecar) = proxy_in_front_of_upstream(&[]).await;
     let tls =
         tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
-    let url = format!("wss://localhost:{}/ws", sidecar.addr.port());
-    let (mut ws, response) =
-        tokio_tungstenite::client_async(url, tls).await.expect("WebSocket handshake through the proxy");
-    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    for i in 0..20 {
-        let text = format!("message {i}");
-        ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone())).await.unwrap();
-        let echoed = ws.next().await.unwrap().unwrap();
-        assert_eq!(echoed.into_text().unwrap().as_str(), text);
-    }
+    let mut ws = websocket_echoes(tls, sidecar.addr.port(), 20).await;
     let big = vec![7u8; 1 << 20];
     ws.send(tokio_tungstenite::tungstenite::Message::binary(big.clone())).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap().into_data().as_ref(), &big[..]);

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -173,14 +172,7 @@ async fn a_websocket_upgrade_on_a_parked_connection_is_passed_through() {
     tls.write_all(GET.as_bytes()).await.unwrap();
     read_until_count(&mut tls, &mut buf, HELLO, 1).await;
     parked(&sidecar, 1);
-    let url = format!("wss://localhost:{}/ws", sidecar.addr.port());
-    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.expect("WebSocket handshake after a park");
-    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    for i in 0..5 {
-        let text = format!("message {i}");
-        ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone())).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), text);
-    }
+    let mut ws = websocket_echoes(tls, sidecar.addr.port(), 5).await;
     ws.close(None).await.unwrap();
 }
 

@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 
@@ -57,14 +56,7 @@ async fn websocket_bodies_and_keepalive_work_over_a_unix_socket() {
 
     let tls =
         tls_connect(sidecar.addr, client_config(pki.ca_pem.as_bytes(), &[b"http/1.1"]), "localhost").await.unwrap();
-    let url = format!("wss://localhost:{}/ws", sidecar.addr.port());
-    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.expect("WebSocket through the proxy");
-    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    for i in 0..10 {
-        let text = format!("message {i}");
-        ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone())).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), text);
-    }
+    let mut ws = websocket_echoes(tls, sidecar.addr.port(), 10).await;
     ws.close(None).await.unwrap();
 
     // A streamed request body of unknown length (HTTP/2 in, chunked out), counted by the app.

@@ -348,3 +348,25 @@ async fn read_more(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
         }
     }
 }
+
+/// A WebSocket client of the echo route `/ws`, over a TLS stream already connected to the proxy
+/// listening on `port`.
+pub type EchoSocket = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// Upgrades `tls` to a WebSocket on `/ws` (101 required) and checks that `messages` text
+/// messages come back as sent, one at a time; the socket is returned open.
+pub async fn websocket_echoes(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    port: u16,
+    messages: usize,
+) -> EchoSocket {
+    let url = format!("wss://localhost:{port}/ws");
+    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.expect("WebSocket handshake");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..messages {
+        let text = format!("message {i}");
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), text);
+    }
+    ws
+}
