@@ -229,7 +229,7 @@ where
     fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         // Ensure that we have enough capacity to accept the write.
         assert!(self.has_capacity());
-        // sidecar patch: the buffer was released after the last flush; take it again.
+        // sidecar patch: the buffer was released while the connection was idle; take it again.
         if self.buf.get_ref().capacity() == 0 {
             self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
         }
