@@ -233,12 +233,15 @@ struct HeadDeadline<'a> {
 
 /// `exchange`, failing with `UpstreamError::Timeout` when it has not ended within
 /// `--upstream-timeout`: bounded by the pool's clock, with no timer per request.
+///
+/// `exchange` comes pinned where the caller made it: taken by value, the future would be
+/// kept twice in this one's state (the argument and its pinned copy), a kilobyte or more
+/// more to allocate and copy per request.
 async fn within_head_deadline<T>(
     shared: &Shared,
-    exchange: impl Future<Output = Result<T, UpstreamError>>,
+    mut exchange: Pin<&mut impl Future<Output = Result<T, UpstreamError>>>,
 ) -> Result<T, UpstreamError> {
     let mut head = HeadDeadline { shared, deadline: ReadDeadline::start(shared) };
-    let mut exchange = std::pin::pin!(exchange);
     poll_fn(|cx| match exchange.as_mut().poll(cx) {
         Poll::Ready(result) => Poll::Ready(result),
         Poll::Pending if head.deadline.poll_expired(shared, cx) => {
@@ -474,7 +477,8 @@ impl UpstreamPool {
         added: &AddedFields,
     ) -> Result<(Response<UpstreamBody>, Duration), UpstreamError> {
         let shared = &*self.shared;
-        within_head_deadline(shared, self.send_now(parts, body, added)).await
+        let exchange = std::pin::pin!(self.send_now(parts, body, added));
+        within_head_deadline(shared, exchange).await
     }
 
     /// The h2c upstream's exchange (`Http2Pool::send`), failing with `UpstreamError::Timeout`
@@ -491,7 +495,8 @@ impl UpstreamPool {
         deadline: Option<Duration>,
     ) -> Result<(Response<Http2Body>, Duration), UpstreamError> {
         let shared = &*self.shared;
-        let exchange = http2.send(parts, body, added, te_trailers);
+        // One exchange, pinned here, for either wait.
+        let exchange = std::pin::pin!(http2.send(parts, body, added, te_trailers));
         if let Some(deadline) = deadline.filter(|d| *d < shared.timeout) {
             return tokio::time::timeout(deadline, exchange).await.map_err(|_| UpstreamError::Timeout(deadline))?;
         }
