@@ -433,8 +433,12 @@ where
         let _e = span.enter();
         // sidecar patch: the read buffer is given back while the connection is idle
         // (`release_idle_buffers`) and taken again here, at the size tokio-util gives it.
+        // Made with that capacity, not reserved on an empty buffer: `BytesMut` keeps the
+        // capacity it was made with and, once frames taken from it are still held, grows
+        // back to it; an empty one made that size 0, and every later read then got only
+        // the few bytes of room left (a read of 3 bytes, then 10, 32, 55...).
         if self.inner.read_buffer().capacity() == 0 {
-            self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
+            *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_CAPACITY);
         }
         loop {
             tracing::trace!("poll");

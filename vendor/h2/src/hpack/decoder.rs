@@ -345,9 +345,10 @@ impl Decoder {
 
         let offset = (buf.position() - old_pos) as usize;
         if huff {
-            // sidecar patch: the scratch buffer is freed on an idle connection; take it back.
+            // sidecar patch: the scratch buffer is freed on an idle connection; take it back
+            // (made at its size, as the read buffer is: see `FramedRead::poll_next`).
             if self.buffer.capacity() == 0 {
-                self.buffer.reserve(SCRATCH_CAPACITY);
+                self.buffer = BytesMut::with_capacity(SCRATCH_CAPACITY);
             }
             let ret = {
                 let raw = &buf.chunk()[..len];
