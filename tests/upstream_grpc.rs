@@ -330,6 +330,46 @@ async fn a_refused_stream_is_sent_again_once_with_its_body_whole_or_streaming() 
     assert_eq!(seen.load(Ordering::SeqCst), 2, "one retry, no more");
 }
 
+/// The proxy holds a response head back for the app's first data frame for one turn of its
+/// event loop at most (so that the two usually reach the client in one write): a head whose
+/// data comes later (a server-streaming call's initial metadata) reaches the client at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_head_is_not_held_for_data_that_comes_later() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let head_arrived = Arc::new(tokio::sync::Notify::new());
+    let go_on = head_arrived.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(tcp).await.unwrap();
+        let (_request, mut respond) = connection.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while connection.accept().await.is_some() {} });
+        let response = http::Response::builder().header("content-type", "application/grpc").body(()).unwrap();
+        let mut send = respond.send_response(response, false).unwrap();
+        // The data waits until the client has the head: a proxy that held the head for it
+        // would wait forever.
+        go_on.notified().await;
+        send.send_data(grpc_message(b"later"), false).unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        send.send_trailers(trailers).unwrap();
+    });
+    let pki = TestPki::new();
+    let sidecar = start_sidecar(&format!("h2c://127.0.0.1:{port}"), &pki, &["--workers", "1"], |_| {});
+    let (mut h2, _connection) = h2_client(&sidecar, &pki, &h2::client::Builder::new()).await;
+    let (response, _body) = h2.send_request(grpc_post("/later"), true).unwrap();
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), response).await.expect("the head came without its data").unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    head_arrived.notify_one();
+    let mut body = response.into_body();
+    let data = body.data().await.unwrap().unwrap();
+    assert_eq!(data, grpc_message(b"later"));
+    assert!(body.data().await.is_none());
+    let trailers = body.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers["grpc-status"], "0");
+}
+
 #[test]
 fn an_app_down_is_unavailable_and_one_on_a_unix_socket_that_appears_later_is_served() {
     if !require_grpcio() {

@@ -340,7 +340,9 @@ async fn receive(
     cancel: Option<CancelPump>,
 ) -> Result<Response<Http2Body>, h2::Error> {
     let response = response.await?;
-    Ok(http2_response(response, in_flight, cancel, None))
+    let mut response = http2_response(response, in_flight, cancel, None);
+    response.body_mut().take_early_data().await;
+    Ok(response)
 }
 
 fn http2_response(
@@ -354,6 +356,7 @@ fn http2_response(
         response.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     response.map(|recv| Http2Body {
         recv,
+        early: None,
         data_done: false,
         ended: false,
         remaining,
@@ -567,6 +570,8 @@ async fn pump(
 /// A response body from the app, streamed to the client frame by frame, trailers included.
 pub(crate) struct Http2Body {
     recv: RecvStream,
+    /// What the first poll for data found while the head waited (`take_early_data`).
+    early: Option<Option<Result<Bytes, h2::Error>>>,
     /// The data frames have all been taken: trailers (if any) are next.
     data_done: bool,
     ended: bool,
@@ -585,7 +590,11 @@ impl Http2Body {
             return Poll::Ready(None);
         }
         if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
+            let polled = match self.early.take() {
+                Some(early) => early,
+                None => ready!(self.recv.poll_data(cx)),
+            };
+            match polled {
                 Some(Ok(data)) => {
                     // Handed on: the app may send as much again.
                     let _ = self.recv.flow_control().release_capacity(data.len());
@@ -611,6 +620,33 @@ impl Http2Body {
         }
     }
 
+    /// Apps often write a response's head and its first data frame apart (nginx does), and
+    /// they then reach the proxy in separate reads. The head waits for that first frame
+    /// for one turn of the event loop at most, so that the client gets both in one write,
+    /// rather than a write each.
+    async fn take_early_data(&mut self) {
+        if self.recv.is_end_stream() {
+            return;
+        }
+        let mut waited = false;
+        poll_fn(|cx| match self.recv.poll_data(cx) {
+            Poll::Ready(polled) => {
+                self.early = Some(polled);
+                Poll::Ready(())
+            }
+            Poll::Pending if !waited => {
+                waited = true;
+                // Woken again once every task now ready has run and the I/O driver has
+                // been polled (or sooner, by the data).
+                let turn = std::pin::pin!(tokio::task::yield_now());
+                let _ = turn.poll(cx);
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Ready(()),
+        })
+        .await
+    }
+
     fn failed(&mut self, e: h2::Error) -> BodyError {
         self.ended = true;
         // The app cancelling a stream is its answer (the client sees the same reset); a client
@@ -625,7 +661,7 @@ impl Http2Body {
     }
 
     pub(super) fn is_end_stream(&self) -> bool {
-        self.ended || self.recv.is_end_stream()
+        self.ended || (self.early.is_none() && self.recv.is_end_stream())
     }
 
     pub(super) fn size_hint(&self) -> SizeHint {
