@@ -235,8 +235,8 @@ struct HeadDeadline<'a> {
 /// `--upstream-timeout`: bounded by the pool's clock, with no timer per request.
 ///
 /// `exchange` comes pinned where the caller made it: taken by value, the future would be
-/// kept twice in this one's state (the argument and its pinned copy), a kilobyte or more
-/// more to allocate and copy per request.
+/// kept twice in this one's state (the argument and its pinned copy), and each request
+/// would allocate and copy the second one for nothing.
 async fn within_head_deadline<T>(
     shared: &Shared,
     mut exchange: Pin<&mut impl Future<Output = Result<T, UpstreamError>>>,
